@@ -1,0 +1,25 @@
+"""jxent: PyTorch-exact, differentiable classification losses for JAX."""
+
+from jxent._classification import cross_entropy as cross_entropy
+from jxent._classification import nll_loss as nll_loss
+from jxent._information import entropy as entropy
+from jxent._information import kl_div as kl_div
+from jxent._modules import CrossEntropyLoss as CrossEntropyLoss
+from jxent._modules import NLLLoss as NLLLoss
+from jxent._runtime_checks import check_target as check_target
+from jxent._softmax import log_softmax as log_softmax
+from jxent._softmax import softmax as softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CrossEntropyLoss",
+    "NLLLoss",
+    "check_target",
+    "cross_entropy",
+    "entropy",
+    "kl_div",
+    "log_softmax",
+    "nll_loss",
+    "softmax",
+]

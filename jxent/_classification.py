@@ -1,0 +1,326 @@
+"""``nll_loss`` and ``cross_entropy`` with torch.nn.functional semantics."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jxent._kernels import along_axis, compute_dtype, target_logit_stats
+from jxent._reduction import reduce_loss
+from jxent._validation import (
+    as_float_array,
+    check_concrete_target_range,
+    check_ignore_index,
+    check_int_target_shape,
+    check_reduction,
+    check_unit_interval,
+    check_weight,
+    normalize_axis,
+)
+
+
+class _TargetTerms(NamedTuple):
+    """What an integer target contributes, after sanitising it."""
+
+    valid: jax.Array  # target != ignore_index
+    out_of_range: jax.Array  # not ignored and outside [0, C)
+    safe_target: jax.Array  # int32 index in [0, C), 0 where not valid
+    target_weight: jax.Array  # weight[target] where valid, else 0
+
+
+def _target_terms(
+    target: jax.Array,
+    weight: jax.Array | None,
+    num_classes: int,
+    ignore_index: int,
+    dtype: jnp.dtype,
+) -> _TargetTerms:
+    """Sanitises integer targets before anything is gathered with them."""
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < num_classes)
+    safe_target = jnp.where(valid & in_range, target, 0).astype(jnp.int32)
+    if weight is None:
+        target_weight = valid.astype(dtype)
+    else:
+        target_weight = jnp.where(valid, weight[safe_target], 0.0)
+    return _TargetTerms(valid, valid & ~in_range, safe_target, target_weight)
+
+
+def _reduce_hard(
+    loss: jax.Array, terms: _TargetTerms, reduction: str, out_dtype: jnp.dtype
+) -> jax.Array:
+    """Marks out-of-range targets NaN and reduces by the sum of target weights."""
+    loss = jnp.where(terms.out_of_range, jnp.nan, loss)
+    return reduce_loss(loss, reduction, jnp.sum(terms.target_weight), out_dtype)
+
+
+def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
+    """``coef * value`` that is 0 where ``coef`` is 0, even if ``value`` is inf."""
+    return jnp.where(coef == 0, 0.0, coef * value)
+
+
+@functools.partial(jax.jit, static_argnames=("ignore_index", "reduction", "axis"))
+def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
+    dtype = compute_dtype(log_probs.dtype)
+    weight = None if weight is None else weight.astype(dtype)
+    terms = _target_terms(
+        target, weight, log_probs.shape[axis], ignore_index, dtype
+    )
+    picked = jnp.take_along_axis(
+        log_probs,
+        jnp.expand_dims(terms.safe_target, axis),
+        axis=axis,
+        mode="promise_in_bounds",
+    )
+    picked = jnp.squeeze(picked, axis).astype(dtype)
+    loss = jnp.where(terms.valid, _scaled(terms.target_weight, -picked), 0.0)
+    return _reduce_hard(loss, terms, reduction, log_probs.dtype)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("ignore_index", "reduction", "axis", "smoothing")
+)
+def _hard_cross_entropy(
+    logits, target, weight, label_smoothing, *, ignore_index, reduction, axis, smoothing
+):
+    dtype = compute_dtype(logits.dtype)
+    num_classes = logits.shape[axis]
+    weight = None if weight is None else weight.astype(dtype)
+    terms = _target_terms(target, weight, num_classes, ignore_index, dtype)
+    lse, target_logit, smooth = target_logit_stats(
+        logits, terms.safe_target, weight, axis, smoothing
+    )
+    nll = lse - target_logit
+    if smoothing:
+        eps = jnp.asarray(label_smoothing, dtype)
+        per_position = _scaled((1.0 - eps) * terms.target_weight, nll) + _scaled(
+            eps / num_classes, smooth
+        )
+    else:
+        per_position = _scaled(terms.target_weight, nll)
+    loss = jnp.where(terms.valid, per_position, 0.0)
+    return _reduce_hard(loss, terms, reduction, logits.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction", "axis", "smoothing"))
+def _soft_cross_entropy(logits, target, weight, label_smoothing, *, reduction, axis, smoothing):
+    dtype = compute_dtype(logits.dtype)
+    x = logits.astype(dtype)
+    q = target.astype(dtype)
+    num_classes = x.shape[axis]
+    if smoothing:
+        eps = jnp.asarray(label_smoothing, dtype)
+        q = (1.0 - eps) * q + eps / num_classes
+    if weight is not None:
+        q = q * along_axis(weight.astype(dtype), x.ndim, axis)
+    lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
+    # 0 * log(0) = 0: classes with zero target mass contribute nothing, even
+    # when their logit is -inf (sanitised before the product, so gradients of
+    # both the logits and the target stay finite).
+    neg_log_p = jnp.where(q == 0, 0.0, lse - x)
+    loss = jnp.sum(q * neg_log_p, axis=axis)
+    return reduce_loss(loss, reduction, loss.size, logits.dtype)
+
+
+def nll_loss(
+    log_probs: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    axis: int = -1,
+) -> jax.Array:
+    r"""Negative log-likelihood loss (``torch.nn.functional.nll_loss``).
+
+    For each position ``n`` with integer target ``y_n``:
+
+    ``ℓ_n = -w[y_n] · log_probs[n, y_n]``, and ``ℓ_n = 0`` where
+    ``y_n == ignore_index``. ``reduction="mean"`` returns
+    ``Σ_n ℓ_n / Σ_n w[y_n]`` over non-ignored positions, and 0.0 when that
+    denominator is zero (torch returns NaN).
+
+    Like torch, the input is not checked to be log-probabilities.
+
+    Args:
+      log_probs: floating array of log-probabilities, classes on ``axis``.
+      target: integer class indices, ``log_probs.shape`` without ``axis``.
+      weight: optional length-C class weights.
+      ignore_index: target value that is ignored (contributes nothing).
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
+
+    Returns:
+      The loss in the dtype of ``log_probs``: of the target's shape for
+      ``"none"``, else a scalar. A target outside ``[0, C)`` that is not
+      ``ignore_index`` gives NaN under ``jit`` (never a wrapped index) and a
+      ``ValueError`` when the target is concrete.
+
+    Raises:
+      TypeError: non-floating ``log_probs`` or non-integer ``target``.
+      ValueError: bad ``reduction``, ``axis``, ``weight`` or target shape, or a
+        concrete out-of-range target.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> logits = jnp.array([[2.8883, 0.1760, 1.0774],
+      ...                     [1.1216, -0.0562, 0.0660],
+      ...                     [-1.3939, -0.0967, 0.5853]])
+      >>> jxent.nll_loss(jxent.log_softmax(logits), jnp.array([1, 2, 0]))
+      Array(2.3185..., dtype=float32)
+    """
+    check_reduction(reduction)
+    ignore_index = check_ignore_index(ignore_index)
+    log_probs = as_float_array(log_probs, "log_probs")
+    axis = normalize_axis(axis, log_probs.ndim, "log_probs")
+    target = _as_int_target(target)
+    check_int_target_shape(target.shape, log_probs.shape, axis, "log_probs")
+    weight = check_weight(weight, log_probs.shape[axis])
+    check_concrete_target_range(target, log_probs.shape[axis], ignore_index)
+    return _nll_loss(
+        log_probs,
+        target,
+        weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        axis=axis,
+    )
+
+
+def _as_int_target(target: ArrayLike) -> jax.Array:
+    target = jnp.asarray(target)
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+        raise TypeError(
+            "`target` must hold integer class indices (int32, int64, uint8, ...), "
+            f"got {target.dtype}."
+        )
+    return target
+
+
+def _is_static_zero(value: ArrayLike) -> bool:
+    """Whether ``value`` is a concrete zero, so the smoothing term can be skipped."""
+    return not isinstance(value, jax.core.Tracer) and float(value) == 0.0
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: ArrayLike = 0.0,
+    axis: int = -1,
+) -> jax.Array:
+    r"""Cross-entropy between logits and a target (``F.cross_entropy``).
+
+    ``log_softmax`` followed by ``nll_loss`` in one call, with torch's exact
+    semantics. With ``lp = log_softmax(logits)``, ``C`` classes, class weights
+    ``w`` (all ones by default) and ``ε = label_smoothing``:
+
+    * integer ``target`` ``y`` (shape: logits without the class axis):
+      ``ℓ_n = (1-ε) · w[y_n] · (-lp[n, y_n]) + (ε/C) · Σ_c w_c · (-lp[n, c])``
+      and ``ℓ_n = 0`` where ``y_n == ignore_index``; ``"mean"`` divides
+      ``Σ_n ℓ_n`` by ``Σ_n w[y_n]`` over non-ignored positions.
+    * floating ``target`` ``q`` of class probabilities (shape of the logits):
+      ``ℓ_n = -Σ_c w_c · q'[n, c] · lp[n, c]`` with
+      ``q' = (1-ε) · q + ε/C``; ``"mean"`` divides by the number of positions
+      (the weights are not in the denominator, as in torch).
+
+    Deviations from torch: a zero ``"mean"`` denominator (every target
+    ignored, an empty batch, zero weights) gives 0.0 with zero gradients, not
+    NaN; a class with zero probability contributes 0 even if its logit is
+    ``-inf`` (torch: NaN); a negative ``label_smoothing`` is refused (torch
+    treats it as 0); the class axis is ``axis`` (default last), not dim 1.
+
+    bfloat16 and float16 logits are computed with float32 accumulation and the
+    loss is returned in their dtype. The softmax is never stored for the
+    backward pass: only the per-position logsumexp is kept.
+
+    Args:
+      logits: floating array of unnormalised scores, classes on ``axis``.
+      target: integer class indices (logits' shape without ``axis``) or
+        floating class probabilities (logits' shape).
+      weight: optional length-C class weights (traced: changing it does not
+        recompile).
+      ignore_index: integer target value that is ignored. Must be negative
+        with probability targets.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      label_smoothing: ``ε`` in ``[0, 1]`` (traced; a concrete value is
+        range-checked, a traced one cannot be).
+      axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
+
+    Returns:
+      The loss in the logits' dtype: of the target's (integer) or the logits'
+      shape without ``axis`` (probabilities) for ``"none"``, else a scalar. An
+      integer target outside ``[0, C)`` that is not ``ignore_index`` gives NaN
+      under ``jit`` (never a wrapped or clamped class) and a ``ValueError``
+      when the target is concrete; see :func:`jxent.check_target` for a check
+      under ``jit``.
+
+    Raises:
+      TypeError: integer logits, or a boolean/complex target.
+      ValueError: bad ``reduction``, ``axis``, ``weight``, ``label_smoothing``,
+        target shape, ``ignore_index >= 0`` with probability targets, or a
+        concrete out-of-range target.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> logits = jnp.array([[2.8883, 0.1760, 1.0774],
+      ...                     [1.1216, -0.0562, 0.0660],
+      ...                     [-1.3939, -0.0967, 0.5853]])
+      >>> jxent.cross_entropy(logits, jnp.array([1, 2, 0]))
+      Array(2.3185..., dtype=float32)
+      >>> jxent.cross_entropy(logits, jnp.array([1, 2, -100]), reduction="none")
+      Array([2.9192..., 1.5599..., 0. ], dtype=float32)
+    """
+    check_reduction(reduction)
+    ignore_index = check_ignore_index(ignore_index)
+    logits = as_float_array(logits, "logits")
+    axis = normalize_axis(axis, logits.ndim, "logits")
+    num_classes = logits.shape[axis]
+    weight = check_weight(weight, num_classes)
+    label_smoothing = check_unit_interval(label_smoothing, "label_smoothing")
+    smoothing = not _is_static_zero(label_smoothing)
+    target = jnp.asarray(target)
+    if jnp.issubdtype(target.dtype, jnp.floating):
+        if target.shape != logits.shape:
+            raise ValueError(
+                "`target` of class probabilities (floating dtype) must have the "
+                f"shape of `logits`: expected {logits.shape}, got {target.shape}. "
+                "Pass integer class indices for a target without the class axis."
+            )
+        if ignore_index >= 0:
+            raise ValueError(
+                "`ignore_index` is not supported with class-probability targets "
+                f"(floating `target`): got ignore_index={ignore_index}, allowed: "
+                "a negative value (which has no effect)."
+            )
+        return _soft_cross_entropy(
+            logits,
+            target,
+            weight,
+            label_smoothing,
+            reduction=reduction,
+            axis=axis,
+            smoothing=smoothing,
+        )
+    target = _as_int_target(target)
+    check_int_target_shape(target.shape, logits.shape, axis, "logits")
+    check_concrete_target_range(target, num_classes, ignore_index)
+    return _hard_cross_entropy(
+        logits,
+        target,
+        weight,
+        label_smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        axis=axis,
+        smoothing=smoothing,
+    )

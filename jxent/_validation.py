@@ -1,0 +1,144 @@
+"""Trace-time validation shared by every public function.
+
+Each check raises a ``ValueError`` (or ``TypeError`` for dtypes) that names the
+argument, the value received and what is allowed. They look only at shapes,
+dtypes and Python values, so they fire identically in eager mode and under
+``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Collection
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def is_concrete(x: object) -> bool:
+    """Whether ``x`` holds a value known now (not a tracer inside jit/vmap/grad)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_reduction(reduction: str, allowed: Collection[str] = REDUCTIONS) -> None:
+    """Raises unless ``reduction`` is one of ``allowed``."""
+    if not isinstance(reduction, str) or reduction not in allowed:
+        raise ValueError(
+            f"`reduction` must be one of {tuple(allowed)}, got {reduction!r}."
+        )
+
+
+def as_float_array(x: ArrayLike, name: str) -> jax.Array:
+    """Converts ``x`` to an array and raises ``TypeError`` unless it is real floating."""
+    arr = jnp.asarray(x)
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64), got {arr.dtype}."
+        )
+    return arr
+
+
+def normalize_axis(axis: int, ndim: int, name: str = "logits") -> int:
+    """Returns ``axis`` as a non-negative index into an array of rank ``ndim``."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"`axis` must be an int, got {axis!r}.")
+    if ndim == 0:
+        raise ValueError(
+            f"`{name}` must have at least one dimension (the class axis), got a "
+            "scalar."
+        )
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"`axis` must be in [{-ndim}, {ndim}) for `{name}` of rank {ndim}, "
+            f"got {axis}."
+        )
+    return int(axis) % ndim
+
+
+def check_ignore_index(ignore_index: int) -> int:
+    """Returns ``ignore_index`` as a Python int, raising if it is not an integer."""
+    if isinstance(ignore_index, bool) or not isinstance(
+        ignore_index, numbers.Integral
+    ):
+        raise TypeError(
+            f"`ignore_index` must be a Python int, got {ignore_index!r} "
+            f"({type(ignore_index).__name__})."
+        )
+    return int(ignore_index)
+
+
+def check_unit_interval(value: ArrayLike, name: str) -> jax.Array | float:
+    """Checks a scalar option that must lie in [0, 1] when its value is concrete.
+
+    Traced values cannot be inspected and pass unchecked.
+    """
+    if isinstance(value, jax.core.Tracer):
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"`{name}` must be a scalar, got shape {value.shape}.")
+        return value
+    arr = np.asarray(value)
+    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"`{name}` must be a real scalar in [0, 1], got {value!r}.")
+    if not 0.0 <= float(arr) <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1], got {float(arr)!r}.")
+    return value if isinstance(value, jax.Array) else float(arr)
+
+
+def check_weight(weight: ArrayLike | None, num_classes: int) -> jax.Array | None:
+    """Checks that ``weight`` is ``None`` or a real 1-D vector of length C."""
+    if weight is None:
+        return None
+    w = jnp.asarray(weight)
+    if not (
+        jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)
+    ):
+        raise TypeError(f"`weight` must be a real (float) array, got {w.dtype}.")
+    if w.shape != (num_classes,):
+        raise ValueError(
+            f"`weight` must be a 1-D array of length C={num_classes} (one weight "
+            f"per class), got shape {w.shape}."
+        )
+    return w
+
+
+def class_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """``shape`` with the class axis removed."""
+    return shape[:axis] + shape[axis + 1 :]
+
+
+def check_int_target_shape(
+    target_shape: tuple[int, ...], input_shape: tuple[int, ...], axis: int, name: str
+) -> None:
+    """Integer targets have the input's shape without the class axis."""
+    expected = class_shape(input_shape, axis)
+    if tuple(target_shape) != expected:
+        raise ValueError(
+            f"`target` of integer class indices must have the shape of `{name}` "
+            f"without the class axis {axis}: expected {expected}, got "
+            f"{tuple(target_shape)} (`{name}`.shape={tuple(input_shape)})."
+        )
+
+
+def check_concrete_target_range(
+    target: jax.Array, num_classes: int, ignore_index: int
+) -> None:
+    """Raises ``ValueError`` for class indices outside [0, C) that are not ignored.
+
+    Only concrete (non-traced) targets are inspected; under ``jit`` such entries
+    give NaN instead (see ``jxent.check_target`` for a checkify-based check).
+    """
+    if not is_concrete(target) or target.size == 0:
+        return
+    t = np.asarray(target)
+    bad = (t != ignore_index) & ((t < 0) | (t >= num_classes))
+    if bad.any():
+        raise ValueError(
+            f"`target` contains class index {int(t[bad].flat[0])}, outside "
+            f"[0, {num_classes}) and not equal to ignore_index={ignore_index} "
+            f"({int(bad.sum())} such entries)."
+        )

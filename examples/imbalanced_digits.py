@@ -24,6 +24,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,7 +38,11 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-import jxent
+try:
+    import jxent
+except ModuleNotFoundError:  # Source checkout without `pip install -e .`.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import jxent
 
 NUM_CLASSES = 10
 RARE_CLASSES = (5, 6, 7, 8, 9)
@@ -261,22 +266,24 @@ def format_table(recalls: dict[str, np.ndarray], accuracies: dict[str, float]) -
         The table as a string.
     """
     names = list(recalls)
-    header = "| class | " + " | ".join(f"{n:>9}" for n in names) + " |"
-    rule = "|------:|" + "|".join("-" * 10 + ":" for _ in names) + "|"
-    lines = [header, rule]
-    for c in range(NUM_CLASSES):
-        label = f"{c}{'*' if c in RARE_CLASSES else ' '}"
-        cells = " | ".join(f"{recalls[n][c]:>9.3f}" for n in names)
-        lines.append(f"| {label:>5} | {cells} |")
     rare = list(RARE_CLASSES)
-    rows = [
-        ("rare recall", {n: float(np.mean(recalls[n][rare])) for n in names}),
-        ("balanced acc", {n: float(np.mean(recalls[n])) for n in names}),
-        ("accuracy", accuracies),
+    rows: list[tuple[str, list[float]]] = [
+        (f"{c}{' (rare)' if c in RARE_CLASSES else ''}", [recalls[n][c] for n in names])
+        for c in range(NUM_CLASSES)
+    ]
+    rows += [
+        ("rare-class recall", [float(np.mean(recalls[n][rare])) for n in names]),
+        ("balanced accuracy", [float(np.mean(recalls[n])) for n in names]),
+        ("accuracy", [accuracies[n] for n in names]),
+    ]
+    first = max(len(title) for title, _ in rows)
+    lines = [
+        f"| {'class':<{first}} | " + " | ".join(f"{n:>9}" for n in names) + " |",
+        f"|{'-' * (first + 2)}|" + "|".join("-" * 10 + ":" for _ in names) + "|",
     ]
     for title, values in rows:
-        cells = " | ".join(f"{values[n]:>9.3f}" for n in names)
-        lines.append(f"| {title} | {cells} |")
+        cells = " | ".join(f"{v:>9.3f}" for v in values)
+        lines.append(f"| {title:<{first}} | {cells} |")
     return "\n".join(lines)
 
 
@@ -309,11 +316,15 @@ def plot_recalls(recalls: dict[str, np.ndarray], out: Path) -> None:
     ax.set_xticklabels(
         [f"{c}\n(rare)" if c in RARE_CLASSES else str(c) for c in classes]
     )
-    ax.set_xlabel("digit class (shaded: 10% of training examples kept)")
+    ax.set_xlabel(
+        f"digit class (shaded: {RARE_KEEP_FRACTION:.0%} of training examples kept)"
+    )
     ax.set_ylabel("test recall")
-    ax.set_ylim(0.0, 1.05)
+    ax.set_xlim(-0.5, NUM_CLASSES - 0.5)
+    ax.set_ylim(0.0, 1.2)
+    ax.set_yticks(np.linspace(0.0, 1.0, 6))
     ax.set_title("Per-class recall on a balanced test set")
-    ax.legend(loc="lower left", fontsize="small")
+    ax.legend(loc="upper center", ncol=len(names), fontsize="small")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -338,7 +349,10 @@ def parse_args() -> argparse.Namespace:
         default=DEFAULT_OUT,
         help="where to save the recall plot (default: next to this script)",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    return args
 
 
 def main() -> None:
@@ -348,9 +362,10 @@ def main() -> None:
 
     train_set, test_set = load_splits()
     counts = class_counts(train_set.y)
+    common = [c for c in range(NUM_CLASSES) if c not in RARE_CLASSES]
     print(
         f"Rare classes {list(RARE_CLASSES)} keep {RARE_KEEP_FRACTION:.0%} of their "
-        "training examples; classes 0-4 keep all."
+        f"training examples; classes {common} keep all."
     )
     print("Training counts per class:", dict(enumerate(counts.tolist())))
     print(
@@ -372,8 +387,9 @@ def main() -> None:
         recalls[config.name], accuracies[config.name] = evaluate(params, test_set)
 
     print()
-    print("Per-class test recall (* = rare class):")
+    print("Per-class recall on the balanced test set:")
     print(format_table(recalls, accuracies))
+    print("(On a balanced test set, accuracy equals balanced accuracy.)")
 
     plot_recalls(recalls, args.out)
     print(f"\nSaved plot to {args.out}")

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jxent._kernels import along_axis, compute_dtype, target_logit_stats
+from jxent._kernels import along_axis, compute_dtype, cross_entropy_stats
 from jxent._reduction import reduce_loss
 from jxent._validation import (
     as_float_array,
@@ -91,10 +91,9 @@ def _hard_cross_entropy(
     num_classes = logits.shape[axis]
     weight = None if weight is None else weight.astype(dtype)
     terms = _target_terms(target, weight, num_classes, ignore_index, dtype)
-    lse, target_logit, smooth = target_logit_stats(
+    _, nll, smooth = cross_entropy_stats(
         logits, terms.safe_target, weight, axis, smoothing
     )
-    nll = lse - target_logit
     if smoothing:
         eps = jnp.asarray(label_smoothing, dtype)
         per_position = _scaled((1.0 - eps) * terms.target_weight, nll) + _scaled(

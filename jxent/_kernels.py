@@ -38,13 +38,17 @@ def _safe_max(x: jax.Array, axis: int) -> jax.Array:
 def _forward(logits, target, class_weight, axis, smoothing):
     x = logits.astype(compute_dtype(logits.dtype))
     m = _safe_max(x, axis)
-    lse = jnp.log(jnp.sum(jnp.exp(x - m), axis=axis)) + jnp.squeeze(m, axis)
+    log_sum = jnp.log(jnp.sum(jnp.exp(x - m), axis=axis))
+    lse = log_sum + jnp.squeeze(m, axis)
     idx = jnp.expand_dims(target, axis)
-    target_logit = jnp.squeeze(
-        jnp.take_along_axis(x, idx, axis=axis, mode="promise_in_bounds"), axis
+    target_gap = jnp.squeeze(
+        m - jnp.take_along_axis(x, idx, axis=axis, mode="promise_in_bounds"), axis
     )
+    # (m - x_t) + log Σ exp(x - m) keeps the digits that lse - x_t would lose
+    # to rounding when the logits are large.
+    nll = target_gap + log_sum
     if not smoothing:
-        return (lse, target_logit, jnp.zeros_like(lse)), (logits, target, lse)
+        return (lse, nll, jnp.zeros_like(lse)), (logits, target, lse)
     num_classes = x.shape[axis]
     gap = m - x  # >= 0: summing it cannot cancel, unlike C*lse - sum(x).
     if class_weight is None:
@@ -56,11 +60,11 @@ def _forward(logits, target, class_weight, axis, smoothing):
         # A zero weight on an impossible (-inf) class contributes 0, not 0*inf.
         weighted_gap = jnp.sum(jnp.where(w == 0, 0.0, w * gap), axis=axis)
     smooth = weighted_gap + total_weight * (lse - jnp.squeeze(m, axis))
-    return (lse, target_logit, smooth), (logits, target, lse)
+    return (lse, nll, smooth), (logits, target, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def target_logit_stats(
+def cross_entropy_stats(
     logits: jax.Array,
     target: jax.Array,
     class_weight: jax.Array | None,
@@ -79,8 +83,8 @@ def target_logit_stats(
       smoothing: whether to compute the smoothing term (else it is zeros).
 
     Returns:
-      ``(lse, x_t, s)`` in the accumulation dtype, each of the target's shape:
-      ``lse = log Σ_c exp(x_c)``, ``x_t = x[target]`` and
+      ``(lse, nll, s)`` in the accumulation dtype, each of the target's shape:
+      ``lse = log Σ_c exp(x_c)``, ``nll = lse - x[target]`` and
       ``s = Σ_c w_c (lse - x_c)``.
     """
     return _forward(logits, target, class_weight, axis, smoothing)[0]
@@ -93,26 +97,26 @@ def _fwd(logits, target, class_weight, axis, smoothing):
 
 def _bwd(axis, smoothing, residuals, cotangents):
     logits, target, class_weight, lse = residuals
-    g_lse, g_target, g_smooth = cotangents
+    g_lse, g_nll, g_smooth = cotangents
     x = logits.astype(lse.dtype)
     num_classes = x.shape[axis]
 
     def expand(v):
         return jnp.expand_dims(v, axis)
 
-    # d lse / dx = p, d x_t / dx = onehot, d s / dx = (Σw) p - w.
-    coef_p = g_lse
+    # d lse / dx = p, d nll / dx = p - onehot, d s / dx = (Σw) p - w.
+    coef_p = g_lse + g_nll
     if smoothing:
         total_weight = (
             num_classes if class_weight is None else jnp.sum(class_weight)
         )
-        coef_p = g_lse + g_smooth * total_weight
+        coef_p = coef_p + g_smooth * total_weight
     p = jnp.exp(x - expand(lse))
     # Rows with a zero cotangent (e.g. ignored rows) get exactly zero, even when
     # their logits are NaN or all -inf.
     dx = jnp.where(expand(coef_p) == 0, 0.0, expand(coef_p) * p)
     iota = lax.broadcasted_iota(target.dtype, x.shape, axis)
-    dx = dx + jnp.where(iota == expand(target), expand(g_target), 0.0)
+    dx = dx - jnp.where(iota == expand(target), expand(g_nll), 0.0)
     d_weight = None
     if smoothing:
         if class_weight is None:
@@ -131,4 +135,4 @@ def _bwd(axis, smoothing, residuals, cotangents):
     return dx.astype(logits.dtype), None, d_weight
 
 
-target_logit_stats.defvjp(_fwd, _bwd)
+cross_entropy_stats.defvjp(_fwd, _bwd)

@@ -1,0 +1,205 @@
+"""Low precision, masked (-inf) classes, extreme and NaN logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from oracles import torch, torch_cross_entropy
+
+import jxent
+
+
+def _f64_reference(logits, target, **kw):
+    return torch_cross_entropy(np.asarray(logits, np.float64), target, **kw)[0]
+
+
+@pytest.mark.skipif(torch is None, reason="torch oracle not installed")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_low_precision_mean_over_32k_classes(dtype, smoothing):
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(scale=3.0, size=(8, 32768)), dtype)
+    target = rng.integers(0, 32768, size=8)
+    loss = jxent.cross_entropy(logits, target, label_smoothing=smoothing)
+    assert loss.dtype == dtype
+    want = _f64_reference(np.asarray(logits.astype(jnp.float32)), target,
+                          label_smoothing=smoothing)
+    assert abs(float(loss) - want) / want < 1e-2
+
+
+@pytest.mark.skipif(torch is None, reason="torch oracle not installed")
+def test_float16_label_smoothing_does_not_overflow():
+    """torch's fp16 smoothing term sums to > 65504 before scaling and gives inf."""
+    rng = np.random.default_rng(0)
+    logits16 = (rng.normal(size=(64, 1000)) * 3).astype(np.float16)
+    target = rng.integers(0, 1000, size=64)
+    for reduction in ("mean", "sum"):
+        loss = jxent.cross_entropy(
+            logits16, target, label_smoothing=0.1, reduction=reduction
+        )
+        assert loss.dtype == jnp.float16 and np.isfinite(float(loss))
+        want = _f64_reference(logits16, target, label_smoothing=0.1,
+                              reduction=reduction)
+        assert abs(float(loss) - want) / want < 2e-3
+    torch_fp16 = torch.nn.functional.cross_entropy(
+        torch.tensor(logits16), torch.tensor(target), label_smoothing=0.1,
+        reduction="sum",
+    )
+    assert torch.isinf(torch_fp16)  # the torch behaviour we improve on
+
+
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, jnp.float16, jnp.float32]
+)
+def test_output_dtype_is_input_dtype(dtype):
+    logits = jnp.zeros((2, 3), dtype)
+    target = jnp.array([0, 2])
+    for fn in (
+        lambda x: jxent.cross_entropy(x, target),
+        lambda x: jxent.cross_entropy(x, target, reduction="none"),
+        lambda x: jxent.cross_entropy(x, jxent.softmax(x)),
+        lambda x: jxent.log_softmax(x),
+        lambda x: jxent.softmax(x),
+        lambda x: jxent.nll_loss(x, target),
+        lambda x: jxent.entropy(jxent.softmax(x)),
+    ):
+        assert fn(logits).dtype == dtype
+    assert jax.grad(lambda x: jxent.cross_entropy(x, target).astype(
+        jnp.float32))(logits).dtype == dtype
+
+
+def test_float64_when_x64_enabled():
+    with jax.enable_x64(True):
+        loss = jxent.cross_entropy(jnp.zeros((2, 3), jnp.float64), jnp.array([0, 1]))
+        assert loss.dtype == jnp.float64
+        np.testing.assert_allclose(loss, np.log(3), rtol=1e-15)
+
+
+NEG_INF = -jnp.inf
+MASKED = jnp.array([[0.0, NEG_INF, 1.0], [2.0, 0.5, NEG_INF], [NEG_INF, NEG_INF, 3.0]])
+MASKED_TARGET = jnp.array([2, 0, 2])
+WEIGHT = jnp.array([1.0, 3.0, 0.5])
+
+
+def _value_and_grad(fn, *args):
+    return jax.jit(jax.value_and_grad(fn))(*args)
+
+
+@pytest.mark.parametrize("weight", [None, WEIGHT])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_masked_classes_give_finite_loss_and_grads(weight, reduction):
+    def loss(x, eps):
+        return jxent.cross_entropy(
+            x, MASKED_TARGET, weight, label_smoothing=eps, reduction=reduction
+        )
+
+    # Static ε = 0 (smoothing term skipped) and traced ε = 0 (term computed and
+    # must not produce 0 * inf).
+    static_value, static_grad = _value_and_grad(lambda x: loss(x, 0.0), MASKED)
+    traced_value, traced_grad = _value_and_grad(loss, MASKED, jnp.float32(0.0))
+    for value, grad in ((static_value, static_grad), (traced_value, traced_grad)):
+        assert np.isfinite(value)
+        assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(static_value, traced_value, rtol=1e-6)
+    np.testing.assert_allclose(static_grad, traced_grad, rtol=1e-6, atol=1e-7)
+    # The masked classes get exactly zero gradient.
+    assert np.all(np.asarray(static_grad)[np.isinf(MASKED)] == 0)
+    # Same as dropping the masked classes (row 0: classes 0, 2).
+    row0 = jxent.cross_entropy(jnp.array([0.0, 1.0]), jnp.array(1), reduction="sum")
+    none = jxent.cross_entropy(MASKED, MASKED_TARGET, reduction="none")
+    np.testing.assert_allclose(none[0], row0, rtol=1e-6)
+    # With ε > 0 the smoothed target puts mass on an impossible class: +inf as
+    # in torch, while gradients stay finite.
+    value, grad = _value_and_grad(loss, MASKED, jnp.float32(0.1))
+    assert value == jnp.inf
+    assert np.all(np.isfinite(grad))
+
+
+def test_masked_classes_none_reduction_traced_zero_smoothing():
+    def loss(x, eps):
+        return jxent.cross_entropy(x, MASKED_TARGET, WEIGHT, label_smoothing=eps,
+                                   reduction="none")
+
+    values = jax.jit(loss)(MASKED, 0.0)
+    assert np.all(np.isfinite(values))
+    jac = jax.jit(jax.jacrev(loss))(MASKED, 0.0)
+    assert np.all(np.isfinite(jac))
+
+
+def test_zero_weight_on_masked_class_keeps_smoothing_finite():
+    """w_c = 0 on a -inf class: its smoothing contribution is 0, not 0 * inf."""
+    weight = jnp.array([1.0, 0.0, 1.0])
+    x = jnp.array([[0.0, NEG_INF, 1.0]])
+    value, grad = jax.value_and_grad(
+        lambda x: jxent.cross_entropy(x, jnp.array([2]), weight, label_smoothing=0.2)
+    )(x)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    lp0, lp2 = -np.log1p(np.e), 1.0 - np.log1p(np.e)
+    want = 0.8 * -lp2 + 0.2 / 3 * (-lp0 - lp2)
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+
+
+def test_probability_target_with_zero_mass_on_masked_class():
+    x = jnp.array([[0.0, NEG_INF, 1.0]])
+    q = jnp.array([[0.25, 0.0, 0.75]])
+    value, (gx, gq) = jax.value_and_grad(jxent.cross_entropy, argnums=(0, 1))(x, q)
+    assert np.isfinite(value)  # torch: NaN (0 * -inf)
+    assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gq))
+    np.testing.assert_allclose(
+        value, jxent.cross_entropy(jnp.array([[0.0, 1.0]]), jnp.array([[0.25, 0.75]])),
+        rtol=1e-6,
+    )
+
+
+def test_target_on_masked_class_is_inf():
+    loss = jxent.cross_entropy(jnp.array([[0.0, NEG_INF, 1.0]]), jnp.array([1]))
+    assert loss == jnp.inf
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e30])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_extreme_logits_stay_finite(scale, smoothing):
+    x = jnp.array([[1.0, -1.0, 0.0, 0.5], [-1.0, 1.0, 1.0, -0.25]]) * scale
+    for target in (jnp.array([0, 3]), jnp.array([1, 0])):
+        value, grad = jax.value_and_grad(
+            lambda x, t=target: jxent.cross_entropy(x, t, label_smoothing=smoothing)
+        )(x)
+        assert np.isfinite(value), (scale, smoothing, target)
+        assert np.all(np.isfinite(grad))
+    # Easy examples cost ~0; the gradient is the softmax minus the target.
+    value = jxent.cross_entropy(x, jnp.array([0, 1]), reduction="none")
+    np.testing.assert_allclose(value, [0.0, np.log(2)], atol=1e-6)
+
+
+def test_smoothing_sum_has_no_cancellation_at_large_offsets():
+    """Σ_c (lse - x_c) computed as C·lse - Σx would lose all digits here."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(4, 1000)).astype(np.float32)
+    target = jnp.array([1, 2, 3, 4])
+    a = jxent.cross_entropy(base, target, label_smoothing=0.5, reduction="none")
+    b = jxent.cross_entropy(base + 1e4, target, label_smoothing=0.5,
+                            reduction="none")
+    np.testing.assert_allclose(a, b, rtol=2e-3)
+
+
+def test_nan_logits_in_ignored_row_do_not_leak():
+    x = jnp.array([[1.0, 2.0, 0.5], [jnp.nan, 0.0, jnp.inf], [0.3, 0.1, 0.2]])
+    clean = x.at[1].set(0.0)
+    target = jnp.array([1, -100, 0])
+    for kw in ({}, {"weight": WEIGHT}, {"label_smoothing": 0.1}):
+        value, grad = jax.value_and_grad(
+            lambda x, kw=kw: jxent.cross_entropy(x, target, **kw)
+        )(x)
+        clean_value, clean_grad = jax.value_and_grad(
+            lambda x, kw=kw: jxent.cross_entropy(x, target, **kw)
+        )(clean)
+        np.testing.assert_allclose(value, clean_value, rtol=1e-6)
+        np.testing.assert_allclose(grad, clean_grad, rtol=1e-6)
+        assert np.all(np.asarray(grad)[1] == 0)  # torch: NaN gradient here
+
+
+def test_all_masked_row_is_nan_like_torch():
+    loss = jxent.cross_entropy(jnp.full((1, 3), NEG_INF), jnp.array([0]))
+    assert np.isnan(loss)

@@ -1,0 +1,800 @@
+"""Error contract: trace-time messages, out-of-range targets, zero denominators.
+
+Every trace-time problem must raise the same ``ValueError`` (``TypeError`` for
+dtypes) eagerly and under ``jax.jit``, naming the argument and the value
+received. Bad options are closed over; arrays are passed as (traced) jit
+arguments, so shape and dtype errors are shown to fire at trace time.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import maybe_jit
+from jax.experimental import checkify
+
+import jxent
+
+C = 3
+LOGITS = jnp.array(
+    [[2.0, -1.0, 0.5], [0.1, 0.2, 0.3], [-3.0, 1.5, 0.0], [1.0, 1.0, -2.0]],
+    jnp.float32,
+)
+TARGET = jnp.array([0, 2, 1, 1], jnp.int32)
+PROBS = jnp.array(
+    [[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.25, 0.25, 0.5], [1 / 3, 1 / 3, 1 / 3]],
+    jnp.float32,
+)
+LOG_PROBS = jax.nn.log_softmax(LOGITS, axis=-1)
+WEIGHT = jnp.array([1.0, 2.0, 0.5], jnp.float32)
+# Created outside any trace, so it stays concrete when closed over by jit.
+NEGATIVE_EPS = jnp.float32(-0.5)
+
+ce = jxent.cross_entropy
+nll = jxent.nll_loss
+
+# --------------------------------------------------------------------------
+# Trace-time errors: (id, fn, args, exception, regex matched against message).
+# --------------------------------------------------------------------------
+
+_CE_CASES = [
+    (
+        "ce-reduction-unknown",
+        lambda x, t: ce(x, t, reduction="avg"),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`reduction`.*'none', 'mean', 'sum'.*'avg'",
+    ),
+    (
+        "ce-reduction-batchmean",
+        lambda x, t: ce(x, t, reduction="batchmean"),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`reduction`.*'batchmean'",
+    ),
+    (
+        "ce-reduction-None",
+        lambda x, t: ce(x, t, reduction=None),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`reduction`.*got None",
+    ),
+    (
+        "ce-reduction-soft-target",
+        lambda x, q: ce(x, q, reduction="Mean"),
+        (LOGITS, PROBS),
+        ValueError,
+        r"`reduction`.*'Mean'",
+    ),
+    (
+        "ce-label-smoothing-negative",
+        lambda x, t: ce(x, t, label_smoothing=-0.1),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`label_smoothing`.*\[0, 1\].*-0\.1",
+    ),
+    (
+        "ce-label-smoothing-above-one",
+        lambda x, t: ce(x, t, label_smoothing=1.5),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`label_smoothing`.*\[0, 1\].*1\.5",
+    ),
+    (
+        "ce-label-smoothing-nan",
+        lambda x, t: ce(x, t, label_smoothing=float("nan")),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`label_smoothing`.*nan",
+    ),
+    (
+        "ce-label-smoothing-negative-soft",
+        lambda x, q: ce(x, q, label_smoothing=-0.25),
+        (LOGITS, PROBS),
+        ValueError,
+        r"`label_smoothing`.*-0\.25",
+    ),
+    (
+        "ce-label-smoothing-negative-array",
+        lambda x, t: ce(x, t, label_smoothing=NEGATIVE_EPS),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`label_smoothing`.*\[0, 1\].*-0\.5",
+    ),
+    (
+        "ce-label-smoothing-vector",
+        lambda x, t, eps: ce(x, t, label_smoothing=eps),
+        (LOGITS, TARGET, jnp.array([0.1, 0.2])),
+        ValueError,
+        r"`label_smoothing`.*scalar",
+    ),
+    (
+        "ce-weight-length",
+        lambda x, t, w: ce(x, t, w),
+        (LOGITS, TARGET, jnp.ones(2)),
+        ValueError,
+        r"`weight`.*C=3.*\(2,\)",
+    ),
+    (
+        "ce-weight-2d",
+        lambda x, t, w: ce(x, t, w),
+        (LOGITS, TARGET, jnp.ones((3, 1))),
+        ValueError,
+        r"`weight`.*C=3.*\(3, 1\)",
+    ),
+    (
+        "ce-weight-scalar",
+        lambda x, t, w: ce(x, t, w),
+        (LOGITS, TARGET, jnp.ones(())),
+        ValueError,
+        r"`weight`.*C=3.*got shape \(\)",
+    ),
+    (
+        "ce-weight-length-soft-target",
+        lambda x, q, w: ce(x, q, w),
+        (LOGITS, PROBS, jnp.ones(4)),
+        ValueError,
+        r"`weight`.*C=3.*\(4,\)",
+    ),
+    (
+        "ce-target-shape",
+        lambda x, t: ce(x, t),
+        (LOGITS, TARGET[:3]),
+        ValueError,
+        r"`target`.*expected \(4,\), got \(3,\)",
+    ),
+    (
+        "ce-target-rank",
+        lambda x, t: ce(x, t),
+        (LOGITS, TARGET[:, None]),
+        ValueError,
+        r"`target`.*expected \(4,\), got \(4, 1\)",
+    ),
+    (
+        "ce-target-shape-axis0",
+        lambda x, t: ce(x, t, axis=0),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`target`.*expected \(3,\), got \(4,\)",
+    ),
+    (
+        "ce-soft-target-shape",
+        lambda x, q: ce(x, q),
+        (LOGITS, PROBS[:, :2]),
+        ValueError,
+        r"`target`.*expected \(4, 3\), got \(4, 2\)",
+    ),
+    (
+        "ce-integer-logits",
+        lambda x, t: ce(x, t),
+        (LOGITS.astype(jnp.int32), TARGET),
+        TypeError,
+        r"`logits`.*floating.*int32",
+    ),
+    (
+        "ce-bool-target",
+        lambda x, t: ce(x, t),
+        (LOGITS, TARGET > 0),
+        TypeError,
+        r"`target`.*integer.*bool",
+    ),
+    (
+        "ce-axis-too-large",
+        lambda x, t: ce(x, t, axis=2),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`axis`.*\[-2, 2\).*got 2",
+    ),
+    (
+        "ce-axis-too-small",
+        lambda x, t: ce(x, t, axis=-3),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`axis`.*\[-2, 2\).*got -3",
+    ),
+    (
+        "ce-axis-float",
+        lambda x, t: ce(x, t, axis=1.0),
+        (LOGITS, TARGET),
+        TypeError,
+        r"`axis`.*1\.0",
+    ),
+    (
+        "ce-scalar-logits",
+        lambda x, t: ce(x, t),
+        (LOGITS[0, 0], TARGET[0]),
+        ValueError,
+        r"`logits`.*scalar",
+    ),
+    (
+        "ce-ignore-index-zero-soft",
+        lambda x, q: ce(x, q, ignore_index=0),
+        (LOGITS, PROBS),
+        ValueError,
+        r"`ignore_index`.*ignore_index=0\b.*negative",
+    ),
+    (
+        "ce-ignore-index-positive-soft",
+        lambda x, q: ce(x, q, ignore_index=5),
+        (LOGITS, PROBS),
+        ValueError,
+        r"`ignore_index`.*ignore_index=5\b",
+    ),
+    (
+        "ce-ignore-index-float",
+        lambda x, t: ce(x, t, ignore_index=1.5),
+        (LOGITS, TARGET),
+        TypeError,
+        r"`ignore_index`.*1\.5",
+    ),
+]
+
+_NLL_CASES = [
+    (
+        "nll-reduction-unknown",
+        lambda lp, t: nll(lp, t, reduction="avg"),
+        (LOG_PROBS, TARGET),
+        ValueError,
+        r"`reduction`.*'none', 'mean', 'sum'.*'avg'",
+    ),
+    (
+        "nll-weight-length",
+        lambda lp, t, w: nll(lp, t, w),
+        (LOG_PROBS, TARGET, jnp.ones(5)),
+        ValueError,
+        r"`weight`.*C=3.*\(5,\)",
+    ),
+    (
+        "nll-weight-2d",
+        lambda lp, t, w: nll(lp, t, w),
+        (LOG_PROBS, TARGET, jnp.ones((1, 3))),
+        ValueError,
+        r"`weight`.*\(1, 3\)",
+    ),
+    (
+        "nll-target-shape",
+        lambda lp, t: nll(lp, t),
+        (LOG_PROBS, TARGET[:2]),
+        ValueError,
+        r"`target`.*expected \(4,\), got \(2,\)",
+    ),
+    (
+        "nll-float-target",
+        lambda lp, q: nll(lp, q),
+        (LOG_PROBS, PROBS),
+        TypeError,
+        r"`target`.*integer.*float32",
+    ),
+    (
+        "nll-integer-log-probs",
+        lambda lp, t: nll(lp, t),
+        (LOG_PROBS.astype(jnp.int32), TARGET),
+        TypeError,
+        r"`log_probs`.*floating.*int32",
+    ),
+    (
+        "nll-axis",
+        lambda lp, t: nll(lp, t, axis=3),
+        (LOG_PROBS, TARGET),
+        ValueError,
+        r"`axis`.*\[-2, 2\).*got 3",
+    ),
+    (
+        "nll-ignore-index-str",
+        lambda lp, t: nll(lp, t, ignore_index="-100"),
+        (LOG_PROBS, TARGET),
+        TypeError,
+        r"`ignore_index`.*'-100'",
+    ),
+]
+
+_SOFTMAX_CASES = [
+    (
+        f"{fn.__name__}-{kind}",
+        (lambda f, a: lambda x: f(x, axis=a))(fn, axis),
+        (arg,),
+        exc,
+        regex,
+    )
+    for fn in (jxent.log_softmax, jxent.softmax)
+    for kind, axis, arg, exc, regex in (
+        ("integer", -1, LOGITS.astype(jnp.int32), TypeError, r"`x`.*floating.*int32"),
+        ("bool", -1, LOGITS > 0, TypeError, r"`x`.*floating.*bool"),
+        ("axis-too-large", 2, LOGITS, ValueError, r"`axis`.*\[-2, 2\).*got 2"),
+        ("axis-too-small", -3, LOGITS, ValueError, r"`axis`.*\[-2, 2\).*got -3"),
+        ("axis-1d", 1, LOGITS[0], ValueError, r"`axis`.*\[-1, 1\).*got 1"),
+    )
+] + [
+    (
+        "entropy-integer",
+        lambda p: jxent.entropy(p),
+        (PROBS.astype(jnp.int32),),
+        TypeError,
+        r"`probs`.*floating.*int32",
+    ),
+    (
+        "entropy-axis",
+        lambda p: jxent.entropy(p, axis=-5),
+        (PROBS,),
+        ValueError,
+        r"`axis`.*got -5",
+    ),
+]
+
+_KL_CASES = [
+    (
+        "kl-reduction-unknown",
+        lambda lq, p: jxent.kl_div(lq, p, reduction="avg"),
+        (LOG_PROBS, PROBS),
+        ValueError,
+        r"`reduction`.*'batchmean'.*'avg'",
+    ),
+    (
+        "kl-reduction-elementwise_mean",
+        lambda lq, p: jxent.kl_div(lq, p, reduction="elementwise_mean"),
+        (LOG_PROBS, PROBS),
+        ValueError,
+        r"`reduction`.*'elementwise_mean'",
+    ),
+    (
+        "kl-shape-mismatch",
+        lambda lq, p: jxent.kl_div(lq, p),
+        (LOG_PROBS, PROBS[:, :2]),
+        ValueError,
+        r"`input`.*`target`.*input\.shape=\(4, 3\).*target\.shape=\(4, 2\)",
+    ),
+    (
+        "kl-shape-mismatch-transposed",
+        lambda lq, p: jxent.kl_div(lq, p, reduction="batchmean"),
+        (LOG_PROBS[:3], PROBS[:3].T[:, :2].T),
+        ValueError,
+        r"input\.shape=\(3, 3\).*target\.shape=\(2, 3\)",
+    ),
+    (
+        "kl-log-target-int",
+        lambda lq, p: jxent.kl_div(lq, p, log_target=1),
+        (LOG_PROBS, PROBS),
+        TypeError,
+        r"`log_target`.*bool.*got 1\b",
+    ),
+    (
+        "kl-log-target-str",
+        lambda lq, p: jxent.kl_div(lq, p, log_target="yes"),
+        (LOG_PROBS, PROBS),
+        TypeError,
+        r"`log_target`.*bool.*'yes'",
+    ),
+    (
+        "kl-log-target-None",
+        lambda lq, p: jxent.kl_div(lq, p, log_target=None),
+        (LOG_PROBS, PROBS),
+        TypeError,
+        r"`log_target`.*None",
+    ),
+    (
+        "kl-integer-input",
+        lambda lq, p: jxent.kl_div(lq, p),
+        (LOG_PROBS.astype(jnp.int32), PROBS),
+        TypeError,
+        r"`input`.*floating.*int32",
+    ),
+    (
+        "kl-integer-target",
+        lambda lq, p: jxent.kl_div(lq, p),
+        (LOG_PROBS, PROBS.astype(jnp.int32)),
+        TypeError,
+        r"`target`.*floating.*int32",
+    ),
+]
+
+_MODULE_CASES = [
+    (
+        "CrossEntropyLoss-reduction",
+        lambda x, t: jxent.CrossEntropyLoss(reduction="avg")(x, t),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`reduction`.*'avg'",
+    ),
+    (
+        "CrossEntropyLoss-reduction-batchmean",
+        lambda x, t: jxent.CrossEntropyLoss(reduction="batchmean")(x, t),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`reduction`.*'batchmean'",
+    ),
+    (
+        "NLLLoss-reduction",
+        lambda lp, t: jxent.NLLLoss(reduction="elementwise_mean")(lp, t),
+        (LOG_PROBS, TARGET),
+        ValueError,
+        r"`reduction`.*'elementwise_mean'",
+    ),
+    (
+        "CrossEntropyLoss-label-smoothing",
+        lambda x, t: jxent.CrossEntropyLoss(label_smoothing=-0.2)(x, t),
+        (LOGITS, TARGET),
+        ValueError,
+        r"`label_smoothing`.*\[0, 1\].*-0\.2",
+    ),
+    (
+        "CrossEntropyLoss-ignore-index",
+        lambda x, t: jxent.CrossEntropyLoss(ignore_index=2.0)(x, t),
+        (LOGITS, TARGET),
+        TypeError,
+        r"`ignore_index`.*2\.0",
+    ),
+    (
+        "NLLLoss-ignore-index",
+        lambda lp, t: jxent.NLLLoss(ignore_index=None)(lp, t),
+        (LOG_PROBS, TARGET),
+        TypeError,
+        r"`ignore_index`.*None",
+    ),
+    (
+        "CrossEntropyLoss-weight-shape",
+        lambda x, t, w: jxent.CrossEntropyLoss(w)(x, t),
+        (LOGITS, TARGET, jnp.ones(2)),
+        ValueError,
+        r"`weight`.*C=3.*\(2,\)",
+    ),
+    (
+        "NLLLoss-weight-shape",
+        lambda lp, t, w: jxent.NLLLoss(w)(lp, t),
+        (LOG_PROBS, TARGET, jnp.ones((3, 3))),
+        ValueError,
+        r"`weight`.*\(3, 3\)",
+    ),
+    (
+        "CrossEntropyLoss-target-shape",
+        lambda x, t: jxent.CrossEntropyLoss()(x, t),
+        (LOGITS, TARGET[1:]),
+        ValueError,
+        r"`target`.*expected \(4,\), got \(3,\)",
+    ),
+]
+
+ERROR_CASES = [
+    pytest.param(fn, args, exc, regex, id=case_id)
+    for case_id, fn, args, exc, regex in (
+        _CE_CASES + _NLL_CASES + _SOFTMAX_CASES + _KL_CASES + _MODULE_CASES
+    )
+]
+
+
+@pytest.mark.parametrize(("fn", "args", "exc", "regex"), ERROR_CASES)
+def test_trace_time_error(fn, args, exc, regex, jit_mode):
+    with pytest.raises(exc, match=regex):
+        maybe_jit(fn, jit_mode)(*args)
+
+
+@pytest.mark.parametrize(("fn", "args", "exc", "regex"), ERROR_CASES)
+def test_trace_time_error_plain_call(fn, args, exc, regex):
+    """Also without any jit context (the common eager path)."""
+    with pytest.raises(exc, match=regex):
+        fn(*args)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: jxent.CrossEntropyLoss(reduction="avg"),
+        lambda: jxent.CrossEntropyLoss(None, reduction="batchmean"),
+        lambda: jxent.NLLLoss(reduction="avg"),
+        lambda: jxent.NLLLoss(WEIGHT, reduction=""),
+    ],
+    ids=["ce", "ce-batchmean", "nll", "nll-weight"],
+)
+def test_constructor_rejects_bad_reduction_before_any_call(make):
+    with pytest.raises(ValueError, match=r"`reduction`.*got '[a-z]*'"):
+        make()
+
+
+def test_traced_label_smoothing_is_not_range_checked_but_concrete_is():
+    """A traced value cannot be inspected; the concrete one must be."""
+    f = jax.jit(lambda x, t, eps: ce(x, t, label_smoothing=eps))
+    assert np.isfinite(f(LOGITS, TARGET, 0.5))
+    with pytest.raises(ValueError, match=r"`label_smoothing`.*-0\.5"):
+        ce(LOGITS, TARGET, label_smoothing=-0.5)
+
+
+# --------------------------------------------------------------------------
+# Out-of-range class indices.
+# --------------------------------------------------------------------------
+
+_RANGE_LOSSES = {
+    "cross_entropy": lambda t, **kw: ce(LOGITS, t, **kw),
+    "nll_loss": lambda t, **kw: nll(LOG_PROBS, t, **kw),
+    "CrossEntropyLoss": lambda t, **kw: jxent.CrossEntropyLoss(**kw)(LOGITS, t),
+    "NLLLoss": lambda t, **kw: jxent.NLLLoss(**kw)(LOG_PROBS, t),
+}
+
+
+def _with_bad(bad: int, position: int = 1) -> jax.Array:
+    return TARGET.at[position].set(bad)
+
+
+@pytest.mark.parametrize("name", list(_RANGE_LOSSES))
+@pytest.mark.parametrize("bad", [3, -1, 7, -2, -101])
+def test_concrete_out_of_range_raises_naming_value(name, bad, jit_mode):
+    """Eagerly, and under jit when the target is a closed-over constant."""
+    loss = _RANGE_LOSSES[name]
+    target = _with_bad(bad)
+    with pytest.raises(
+        ValueError, match=rf"`target`.*class index {bad},.*outside \[0, 3\)"
+    ):
+        maybe_jit(lambda: loss(target), jit_mode)()
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+def test_concrete_out_of_range_with_options(name):
+    loss = _RANGE_LOSSES[name]
+    for kw in ({"weight": WEIGHT}, {"reduction": "none"}, {"reduction": "sum"}):
+        with pytest.raises(ValueError, match=r"class index 3,"):
+            loss(_with_bad(3), **kw)
+    if name == "cross_entropy":
+        with pytest.raises(ValueError, match=r"class index -1,"):
+            loss(_with_bad(-1), label_smoothing=0.2)
+    # A custom ignore_index makes that value legal and the default one illegal.
+    loss(_with_bad(-1), ignore_index=-1)
+    with pytest.raises(ValueError, match=r"class index -100,.*ignore_index=-1\b"):
+        loss(_with_bad(-100), ignore_index=-1)
+    with pytest.raises(ValueError, match=r"class index 3,.*ignore_index=-1\b"):
+        loss(_with_bad(3), ignore_index=-1)
+
+
+def test_concrete_out_of_range_multidim_names_value():
+    logits = jnp.zeros((2, C, 2))
+    target = jnp.array([[0, 1], [5, 2]])
+    with pytest.raises(ValueError, match=r"class index 5,"):
+        ce(logits, target, axis=1)
+
+
+def test_ignore_index_entries_are_not_out_of_range():
+    target = TARGET.at[0].set(-100)
+    assert np.isfinite(ce(LOGITS, target))
+    assert np.isfinite(nll(LOG_PROBS, target))
+    assert np.isfinite(ce(LOGITS, TARGET.at[2].set(C + 4), ignore_index=C + 4))
+
+
+_JIT_CONFIGS = {
+    "plain": {},
+    "weight": {"weight": WEIGHT},
+    "smoothing": {"label_smoothing": 0.1},
+    "weight-smoothing": {"weight": WEIGHT, "label_smoothing": 0.3},
+}
+
+
+@functools.cache
+def _jitted_all_reductions(name: str, config: str):
+    kw = _JIT_CONFIGS[config]
+    if name == "cross_entropy":
+        fn = lambda t, r: ce(LOGITS, t, reduction=r, **kw)
+    else:
+        fn = lambda t, r: nll(LOG_PROBS, t, reduction=r, **kw)
+    return jax.jit(lambda t: tuple(fn(t, r) for r in ("none", "mean", "sum")))
+
+
+_JIT_RANGE_CASES = [
+    ("cross_entropy", config) for config in _JIT_CONFIGS
+] + [("nll_loss", "plain"), ("nll_loss", "weight")]
+
+
+@pytest.mark.parametrize(("name", "config"), _JIT_RANGE_CASES)
+@pytest.mark.parametrize("bad", [3, -1, 4, -2, 1000, -100000])
+@pytest.mark.parametrize("position", [0, 3])
+def test_traced_out_of_range_gives_nan_never_a_wrapped_class(
+    name, config, bad, position
+):
+    f = _jitted_all_reductions(name, config)
+    good_none, _, _ = f(TARGET)
+    none, mean, sum_ = f(_with_bad(bad, position))
+    none = np.asarray(none)
+    assert np.isnan(none[position]), none
+    others = np.arange(len(TARGET)) != position
+    np.testing.assert_array_equal(none[others], np.asarray(good_none)[others])
+    assert np.isnan(mean)
+    assert np.isnan(sum_)
+    # Never the loss of a wrapped (Python/NumPy style) or clamped class.
+    for cls in {bad % C, min(max(bad, 0), C - 1)}:
+        other_none, _, _ = f(_with_bad(cls, position))
+        assert np.isfinite(other_none[position])
+        assert not none[position] == other_none[position]
+
+
+def test_traced_minus_one_is_not_last_class():
+    f = jax.jit(lambda t: ce(LOGITS, t, reduction="none"))
+    minus_one = f(jnp.array([-1, -1, -1, -1]))
+    last = f(jnp.array([C - 1] * 4))
+    assert np.all(np.isnan(minus_one))
+    assert np.all(np.isfinite(last))
+
+
+def test_traced_out_of_range_under_vmap_gives_nan():
+    f = jax.vmap(lambda x, t: ce(x, t, reduction="none"))
+    out = np.asarray(f(LOGITS[None], _with_bad(C)[None]))
+    assert np.isnan(out[0, 1])
+    assert np.isfinite(np.delete(out[0], 1)).all()
+
+
+# --------------------------------------------------------------------------
+# checkify + check_target.
+# --------------------------------------------------------------------------
+
+
+def _checked_ce(x, t):
+    return ce(x, jxent.check_target(t, x.shape[-1]))
+
+
+def _checked_nll(lp, t):
+    return nll(lp, jxent.check_target(t, lp.shape[-1]))
+
+
+def _checked_ce_ignore_minus_one(x, t):
+    return ce(x, jxent.check_target(t, x.shape[-1], ignore_index=-1), ignore_index=-1)
+
+
+_CHECKED = {
+    "ce": (checkify.checkify(jax.jit(_checked_ce)), LOGITS, -100),
+    "ce-jit-outside": (jax.jit(checkify.checkify(_checked_ce)), LOGITS, -100),
+    "nll": (checkify.checkify(jax.jit(_checked_nll)), LOG_PROBS, -100),
+    "ce-ignore-minus-one": (
+        checkify.checkify(jax.jit(_checked_ce_ignore_minus_one)),
+        LOGITS,
+        -1,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_CHECKED))
+@pytest.mark.parametrize("bad", [3, -3, 50])
+def test_checkify_reports_bad_target(name, bad):
+    checked, x, _ = _CHECKED[name]
+    err, value = checked(x, _with_bad(bad, 2))
+    assert err.get() is not None
+    assert re.search(rf"got {bad}\b", err.get()), err.get()
+    assert "[0, 3)" in err.get()
+    with pytest.raises(checkify.JaxRuntimeError, match=rf"got {bad}\b"):
+        err.throw()
+    assert np.isnan(value)
+
+
+@pytest.mark.parametrize("name", list(_CHECKED))
+def test_checkify_reports_the_default_ignore_index_when_not_ignored(name):
+    checked, x, ignore_index = _CHECKED[name]
+    other = -100 if ignore_index == -1 else -1
+    err, _ = checked(x, _with_bad(other, 0))
+    assert err.get() is not None
+    assert re.search(rf"got {other}\b", err.get()), err.get()
+
+
+@pytest.mark.parametrize("name", list(_CHECKED))
+@pytest.mark.parametrize(
+    "positions", [(), (0,), (1, 3), (0, 1, 2, 3)], ids=["none", "one", "two", "all"]
+)
+def test_checkify_passes_good_targets_and_ignore_index(name, positions):
+    checked, x, ignore_index = _CHECKED[name]
+    target = TARGET
+    for p in positions:
+        target = target.at[p].set(ignore_index)
+    err, value = checked(x, target)
+    assert err.get() is None
+    err.throw()  # no-op
+    fn = ce if x is LOGITS else nll
+    expected = fn(x, target, ignore_index=ignore_index)
+    np.testing.assert_allclose(value, expected, rtol=1e-6, atol=0)
+
+
+def test_check_target_under_jit_without_checkify_refuses_to_trace():
+    with pytest.raises(ValueError, match="checkify"):
+        jax.jit(_checked_ce)(LOGITS, TARGET)
+
+
+def test_check_target_concrete_raises_and_returns_target():
+    with pytest.raises(checkify.JaxRuntimeError, match=r"got 3\b"):
+        jxent.check_target(_with_bad(3), C)
+    np.testing.assert_array_equal(jxent.check_target(TARGET, C), TARGET)
+
+
+# --------------------------------------------------------------------------
+# Zero "mean" denominator: 0.0 with exactly zero, finite gradients.
+# --------------------------------------------------------------------------
+
+ALL_IGNORED = jnp.full((4,), -100, jnp.int32)
+ZERO_W = jnp.zeros((C,), jnp.float32)
+EMPTY_X = jnp.zeros((0, C), jnp.float32)
+EMPTY_T = jnp.zeros((0,), jnp.int32)
+
+_ZERO_DENOMINATOR_CASES = {
+    "ce-all-ignored": lambda x, w, r: ce(x, ALL_IGNORED, reduction=r),
+    "ce-all-ignored-weight": lambda x, w, r: ce(x, ALL_IGNORED, w, reduction=r),
+    "ce-all-ignored-smoothing": lambda x, w, r: ce(
+        x, ALL_IGNORED, w, reduction=r, label_smoothing=0.2
+    ),
+    "ce-all-ignored-custom-index": lambda x, w, r: ce(
+        x, jnp.full((4,), 2), w, reduction=r, ignore_index=2, label_smoothing=0.1
+    ),
+    "ce-zero-weights": lambda x, w, r: ce(x, TARGET, w * 0, reduction=r),
+    "ce-zero-weights-smoothing": lambda x, w, r: ce(
+        x, TARGET, w * 0, reduction=r, label_smoothing=0.4
+    ),
+    "ce-zero-weights-mixed-ignored": lambda x, w, r: ce(
+        x, TARGET.at[0].set(-100), w * 0, reduction=r
+    ),
+    "nll-all-ignored": lambda x, w, r: nll(x, ALL_IGNORED, w, reduction=r),
+    "nll-zero-weights": lambda x, w, r: nll(x, TARGET, w * 0, reduction=r),
+}
+
+
+def _loss_and_grads(fn, reduction, mode, x=LOGITS):
+    g = jax.value_and_grad(lambda x, w: fn(x, w, reduction), argnums=(0, 1))
+    return maybe_jit(g, mode)(x, WEIGHT)
+
+
+@pytest.mark.parametrize("case", list(_ZERO_DENOMINATOR_CASES))
+def test_zero_denominator_mean_is_zero_with_zero_gradients(case, jit_mode):
+    fn = _ZERO_DENOMINATOR_CASES[case]
+    value, (gx, gw) = _loss_and_grads(fn, "mean", jit_mode)
+    assert value.dtype == jnp.float32
+    assert float(value) == 0.0
+    assert np.isfinite(gx).all() and np.isfinite(gw).all()
+    np.testing.assert_array_equal(gx, np.zeros_like(gx))
+    np.testing.assert_array_equal(gw, np.zeros_like(gw))
+    total, (sx, sw) = _loss_and_grads(fn, "sum", jit_mode)
+    assert float(total) == 0.0
+    np.testing.assert_array_equal(sx, np.zeros_like(sx))
+    assert np.isfinite(sw).all()
+    per_element = maybe_jit(lambda x: fn(x, WEIGHT, "none"), jit_mode)(LOGITS)
+    np.testing.assert_array_equal(per_element, np.zeros(4, np.float32))
+
+
+def test_zero_denominator_with_smoothing_mass_on_other_classes(jit_mode):
+    """Weights zero on every target class but not on all classes: the mean's
+    denominator sum(w[y]) is 0, so the mean is 0.0, while the sum is not."""
+    w = jnp.array([0.0, 0.0, 1.0])
+    target = jnp.array([0, 1, 1, 0])
+    f = lambda x, r: ce(x, target, w, reduction=r, label_smoothing=0.3)
+    value, grad = maybe_jit(jax.value_and_grad(lambda x: f(x, "mean")), jit_mode)(
+        LOGITS
+    )
+    assert float(value) == 0.0
+    np.testing.assert_array_equal(grad, np.zeros_like(grad))
+    total = maybe_jit(lambda x: f(x, "sum"), jit_mode)(LOGITS)
+    assert np.isfinite(total) and float(total) > 0.0
+
+
+_EMPTY_CASES = {
+    "ce-hard": lambda x, r: ce(x, EMPTY_T, reduction=r),
+    "ce-hard-weight-smoothing": lambda x, r: ce(
+        x, EMPTY_T, WEIGHT, reduction=r, label_smoothing=0.1
+    ),
+    "ce-soft": lambda x, r: ce(x, jnp.zeros((0, C)), reduction=r),
+    "ce-soft-weight": lambda x, r: ce(x, jnp.zeros((0, C)), WEIGHT, reduction=r),
+    "nll": lambda x, r: nll(x, EMPTY_T, reduction=r),
+    "CrossEntropyLoss": lambda x, r: jxent.CrossEntropyLoss(reduction=r)(x, EMPTY_T),
+}
+
+
+@pytest.mark.parametrize("case", list(_EMPTY_CASES))
+def test_empty_batch(case, jit_mode):
+    fn = _EMPTY_CASES[case]
+    for reduction in ("mean", "sum"):
+        loss = functools.partial(lambda x, r: fn(x, r), r=reduction)
+        g = maybe_jit(jax.value_and_grad(loss), jit_mode)
+        value, grad = g(EMPTY_X)
+        assert value.shape == ()
+        assert float(value) == 0.0
+        assert grad.shape == (0, C)
+    none = maybe_jit(lambda x: fn(x, "none"), jit_mode)(EMPTY_X)
+    assert none.shape == (0,)
+
+
+def test_empty_batch_kl_div(jit_mode):
+    for reduction in ("mean", "batchmean", "sum"):
+        kl = functools.partial(jxent.kl_div, reduction=reduction)
+        out = maybe_jit(kl, jit_mode)(EMPTY_X, EMPTY_X)
+        assert float(out) == 0.0

@@ -24,7 +24,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,11 +37,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-try:
-    import jxent
-except ModuleNotFoundError:  # Source checkout without `pip install -e .`.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import jxent
+import jxent
 
 NUM_CLASSES = 10
 RARE_CLASSES = (5, 6, 7, 8, 9)

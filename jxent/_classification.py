@@ -67,9 +67,7 @@ def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
 def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
     dtype = compute_dtype(log_probs.dtype)
     weight = None if weight is None else weight.astype(dtype)
-    terms = _target_terms(
-        target, weight, log_probs.shape[axis], ignore_index, dtype
-    )
+    terms = _target_terms(target, weight, log_probs.shape[axis], ignore_index, dtype)
     picked = jnp.take_along_axis(
         log_probs,
         jnp.expand_dims(terms.safe_target, axis),
@@ -106,7 +104,9 @@ def _hard_cross_entropy(
 
 
 @functools.partial(jax.jit, static_argnames=("reduction", "axis", "smoothing"))
-def _soft_cross_entropy(logits, target, weight, label_smoothing, *, reduction, axis, smoothing):
+def _soft_cross_entropy(
+    logits, target, weight, label_smoothing, *, reduction, axis, smoothing
+):
     dtype = compute_dtype(logits.dtype)
     x = logits.astype(dtype)
     q = target.astype(dtype)

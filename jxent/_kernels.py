@@ -107,9 +107,7 @@ def _bwd(axis, smoothing, residuals, cotangents):
     # d lse / dx = p, d nll / dx = p - onehot, d s / dx = (Σw) p - w.
     coef_p = g_lse + g_nll
     if smoothing:
-        total_weight = (
-            num_classes if class_weight is None else jnp.sum(class_weight)
-        )
+        total_weight = num_classes if class_weight is None else jnp.sum(class_weight)
         coef_p = coef_p + g_smooth * total_weight
     p = jnp.exp(x - expand(lse))
     # Rows with a zero cotangent (e.g. ignored rows) get exactly zero, even when

@@ -55,8 +55,8 @@ class _LossModule:
         return hash((type(self), self._key()))
 
 
-def _leaf(default=None):
-    return dataclasses.field(default=default, metadata={"leaf": True})
+_LEAF = {"leaf": True}
+_STATIC = {"static": True}
 
 
 @jax.tree_util.register_dataclass
@@ -72,11 +72,11 @@ class NLLLoss(_LossModule):
       Array(0.6931..., dtype=float32)
     """
 
-    weight: ArrayLike | None = _leaf()
+    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
     _: dataclasses.KW_ONLY
-    ignore_index: int = dataclasses.field(default=-100, metadata={"static": True})
-    reduction: str = dataclasses.field(default="mean", metadata={"static": True})
-    axis: int = dataclasses.field(default=-1, metadata={"static": True})
+    ignore_index: int = dataclasses.field(default=-100, metadata=_STATIC)
+    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+    axis: int = dataclasses.field(default=-1, metadata=_STATIC)
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction, REDUCTIONS)
@@ -104,15 +104,15 @@ class CrossEntropyLoss(_LossModule):
       >>> import jxent
       >>> loss_fn = jxent.CrossEntropyLoss(label_smoothing=0.1)
       >>> loss_fn(jnp.array([[2.0, 0.0, 0.0]]), jnp.array([0]))
-      Array(0.3050..., dtype=float32)
+      Array(0.3728..., dtype=float32)
     """
 
-    weight: ArrayLike | None = _leaf()
+    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
     _: dataclasses.KW_ONLY
-    ignore_index: int = dataclasses.field(default=-100, metadata={"static": True})
-    reduction: str = dataclasses.field(default="mean", metadata={"static": True})
-    label_smoothing: ArrayLike = _leaf(0.0)
-    axis: int = dataclasses.field(default=-1, metadata={"static": True})
+    ignore_index: int = dataclasses.field(default=-100, metadata=_STATIC)
+    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+    label_smoothing: ArrayLike = dataclasses.field(default=0.0, metadata=_LEAF)
+    axis: int = dataclasses.field(default=-1, metadata=_STATIC)
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction, REDUCTIONS)

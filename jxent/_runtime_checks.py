@@ -50,7 +50,10 @@ def check_target(
     ignore_index = check_ignore_index(ignore_index)
     target = jnp.asarray(target)
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    first_bad = jnp.where(bad, target, 0).ravel()[jnp.argmax(bad.ravel())] if target.size else jnp.int32(0)
+    flat_bad = bad.ravel()
+    first_bad = (
+        target.ravel()[jnp.argmax(flat_bad)] if target.size else jnp.zeros((), int)
+    )
     checkify.check(
         ~jnp.any(bad),
         f"`target` must be in [0, {num_classes}) or equal "

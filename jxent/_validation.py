@@ -33,7 +33,7 @@ def check_reduction(reduction: str, allowed: Collection[str] = REDUCTIONS) -> No
 
 
 def as_float_array(x: ArrayLike, name: str) -> jax.Array:
-    """Converts ``x`` to an array and raises ``TypeError`` unless it is real floating."""
+    """Converts ``x`` to an array; ``TypeError`` unless its dtype is floating."""
     arr = jnp.asarray(x)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         raise TypeError(
@@ -49,8 +49,7 @@ def normalize_axis(axis: int, ndim: int, name: str = "logits") -> int:
         raise TypeError(f"`axis` must be an int, got {axis!r}.")
     if ndim == 0:
         raise ValueError(
-            f"`{name}` must have at least one dimension (the class axis), got a "
-            "scalar."
+            f"`{name}` must have at least one dimension (the class axis), got a scalar."
         )
     if not -ndim <= axis < ndim:
         raise ValueError(
@@ -62,9 +61,7 @@ def normalize_axis(axis: int, ndim: int, name: str = "logits") -> int:
 
 def check_ignore_index(ignore_index: int) -> int:
     """Returns ``ignore_index`` as a Python int, raising if it is not an integer."""
-    if isinstance(ignore_index, bool) or not isinstance(
-        ignore_index, numbers.Integral
-    ):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(
             f"`ignore_index` must be a Python int, got {ignore_index!r} "
             f"({type(ignore_index).__name__})."

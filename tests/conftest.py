@@ -10,6 +10,7 @@ from oracles import ORACLE_DEVIATIONS
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+
 @pytest.fixture(params=["jit", "eager"])
 def jit_mode(request):
     """Runs the test body once under jax.jit and once with jit disabled."""

@@ -31,28 +31,53 @@ def record_deviation(kind: str, actual, expected) -> float:
 
 
 def torch_cross_entropy(
-    logits, target, weight=None, *, ignore_index=-100, reduction="mean",
-    label_smoothing=0.0, axis=-1, cotangent=None,
+    logits,
+    target,
+    weight=None,
+    *,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    axis=-1,
+    cotangent=None,
 ):
     """torch F.cross_entropy in float64 on the jxent layout.
 
     Returns (loss, grad of <loss, cotangent> w.r.t. logits), in the jxent layout.
     """
     return _torch_loss(
-        F.cross_entropy, logits, target, weight, axis, cotangent,
-        ignore_index=ignore_index, reduction=reduction,
+        F.cross_entropy,
+        logits,
+        target,
+        weight,
+        axis,
+        cotangent,
+        ignore_index=ignore_index,
+        reduction=reduction,
         label_smoothing=label_smoothing,
     )
 
 
 def torch_nll_loss(
-    log_probs, target, weight=None, *, ignore_index=-100, reduction="mean",
-    axis=-1, cotangent=None,
+    log_probs,
+    target,
+    weight=None,
+    *,
+    ignore_index=-100,
+    reduction="mean",
+    axis=-1,
+    cotangent=None,
 ):
     """torch F.nll_loss in float64 on the jxent layout."""
     return _torch_loss(
-        F.nll_loss, log_probs, target, weight, axis, cotangent,
-        ignore_index=ignore_index, reduction=reduction,
+        F.nll_loss,
+        log_probs,
+        target,
+        weight,
+        axis,
+        cotangent,
+        ignore_index=ignore_index,
+        reduction=reduction,
     )
 
 
@@ -65,7 +90,11 @@ def _torch_loss(fn, x, target, weight, axis, cotangent, **kwargs):
     moved = xt.movedim(axis, torch_dim).contiguous()
     target = np.asarray(target)
     if np.issubdtype(target.dtype, np.floating):
-        tt = torch.tensor(target.astype(np.float64)).movedim(axis, torch_dim).contiguous()
+        tt = (
+            torch.tensor(target.astype(np.float64))
+            .movedim(axis, torch_dim)
+            .contiguous()
+        )
     else:
         tt = torch.tensor(target.astype(np.int64))
     wt = None if weight is None else torch.tensor(np.asarray(weight, np.float64))

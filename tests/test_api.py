@@ -74,9 +74,7 @@ def test_jit_equals_eager_and_layouts_agree(jit_mode, reduction):
         jax.value_and_grad(lambda x, w, eps: total(x, w, eps, -1))
     )(X_LAST, W, 0.1)
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-    np.testing.assert_allclose(
-        jnp.moveaxis(grad, 1, 2), ref_grad, rtol=1e-6, atol=1e-7
-    )
+    np.testing.assert_allclose(jnp.moveaxis(grad, 1, 2), ref_grad, rtol=1e-6, atol=1e-7)
 
 
 def test_vmap_over_batch_equals_direct_call():
@@ -157,5 +155,7 @@ def test_check_grads_numerically():
         w = jnp.array([1.0, 2.0, 0.5, 1.5])
         check_grads(
             lambda x: jxent.cross_entropy(x, t, w, label_smoothing=0.3),
-            (x,), order=2, modes=["rev"],
+            (x,),
+            order=2,
+            modes=["rev"],
         )

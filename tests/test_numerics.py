@@ -24,8 +24,9 @@ def test_low_precision_mean_over_32k_classes(dtype, smoothing):
     target = rng.integers(0, 32768, size=8)
     loss = jxent.cross_entropy(logits, target, label_smoothing=smoothing)
     assert loss.dtype == dtype
-    want = _f64_reference(np.asarray(logits.astype(jnp.float32)), target,
-                          label_smoothing=smoothing)
+    want = _f64_reference(
+        np.asarray(logits.astype(jnp.float32)), target, label_smoothing=smoothing
+    )
     assert abs(float(loss) - want) / want < 1e-2
 
 
@@ -40,19 +41,20 @@ def test_float16_label_smoothing_does_not_overflow():
             logits16, target, label_smoothing=0.1, reduction=reduction
         )
         assert loss.dtype == jnp.float16 and np.isfinite(float(loss))
-        want = _f64_reference(logits16, target, label_smoothing=0.1,
-                              reduction=reduction)
+        want = _f64_reference(
+            logits16, target, label_smoothing=0.1, reduction=reduction
+        )
         assert abs(float(loss) - want) / want < 2e-3
     torch_fp16 = torch.nn.functional.cross_entropy(
-        torch.tensor(logits16), torch.tensor(target), label_smoothing=0.1,
+        torch.tensor(logits16),
+        torch.tensor(target),
+        label_smoothing=0.1,
         reduction="sum",
     )
     assert torch.isinf(torch_fp16)  # the torch behaviour we improve on
 
 
-@pytest.mark.parametrize(
-    "dtype", [jnp.bfloat16, jnp.float16, jnp.float32]
-)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_output_dtype_is_input_dtype(dtype):
     logits = jnp.zeros((2, 3), dtype)
     target = jnp.array([0, 2])
@@ -66,8 +68,12 @@ def test_output_dtype_is_input_dtype(dtype):
         lambda x: jxent.entropy(jxent.softmax(x)),
     ):
         assert fn(logits).dtype == dtype
-    assert jax.grad(lambda x: jxent.cross_entropy(x, target).astype(
-        jnp.float32))(logits).dtype == dtype
+    assert (
+        jax.grad(lambda x: jxent.cross_entropy(x, target).astype(jnp.float32))(
+            logits
+        ).dtype
+        == dtype
+    )
 
 
 def test_float64_when_x64_enabled():
@@ -119,8 +125,9 @@ def test_masked_classes_give_finite_loss_and_grads(weight, reduction):
 
 def test_masked_classes_none_reduction_traced_zero_smoothing():
     def loss(x, eps):
-        return jxent.cross_entropy(x, MASKED_TARGET, WEIGHT, label_smoothing=eps,
-                                   reduction="none")
+        return jxent.cross_entropy(
+            x, MASKED_TARGET, WEIGHT, label_smoothing=eps, reduction="none"
+        )
 
     values = jax.jit(loss)(MASKED, 0.0)
     assert np.all(np.isfinite(values))
@@ -148,7 +155,8 @@ def test_probability_target_with_zero_mass_on_masked_class():
     assert np.isfinite(value)  # torch: NaN (0 * -inf)
     assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gq))
     np.testing.assert_allclose(
-        value, jxent.cross_entropy(jnp.array([[0.0, 1.0]]), jnp.array([[0.25, 0.75]])),
+        value,
+        jxent.cross_entropy(jnp.array([[0.0, 1.0]]), jnp.array([[0.25, 0.75]])),
         rtol=1e-6,
     )
 
@@ -179,8 +187,7 @@ def test_smoothing_sum_has_no_cancellation_at_large_offsets():
     base = rng.normal(size=(4, 1000)).astype(np.float32)
     target = jnp.array([1, 2, 3, 4])
     a = jxent.cross_entropy(base, target, label_smoothing=0.5, reduction="none")
-    b = jxent.cross_entropy(base + 1e4, target, label_smoothing=0.5,
-                            reduction="none")
+    b = jxent.cross_entropy(base + 1e4, target, label_smoothing=0.5, reduction="none")
     np.testing.assert_allclose(a, b, rtol=2e-3)
 
 

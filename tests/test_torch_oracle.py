@@ -84,8 +84,12 @@ def _all_reductions(logits, target, weight, cotangent, options):
 
 def _expected(logits, target, weight, cotangent, reduction, **kw):
     loss, grad = torch_cross_entropy(
-        logits, target, weight, reduction=reduction,
-        cotangent=cotangent if reduction == "none" else None, **kw,
+        logits,
+        target,
+        weight,
+        reduction=reduction,
+        cotangent=cotangent if reduction == "none" else None,
+        **kw,
     )
     if reduction == "mean" and np.isnan(loss):
         # Documented deviation: a zero denominator gives 0 and zero gradients.
@@ -103,9 +107,7 @@ def _check(kind, actual, expected):
     record_deviation(f"{kind} grad", actual_grad, grad)
 
 
-HARD_GRID = list(
-    itertools.product(LAYOUTS, (False, True), IGNORE, (0.0, 0.1))
-)
+HARD_GRID = list(itertools.product(LAYOUTS, (False, True), IGNORE, (0.0, 0.1)))
 
 
 @pytest.mark.parametrize(
@@ -125,13 +127,17 @@ def test_integer_targets_match_torch(layout, weighted, ignore, smoothing):
         ("label_smoothing", smoothing),
         ("axis", axis),
     )
-    got = _all_reductions(
-        logits, target, weight, cotangent.astype(np.float32), options
-    )
+    got = _all_reductions(logits, target, weight, cotangent.astype(np.float32), options)
     for reduction in REDUCTIONS:
         want = _expected(
-            logits, target, weight, cotangent, reduction,
-            ignore_index=ignore_index, label_smoothing=smoothing, axis=axis,
+            logits,
+            target,
+            weight,
+            cotangent,
+            reduction,
+            ignore_index=ignore_index,
+            label_smoothing=smoothing,
+            axis=axis,
         )
         _check("cross_entropy integer", got[reduction], want)
 
@@ -155,8 +161,13 @@ def test_probability_targets_match_torch(layout, weighted, smoothing):
     got = _all_reductions(logits, probs, weight, cotangent.astype(np.float32), options)
     for reduction in REDUCTIONS:
         want = _expected(
-            logits, probs, weight, cotangent, reduction,
-            label_smoothing=smoothing, axis=axis,
+            logits,
+            probs,
+            weight,
+            cotangent,
+            reduction,
+            label_smoothing=smoothing,
+            axis=axis,
         )
         _check("cross_entropy probabilities", got[reduction], want)
 
@@ -199,8 +210,12 @@ def test_nll_loss_matches_torch(layout, weighted, ignore):
     )
     for reduction in REDUCTIONS:
         loss, grad = torch_nll_loss(
-            log_probs, target, weight, ignore_index=ignore_index,
-            reduction=reduction, axis=axis,
+            log_probs,
+            target,
+            weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            axis=axis,
             cotangent=cotangent if reduction == "none" else None,
         )
         if reduction == "mean" and np.isnan(loss):
@@ -213,7 +228,9 @@ def test_log_softmax_and_softmax_match_torch(axis):
     x = np.random.default_rng(0).normal(scale=3, size=(4, 5, 6)).astype(np.float32)
     xt = torch.tensor(x.astype(np.float64))
     np.testing.assert_allclose(
-        jxent.log_softmax(x, axis=axis), torch.log_softmax(xt, axis), rtol=1e-6,
+        jxent.log_softmax(x, axis=axis),
+        torch.log_softmax(xt, axis),
+        rtol=1e-6,
         atol=1e-6,
     )
     np.testing.assert_allclose(
@@ -230,8 +247,8 @@ def test_float64_matches_torch_to_1e12():
         for tgt, kw in ((target, {}), (probs.astype(np.float64), {})):
             for eps in (0.0, 0.25):
                 got, vjp = jax.vjp(
-                    lambda x, t=tgt: jxent.cross_entropy(
-                        x, t, weight.astype(np.float64), label_smoothing=eps, **kw
+                    lambda x, t=tgt, e=eps, k=kw: jxent.cross_entropy(
+                        x, t, weight.astype(np.float64), label_smoothing=e, **k
                     ),
                     jnp.asarray(logits),
                 )

@@ -579,9 +579,10 @@ def _jitted_all_reductions(name: str, config: str):
     return jax.jit(lambda t: tuple(fn(t, r) for r in ("none", "mean", "sum")))
 
 
-_JIT_RANGE_CASES = [
-    ("cross_entropy", config) for config in _JIT_CONFIGS
-] + [("nll_loss", "plain"), ("nll_loss", "weight")]
+_JIT_RANGE_CASES = [("cross_entropy", config) for config in _JIT_CONFIGS] + [
+    ("nll_loss", "plain"),
+    ("nll_loss", "weight"),
+]
 
 
 @pytest.mark.parametrize(("name", "config"), _JIT_RANGE_CASES)
@@ -730,25 +731,27 @@ _ZERO_DENOMINATOR_CASES = {
 }
 
 
-def _loss_and_grads(fn, reduction, mode, x=LOGITS):
-    g = jax.value_and_grad(lambda x, w: fn(x, w, reduction), argnums=(0, 1))
-    return maybe_jit(g, mode)(x, WEIGHT)
+def _zero_denominator_outputs(fn, x, w):
+    """mean and its grads, sum and its grads, per-element: one compilation."""
+    grad = lambda r: jax.value_and_grad(lambda x, w: fn(x, w, r), argnums=(0, 1))
+    mean, (gx, gw) = grad("mean")(x, w)
+    total, (sx, sw) = grad("sum")(x, w)
+    return mean, gx, gw, total, sx, sw, fn(x, w, "none")
 
 
 @pytest.mark.parametrize("case", list(_ZERO_DENOMINATOR_CASES))
 def test_zero_denominator_mean_is_zero_with_zero_gradients(case, jit_mode):
     fn = _ZERO_DENOMINATOR_CASES[case]
-    value, (gx, gw) = _loss_and_grads(fn, "mean", jit_mode)
-    assert value.dtype == jnp.float32
-    assert float(value) == 0.0
+    outputs = maybe_jit(functools.partial(_zero_denominator_outputs, fn), jit_mode)
+    mean, gx, gw, total, sx, sw, per_element = outputs(LOGITS, WEIGHT)
+    assert mean.dtype == jnp.float32
+    assert float(mean) == 0.0
     assert np.isfinite(gx).all() and np.isfinite(gw).all()
     np.testing.assert_array_equal(gx, np.zeros_like(gx))
     np.testing.assert_array_equal(gw, np.zeros_like(gw))
-    total, (sx, sw) = _loss_and_grads(fn, "sum", jit_mode)
     assert float(total) == 0.0
     np.testing.assert_array_equal(sx, np.zeros_like(sx))
     assert np.isfinite(sw).all()
-    per_element = maybe_jit(lambda x: fn(x, WEIGHT, "none"), jit_mode)(LOGITS)
     np.testing.assert_array_equal(per_element, np.zeros(4, np.float32))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,11 @@ LAYOUTS = [
 ]
 IGNORE = ("unused", "padding", "real-class")
 RTOL = 2e-6  # float32 against float64
+
+
+def _seed(*parts) -> int:
+    """A seed that is stable across runs (str hashes are salted per process)."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def _inputs(shape, axis, seed):
@@ -117,7 +123,7 @@ HARD_GRID = list(itertools.product(LAYOUTS, (False, True), IGNORE, (0.0, 0.1)))
 )
 def test_integer_targets_match_torch(layout, weighted, ignore, smoothing):
     name, shape, axis = layout
-    seed = hash((name, weighted, ignore, smoothing)) % 2**31
+    seed = _seed((name, weighted, ignore, smoothing))
     logits, target, weight, _ = _inputs(shape, axis, seed)
     target, ignore_index = _ignore_setup(target, ignore, seed)
     weight = weight if weighted else None
@@ -152,7 +158,7 @@ SOFT_GRID = list(itertools.product(LAYOUTS, (False, True), (0.0, 0.1)))
 )
 def test_probability_targets_match_torch(layout, weighted, smoothing):
     name, shape, axis = layout
-    seed = hash((name, weighted, smoothing, "soft")) % 2**31
+    seed = _seed((name, weighted, smoothing, "soft"))
     logits, _, weight, probs = _inputs(shape, axis, seed)
     weight = weight if weighted else None
     cls_shape = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
@@ -198,7 +204,7 @@ NLL_GRID = list(itertools.product(LAYOUTS, (False, True), IGNORE))
 )
 def test_nll_loss_matches_torch(layout, weighted, ignore):
     name, shape, axis = layout
-    seed = hash((name, weighted, ignore, "nll")) % 2**31
+    seed = _seed((name, weighted, ignore, "nll"))
     logits, target, weight, _ = _inputs(shape, axis, seed)
     log_probs = np.asarray(jxent.log_softmax(logits, axis=axis))
     target, ignore_index = _ignore_setup(target, ignore, seed)

@@ -1,0 +1,34 @@
+"""The examples run end to end (shortened)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.heavy
+def test_imbalanced_digits_example(tmp_path):
+    out = tmp_path / "recall.png"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "imbalanced_digits.py"),
+            "--steps",
+            "60",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "balanced accuracy" in result.stdout
+    assert out.stat().st_size > 1000

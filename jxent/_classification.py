@@ -9,36 +9,46 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jxent._kernels import along_axis, compute_dtype, cross_entropy_stats
+from jxent._kernels import (
+    along_axis,
+    capped_logits,
+    compute_dtype,
+    cross_entropy_stats,
+    target_index,
+)
 from jxent._reduction import reduce_loss
 from jxent._validation import (
     as_float_array,
+    check_bool,
+    check_class_mask,
     check_concrete_target_range,
     check_ignore_index,
     check_int_target_shape,
+    check_nonnegative,
     check_reduction,
+    check_soft_cap,
     check_unit_interval,
     check_weight,
     normalize_axis,
 )
 
 
-class _TargetTerms(NamedTuple):
+class TargetTerms(NamedTuple):
     """What an integer target contributes, after sanitising it."""
 
     valid: jax.Array  # target != ignore_index
-    out_of_range: jax.Array  # not ignored and outside [0, C)
+    bad: jax.Array  # not ignored and outside [0, C) (or an excluded class)
     safe_target: jax.Array  # int32 index in [0, C), 0 where not valid
     target_weight: jax.Array  # weight[target] where valid, else 0
 
 
-def _target_terms(
+def target_terms(
     target: jax.Array,
     weight: jax.Array | None,
     num_classes: int,
     ignore_index: int,
     dtype: jnp.dtype,
-) -> _TargetTerms:
+) -> TargetTerms:
     """Sanitises integer targets before anything is gathered with them."""
     valid = target != ignore_index
     in_range = (target >= 0) & (target < num_classes)
@@ -46,16 +56,8 @@ def _target_terms(
     if weight is None:
         target_weight = valid.astype(dtype)
     else:
-        target_weight = jnp.where(valid, weight[safe_target], 0.0)
-    return _TargetTerms(valid, valid & ~in_range, safe_target, target_weight)
-
-
-def _reduce_hard(
-    loss: jax.Array, terms: _TargetTerms, reduction: str, out_dtype: jnp.dtype
-) -> jax.Array:
-    """Marks out-of-range targets NaN and reduces by the sum of target weights."""
-    loss = jnp.where(terms.out_of_range, jnp.nan, loss)
-    return reduce_loss(loss, reduction, jnp.sum(terms.target_weight), out_dtype)
+        target_weight = jnp.where(valid, weight.astype(dtype)[safe_target], 0.0)
+    return TargetTerms(valid, valid & ~in_range, safe_target, target_weight)
 
 
 def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
@@ -63,57 +65,81 @@ def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
     return jnp.where(coef == 0, 0.0, coef * value)
 
 
-@functools.partial(jax.jit, static_argnames=("ignore_index", "reduction", "axis"))
-def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
-    dtype = compute_dtype(log_probs.dtype)
-    weight = None if weight is None else weight.astype(dtype)
-    terms = _target_terms(target, weight, log_probs.shape[axis], ignore_index, dtype)
-    picked = jnp.take_along_axis(
-        log_probs,
-        jnp.expand_dims(terms.safe_target, axis),
-        axis=axis,
-        mode="promise_in_bounds",
-    )
-    picked = jnp.squeeze(picked, axis).astype(dtype)
-    loss = jnp.where(terms.valid, _scaled(terms.target_weight, -picked), 0.0)
-    return _reduce_hard(loss, terms, reduction, log_probs.dtype)
+def hard_target_loss(
+    logits: jax.Array,
+    target: jax.Array,
+    weight: jax.Array | None,
+    label_smoothing: jax.Array | float,
+    z_loss: jax.Array | float,
+    soft_cap: jax.Array | None,
+    where: jax.Array | None,
+    *,
+    ignore_index: int,
+    axis: int,
+    smoothing: bool,
+    with_z_loss: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-position cross-entropy for integer targets, before the reduction.
 
-
-@functools.partial(
-    jax.jit, static_argnames=("ignore_index", "reduction", "axis", "smoothing")
-)
-def _hard_cross_entropy(
-    logits, target, weight, label_smoothing, *, ignore_index, reduction, axis, smoothing
-):
+    Returns ``(loss, lse, target_weight)``: the loss (0 where ignored, NaN for
+    a bad target), the logsumexp and the per-position weight of the mean's
+    denominator, all in the accumulation dtype.
+    """
     dtype = compute_dtype(logits.dtype)
     num_classes = logits.shape[axis]
+    terms = target_terms(target, weight, num_classes, ignore_index, dtype)
+    bad = terms.bad
+    if where is not None:
+        bad = bad | (terms.valid & ~where[target_index(terms.safe_target, axis)])
     weight = None if weight is None else weight.astype(dtype)
-    terms = _target_terms(target, weight, num_classes, ignore_index, dtype)
-    _, nll, smooth = cross_entropy_stats(
-        logits, terms.safe_target, weight, axis, smoothing
+    lse, nll, smooth = cross_entropy_stats(
+        logits, terms.safe_target, weight, where, soft_cap, axis, smoothing
     )
     if smoothing:
         eps = jnp.asarray(label_smoothing, dtype)
-        per_position = _scaled((1.0 - eps) * terms.target_weight, nll) + _scaled(
-            eps / num_classes, smooth
+        if where is None:
+            num_included = num_classes
+        else:
+            num_included = jnp.maximum(jnp.sum(where, axis=axis), 1).astype(dtype)
+        loss = _scaled((1.0 - eps) * terms.target_weight, nll) + _scaled(
+            eps / num_included, smooth
         )
     else:
-        per_position = _scaled(terms.target_weight, nll)
-    loss = jnp.where(terms.valid, per_position, 0.0)
-    return _reduce_hard(loss, terms, reduction, logits.dtype)
+        loss = _scaled(terms.target_weight, nll)
+    if with_z_loss:
+        loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(lse))
+    loss = jnp.where(terms.valid, loss, 0.0)
+    loss = jnp.where(bad, jnp.nan, loss)
+    return loss, lse, terms.target_weight
 
 
-@functools.partial(jax.jit, static_argnames=("reduction", "axis", "smoothing"))
-def _soft_cross_entropy(
-    logits, target, weight, label_smoothing, *, reduction, axis, smoothing
-):
-    dtype = compute_dtype(logits.dtype)
-    x = logits.astype(dtype)
+def soft_target_loss(
+    logits: jax.Array,
+    target: jax.Array,
+    weight: jax.Array | None,
+    label_smoothing: jax.Array | float,
+    z_loss: jax.Array | float,
+    soft_cap: jax.Array | None,
+    where: jax.Array | None,
+    *,
+    axis: int,
+    smoothing: bool,
+    with_z_loss: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-position cross-entropy for class-probability targets: ``(loss, lse)``."""
+    x = capped_logits(logits, soft_cap)
+    dtype = x.dtype
     q = target.astype(dtype)
-    num_classes = x.shape[axis]
+    if where is not None:
+        x = jnp.where(where, x, -jnp.inf)
+        q = jnp.where(where, q, 0.0)
     if smoothing:
         eps = jnp.asarray(label_smoothing, dtype)
-        q = (1.0 - eps) * q + eps / num_classes
+        if where is None:
+            q = (1.0 - eps) * q + eps / x.shape[axis]
+        else:
+            count = jnp.maximum(jnp.sum(where, axis=axis, keepdims=True), 1)
+            q = (1.0 - eps) * q + jnp.where(where, eps / count.astype(dtype), 0.0)
     if weight is not None:
         q = q * along_axis(weight.astype(dtype), x.ndim, axis)
     lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
@@ -121,8 +147,55 @@ def _soft_cross_entropy(
     # when their logit is -inf (sanitised before the product, so gradients of
     # both the logits and the target stay finite).
     neg_log_p = jnp.where(q == 0, 0.0, lse - x)
+    lse = jnp.squeeze(lse, axis)
     loss = jnp.sum(q * neg_log_p, axis=axis)
-    return reduce_loss(loss, reduction, loss.size, logits.dtype)
+    if with_z_loss:
+        loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(lse))
+    return loss, lse
+
+
+def _reduce_hard(loss, target_weight, reduction, out_dtype):
+    return reduce_loss(loss, reduction, jnp.sum(target_weight), out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("ignore_index", "reduction", "axis"))
+def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
+    dtype = compute_dtype(log_probs.dtype)
+    terms = target_terms(target, weight, log_probs.shape[axis], ignore_index, dtype)
+    picked = log_probs[target_index(terms.safe_target, axis)].astype(dtype)
+    loss = jnp.where(terms.valid, _scaled(terms.target_weight, -picked), 0.0)
+    loss = jnp.where(terms.bad, jnp.nan, loss)
+    return _reduce_hard(loss, terms.target_weight, reduction, log_probs.dtype)
+
+
+_STATIC = ("reduction", "axis", "smoothing", "with_z_loss", "return_lse")
+
+
+@functools.partial(jax.jit, static_argnames=("ignore_index", *_STATIC))
+def _hard_cross_entropy(
+    logits, target, weight, label_smoothing, z_loss, soft_cap, where, *,
+    ignore_index, reduction, axis, smoothing, with_z_loss, return_lse,
+):  # fmt: skip
+    loss, lse, target_weight = hard_target_loss(
+        logits, target, weight, label_smoothing, z_loss, soft_cap, where,
+        ignore_index=ignore_index, axis=axis, smoothing=smoothing,
+        with_z_loss=with_z_loss,
+    )  # fmt: skip
+    loss = _reduce_hard(loss, target_weight, reduction, logits.dtype)
+    return (loss, lse) if return_lse else loss
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _soft_cross_entropy(
+    logits, target, weight, label_smoothing, z_loss, soft_cap, where, *,
+    reduction, axis, smoothing, with_z_loss, return_lse,
+):  # fmt: skip
+    loss, lse = soft_target_loss(
+        logits, target, weight, label_smoothing, z_loss, soft_cap, where,
+        axis=axis, smoothing=smoothing, with_z_loss=with_z_loss,
+    )  # fmt: skip
+    loss = reduce_loss(loss, reduction, loss.size, logits.dtype)
+    return (loss, lse) if return_lse else loss
 
 
 def nll_loss(
@@ -215,7 +288,11 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: ArrayLike = 0.0,
     axis: int = -1,
-) -> jax.Array:
+    z_loss: ArrayLike = 0.0,
+    soft_cap: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Cross-entropy between logits and a target (``F.cross_entropy``).
 
     ``log_softmax`` followed by ``nll_loss`` in one call, with torch's exact
@@ -231,6 +308,13 @@ def cross_entropy(
       ``q' = (1-ε) · q + ε/C``; ``"mean"`` divides by the number of positions
       (the weights are not in the denominator, as in torch).
 
+    Options beyond torch (for large models): ``soft_cap`` replaces the logits
+    by ``soft_cap · tanh(logits / soft_cap)`` before everything (Gemma 2);
+    ``where`` excludes classes (False) from the softmax and the smoothing, so
+    ``C`` above counts included classes only; ``z_loss`` adds
+    ``z_loss · lse_n²`` to ``ℓ_n`` at every non-ignored position (PaLM), with
+    ``lse_n = log Σ_c exp(x_nc)``; the returned loss includes it.
+
     Deviations from torch: a zero ``"mean"`` denominator (every target
     ignored, an empty batch, zero weights) gives 0.0 with zero gradients, not
     NaN; a class with zero probability contributes 0 even if its logit is
@@ -238,8 +322,9 @@ def cross_entropy(
     treats it as 0); the class axis is ``axis`` (default last), not dim 1.
 
     bfloat16 and float16 logits are computed with float32 accumulation and the
-    loss is returned in their dtype. The softmax is never stored for the
-    backward pass: only the per-position logsumexp is kept.
+    loss is returned in their dtype. For integer targets the softmax is never
+    stored for the backward pass: only the per-position logsumexp is kept
+    (reverse-mode only: use ``jax.jacrev``, not ``jax.jacfwd``).
 
     Args:
       logits: floating array of unnormalised scores, classes on ``axis``.
@@ -248,25 +333,34 @@ def cross_entropy(
       weight: optional length-C class weights (traced: changing it does not
         recompile).
       ignore_index: integer target value that is ignored. Must be negative
-        with probability targets.
+        with probability targets (torch's rule: they have no ignored entries).
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
       label_smoothing: ``ε`` in ``[0, 1]`` (traced; a concrete value is
         range-checked, a traced one cannot be).
       axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
+      z_loss: coefficient ``>= 0`` of the auxiliary ``lse²`` term (traced).
+      soft_cap: ``None`` or a cap ``> 0`` for ``cap · tanh(x / cap)``.
+      where: optional boolean class mask broadcastable to the logits (a 1-D
+        mask of length C lies along ``axis``). A target on an excluded class
+        gives NaN.
+      return_lse: also return the per-position logsumexp (after soft-capping
+        and masking), in the accumulation dtype (float32 for 16-bit logits).
 
     Returns:
-      The loss in the logits' dtype: of the target's (integer) or the logits'
-      shape without ``axis`` (probabilities) for ``"none"``, else a scalar. An
+      The loss in the logits' dtype: of the logits' shape without ``axis``
+      for ``"none"``, else a scalar; with ``return_lse``, ``(loss, lse)``. An
       integer target outside ``[0, C)`` that is not ``ignore_index`` gives NaN
       under ``jit`` (never a wrapped or clamped class) and a ``ValueError``
       when the target is concrete; see :func:`jxent.check_target` for a check
       under ``jit``.
 
     Raises:
-      TypeError: integer logits, or a boolean/complex target.
+      TypeError: integer logits, a boolean/complex target, a non-boolean
+        ``where``.
       ValueError: bad ``reduction``, ``axis``, ``weight``, ``label_smoothing``,
-        target shape, ``ignore_index >= 0`` with probability targets, or a
-        concrete out-of-range target.
+        ``z_loss``, ``soft_cap`` or ``where``, a target shape that does not
+        match, ``ignore_index >= 0`` with probability targets, or a concrete
+        out-of-range target.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -281,12 +375,23 @@ def cross_entropy(
     """
     check_reduction(reduction)
     ignore_index = check_ignore_index(ignore_index)
+    return_lse = check_bool(return_lse, "return_lse")
     logits = as_float_array(logits, "logits")
     axis = normalize_axis(axis, logits.ndim, "logits")
     num_classes = logits.shape[axis]
     weight = check_weight(weight, num_classes)
     label_smoothing = check_unit_interval(label_smoothing, "label_smoothing")
-    smoothing = not _is_static_zero(label_smoothing)
+    z_loss = check_nonnegative(z_loss, "z_loss")
+    soft_cap = check_soft_cap(soft_cap)
+    where = check_class_mask(where, logits.shape, axis)
+    options = dict(
+        reduction=reduction,
+        axis=axis,
+        smoothing=not _is_static_zero(label_smoothing),
+        with_z_loss=not _is_static_zero(z_loss),
+        return_lse=return_lse,
+    )
+    values = (weight, label_smoothing, z_loss, soft_cap, where)
     target = jnp.asarray(target)
     if jnp.issubdtype(target.dtype, jnp.floating):
         if target.shape != logits.shape:
@@ -301,25 +406,10 @@ def cross_entropy(
                 f"(floating `target`): got ignore_index={ignore_index}, allowed: "
                 "a negative value (which has no effect)."
             )
-        return _soft_cross_entropy(
-            logits,
-            target,
-            weight,
-            label_smoothing,
-            reduction=reduction,
-            axis=axis,
-            smoothing=smoothing,
-        )
+        return _soft_cross_entropy(logits, target, *values, **options)
     target = _as_int_target(target)
     check_int_target_shape(target.shape, logits.shape, axis, "logits")
     check_concrete_target_range(target, num_classes, ignore_index)
     return _hard_cross_entropy(
-        logits,
-        target,
-        weight,
-        label_smoothing,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        axis=axis,
-        smoothing=smoothing,
+        logits, target, *values, ignore_index=ignore_index, **options
     )

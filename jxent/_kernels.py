@@ -2,10 +2,15 @@
 
 Everything that touches an array of logits size lives here. The losses in
 ``_classification.py`` combine the O(N) results with ordinary JAX code, so
-autodiff handles weights, smoothing, masks and reductions, while the passes over
-the logits stay few: two reductions forward (max, then the sum of exponentials
-together with the smoothing sum) and one fused elementwise pass backward, which
-recomputes the softmax from the saved logsumexp instead of storing it.
+autodiff handles weights, smoothing, z-loss, masks and reductions, while the
+passes over the logits stay few:
+
+* forward: one reduction for the row maximum and one for the sum of
+  exponentials (which also carries the smoothing sum when it is needed), plus a
+  gather of one element per row;
+* backward: one fused elementwise pass that recomputes the softmax from the
+  saved logsumexp (nothing of logits size is saved), and an in-place scatter of
+  one element per row for the target term.
 """
 
 from __future__ import annotations
@@ -29,108 +34,158 @@ def along_axis(vector: jax.Array, ndim: int, axis: int) -> jax.Array:
     return vector.reshape(shape)
 
 
-def _safe_max(x: jax.Array, axis: int) -> jax.Array:
-    """The maximum over ``axis`` (kept), with non-finite maxima replaced by 0."""
-    m = jnp.max(x, axis=axis, keepdims=True)
-    return lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+def target_index(target: jax.Array, axis: int) -> tuple[jax.Array, ...]:
+    """Index that picks ``x[..., target, ...]`` (class axis ``axis``) per position."""
+    positions = list(jnp.indices(target.shape, sparse=True))
+    return (*positions[:axis], target, *positions[axis:])
 
 
-def _forward(logits, target, class_weight, axis, smoothing):
+def capped_logits(logits: jax.Array, soft_cap: jax.Array | None) -> jax.Array:
+    """Logits in the accumulation dtype, soft-capped: ``c · tanh(x / c)``."""
     x = logits.astype(compute_dtype(logits.dtype))
-    m = _safe_max(x, axis)
+    if soft_cap is None:
+        return x
+    cap = jnp.asarray(soft_cap, x.dtype)
+    return cap * jnp.tanh(x / cap)
+
+
+def _masked(x: jax.Array, class_mask: jax.Array | None) -> jax.Array:
+    return x if class_mask is None else jnp.where(class_mask, x, -jnp.inf)
+
+
+def _smoothing_weights(
+    class_weight: jax.Array | None,
+    class_mask: jax.Array | None,
+    ndim: int,
+    axis: int,
+    dtype: jnp.dtype,
+) -> jax.Array | None:
+    """Per-class weights of the smoothing term (None: all ones)."""
+    w = None
+    if class_weight is not None:
+        w = along_axis(class_weight.astype(dtype), ndim, axis)
+    if class_mask is not None:
+        w = class_mask.astype(dtype) if w is None else jnp.where(class_mask, w, 0.0)
+    return w
+
+
+def _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing):
+    x = _masked(capped_logits(logits, soft_cap), class_mask)
+    m = jnp.max(x, axis=axis, keepdims=True)
+    m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
     log_sum = jnp.log(jnp.sum(jnp.exp(x - m), axis=axis))
-    lse = log_sum + jnp.squeeze(m, axis)
-    idx = jnp.expand_dims(target, axis)
-    target_gap = jnp.squeeze(
-        m - jnp.take_along_axis(x, idx, axis=axis, mode="promise_in_bounds"), axis
-    )
+    m_row = jnp.squeeze(m, axis)
+    lse = log_sum + m_row
+    x_target = x[target_index(target, axis)]
     # (m - x_t) + log Σ exp(x - m) keeps the digits that lse - x_t would lose
     # to rounding when the logits are large.
-    nll = target_gap + log_sum
+    nll = (m_row - x_target) + log_sum
     if not smoothing:
-        return (lse, nll, jnp.zeros_like(lse)), (logits, target, lse)
-    num_classes = x.shape[axis]
+        return lse, nll, jnp.zeros_like(lse)
     gap = m - x  # >= 0: summing it cannot cancel, unlike C*lse - sum(x).
-    if class_weight is None:
-        total_weight = num_classes
+    w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
+    if w is None:
+        total_weight = x.shape[axis]
         weighted_gap = jnp.sum(gap, axis=axis)
     else:
-        w = along_axis(class_weight.astype(x.dtype), x.ndim, axis)
-        total_weight = jnp.sum(class_weight.astype(x.dtype))
+        total_weight = jnp.sum(jnp.broadcast_to(w, x.shape), axis=axis)
         # A zero weight on an impossible (-inf) class contributes 0, not 0*inf.
         weighted_gap = jnp.sum(jnp.where(w == 0, 0.0, w * gap), axis=axis)
-    smooth = weighted_gap + total_weight * (lse - jnp.squeeze(m, axis))
-    return (lse, nll, smooth), (logits, target, lse)
+    smooth = weighted_gap + total_weight * log_sum
+    return lse, nll, smooth
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def cross_entropy_stats(
     logits: jax.Array,
     target: jax.Array,
     class_weight: jax.Array | None,
+    class_mask: jax.Array | None,
+    soft_cap: jax.Array | None,
     axis: int,
     smoothing: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-position statistics of the logits needed by cross-entropy.
 
+    With ``x = soft_cap · tanh(logits / soft_cap)`` (or the logits) and
+    excluded classes set to ``-inf``:
+
     Args:
       logits: array of any float dtype with the classes on ``axis``.
-      target: integer array, ``logits.shape`` without ``axis``, every entry a
-        valid class index (callers sanitise ignored entries first).
+      target: int32 array, ``logits.shape`` without ``axis``, every entry a
+        class index in range (callers sanitise ignored entries first).
       class_weight: ``None`` (all ones) or a length-C vector, used only by the
         smoothing term.
+      class_mask: ``None`` or a boolean array of ``logits.shape``: classes
+        where it is False take no part in the softmax or the smoothing.
+      soft_cap: ``None`` or a positive scalar.
       axis: the (non-negative) class axis.
       smoothing: whether to compute the smoothing term (else it is zeros).
 
     Returns:
       ``(lse, nll, s)`` in the accumulation dtype, each of the target's shape:
       ``lse = log Σ_c exp(x_c)``, ``nll = lse - x[target]`` and
-      ``s = Σ_c w_c (lse - x_c)``.
+      ``s = Σ_c w_c (lse - x_c)`` over included classes.
     """
-    return _forward(logits, target, class_weight, axis, smoothing)[0]
+    return _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing)
 
 
-def _fwd(logits, target, class_weight, axis, smoothing):
-    out, (logits, target, lse) = _forward(logits, target, class_weight, axis, smoothing)
-    return out, (logits, target, class_weight, lse)
+def _fwd(logits, target, class_weight, class_mask, soft_cap, axis, smoothing):
+    out = _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing)
+    return out, (logits, target, class_weight, class_mask, soft_cap, out[0])
 
 
 def _bwd(axis, smoothing, residuals, cotangents):
-    logits, target, class_weight, lse = residuals
+    logits, target, class_weight, class_mask, soft_cap, lse = residuals
     g_lse, g_nll, g_smooth = cotangents
-    x = logits.astype(lse.dtype)
-    num_classes = x.shape[axis]
+    capped = capped_logits(logits, soft_cap)
+    x = _masked(capped, class_mask)
+    dtype = x.dtype
 
     def expand(v):
         return jnp.expand_dims(v, axis)
 
-    # d lse / dx = p, d nll / dx = p - onehot, d s / dx = (Σw) p - w.
+    w = None
+    # d lse/dx = p, d nll/dx = p - onehot, d s/dx = (Σ_c w_c) p - w.
     coef_p = g_lse + g_nll
     if smoothing:
-        total_weight = num_classes if class_weight is None else jnp.sum(class_weight)
+        w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, dtype)
+        if w is None:
+            total_weight = x.shape[axis]
+        else:
+            total_weight = jnp.sum(jnp.broadcast_to(w, x.shape), axis=axis)
         coef_p = coef_p + g_smooth * total_weight
     p = jnp.exp(x - expand(lse))
     # Rows with a zero cotangent (e.g. ignored rows) get exactly zero, even when
     # their logits are NaN or all -inf.
     dx = jnp.where(expand(coef_p) == 0, 0.0, expand(coef_p) * p)
-    iota = lax.broadcasted_iota(target.dtype, x.shape, axis)
-    dx = dx - jnp.where(iota == expand(target), expand(g_nll), 0.0)
-    d_weight = None
     if smoothing:
-        if class_weight is None:
-            dx = dx - expand(g_smooth)
-        else:
-            w = along_axis(class_weight.astype(x.dtype), x.ndim, axis)
-            dx = dx - expand(g_smooth) * w
-            gap = expand(lse) - x
-            other_axes = tuple(a for a in range(x.ndim) if a != axis)
-            d_weight = jnp.sum(
-                jnp.where(expand(g_smooth) == 0, 0.0, expand(g_smooth) * gap),
-                axis=other_axes,
-            ).astype(class_weight.dtype)
-    elif class_weight is not None:
+        dx = dx - (expand(g_smooth) if w is None else expand(g_smooth) * w)
+    # The one-hot term touches one entry per row: an in-place scatter is much
+    # cheaper than comparing an iota with the target at every element.
+    dx = dx.at[target_index(target, axis)].add(
+        -g_nll, mode="promise_in_bounds", unique_indices=True
+    )
+    d_cap = None
+    if soft_cap is not None:
+        cap = jnp.asarray(soft_cap, dtype)
+        tanh = capped / cap
+        d_cap = jnp.sum(dx * (tanh - (logits.astype(dtype) / cap) * (1 - tanh**2)))
+        d_cap = d_cap.astype(jnp.result_type(soft_cap))
+        dx = dx * (1 - tanh**2)
+    d_weight = None
+    if class_weight is not None:
         d_weight = jnp.zeros_like(class_weight)
-    return dx.astype(logits.dtype), None, d_weight
+        if smoothing:
+            included = True if class_mask is None else class_mask
+            contribution = jnp.where(
+                included & (expand(g_smooth) != 0),
+                expand(g_smooth) * (expand(lse) - x),
+                0.0,
+            )
+            other_axes = tuple(a for a in range(x.ndim) if a != axis)
+            d_weight = jnp.sum(contribution, axis=other_axes).astype(class_weight.dtype)
+    return dx.astype(logits.dtype), None, d_weight, None, d_cap
 
 
 cross_entropy_stats.defvjp(_fwd, _bwd)

@@ -139,3 +139,77 @@ def check_concrete_target_range(
             f"[0, {num_classes}) and not equal to ignore_index={ignore_index} "
             f"({int(bad.sum())} such entries)."
         )
+
+
+def check_nonnegative(value: ArrayLike, name: str) -> ArrayLike:
+    """A scalar option that must be >= 0 when its value is concrete."""
+    if isinstance(value, jax.core.Tracer):
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"`{name}` must be a scalar, got shape {value.shape}.")
+        return value
+    arr = np.asarray(value)
+    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"`{name}` must be a real scalar >= 0, got {value!r}.")
+    if not float(arr) >= 0.0:
+        raise ValueError(f"`{name}` must be >= 0, got {float(arr)!r}.")
+    return value
+
+
+def check_soft_cap(soft_cap: ArrayLike | None) -> ArrayLike | None:
+    """``soft_cap`` is None or a scalar > 0 (checked when concrete)."""
+    if soft_cap is None:
+        return None
+    if isinstance(soft_cap, jax.core.Tracer):
+        if jnp.ndim(soft_cap) != 0:
+            raise ValueError(
+                f"`soft_cap` must be a scalar, got shape {soft_cap.shape}."
+            )
+        return soft_cap
+    arr = np.asarray(soft_cap)
+    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"`soft_cap` must be None or a scalar > 0, got {soft_cap!r}.")
+    if not float(arr) > 0.0:
+        raise ValueError(f"`soft_cap` must be None or > 0, got {float(arr)!r}.")
+    return soft_cap
+
+
+def check_class_mask(
+    where: ArrayLike | None, shape: tuple[int, ...], axis: int
+) -> jax.Array | None:
+    """A boolean class mask broadcast to ``shape`` (None passes through).
+
+    NumPy broadcasting applies; a 1-D mask of length C is laid along ``axis``.
+    """
+    if where is None:
+        return None
+    mask = jnp.asarray(where)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"`where` must be a boolean array, got dtype {mask.dtype}.")
+    if mask.ndim == 1 and mask.shape[0] == shape[axis] and len(shape) > 1:
+        mask = along_axis_shape(mask, len(shape), axis)
+    try:
+        broadcast = np.broadcast_shapes(mask.shape, shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != tuple(shape):
+        raise ValueError(
+            f"`where` of shape {tuple(jnp.shape(where))} does not broadcast to the "
+            f"logits' shape {tuple(shape)}."
+        )
+    if mask.ndim < len(shape):
+        mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
+    return jnp.broadcast_to(mask, shape)
+
+
+def along_axis_shape(vector: jax.Array, ndim: int, axis: int) -> jax.Array:
+    """Reshapes a 1-D array to rank ``ndim`` with its entries on ``axis``."""
+    new_shape = [1] * ndim
+    new_shape[axis] = vector.shape[0]
+    return vector.reshape(new_shape)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """A static flag must be a Python bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+    return value

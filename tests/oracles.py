@@ -102,3 +102,56 @@ def _torch_loss(fn, x, target, weight, axis, cotangent, **kwargs):
     ct = torch.ones(()) if cotangent is None else torch.tensor(np.asarray(cotangent))
     (loss * ct.to(torch.float64)).sum().backward()
     return loss.detach().numpy(), xt.grad.numpy()
+
+
+def reference_cross_entropy(
+    logits,
+    target,
+    weight=None,
+    *,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    soft_cap=None,
+    where=None,
+):
+    """Straightforward jax.numpy definition (one-hot, no tricks), classes last.
+
+    Run it under ``jax.enable_x64(True)`` with float64 inputs to use it as a
+    float64 oracle for the options torch does not have.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(logits)
+    num_classes = x.shape[-1]
+    if soft_cap is not None:
+        x = soft_cap * jnp.tanh(x / soft_cap)
+    mask = (
+        jnp.ones(x.shape, bool)
+        if where is None
+        else jnp.broadcast_to(jnp.asarray(where), x.shape)
+    )
+    x = jnp.where(mask, x, -jnp.inf)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    w = jnp.ones(num_classes, x.dtype) if weight is None else jnp.asarray(weight)
+    count = jnp.sum(mask, -1)
+    target = jnp.asarray(target)
+    valid = target != ignore_index
+    safe = jnp.where(valid, target, 0)
+    onehot = jax.nn.one_hot(safe, num_classes, dtype=x.dtype)
+    neg_lp = jnp.where(mask, lse[..., None] - x, 0.0)
+    per_class_w = jnp.where(
+        onehot > 0, w[safe][..., None] * (1 - label_smoothing), 0.0
+    ) + jnp.where(mask, label_smoothing / count[..., None] * w[None, :], 0.0)
+    loss = jnp.sum(per_class_w * neg_lp, -1) + z_loss * lse**2
+    loss = jnp.where(valid, loss, 0.0)
+    denom = jnp.sum(jnp.where(valid, w[safe], 0.0))
+    if reduction == "none":
+        return loss, lse
+    if reduction == "sum":
+        return jnp.sum(loss), lse
+    return jnp.where(
+        denom == 0, 0.0, jnp.sum(loss) / jnp.where(denom == 0, 1, denom)
+    ), lse

@@ -4,6 +4,7 @@ from jxent._classification import cross_entropy as cross_entropy
 from jxent._classification import nll_loss as nll_loss
 from jxent._information import entropy as entropy
 from jxent._information import kl_div as kl_div
+from jxent._linear import linear_cross_entropy as linear_cross_entropy
 from jxent._modules import CrossEntropyLoss as CrossEntropyLoss
 from jxent._modules import NLLLoss as NLLLoss
 from jxent._runtime_checks import check_target as check_target
@@ -19,6 +20,7 @@ __all__ = [
     "cross_entropy",
     "entropy",
     "kl_div",
+    "linear_cross_entropy",
     "log_softmax",
     "nll_loss",
     "softmax",

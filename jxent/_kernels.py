@@ -69,6 +69,16 @@ def _smoothing_weights(
     return w
 
 
+def _total_weight(class_weight, class_mask, x, axis):
+    """Σ_c w_c over included classes: a scalar, or per position with a mask."""
+    if class_mask is None:
+        if class_weight is None:
+            return x.shape[axis]
+        return jnp.sum(class_weight.astype(x.dtype))
+    w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
+    return jnp.sum(w, axis=axis)
+
+
 def _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing):
     x = _masked(capped_logits(logits, soft_cap), class_mask)
     m = jnp.max(x, axis=axis, keepdims=True)
@@ -84,11 +94,10 @@ def _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing
         return lse, nll, jnp.zeros_like(lse)
     gap = m - x  # >= 0: summing it cannot cancel, unlike C*lse - sum(x).
     w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
+    total_weight = _total_weight(class_weight, class_mask, x, axis)
     if w is None:
-        total_weight = x.shape[axis]
         weighted_gap = jnp.sum(gap, axis=axis)
     else:
-        total_weight = jnp.sum(jnp.broadcast_to(w, x.shape), axis=axis)
         # A zero weight on an impossible (-inf) class contributes 0, not 0*inf.
         weighted_gap = jnp.sum(jnp.where(w == 0, 0.0, w * gap), axis=axis)
     smooth = weighted_gap + total_weight * log_sum
@@ -150,10 +159,7 @@ def _bwd(axis, smoothing, residuals, cotangents):
     coef_p = g_lse + g_nll
     if smoothing:
         w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, dtype)
-        if w is None:
-            total_weight = x.shape[axis]
-        else:
-            total_weight = jnp.sum(jnp.broadcast_to(w, x.shape), axis=axis)
+        total_weight = _total_weight(class_weight, class_mask, x, axis)
         coef_p = coef_p + g_smooth * total_weight
     p = jnp.exp(x - expand(lse))
     # Rows with a zero cotangent (e.g. ignored rows) get exactly zero, even when

@@ -26,6 +26,7 @@ from jxent._classification import (
     hard_target_loss,
     target_terms,
 )
+from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
 from jxent._validation import (
     as_float_array,
@@ -80,11 +81,14 @@ def _chunk_loss(logits, target, mask, consts: _Consts, static: _Static):
     return loss, lse
 
 
+def _accumulation_dtype(x, w):
+    return compute_dtype(jnp.result_type(x.dtype, w.dtype))
+
+
 def _chunk_logits(x, w, b):
-    logits = lax.dot_general(
-        x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    return logits if b is None else logits + b.astype(jnp.float32)[None, :]
+    acc = _accumulation_dtype(x, w)
+    logits = lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=acc)
+    return logits if b is None else logits + b.astype(acc)[None, :]
 
 
 def _split(a, chunk):
@@ -108,6 +112,7 @@ def _scan(x, w, b, target, mask, consts, static, cotangents):
     if with_grads:
         xs = (*xs, _split(cotangents[0], chunk), _split(cotangents[1], chunk))
     class_mask = None if static.row_mask else mask
+    acc = _accumulation_dtype(x, w)
 
     def body(carry, inputs):
         x_c, t_c, m_c = inputs[:3]
@@ -122,7 +127,7 @@ def _scan(x, w, b, target, mask, consts, static, cotangents):
         (dz,) = vjp(inputs[3:])
         dz_in = dz.astype(x.dtype)
         dx_c = lax.dot_general(
-            dz_in, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            dz_in, w, (((1,), (1,)), ((), ())), preferred_element_type=acc
         )
         dw_acc, db_acc = carry
         dw_acc = _accumulate_outer(dw_acc, x_c, dz_in)
@@ -132,8 +137,8 @@ def _scan(x, w, b, target, mask, consts, static, cotangents):
 
     init = None
     if with_grads:
-        db0 = None if b is None else jnp.zeros(b.shape, jnp.float32)
-        init = (jnp.zeros(w.shape, jnp.float32), db0)
+        db0 = None if b is None else jnp.zeros(b.shape, acc)
+        init = (jnp.zeros(w.shape, acc), db0)
     carry, out = lax.scan(body, init, xs)
     loss, lse = out[0].reshape(-1), out[1].reshape(-1)
     if not with_grads:
@@ -156,12 +161,12 @@ _DW_BLOCK_BYTES = 16 * 2**20
 def _accumulate_outer(acc, x_c, dz):
     """``acc + x_c^T dz`` in place, over column blocks of the vocabulary."""
     depth, vocab = acc.shape
-    block = max(1, min(vocab, _DW_BLOCK_BYTES // (4 * depth)))
+    block = max(1, min(vocab, _DW_BLOCK_BYTES // (acc.dtype.itemsize * depth)))
     num_blocks = -(-vocab // block)
 
     def contract(a, b):
         return lax.dot_general(
-            a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            a, b, (((0,), (0,)), ((), ())), preferred_element_type=acc.dtype
         )
 
     if num_blocks == 1:
@@ -194,7 +199,7 @@ def _reduced_loss(x, w, b, target, mask, consts, static, reduction):
 
 
 def _reduced_fwd(x, w, b, target, mask, consts, static, reduction):
-    dtype = jnp.float32
+    dtype = _accumulation_dtype(x, w)
     terms = target_terms(target, consts.weight, w.shape[1], static.ignore_index, dtype)
     denominator = jnp.sum(terms.target_weight)
     if reduction == "mean":
@@ -276,7 +281,7 @@ def _linear_cross_entropy(
     loss, lse = loss[:num_tokens], lse[:num_tokens]
     terms = target_terms(
         target[:num_tokens], consts.weight, w.shape[1], static.ignore_index,
-        jnp.float32,
+        loss.dtype,
     )  # fmt: skip
     loss = reduce_loss(
         loss.reshape(batch_shape), reduction, jnp.sum(terms.target_weight), out_dtype
@@ -444,13 +449,13 @@ def linear_cross_entropy(
         chunk_size=chunk,
         row_mask=row_mask,
     )
-    f32 = jnp.float32
+    acc = compute_dtype(jnp.result_type(x.dtype, w.dtype))
     consts = lax.stop_gradient(
         _Consts(
-            weight=None if weight is None else jnp.asarray(weight, f32),
-            label_smoothing=jnp.asarray(label_smoothing, f32),
-            z_loss=jnp.asarray(z_loss, f32),
-            soft_cap=None if soft_cap is None else jnp.asarray(soft_cap, f32),
+            weight=None if weight is None else jnp.asarray(weight, acc),
+            label_smoothing=jnp.asarray(label_smoothing, acc),
+            z_loss=jnp.asarray(z_loss, acc),
+            soft_cap=None if soft_cap is None else jnp.asarray(soft_cap, acc),
         )
     )
     return _linear_cross_entropy(

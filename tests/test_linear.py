@@ -1,0 +1,258 @@
+"""linear_cross_entropy against cross_entropy on materialised logits and torch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from oracles import torch
+
+import jxent
+import jxent._linear
+
+RNG = np.random.default_rng(5)
+N, D, V = 11, 6, 13  # N and V not multiples of the chunks used below
+X = RNG.normal(size=(N, D)).astype(np.float32)
+W = (RNG.normal(size=(D, V)) * 0.7).astype(np.float32)
+BIAS = RNG.normal(size=V).astype(np.float32)
+TARGET = RNG.integers(0, V, size=N)
+TARGET[[2, 7]] = -100
+WEIGHT = RNG.uniform(0.3, 2.0, size=V).astype(np.float32)
+CLASS_MASK = np.ones(V, bool)
+CLASS_MASK[[4, 9]] = False
+TARGET = np.where(np.isin(TARGET, [4, 9]), 0, TARGET)
+ROW_MASK = np.ones((N, V), bool)
+ROW_MASK[3, [1, 2]] = False
+ROW_MASK[5, 11] = False
+TARGET[3] = 0
+TARGET[5] = 3
+
+
+def _variants(kw, with_bias, chunk_size, reduction, target):
+    """(fused with lse, fused without lse, materialised) summed-loss functions."""
+    ct = (
+        jnp.arange(1.0, target.size + 1.0).reshape(target.shape)
+        if reduction == "none"
+        else 1.0
+    )
+
+    def fused(x, w, b):
+        loss, lse = jxent.linear_cross_entropy(
+            x, w, target, bias=b if with_bias else None, reduction=reduction,
+            chunk_size=chunk_size, return_lse=True, **kw,
+        )  # fmt: skip
+        return jnp.sum(loss * ct), (loss, lse)
+
+    def fused_no_lse(x, w, b):
+        loss = jxent.linear_cross_entropy(
+            x, w, target, bias=b if with_bias else None, reduction=reduction,
+            chunk_size=chunk_size, **kw,
+        )  # fmt: skip
+        return jnp.sum(loss * ct), (loss, loss)
+
+    def reference(x, w, b):
+        logits = jnp.einsum("...d,dv->...v", x, w)
+        if with_bias:
+            logits = logits + b.reshape((1,) * (logits.ndim - 1) + b.shape)
+        loss, lse = jxent.cross_entropy(
+            logits, target, reduction=reduction, return_lse=True, **kw
+        )
+        return jnp.sum(loss * ct), (loss, lse)
+
+    return fused, fused_no_lse, reference
+
+
+def _all_values_and_grads(kw, with_bias, chunk_size, x, w, bias, target):
+    """Every variant and reduction, compiled as one program."""
+
+    @jax.jit
+    def run(x, w, b):
+        out = {}
+        for reduction in ("none", "mean", "sum"):
+            fns = _variants(kw, with_bias, chunk_size, reduction, target)
+            out[reduction] = [
+                jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(x, w, b)
+                for f in fns
+            ]
+        return out
+
+    return run(x, w, bias)
+
+
+OPTIONS = [
+    {},
+    {"weight": WEIGHT, "label_smoothing": 0.1},
+    {"z_loss": 1e-2, "soft_cap": 2.0},
+    {"where": CLASS_MASK, "label_smoothing": 0.2, "weight": WEIGHT},
+    {"where": ROW_MASK, "z_loss": 1e-3, "label_smoothing": 0.1},
+    {"weight": WEIGHT, "label_smoothing": 0.3, "z_loss": 1e-2, "soft_cap": 3.0,
+     "where": CLASS_MASK},
+]  # fmt: skip
+# Every option set, with and without bias, chunks of 4 tokens (ragged: N = 11);
+# two sets also with the default chunk (one chunk).
+GRID = [(i, i % 2 == 1, 4) for i in range(len(OPTIONS))] + [
+    (0, True, None),
+    (5, False, None),
+]
+
+
+@pytest.mark.parametrize(("option", "with_bias", "chunk"), GRID)
+def test_matches_materialised_cross_entropy(option, with_bias, chunk):
+    out = _all_values_and_grads(OPTIONS[option], with_bias, chunk, X, W, BIAS, TARGET)
+    for reduction, results in out.items():
+        (_, (loss, lse)), grads = results[0]
+        (value2, (loss2, _)), grads2 = results[1]
+        (ref_value, (ref_loss, ref_lse)), ref_grads = results[2]
+        np.testing.assert_allclose(loss, ref_loss, rtol=2e-6, atol=2e-6)
+        np.testing.assert_allclose(loss2, ref_loss, rtol=2e-6, atol=2e-6)
+        np.testing.assert_allclose(value2, ref_value, rtol=2e-6, atol=2e-6)
+        np.testing.assert_allclose(lse, ref_lse, rtol=2e-6, atol=2e-6)
+        names = ("dx", "dw", "dbias")
+        for name, g, g2, ref in zip(names, grads, grads2, ref_grads, strict=True):
+            if name == "dbias" and not with_bias:
+                continue
+            msg = f"{name} {reduction}"
+            np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6, err_msg=msg)
+            np.testing.assert_allclose(g2, ref, rtol=1e-5, atol=1e-6, err_msg=msg)
+
+
+def test_float64_equals_materialised_to_rounding():
+    with jax.enable_x64(True):
+        x, w, b = (a.astype(np.float64) for a in (X, W, BIAS))
+        kw = {"weight": WEIGHT.astype(np.float64), "label_smoothing": 0.1,
+              "z_loss": 1e-2, "soft_cap": 2.0}  # fmt: skip
+        fused, _, ref = _all_values_and_grads(kw, True, 3, x, w, b, TARGET)["mean"]
+        np.testing.assert_allclose(fused[0][0], ref[0][0], rtol=1e-13)
+        for g, r in zip(fused[1], ref[1], strict=True):
+            assert g.dtype == jnp.float64
+            np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15)
+
+
+def test_batched_input_and_blocked_dw(monkeypatch):
+    """(B, T, D) input; tiny dw blocks exercise the ragged last block."""
+    monkeypatch.setattr(jxent._linear, "_DW_BLOCK_BYTES", 4 * D * 5)  # 5 columns
+    x = X[:10].reshape(2, 5, D)
+    t = TARGET[:10].reshape(2, 5)
+    (value, _), grads = jax.value_and_grad(
+        lambda x, w: (jxent.linear_cross_entropy(x, w, t, chunk_size=3), 0),
+        argnums=(0, 1), has_aux=True,
+    )(x, W)  # fmt: skip
+    ref_value, ref_grads = jax.value_and_grad(
+        lambda x, w: jxent.cross_entropy(jnp.einsum("btd,dv->btv", x, w), t),
+        argnums=(0, 1),
+    )(x, W)
+    np.testing.assert_allclose(value, ref_value, rtol=2e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    x16, w16 = jnp.asarray(X, jnp.bfloat16), jnp.asarray(W, jnp.bfloat16)
+    value, grads = jax.value_and_grad(
+        lambda x, w: jxent.linear_cross_entropy(x, w, TARGET, chunk_size=4),
+        argnums=(0, 1),
+    )(x16, w16)
+    assert value.dtype == jnp.bfloat16
+    assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
+    x32, w32 = x16.astype(jnp.float32), w16.astype(jnp.float32)
+    ref_value, ref_grads = jax.value_and_grad(
+        lambda x, w: jxent.cross_entropy(x @ w, TARGET), argnums=(0, 1)
+    )(x32, w32)
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-2)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), r, rtol=2e-2, atol=2e-2 * float(jnp.abs(r).max())
+        )
+
+
+def test_compiled_program_holds_no_logits_sized_buffer():
+    n, d, v = 1024, 32, 4096  # logits: 16 MiB in float32
+    x = jnp.zeros((n, d))
+    w = jnp.zeros((d, v))
+    t = jnp.zeros((n,), jnp.int32)
+    logits_bytes = n * v * 4
+    for reduction in ("mean", "none"):
+        fn = jax.jit(
+            jax.value_and_grad(
+                lambda x, w, r=reduction: jnp.sum(
+                    jxent.linear_cross_entropy(x, w, t, reduction=r, chunk_size=64)
+                ),
+                argnums=(0, 1),
+            )
+        )
+        temp = fn.lower(x, w).compile().memory_analysis().temp_size_in_bytes
+        assert temp < logits_bytes / 4, (reduction, temp)
+    naive = jax.jit(
+        jax.value_and_grad(lambda x, w: jxent.cross_entropy(x @ w, t), argnums=(0, 1))
+    )
+    assert naive.lower(x, w).compile().memory_analysis().temp_size_in_bytes >= (
+        logits_bytes
+    )
+
+
+@pytest.mark.skipif(torch is None, reason="torch oracle not installed")
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_matches_torch_linear_cross_entropy(chunked, reduction):
+    xt = torch.tensor(X.astype(np.float64), requires_grad=True)
+    wt = torch.tensor(W.T.astype(np.float64), requires_grad=True)  # torch: (V, D)
+    bt = torch.tensor(BIAS.astype(np.float64), requires_grad=True)
+    options = (
+        torch.nn.LinearCrossEntropyOptions(batch_chunk_size=4) if chunked else None
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss_t = torch.nn.functional.linear_cross_entropy(
+            xt, wt, torch.tensor(TARGET), linear_bias=bt,
+            weight=torch.tensor(WEIGHT.astype(np.float64)), reduction=reduction,
+            ignore_index=-100, label_smoothing=0.1, options=options,
+        )  # fmt: skip
+        loss_t.sum().backward()
+    value, grads = jax.value_and_grad(
+        lambda x, w, b: jnp.sum(
+            jxent.linear_cross_entropy(
+                x, w, TARGET, WEIGHT, bias=b, reduction=reduction,
+                label_smoothing=0.1, chunk_size=4,
+            )
+        ),
+        argnums=(0, 1, 2),
+    )(X, W, BIAS)  # fmt: skip
+    np.testing.assert_allclose(value, loss_t.sum().item(), rtol=2e-6)
+    np.testing.assert_allclose(grads[0], xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads[1], wt.grad.numpy().T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads[2], bt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((X, W[:-1], TARGET), {}, ValueError, r"`w` must have shape \(D, V\)"),
+        ((X, W, TARGET[:-1]), {}, ValueError, r"`target` must have shape"),
+        ((X, W, TARGET), {"bias": BIAS[:-1]}, ValueError, r"`bias` must have shape"),
+        ((X, W, TARGET), {"chunk_size": 0}, ValueError, "`chunk_size` must be a pos"),
+        ((X, W, TARGET), {"chunk_size": 2.5}, ValueError, "`chunk_size` must be"),
+        ((X, W, TARGET), {"soft_cap": -1.0}, ValueError, "`soft_cap` must be"),
+        ((X, W, TARGET), {"z_loss": -1.0}, ValueError, "`z_loss` must be >= 0"),
+        ((X, W, TARGET), {"where": np.ones((3, V), bool)}, ValueError, "`where`"),
+        ((X, W, TARGET), {"reduction": "avg"}, ValueError, "`reduction` must be"),
+        ((X, W, TARGET), {"label_smoothing": 2.0}, ValueError, "label_smoothing"),
+        ((X, W, TARGET.astype(np.float32)), {}, TypeError, "integer class indices"),
+        ((X.astype(np.int32), W, TARGET), {}, TypeError, "`x` must have a floating"),
+        ((X, W, np.full(N, V)), {}, ValueError, f"class index {V}"),
+    ],
+)
+def test_errors(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        jxent.linear_cross_entropy(*args, **kwargs)
+
+
+def test_out_of_range_target_under_jit_is_nan():
+    t = TARGET.copy()
+    t[0] = V
+    loss = jax.jit(
+        lambda x, w, t: jxent.linear_cross_entropy(x, w, t, reduction="none")
+    )(X, W, t)
+    assert np.isnan(loss[0]) and np.all(np.isfinite(loss[1:]))

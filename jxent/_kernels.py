@@ -79,28 +79,79 @@ def _total_weight(class_weight, class_mask, x, axis):
     return jnp.sum(w, axis=axis)
 
 
+def _log_sum_exp_shifted(x, shift, axis):
+    """``log Σ exp(x - shift)`` over ``axis`` (``shift`` has the kept axis)."""
+    return jnp.log(jnp.sum(jnp.exp(x - shift), axis=axis))
+
+
+def _shift_and_log_sum(x, x_target, axis):
+    """A per-position shift ``s`` and ``log Σ_c exp(x_c - s)`` (sum: the lse).
+
+    The shift is the target's logit, which saves the pass that finds the row
+    maximum and makes ``nll = log Σ exp(x - x_t)`` exact. A logit more than
+    ~88 above its target's overflows ``exp``; then (and for rows that are not
+    finite at all) the whole batch is redone with the row maximum as the shift.
+    """
+    log_sum = _log_sum_exp_shifted(x, jnp.expand_dims(x_target, axis), axis)
+
+    def with_row_max():
+        m = jnp.max(x, axis=axis, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        return jnp.squeeze(m, axis), _log_sum_exp_shifted(x, m, axis)
+
+    return lax.cond(
+        jnp.all(jnp.isfinite(log_sum)), lambda: (x_target, log_sum), with_row_max
+    )
+
+
+def _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis):
+    """``Σ_c w_c (lse - x_c)`` over included classes.
+
+    Fast: ``(Σ_c w_c) · lse - x · w``, one matrix-vector product. Every term is
+    >= 0, so the result is at least ``Σw · log C``; the fast form is used unless
+    it is not finite (0 · inf from a zero weight on a ``-inf`` logit) or
+    ``|lse| · Σ|w|`` is so large against the result that cancellation could
+    cost digits. Otherwise the terms are summed one by one, from the row
+    maximum so that none is negative.
+    """
+
+    def exact():
+        w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
+        m = jnp.max(x, axis=axis, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        gap = m - x
+        if w is None:
+            weighted_gap = jnp.sum(gap, axis=axis)
+        else:
+            # A zero weight on an impossible (-inf) class adds 0, not 0 * inf.
+            weighted_gap = jnp.sum(jnp.where(w == 0, 0.0, w * gap), axis=axis)
+        return weighted_gap + total_weight * (lse - jnp.squeeze(m, axis))
+
+    if class_mask is not None:
+        return exact()
+    num_classes = x.shape[axis]
+    if class_weight is None:
+        w = jnp.ones((num_classes,), x.dtype)
+    else:
+        w = class_weight.astype(x.dtype)
+    fast = total_weight * lse - jnp.tensordot(x, w, axes=([axis], [0]))
+    scale = jnp.abs(lse) * jnp.sum(jnp.abs(w))
+    trusted = jnp.all(jnp.isfinite(fast) & (scale <= 64.0 * jnp.abs(fast)))
+    return lax.cond(trusted, lambda: fast, exact)
+
+
 def _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing):
     x = _masked(capped_logits(logits, soft_cap), class_mask)
-    m = jnp.max(x, axis=axis, keepdims=True)
-    m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    log_sum = jnp.log(jnp.sum(jnp.exp(x - m), axis=axis))
-    m_row = jnp.squeeze(m, axis)
-    lse = log_sum + m_row
     x_target = x[target_index(target, axis)]
-    # (m - x_t) + log Σ exp(x - m) keeps the digits that lse - x_t would lose
+    shift, log_sum = _shift_and_log_sum(x, x_target, axis)
+    lse = shift + log_sum
+    # (s - x_t) + log Σ exp(x - s) keeps the digits that lse - x_t would lose
     # to rounding when the logits are large.
-    nll = (m_row - x_target) + log_sum
+    nll = (shift - x_target) + log_sum
     if not smoothing:
         return lse, nll, jnp.zeros_like(lse)
-    gap = m - x  # >= 0: summing it cannot cancel, unlike C*lse - sum(x).
-    w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
     total_weight = _total_weight(class_weight, class_mask, x, axis)
-    if w is None:
-        weighted_gap = jnp.sum(gap, axis=axis)
-    else:
-        # A zero weight on an impossible (-inf) class contributes 0, not 0*inf.
-        weighted_gap = jnp.sum(jnp.where(w == 0, 0.0, w * gap), axis=axis)
-    smooth = weighted_gap + total_weight * log_sum
+    smooth = _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis)
     return lse, nll, smooth
 
 

@@ -79,9 +79,32 @@ def _total_weight(class_weight, class_mask, x, axis):
     return jnp.sum(w, axis=axis)
 
 
+# XLA's CPU reductions (the YNNPACK fusion) run several times faster with at
+# least this many rows: short, wide batches are split into more, shorter rows.
+_MIN_REDUCTION_ROWS = 2048
+
+
+def _row_split(num_rows: int, num_classes: int) -> int:
+    """How many pieces to cut each row into (1: leave the rows alone)."""
+    split = 1
+    while (
+        num_rows * split < _MIN_REDUCTION_ROWS
+        and num_classes % (2 * split) == 0
+        and num_classes // (2 * split) >= 1024
+    ):
+        split *= 2
+    return split
+
+
 def _log_sum_exp_shifted(x, shift, axis):
     """``log Σ exp(x - shift)`` over ``axis`` (``shift`` has the kept axis)."""
-    return jnp.log(jnp.sum(jnp.exp(x - shift), axis=axis))
+    split = _row_split(x.size // max(x.shape[axis], 1), x.shape[axis])
+    if axis != x.ndim - 1 or split == 1 or jax.default_backend() != "cpu":
+        return jnp.log(jnp.sum(jnp.exp(x - shift), axis=axis))
+    rows = x.reshape(-1, x.shape[-1] // split)
+    row_shift = jnp.repeat(shift.reshape(-1), split).reshape(-1, 1)
+    partial_sums = jnp.sum(jnp.exp(rows - row_shift), axis=-1)
+    return jnp.log(jnp.sum(partial_sums.reshape(*x.shape[:-1], split), axis=-1))
 
 
 def _shift_and_log_sum(x, x_target, axis):
@@ -195,41 +218,76 @@ def _fwd(logits, target, class_weight, class_mask, soft_cap, axis, smoothing):
     return out, (logits, target, class_weight, class_mask, soft_cap, out[0])
 
 
+def _with_target_entries(full, index, values, target, axis, dtype):
+    """``full`` in ``dtype`` with each position's target entry set to ``values``.
+
+    An in-place scatter of one entry per position, except for 16-bit outputs:
+    XLA's CPU backend has no 16-bit scatter and would round-trip the whole
+    array through float32, so there the entries are selected in the same
+    elementwise pass that writes the output.
+    """
+    if jnp.dtype(dtype).itemsize != 2:
+        return (
+            full.astype(dtype)
+            .at[index]
+            .set(values.astype(dtype), mode="promise_in_bounds", unique_indices=True)
+        )
+    iota = lax.broadcasted_iota(target.dtype, full.shape, axis)
+    is_target = iota == jnp.expand_dims(target, axis)
+    return jnp.where(is_target, jnp.expand_dims(values, axis), full).astype(dtype)
+
+
 def _bwd(axis, smoothing, residuals, cotangents):
     logits, target, class_weight, class_mask, soft_cap, lse = residuals
     g_lse, g_nll, g_smooth = cotangents
     capped = capped_logits(logits, soft_cap)
     x = _masked(capped, class_mask)
     dtype = x.dtype
+    idx = target_index(target, axis)
 
     def expand(v):
         return jnp.expand_dims(v, axis)
 
-    w = None
     # d lse/dx = p, d nll/dx = p - onehot, d s/dx = (Σ_c w_c) p - w.
     coef_p = g_lse + g_nll
+    w = None
     if smoothing:
         w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, dtype)
-        total_weight = _total_weight(class_weight, class_mask, x, axis)
-        coef_p = coef_p + g_smooth * total_weight
-    p = jnp.exp(x - expand(lse))
-    # Rows with a zero cotangent (e.g. ignored rows) get exactly zero, even when
-    # their logits are NaN or all -inf.
-    dx = jnp.where(expand(coef_p) == 0, 0.0, expand(coef_p) * p)
-    if smoothing:
-        dx = dx - (expand(g_smooth) if w is None else expand(g_smooth) * w)
-    # The one-hot term touches one entry per row: an in-place scatter is much
-    # cheaper than comparing an iota with the target at every element.
-    dx = dx.at[target_index(target, axis)].add(
-        -g_nll, mode="promise_in_bounds", unique_indices=True
-    )
-    d_cap = None
-    if soft_cap is not None:
-        cap = jnp.asarray(soft_cap, dtype)
+        coef_p = coef_p + g_smooth * _total_weight(class_weight, class_mask, x, axis)
+    cap = None if soft_cap is None else jnp.asarray(soft_cap, dtype)
+
+    def d_capped(x, lse, coef_p, g_smooth, w):
+        """Gradient w.r.t. the capped logits, without the one-hot term."""
+        # Rows with a zero cotangent (e.g. ignored rows) get exactly zero, even
+        # when their logits are NaN or all -inf.
+        d = jnp.where(coef_p == 0, 0.0, coef_p * jnp.exp(x - lse))
+        if smoothing:
+            d = d - (g_smooth if w is None else g_smooth * w)
+        return d
+
+    def cap_factors(capped, logits):
+        """Derivatives of the capped logit w.r.t. the logit and the cap."""
         tanh = capped / cap
-        d_cap = jnp.sum(dx * (tanh - (logits.astype(dtype) / cap) * (1 - tanh**2)))
+        return 1 - tanh**2, tanh - (logits.astype(dtype) / cap) * (1 - tanh**2)
+
+    full = d_capped(x, expand(lse), expand(coef_p), expand(g_smooth), w)
+    # The one-hot term touches one entry per row. The elementwise pass writes
+    # the output dtype directly; the target entries are computed separately in
+    # the accumulation dtype (so that p_t - 1 keeps its digits) and scattered
+    # in place: much cheaper than comparing an iota with the target everywhere.
+    w_target = None
+    if w is not None:
+        w_target = jnp.broadcast_to(w, x.shape)[idx]
+    at_target = d_capped(x[idx], lse, coef_p, g_smooth, w_target) - g_nll
+    d_cap = None
+    if cap is not None:
+        dlogit, dcap = cap_factors(capped, logits)
+        dlogit_t, dcap_t = cap_factors(capped[idx], logits[idx])
+        d_cap = jnp.sum(full * dcap) + jnp.sum(-g_nll * dcap_t)
         d_cap = d_cap.astype(jnp.result_type(soft_cap))
-        dx = dx * (1 - tanh**2)
+        full = full * dlogit
+        at_target = at_target * dlogit_t
+    dx = _with_target_entries(full, idx, at_target, target, axis, logits.dtype)
     d_weight = None
     if class_weight is not None:
         d_weight = jnp.zeros_like(class_weight)
@@ -242,7 +300,7 @@ def _bwd(axis, smoothing, residuals, cotangents):
             )
             other_axes = tuple(a for a in range(x.ndim) if a != axis)
             d_weight = jnp.sum(contribution, axis=other_axes).astype(class_weight.dtype)
-    return dx.astype(logits.dtype), None, d_weight, None, d_cap
+    return dx, None, d_weight, None, d_cap
 
 
 cross_entropy_stats.defvjp(_fwd, _bwd)

@@ -107,20 +107,23 @@ def _log_sum_exp_shifted(x, shift, axis):
     return jnp.log(jnp.sum(partial_sums.reshape(*x.shape[:-1], split), axis=-1))
 
 
-def _shift_and_log_sum(x, x_target, axis):
+def _shift_and_log_sum(make_x, make_x_again, x_target, axis):
     """A per-position shift ``s`` and ``log Σ_c exp(x_c - s)`` (sum: the lse).
 
     The shift is the target's logit, which saves the pass that finds the row
     maximum and makes ``nll = log Σ exp(x - x_t)`` exact. A logit more than
     ~88 above its target's overflows ``exp``; then (and for rows that are not
     finite at all) the whole batch is redone with the row maximum as the shift.
+    ``make_x()`` and ``make_x_again()`` build the transformed logits for the
+    first pass and the fallback, so that XLA fuses the transform into each
+    reduction instead of storing it.
     """
-    log_sum = _log_sum_exp_shifted(x, jnp.expand_dims(x_target, axis), axis)
+    log_sum = _log_sum_exp_shifted(make_x(), jnp.expand_dims(x_target, axis), axis)
 
     def with_row_max():
-        m = jnp.max(x, axis=axis, keepdims=True)
+        m = jnp.max(make_x_again(shield=True), axis=axis, keepdims=True)
         m = jnp.where(jnp.isfinite(m), m, 0.0)
-        return jnp.squeeze(m, axis), _log_sum_exp_shifted(x, m, axis)
+        return jnp.squeeze(m, axis), _log_sum_exp_shifted(make_x_again(), m, axis)
 
     return lax.cond(
         jnp.all(jnp.isfinite(log_sum)), lambda: (x_target, log_sum), with_row_max
@@ -146,8 +149,14 @@ def _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis):
         if w is None:
             weighted_gap = jnp.sum(gap, axis=axis)
         else:
-            # A zero weight on an impossible (-inf) class adds 0, not 0 * inf.
-            weighted_gap = jnp.sum(jnp.where(w == 0, 0.0, w * gap), axis=axis)
+            # A zero weight on an impossible (-inf) class adds 0, not 0 * inf:
+            # gaps are clamped to the largest finite value (a select here would
+            # make XLA store the products), and a sum that large means +inf.
+            big = jnp.finfo(x.dtype).max
+            weighted_gap = jnp.sum(w * jnp.minimum(gap, big), axis=axis)
+            weighted_gap = jnp.where(
+                jnp.abs(weighted_gap) >= big / 16, jnp.inf, weighted_gap
+            )
         return weighted_gap + total_weight * (lse - jnp.squeeze(m, axis))
 
     if class_mask is not None:
@@ -164,15 +173,32 @@ def _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis):
 
 
 def _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing):
-    x = _masked(capped_logits(logits, soft_cap), class_mask)
-    x_target = x[target_index(target, axis)]
-    shift, log_sum = _shift_and_log_sum(x, x_target, axis)
+    def transformed(logits):
+        return _masked(capped_logits(logits, soft_cap), class_mask)
+
+    # XLA fuses the upcast of 16-bit logits into the exp-sum reduction only if
+    # that reduction is the sole user of the logits: the gather of the target
+    # logits and the fallback branch read them through an optimization barrier
+    # (which copies nothing), and the gathered N values are transformed alone.
+    shielded = lax.optimization_barrier(logits)
+    index = target_index(target, axis)
+    x_target = capped_logits(shielded[index], soft_cap)
+    if class_mask is not None:
+        x_target = jnp.where(class_mask[index], x_target, -jnp.inf)
+
+    def again(shield=False):
+        return transformed(lax.optimization_barrier(shielded) if shield else shielded)
+
+    shift, log_sum = _shift_and_log_sum(
+        lambda: transformed(logits), again, x_target, axis
+    )
     lse = shift + log_sum
     # (s - x_t) + log Σ exp(x - s) keeps the digits that lse - x_t would lose
     # to rounding when the logits are large.
     nll = (shift - x_target) + log_sum
     if not smoothing:
         return lse, nll, jnp.zeros_like(lse)
+    x = transformed(logits)
     total_weight = _total_weight(class_weight, class_mask, x, axis)
     smooth = _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis)
     return lse, nll, smooth
@@ -240,6 +266,9 @@ def _with_target_entries(full, index, values, target, axis, dtype):
 def _bwd(axis, smoothing, residuals, cotangents):
     logits, target, class_weight, class_mask, soft_cap, lse = residuals
     g_lse, g_nll, g_smooth = cotangents
+    # Keeps the forward's exp-sum the only direct user of the logits, so that
+    # XLA fuses the upcast of 16-bit logits there (see _forward).
+    logits = lax.optimization_barrier(logits)
     capped = capped_logits(logits, soft_cap)
     x = _masked(capped, class_mask)
     dtype = x.dtype

@@ -19,6 +19,7 @@ EXPECTED_API = {
     "cross_entropy",
     "entropy",
     "kl_div",
+    "linear_cross_entropy",
     "log_softmax",
     "nll_loss",
     "softmax",

@@ -1,0 +1,349 @@
+"""CrossEntropyLoss / NLLLoss: functional equivalence, pytrees, hashing, jit."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jxent
+
+LOGITS = jnp.array(
+    [[2.0, -1.0, 0.5], [0.1, 0.2, 0.3], [-3.0, 1.5, 0.0], [1.0, 1.0, -2.0]],
+    jnp.float32,
+)
+TARGET = jnp.array([0, 2, 1, 1], jnp.int32)
+PROBS = jnp.array(
+    [[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.25, 0.25, 0.5], [1 / 3, 1 / 3, 1 / 3]],
+    jnp.float32,
+)
+LOG_PROBS = jax.nn.log_softmax(LOGITS, axis=-1)
+WEIGHT = jnp.array([1.0, 2.0, 0.5], jnp.float32)
+# PyTorch layout (N, C, d): classes on axis 1.
+LOGITS_NCD = jnp.moveaxis(LOGITS.reshape(2, 2, 3), 2, 1)  # (2, 3, 2)
+TARGET_ND = jnp.array([[0, 2], [-100, 1]], jnp.int32)
+
+# (id, ctor/function kwargs without weight, weight, input, target)
+CE_CASES = [
+    ("default", {}, None, LOGITS, TARGET),
+    ("weight", {}, WEIGHT, LOGITS, TARGET),
+    ("sum", {"reduction": "sum"}, None, LOGITS, TARGET),
+    ("none-ignore", {"reduction": "none", "ignore_index": 1}, None, LOGITS, TARGET),
+    ("smoothing", {"label_smoothing": 0.2}, None, LOGITS, TARGET),
+    (
+        "all-options",
+        {"reduction": "none", "ignore_index": 2, "label_smoothing": 0.1},
+        WEIGHT,
+        LOGITS,
+        TARGET,
+    ),
+    ("weight-ignore-mean", {"ignore_index": 0}, WEIGHT, LOGITS, TARGET),
+    ("axis1", {"axis": 1, "label_smoothing": 0.3}, WEIGHT, LOGITS_NCD, TARGET_ND),
+    ("soft", {"label_smoothing": 0.25}, WEIGHT, LOGITS, PROBS),
+    ("soft-none", {"reduction": "none"}, None, LOGITS, PROBS),
+]
+
+NLL_CASES = [
+    ("default", {}, None, LOG_PROBS, TARGET),
+    ("weight", {}, WEIGHT, LOG_PROBS, TARGET),
+    ("sum-ignore", {"reduction": "sum", "ignore_index": 2}, WEIGHT, LOG_PROBS, TARGET),
+    ("none", {"reduction": "none"}, None, LOG_PROBS, TARGET),
+    (
+        "axis1",
+        {"axis": 1, "reduction": "none"},
+        WEIGHT,
+        jax.nn.log_softmax(LOGITS_NCD, axis=1),
+        TARGET_ND,
+    ),
+]
+
+
+def _params(cases):
+    return [pytest.param(*case[1:], id=case[0]) for case in cases]
+
+
+@pytest.mark.parametrize(("kwargs", "weight", "x", "target"), _params(CE_CASES))
+def test_cross_entropy_loss_equals_functional(kwargs, weight, x, target):
+    expected = jxent.cross_entropy(x, target, weight, **kwargs)
+    if weight is None:
+        module = jxent.CrossEntropyLoss(**kwargs)
+    else:
+        module = jxent.CrossEntropyLoss(weight, **kwargs)  # positional weight
+        assert module.weight is weight
+    np.testing.assert_array_equal(module(x, target), expected)
+    # Keyword weight is the same object.
+    assert jxent.CrossEntropyLoss(weight=weight, **kwargs) == module
+
+
+@pytest.mark.parametrize(("kwargs", "weight", "x", "target"), _params(NLL_CASES))
+def test_nll_loss_module_equals_functional(kwargs, weight, x, target):
+    expected = jxent.nll_loss(x, target, weight, **kwargs)
+    if weight is None:
+        module = jxent.NLLLoss(**kwargs)
+    else:
+        module = jxent.NLLLoss(weight, **kwargs)
+        assert module.weight is weight
+    np.testing.assert_array_equal(module(x, target), expected)
+    assert jxent.NLLLoss(weight=weight, **kwargs) == module
+
+
+def test_defaults_match_torch():
+    ce = jxent.CrossEntropyLoss()
+    assert (ce.weight, ce.ignore_index, ce.reduction, ce.label_smoothing) == (
+        None,
+        -100,
+        "mean",
+        0.0,
+    )
+    assert ce.axis == -1
+    nll = jxent.NLLLoss()
+    assert (nll.weight, nll.ignore_index, nll.reduction, nll.axis) == (
+        None,
+        -100,
+        "mean",
+        -1,
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: jxent.CrossEntropyLoss(WEIGHT, -1),
+        lambda: jxent.CrossEntropyLoss(None, -100, "mean"),
+        lambda: jxent.CrossEntropyLoss(WEIGHT, -100, "sum", 0.1),
+        lambda: jxent.NLLLoss(WEIGHT, 1),
+        lambda: jxent.NLLLoss(None, -100, "none"),
+    ],
+    ids=["ce-ignore", "ce-reduction", "ce-smoothing", "nll-ignore", "nll-reduction"],
+)
+def test_options_after_weight_are_keyword_only(make):
+    with pytest.raises(TypeError, match="positional"):
+        make()
+
+
+def test_frozen():
+    module = jxent.CrossEntropyLoss(WEIGHT)
+    with pytest.raises(AttributeError):
+        module.reduction = "sum"
+
+
+# --------------------------------------------------------------------------
+# Pytrees.
+# --------------------------------------------------------------------------
+
+
+def test_pytree_leaves_are_weight_and_label_smoothing():
+    leaves = jax.tree_util.tree_leaves(
+        jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.1, reduction="sum")
+    )
+    assert len(leaves) == 2
+    assert leaves[0] is WEIGHT
+    assert leaves[1] == 0.1
+    assert jax.tree_util.tree_leaves(jxent.CrossEntropyLoss()) == [0.0]
+    nll_leaves = jax.tree_util.tree_leaves(jxent.NLLLoss(WEIGHT, ignore_index=3))
+    assert len(nll_leaves) == 1 and nll_leaves[0] is WEIGHT
+    assert jax.tree_util.tree_leaves(jxent.NLLLoss()) == []
+
+
+def test_static_fields_are_in_the_treedef():
+    structure = jax.tree_util.tree_structure
+    base = structure(jxent.CrossEntropyLoss(WEIGHT))
+    assert base == structure(jxent.CrossEntropyLoss(2 * WEIGHT))
+    assert base == structure(jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.5))
+    for kwargs in ({"reduction": "sum"}, {"ignore_index": 0}, {"axis": 0}):
+        assert base != structure(jxent.CrossEntropyLoss(WEIGHT, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        jxent.CrossEntropyLoss(WEIGHT, ignore_index=1, label_smoothing=0.2, axis=1),
+        jxent.CrossEntropyLoss(reduction="none"),
+        jxent.NLLLoss(WEIGHT, reduction="sum", ignore_index=-1),
+        jxent.NLLLoss(),
+    ],
+    ids=["ce-weight", "ce", "nll-weight", "nll"],
+)
+def test_flatten_unflatten_round_trip(module):
+    leaves, treedef = jax.tree_util.tree_flatten(module)
+    rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert type(rebuilt) is type(module)
+    assert rebuilt == module
+    doubled = jax.tree_util.tree_map(lambda v: v * 0.5, module)
+    assert type(doubled) is type(module)
+    assert (doubled.ignore_index, doubled.reduction, doubled.axis) == (
+        module.ignore_index,
+        module.reduction,
+        module.axis,
+    )
+    if module.weight is not None:
+        np.testing.assert_array_equal(doubled.weight, module.weight * 0.5)
+
+
+def _apply(loss_fn, x, target):
+    return loss_fn(x, target)
+
+
+def test_new_leaf_values_do_not_retrace():
+    traces = []
+
+    @jax.jit
+    def apply(loss_fn, x, target):
+        traces.append(None)  # runs only while tracing
+        return loss_fn(x, target)
+
+    configs = [(WEIGHT, 0.1), (2.0 * WEIGHT, 0.3), (jnp.ones(3), 0.0), (WEIGHT, 1.0)]
+    for weight, eps in configs:
+        module = jxent.CrossEntropyLoss(weight, label_smoothing=eps)
+        expected = jxent.cross_entropy(LOGITS, TARGET, weight, label_smoothing=eps)
+        np.testing.assert_allclose(
+            apply(module, LOGITS, TARGET), expected, rtol=1e-6, atol=1e-7
+        )
+    assert len(traces) == 1
+    # A static field is part of the treedef: changing it retraces, once.
+    summed = jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.1, reduction="sum")
+    apply(summed, LOGITS, TARGET)
+    apply(
+        jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.7, reduction="sum"),
+        LOGITS,
+        TARGET,
+    )
+    assert len(traces) == 2
+
+
+def test_new_weights_do_not_retrace_nll_chex():
+    chex.clear_trace_counter()
+    apply = jax.jit(chex.assert_max_traces(_apply, n=1))
+    for weight in (WEIGHT, jnp.ones(3), jnp.array([0.0, 1.0, 4.0])):
+        np.testing.assert_allclose(
+            apply(jxent.NLLLoss(weight), LOG_PROBS, TARGET),
+            jxent.nll_loss(LOG_PROBS, TARGET, weight),
+            rtol=1e-6,
+        )
+
+
+def test_traced_zero_label_smoothing_equals_static_zero():
+    module = jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.0, reduction="none")
+    traced = jax.jit(_apply)(module, LOGITS, TARGET)
+    np.testing.assert_allclose(
+        traced, jxent.cross_entropy(LOGITS, TARGET, WEIGHT, reduction="none"), rtol=1e-6
+    )
+
+
+def test_grad_with_respect_to_the_module():
+    module = jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.2)
+    grads = jax.grad(lambda m: m(LOGITS, TARGET))(module)
+    assert type(grads) is jxent.CrossEntropyLoss
+    gw, geps = jax.grad(
+        lambda w, eps: jxent.cross_entropy(LOGITS, TARGET, w, label_smoothing=eps),
+        argnums=(0, 1),
+    )(WEIGHT, 0.2)
+    np.testing.assert_allclose(grads.weight, gw, rtol=1e-6)
+    np.testing.assert_allclose(grads.label_smoothing, geps, rtol=1e-6)
+
+
+def test_vmap_over_module_leaves():
+    weights = jnp.stack([WEIGHT, jnp.ones(3)])
+    eps = jnp.array([0.1, 0.0])
+    batched = jxent.CrossEntropyLoss(weights, label_smoothing=eps)
+    out = jax.vmap(lambda m: m(LOGITS, TARGET))(batched)
+    for i in range(2):
+        expected = jxent.cross_entropy(
+            LOGITS, TARGET, weights[i], label_smoothing=float(eps[i])
+        )
+        np.testing.assert_allclose(out[i], expected, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Hashing, equality, static arguments, closures.
+# --------------------------------------------------------------------------
+
+
+def test_equal_and_hash_by_configuration():
+    a = jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.1, ignore_index=2)
+    b = jxent.CrossEntropyLoss(
+        np.array([1.0, 2.0, 0.5], np.float32), label_smoothing=0.1, ignore_index=2
+    )
+    assert a is not b
+    assert a == b
+    assert hash(a) == hash(b)
+    different = [
+        jxent.CrossEntropyLoss(2 * WEIGHT, label_smoothing=0.1, ignore_index=2),
+        jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.2, ignore_index=2),
+        jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.1, ignore_index=1),
+        jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.1, ignore_index=2, axis=0),
+        jxent.CrossEntropyLoss(
+            WEIGHT, label_smoothing=0.1, ignore_index=2, reduction="sum"
+        ),
+        jxent.CrossEntropyLoss(label_smoothing=0.1, ignore_index=2),
+        jxent.NLLLoss(WEIGHT, ignore_index=2),
+    ]
+    for other in different:
+        assert a != other
+        assert other != a
+    assert len({a, b, *different}) == 1 + len(different)
+    assert jxent.NLLLoss() == jxent.NLLLoss()
+    assert hash(jxent.NLLLoss()) == hash(jxent.NLLLoss())
+    assert jxent.NLLLoss() != jxent.CrossEntropyLoss()
+    assert {jxent.CrossEntropyLoss(): 1}[jxent.CrossEntropyLoss()] == 1
+
+
+def test_usable_as_static_argnums():
+    traces = []
+
+    def apply(loss_fn, x, target):
+        traces.append(None)
+        return loss_fn(x, target)
+
+    static_apply = jax.jit(apply, static_argnums=0)
+    module = jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.1)
+    expected = jxent.cross_entropy(LOGITS, TARGET, WEIGHT, label_smoothing=0.1)
+    np.testing.assert_allclose(
+        static_apply(module, LOGITS, TARGET), expected, rtol=1e-6
+    )
+    # An equal object (new arrays, same values) hits the cache.
+    same = jxent.CrossEntropyLoss(jnp.array([1.0, 2.0, 0.5]), label_smoothing=0.1)
+    np.testing.assert_allclose(static_apply(same, LOGITS, TARGET), expected, rtol=1e-6)
+    assert len(traces) == 1
+    # A different configuration is a different static argument.
+    other = jxent.CrossEntropyLoss(2 * WEIGHT, label_smoothing=0.1)
+    np.testing.assert_allclose(
+        static_apply(other, LOGITS, TARGET),
+        jxent.cross_entropy(LOGITS, TARGET, 2 * WEIGHT, label_smoothing=0.1),
+        rtol=1e-6,
+    )
+    assert len(traces) == 2
+    nll = jxent.NLLLoss(WEIGHT, reduction="sum")
+    np.testing.assert_allclose(
+        static_apply(nll, LOG_PROBS, TARGET),
+        jxent.nll_loss(LOG_PROBS, TARGET, WEIGHT, reduction="sum"),
+        rtol=1e-6,
+    )
+
+
+def test_closed_over_in_jit():
+    module = jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.3, reduction="none")
+    out = jax.jit(lambda x, t: module(x, t))(LOGITS, TARGET)
+    np.testing.assert_allclose(
+        out,
+        jxent.cross_entropy(
+            LOGITS, TARGET, WEIGHT, label_smoothing=0.3, reduction="none"
+        ),
+        rtol=1e-6,
+    )
+    nll = jxent.NLLLoss(WEIGHT, ignore_index=1)
+    out = jax.jit(lambda lp, t: nll(lp, t))(LOG_PROBS, TARGET)
+    np.testing.assert_allclose(
+        out, jxent.nll_loss(LOG_PROBS, TARGET, WEIGHT, ignore_index=1), rtol=1e-6
+    )
+
+
+def test_traced_module_is_not_hashable():
+    @jax.jit
+    def f(loss_fn):
+        return hash(loss_fn)
+
+    with pytest.raises(TypeError, match="hashable"):
+        f(jxent.CrossEntropyLoss(WEIGHT))

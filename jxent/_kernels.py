@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jxent._sharding import UNSHARDED, ClassShards
+
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """The accumulation dtype: float32, or float64 for float64 inputs."""
@@ -69,14 +71,14 @@ def _smoothing_weights(
     return w
 
 
-def _total_weight(class_weight, class_mask, x, axis):
+def _total_weight(class_weight, class_mask, x, axis, shards):
     """Σ_c w_c over included classes: a scalar, or per position with a mask."""
     if class_mask is None:
         if class_weight is None:
-            return x.shape[axis]
-        return jnp.sum(class_weight.astype(x.dtype))
+            return shards.num_classes(x.shape[axis])
+        return shards.sum(jnp.sum(class_weight.astype(x.dtype)))
     w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
-    return jnp.sum(w, axis=axis)
+    return shards.sum(jnp.sum(w, axis=axis))
 
 
 # XLA's CPU reductions (the YNNPACK fusion) run several times faster with at
@@ -96,18 +98,24 @@ def _row_split(num_rows: int, num_classes: int) -> int:
     return split
 
 
-def _log_sum_exp_shifted(x, shift, axis):
-    """``log Σ exp(x - shift)`` over ``axis`` (``shift`` has the kept axis)."""
+def _sum_exp_shifted(x, shift, axis):
+    """``Σ exp(x - shift)`` over ``axis`` (``shift`` has the kept axis)."""
     split = _row_split(x.size // max(x.shape[axis], 1), x.shape[axis])
     if axis != x.ndim - 1 or split == 1 or jax.default_backend() != "cpu":
-        return jnp.log(jnp.sum(jnp.exp(x - shift), axis=axis))
+        return jnp.sum(jnp.exp(x - shift), axis=axis)
     rows = x.reshape(-1, x.shape[-1] // split)
     row_shift = jnp.repeat(shift.reshape(-1), split).reshape(-1, 1)
     partial_sums = jnp.sum(jnp.exp(rows - row_shift), axis=-1)
-    return jnp.log(jnp.sum(partial_sums.reshape(*x.shape[:-1], split), axis=-1))
+    return jnp.sum(partial_sums.reshape(*x.shape[:-1], split), axis=-1)
 
 
-def _shift_and_log_sum(make_x, make_x_again, x_target, axis):
+def _row_max(x, axis, shards):
+    """The row maximum over all classes (kept axis), non-finite ones as 0."""
+    m = shards.max(jnp.max(x, axis=axis, keepdims=True))
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def _shift_and_log_sum(make_x, make_x_again, x_target, axis, shards):
     """A per-position shift ``s`` and ``log Σ_c exp(x_c - s)`` (sum: the lse).
 
     The shift is the target's logit, which saves the pass that finds the row
@@ -116,21 +124,23 @@ def _shift_and_log_sum(make_x, make_x_again, x_target, axis):
     finite at all) the whole batch is redone with the row maximum as the shift.
     ``make_x()`` and ``make_x_again()`` build the transformed logits for the
     first pass and the fallback, so that XLA fuses the transform into each
-    reduction instead of storing it.
+    reduction instead of storing it. With class shards the sums are all-reduced
+    (so every device takes the same branch).
     """
-    log_sum = _log_sum_exp_shifted(make_x(), jnp.expand_dims(x_target, axis), axis)
+    shift = jnp.expand_dims(x_target, axis)
+    log_sum = jnp.log(shards.sum(_sum_exp_shifted(make_x(), shift, axis)))
 
     def with_row_max():
-        m = jnp.max(make_x_again(shield=True), axis=axis, keepdims=True)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        return jnp.squeeze(m, axis), _log_sum_exp_shifted(make_x_again(), m, axis)
+        m = _row_max(make_x_again(shield=True), axis, shards)
+        log_sum = jnp.log(shards.sum(_sum_exp_shifted(make_x_again(), m, axis)))
+        return jnp.squeeze(m, axis), log_sum
 
     return lax.cond(
         jnp.all(jnp.isfinite(log_sum)), lambda: (x_target, log_sum), with_row_max
     )
 
 
-def _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis):
+def _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis, shards):
     """``Σ_c w_c (lse - x_c)`` over included classes.
 
     Fast: ``(Σ_c w_c) · lse - x · w``, one matrix-vector product. Every term is
@@ -143,17 +153,17 @@ def _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis):
 
     def exact():
         w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
-        m = jnp.max(x, axis=axis, keepdims=True)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        m = _row_max(x, axis, shards)
         gap = m - x
         if w is None:
-            weighted_gap = jnp.sum(gap, axis=axis)
+            weighted_gap = shards.sum(jnp.sum(gap, axis=axis))
         else:
             # A zero weight on an impossible (-inf) class adds 0, not 0 * inf:
             # gaps are clamped to the largest finite value (a select here would
             # make XLA store the products), and a sum that large means +inf.
             big = jnp.finfo(x.dtype).max
             weighted_gap = jnp.sum(w * jnp.minimum(gap, big), axis=axis)
+            weighted_gap = shards.sum(weighted_gap)
             weighted_gap = jnp.where(
                 jnp.abs(weighted_gap) >= big / 16, jnp.inf, weighted_gap
             )
@@ -166,13 +176,18 @@ def _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis):
         w = jnp.ones((num_classes,), x.dtype)
     else:
         w = class_weight.astype(x.dtype)
-    fast = total_weight * lse - jnp.tensordot(x, w, axes=([axis], [0]))
-    scale = jnp.abs(lse) * jnp.sum(jnp.abs(w))
+    weighted_x, abs_weight = shards.sum(
+        (jnp.tensordot(x, w, axes=([axis], [0])), jnp.sum(jnp.abs(w)))
+    )
+    fast = total_weight * lse - weighted_x
+    scale = jnp.abs(lse) * abs_weight
     trusted = jnp.all(jnp.isfinite(fast) & (scale <= 64.0 * jnp.abs(fast)))
     return lax.cond(trusted, lambda: fast, exact)
 
 
-def _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing):
+def _forward(
+    logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards
+):
     def transformed(logits):
         return _masked(capped_logits(logits, soft_cap), class_mask)
 
@@ -181,16 +196,18 @@ def _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing
     # logits and the fallback branch read them through an optimization barrier
     # (which copies nothing), and the gathered N values are transformed alone.
     shielded = lax.optimization_barrier(logits)
-    index = target_index(target, axis)
+    local_target, here = shards.localise(target, logits.shape[axis])
+    index = target_index(local_target, axis)
     x_target = capped_logits(shielded[index], soft_cap)
     if class_mask is not None:
         x_target = jnp.where(class_mask[index], x_target, -jnp.inf)
+    x_target = shards.pick(x_target, here)
 
     def again(shield=False):
         return transformed(lax.optimization_barrier(shielded) if shield else shielded)
 
     shift, log_sum = _shift_and_log_sum(
-        lambda: transformed(logits), again, x_target, axis
+        lambda: transformed(logits), again, x_target, axis, shards
     )
     lse = shift + log_sum
     # (s - x_t) + log Σ exp(x - s) keeps the digits that lse - x_t would lose
@@ -199,12 +216,14 @@ def _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing
     if not smoothing:
         return lse, nll, jnp.zeros_like(lse)
     x = transformed(logits)
-    total_weight = _total_weight(class_weight, class_mask, x, axis)
-    smooth = _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis)
+    total_weight = _total_weight(class_weight, class_mask, x, axis, shards)
+    smooth = _smoothing_sum(
+        x, lse, class_weight, class_mask, total_weight, axis, shards
+    )
     return lse, nll, smooth
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def cross_entropy_stats(
     logits: jax.Array,
     target: jax.Array,
@@ -213,6 +232,7 @@ def cross_entropy_stats(
     soft_cap: jax.Array | None,
     axis: int,
     smoothing: bool,
+    shards: ClassShards = UNSHARDED,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-position statistics of the logits needed by cross-entropy.
 
@@ -230,17 +250,25 @@ def cross_entropy_stats(
       soft_cap: ``None`` or a positive scalar.
       axis: the (non-negative) class axis.
       smoothing: whether to compute the smoothing term (else it is zeros).
+      shards: how the class axis is split across devices (inside shard_map):
+        ``logits``, ``class_weight`` and ``class_mask`` are then this device's
+        slice, ``target`` holds global indices. Gradients w.r.t. the weights
+        and the cap are not computed in that case (zeros).
 
     Returns:
       ``(lse, nll, s)`` in the accumulation dtype, each of the target's shape:
       ``lse = log Σ_c exp(x_c)``, ``nll = lse - x[target]`` and
       ``s = Σ_c w_c (lse - x_c)`` over included classes.
     """
-    return _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing)
+    return _forward(
+        logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards
+    )
 
 
-def _fwd(logits, target, class_weight, class_mask, soft_cap, axis, smoothing):
-    out = _forward(logits, target, class_weight, class_mask, soft_cap, axis, smoothing)
+def _fwd(logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards):
+    out = _forward(
+        logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards
+    )
     return out, (logits, target, class_weight, class_mask, soft_cap, out[0])
 
 
@@ -263,7 +291,7 @@ def _with_target_entries(full, index, values, target, axis, dtype):
     return jnp.where(is_target, jnp.expand_dims(values, axis), full).astype(dtype)
 
 
-def _bwd(axis, smoothing, residuals, cotangents):
+def _bwd(axis, smoothing, shards, residuals, cotangents):
     logits, target, class_weight, class_mask, soft_cap, lse = residuals
     g_lse, g_nll, g_smooth = cotangents
     # Keeps the forward's exp-sum the only direct user of the logits, so that
@@ -272,7 +300,8 @@ def _bwd(axis, smoothing, residuals, cotangents):
     capped = capped_logits(logits, soft_cap)
     x = _masked(capped, class_mask)
     dtype = x.dtype
-    idx = target_index(target, axis)
+    local_target, here = shards.localise(target, logits.shape[axis])
+    idx = target_index(local_target, axis)
 
     def expand(v):
         return jnp.expand_dims(v, axis)
@@ -282,7 +311,8 @@ def _bwd(axis, smoothing, residuals, cotangents):
     w = None
     if smoothing:
         w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, dtype)
-        coef_p = coef_p + g_smooth * _total_weight(class_weight, class_mask, x, axis)
+        total_weight = _total_weight(class_weight, class_mask, x, axis, shards)
+        coef_p = coef_p + g_smooth * total_weight
     cap = None if soft_cap is None else jnp.asarray(soft_cap, dtype)
 
     def d_capped(x, lse, coef_p, g_smooth, w):
@@ -307,16 +337,22 @@ def _bwd(axis, smoothing, residuals, cotangents):
     w_target = None
     if w is not None:
         w_target = jnp.broadcast_to(w, x.shape)[idx]
-    at_target = d_capped(x[idx], lse, coef_p, g_smooth, w_target) - g_nll
+    # Only the shard that holds a position's target class adds the one-hot term.
+    one_hot = g_nll if not shards.sharded else jnp.where(here, g_nll, 0.0)
+    at_target = d_capped(x[idx], lse, coef_p, g_smooth, w_target) - one_hot
     d_cap = None
     if cap is not None:
         dlogit, dcap = cap_factors(capped, logits)
         dlogit_t, dcap_t = cap_factors(capped[idx], logits[idx])
-        d_cap = jnp.sum(full * dcap) + jnp.sum(-g_nll * dcap_t)
+        d_cap = jnp.sum(full * dcap) + jnp.sum(-one_hot * dcap_t)
         d_cap = d_cap.astype(jnp.result_type(soft_cap))
         full = full * dlogit
         at_target = at_target * dlogit_t
-    dx = _with_target_entries(full, idx, at_target, target, axis, logits.dtype)
+    dx = _with_target_entries(full, idx, at_target, local_target, axis, logits.dtype)
+    if shards.sharded:
+        # Weights and cap are constants across shards (see the docstring).
+        zeros = lambda a: None if a is None else jnp.zeros_like(a)
+        return dx, None, zeros(class_weight), None, zeros(soft_cap)
     d_weight = None
     if class_weight is not None:
         d_weight = jnp.zeros_like(class_weight)

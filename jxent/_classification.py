@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jxent._kernels import (
@@ -17,6 +19,13 @@ from jxent._kernels import (
     target_index,
 )
 from jxent._reduction import reduce_loss
+from jxent._sharding import (
+    UNSHARDED,
+    ClassShards,
+    as_axis_names,
+    axes_of,
+    explicit_layout,
+)
 from jxent._validation import (
     as_float_array,
     check_bool,
@@ -48,15 +57,22 @@ def target_terms(
     num_classes: int,
     ignore_index: int,
     dtype: jnp.dtype,
+    shards: ClassShards = UNSHARDED,
 ) -> TargetTerms:
-    """Sanitises integer targets before anything is gathered with them."""
+    """Sanitises integer targets before anything is gathered with them.
+
+    ``num_classes`` is the global count; with class shards ``weight`` is this
+    device's slice and the target's weight comes from the shard that holds it.
+    """
     valid = target != ignore_index
     in_range = (target >= 0) & (target < num_classes)
     safe_target = jnp.where(valid & in_range, target, 0).astype(jnp.int32)
     if weight is None:
         target_weight = valid.astype(dtype)
     else:
-        target_weight = jnp.where(valid, weight.astype(dtype)[safe_target], 0.0)
+        local, here = shards.localise(safe_target, weight.shape[0])
+        picked = shards.pick(weight.astype(dtype)[local], here)
+        target_weight = jnp.where(valid, picked, 0.0)
     return TargetTerms(valid, valid & ~in_range, safe_target, target_weight)
 
 
@@ -78,6 +94,7 @@ def hard_target_loss(
     axis: int,
     smoothing: bool,
     with_z_loss: bool,
+    shards: ClassShards = UNSHARDED,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-position cross-entropy for integer targets, before the reduction.
 
@@ -86,21 +103,24 @@ def hard_target_loss(
     denominator, all in the accumulation dtype.
     """
     dtype = compute_dtype(logits.dtype)
-    num_classes = logits.shape[axis]
-    terms = target_terms(target, weight, num_classes, ignore_index, dtype)
+    num_classes = shards.num_classes(logits.shape[axis])
+    terms = target_terms(target, weight, num_classes, ignore_index, dtype, shards)
     bad = terms.bad
     if where is not None:
-        bad = bad | (terms.valid & ~where[target_index(terms.safe_target, axis)])
+        local, here = shards.localise(terms.safe_target, logits.shape[axis])
+        included = where[target_index(local, axis)].astype(jnp.int32)
+        bad = bad | (terms.valid & (shards.pick(included, here) == 0))
     weight = None if weight is None else weight.astype(dtype)
     lse, nll, smooth = cross_entropy_stats(
-        logits, terms.safe_target, weight, where, soft_cap, axis, smoothing
+        logits, terms.safe_target, weight, where, soft_cap, axis, smoothing, shards
     )
     if smoothing:
         eps = jnp.asarray(label_smoothing, dtype)
         if where is None:
             num_included = num_classes
         else:
-            num_included = jnp.maximum(jnp.sum(where, axis=axis), 1).astype(dtype)
+            count = shards.sum(jnp.sum(where, axis=axis))
+            num_included = jnp.maximum(count, 1).astype(dtype)
         loss = _scaled((1.0 - eps) * terms.target_weight, nll) + _scaled(
             eps / num_included, smooth
         )
@@ -125,6 +145,7 @@ def soft_target_loss(
     axis: int,
     smoothing: bool,
     with_z_loss: bool,
+    shards: ClassShards = UNSHARDED,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-position cross-entropy for class-probability targets: ``(loss, lse)``."""
     x = capped_logits(logits, soft_cap)
@@ -136,26 +157,35 @@ def soft_target_loss(
     if smoothing:
         eps = jnp.asarray(label_smoothing, dtype)
         if where is None:
-            q = (1.0 - eps) * q + eps / x.shape[axis]
+            q = (1.0 - eps) * q + eps / shards.num_classes(x.shape[axis])
         else:
-            count = jnp.maximum(jnp.sum(where, axis=axis, keepdims=True), 1)
+            count = shards.sum(jnp.sum(where, axis=axis, keepdims=True))
+            count = jnp.maximum(count, 1)
             q = (1.0 - eps) * q + jnp.where(where, eps / count.astype(dtype), 0.0)
     if weight is not None:
         q = q * along_axis(weight.astype(dtype), x.ndim, axis)
-    lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
+    if shards.sharded:
+        m = shards.max(jnp.max(lax.stop_gradient(x), axis=axis, keepdims=True))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        lse = jnp.log(shards.sum(jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True)))
+        lse = lse + m
+    else:
+        lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
     # 0 * log(0) = 0: classes with zero target mass contribute nothing, even
     # when their logit is -inf (sanitised before the product, so gradients of
     # both the logits and the target stay finite).
     neg_log_p = jnp.where(q == 0, 0.0, lse - x)
     lse = jnp.squeeze(lse, axis)
-    loss = jnp.sum(q * neg_log_p, axis=axis)
+    loss = shards.sum(jnp.sum(q * neg_log_p, axis=axis))
     if with_z_loss:
         loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(lse))
     return loss, lse
 
 
-def _reduce_hard(loss, target_weight, reduction, out_dtype):
-    return reduce_loss(loss, reduction, jnp.sum(target_weight), out_dtype)
+def _reduce_hard(loss, target_weight, reduction, out_dtype, batch_axes=()):
+    return reduce_loss(
+        loss, reduction, jnp.sum(target_weight), out_dtype, batch_axes=batch_axes
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("ignore_index", "reduction", "axis"))
@@ -168,33 +198,42 @@ def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
     return _reduce_hard(loss, terms.target_weight, reduction, log_probs.dtype)
 
 
-_STATIC = ("reduction", "axis", "smoothing", "with_z_loss", "return_lse")
+_STATIC = (
+    "reduction",
+    "axis",
+    "smoothing",
+    "with_z_loss",
+    "return_lse",
+    "shards",
+    "batch_axes",
+)
 
 
 @functools.partial(jax.jit, static_argnames=("ignore_index", *_STATIC))
 def _hard_cross_entropy(
     logits, target, weight, label_smoothing, z_loss, soft_cap, where, *,
-    ignore_index, reduction, axis, smoothing, with_z_loss, return_lse,
+    ignore_index, reduction, axis, smoothing, with_z_loss, return_lse, shards,
+    batch_axes,
 ):  # fmt: skip
     loss, lse, target_weight = hard_target_loss(
         logits, target, weight, label_smoothing, z_loss, soft_cap, where,
         ignore_index=ignore_index, axis=axis, smoothing=smoothing,
-        with_z_loss=with_z_loss,
+        with_z_loss=with_z_loss, shards=shards,
     )  # fmt: skip
-    loss = _reduce_hard(loss, target_weight, reduction, logits.dtype)
+    loss = _reduce_hard(loss, target_weight, reduction, logits.dtype, batch_axes)
     return (loss, lse) if return_lse else loss
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _soft_cross_entropy(
     logits, target, weight, label_smoothing, z_loss, soft_cap, where, *,
-    reduction, axis, smoothing, with_z_loss, return_lse,
+    reduction, axis, smoothing, with_z_loss, return_lse, shards, batch_axes,
 ):  # fmt: skip
     loss, lse = soft_target_loss(
         logits, target, weight, label_smoothing, z_loss, soft_cap, where,
-        axis=axis, smoothing=smoothing, with_z_loss=with_z_loss,
+        axis=axis, smoothing=smoothing, with_z_loss=with_z_loss, shards=shards,
     )  # fmt: skip
-    loss = reduce_loss(loss, reduction, loss.size, logits.dtype)
+    loss = reduce_loss(loss, reduction, loss.size, logits.dtype, batch_axes=batch_axes)
     return (loss, lse) if return_lse else loss
 
 
@@ -292,6 +331,8 @@ def cross_entropy(
     soft_cap: ArrayLike | None = None,
     where: ArrayLike | None = None,
     return_lse: bool = False,
+    class_axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Cross-entropy between logits and a target (``F.cross_entropy``).
 
@@ -345,6 +386,15 @@ def cross_entropy(
         gives NaN.
       return_lse: also return the per-position logsumexp (after soft-capping
         and masking), in the accumulation dtype (float32 for 16-bit logits).
+      class_axis_name: inside ``jax.shard_map``, the mesh axis name (or names)
+        over which the class axis is split: ``logits``, ``weight`` and
+        ``where`` are this device's contiguous slice of the classes, targets
+        are global class indices. Only O(N) values are all-reduced; label
+        smoothing and z-loss stay exact. ``weight``, ``label_smoothing``,
+        ``z_loss`` and ``soft_cap`` are then constants (no gradient).
+      batch_axis_name: inside ``jax.shard_map``, the mesh axis name (or names)
+        over which the batch is split: ``"mean"`` and ``"sum"`` reduce over
+        all batch shards (the mean divides by the global weight sum).
 
     Returns:
       The loss in the logits' dtype: of the logits' shape without ``axis``
@@ -384,14 +434,27 @@ def cross_entropy(
     z_loss = check_nonnegative(z_loss, "z_loss")
     soft_cap = check_soft_cap(soft_cap)
     where = check_class_mask(where, logits.shape, axis)
+    shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
+    batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
     options = dict(
         reduction=reduction,
         axis=axis,
         smoothing=not _is_static_zero(label_smoothing),
         with_z_loss=not _is_static_zero(z_loss),
         return_lse=return_lse,
+        shards=shards,
+        batch_axes=batch_axes,
     )
+    if shards.sharded:
+        weight, label_smoothing, z_loss, soft_cap = lax.stop_gradient(
+            (weight, label_smoothing, z_loss, soft_cap)
+        )
     values = (weight, label_smoothing, z_loss, soft_cap, where)
+    layout = None if shards.sharded or batch_axes else explicit_layout(logits, axis)
+    if layout is not None:
+        return _explicit_sharded_cross_entropy(
+            logits, target, values, layout, ignore_index=ignore_index, **options
+        )
     target = jnp.asarray(target)
     if jnp.issubdtype(target.dtype, jnp.floating):
         if target.shape != logits.shape:
@@ -412,4 +475,68 @@ def cross_entropy(
     check_concrete_target_range(target, num_classes, ignore_index)
     return _hard_cross_entropy(
         logits, target, *values, ignore_index=ignore_index, **options
+    )
+
+
+def _explicit_sharded_cross_entropy(logits, target, values, layout, **options):
+    """``cross_entropy`` on logits sharded over Explicit mesh axes.
+
+    Runs the loss under ``jax.shard_map`` with the class axis split as the
+    logits are (``class_axis_name``) and the batch reduction over the batch
+    axes (``batch_axis_name``), so that only O(N) values cross devices. Targets,
+    weights and masks are resharded to match the logits.
+    """
+    mesh, spec = layout
+    axis = options["axis"]
+    class_axes = axes_of([spec[axis]])
+    batch_spec = spec[:axis] + spec[axis + 1 :]
+    batch_axes = axes_of(batch_spec)
+    num_shards = 1
+    for name in class_axes:
+        num_shards *= mesh.shape[name]
+    if logits.shape[axis] % num_shards:
+        raise ValueError(
+            f"The class axis of `logits` (size {logits.shape[axis]}) is split over "
+            f"mesh axes {class_axes} of {num_shards} devices, which do not divide "
+            "it: pad the classes to a multiple and exclude the padding with `where`."
+        )
+    weight, label_smoothing, z_loss, soft_cap, where = values
+    target = jnp.asarray(target)
+    soft = jnp.issubdtype(target.dtype, jnp.floating)
+    target_spec = P(*spec) if soft else P(*batch_spec)
+    class_spec = P(spec[axis])
+    out_spec = P(*batch_spec) if options["reduction"] == "none" else P()
+
+    def reshard(x, spec):
+        return None if x is None else jax.reshard(x, spec)
+
+    args = (
+        reshard(target, target_spec),
+        reshard(weight, class_spec),
+        reshard(where, P(*spec)),
+    )
+    scalars = (label_smoothing, z_loss, soft_cap)
+    static = dict(options)
+    static.update(
+        class_axis_name=class_axes or None,
+        batch_axis_name=batch_axes or None,
+    )
+    for key in ("smoothing", "with_z_loss", "shards", "batch_axes"):
+        static.pop(key)
+
+    def local(logits, target, weight, where, scalars):
+        label_smoothing, z_loss, soft_cap = scalars
+        return cross_entropy(
+            logits, target, weight, label_smoothing=label_smoothing, z_loss=z_loss,
+            soft_cap=soft_cap, where=where, **static,
+        )  # fmt: skip
+
+    out_specs = (out_spec, P(*batch_spec)) if options["return_lse"] else out_spec
+    in_specs = (P(*spec), target_spec, class_spec, P(*spec), P())
+    in_specs = tuple(
+        None if a is None else s
+        for a, s in zip((logits, *args, scalars), in_specs, strict=True)
+    )
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(
+        logits, *args, scalars
     )

@@ -28,6 +28,7 @@ from jxent._classification import (
 )
 from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
+from jxent._sharding import UNSHARDED, ClassShards, as_axis_names, batch_sum
 from jxent._validation import (
     as_float_array,
     check_bool,
@@ -41,7 +42,7 @@ from jxent._validation import (
 )
 
 # Default chunk: about this many bytes of float32 logits per chunk.
-_CHUNK_BYTES = 32 * 2**20
+_CHUNK_BYTES = 16 * 2**20
 
 
 class _Static(NamedTuple):
@@ -52,6 +53,8 @@ class _Static(NamedTuple):
     with_z_loss: bool
     chunk_size: int
     row_mask: bool  # `where` varies per token (else one (1, V) class mask)
+    shards: ClassShards = UNSHARDED  # vocabulary split over mesh axes
+    batch_axes: tuple[str, ...] = ()  # tokens split over mesh axes
 
 
 class _Consts(NamedTuple):
@@ -77,6 +80,7 @@ def _chunk_loss(logits, target, mask, consts: _Consts, static: _Static):
         axis=1,
         smoothing=static.smoothing,
         with_z_loss=static.with_z_loss,
+        shards=static.shards,
     )
     return loss, lse
 
@@ -124,10 +128,13 @@ def _scan(x, w, b, target, mask, consts, static, cotangents):
         (loss, lse), vjp = jax.vjp(
             lambda z: _chunk_loss(z, t_c, m_c, consts, static), logits
         )
-        (dz,) = vjp(inputs[3:])
+        (dz,) = vjp(_vary_like(tuple(inputs[3:]), loss))
         dz_in = dz.astype(x.dtype)
-        dx_c = lax.dot_general(
-            dz_in, w, (((1,), (1,)), ((), ())), preferred_element_type=acc
+        # Each vocabulary shard contributes to every token's dx: O(N·D) psum.
+        dx_c = static.shards.sum(
+            lax.dot_general(
+                dz_in, w, (((1,), (1,)), ((), ())), preferred_element_type=acc
+            )
         )
         dw_acc, db_acc = carry
         dw_acc = _accumulate_outer(dw_acc, x_c, dz_in)
@@ -137,13 +144,18 @@ def _scan(x, w, b, target, mask, consts, static, cotangents):
 
     init = None
     if with_grads:
-        db0 = None if b is None else jnp.zeros(b.shape, acc)
-        init = (jnp.zeros(w.shape, acc), db0)
+        # zeros_like keeps w's sharding type (varying over a vocabulary axis);
+        # each token shard accumulates its own partial gradient.
+        db0 = None if b is None else jnp.zeros_like(b, dtype=acc)
+        init = (jnp.zeros_like(w, dtype=acc), db0)
+        init = _vary_like(init, x)
     carry, out = lax.scan(body, init, xs)
     loss, lse = out[0].reshape(-1), out[1].reshape(-1)
     if not with_grads:
         return loss, lse, None
-    dw, db = carry
+    # Inside shard_map, w and bias are shared by the token shards: their partial
+    # gradients add up over the axes the tokens vary on and w does not.
+    dw, db = jax.tree.map(_sum_over_extra_axes, carry, (w, b))
     dx = out[2].reshape(x.shape)
     grads = (
         dx.astype(x.dtype),
@@ -186,6 +198,43 @@ def _accumulate_outer(acc, x_c, dz):
     return lax.fori_loop(0, num_blocks, body, acc)
 
 
+def _terms(target, consts, w, static, dtype):
+    """Target terms with the global vocabulary size."""
+    num_classes = static.shards.num_classes(w.shape[1])
+    return target_terms(
+        target, consts.weight, num_classes, static.ignore_index, dtype, static.shards
+    )
+
+
+def _vary_like(tree, like):
+    """Marks ``tree`` as varying over the shard_map axes that ``like`` varies on.
+
+    (A scan carry must keep its type: the gradient accumulators vary over the
+    token shards once the first chunk is added.)
+    """
+    axes = _varying(like)
+
+    def cast(a):
+        missing = tuple(sorted(axes - _varying(a)))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, tree)
+
+
+def _varying(a) -> frozenset:
+    """The shard_map axes over which ``a`` varies (empty outside shard_map)."""
+    kind = getattr(jax.typeof(a), "manual_axis_type", None)
+    return frozenset(getattr(kind, "varying", frozenset()))
+
+
+def _sum_over_extra_axes(grad, primal):
+    """Sums ``grad`` over the axes it varies on and ``primal`` does not."""
+    if grad is None:
+        return None
+    extra = tuple(sorted(_varying(grad) - _varying(primal)))
+    return lax.psum(grad, extra) if extra else grad
+
+
 def _zero_cotangents(tree):
     return jax.tree.map(jnp.zeros_like, tree)
 
@@ -200,12 +249,11 @@ def _reduced_loss(x, w, b, target, mask, consts, static, reduction):
 
 def _reduced_fwd(x, w, b, target, mask, consts, static, reduction):
     dtype = _accumulation_dtype(x, w)
-    terms = target_terms(target, consts.weight, w.shape[1], static.ignore_index, dtype)
+    terms = _terms(target, consts, w, static, dtype)
     denominator = jnp.sum(terms.target_weight)
     if reduction == "mean":
-        scale = jnp.where(
-            denominator == 0, 0.0, 1.0 / jnp.where(denominator == 0, 1.0, denominator)
-        )
+        total = batch_sum(denominator, static.batch_axes)
+        scale = jnp.where(total == 0, 0.0, 1.0 / jnp.where(total == 0, 1.0, total))
     else:
         scale = jnp.ones((), dtype)
     per_token = jnp.broadcast_to(scale, target.shape)
@@ -213,7 +261,7 @@ def _reduced_fwd(x, w, b, target, mask, consts, static, reduction):
         x, w, b, target, mask, consts, static,
         (per_token, jnp.zeros(target.shape, dtype)),
     )  # fmt: skip
-    value = reduce_loss(loss, reduction, denominator)
+    value = reduce_loss(loss, reduction, denominator, batch_axes=static.batch_axes)
     residuals = (grads, consts)
     return value, residuals
 
@@ -279,13 +327,11 @@ def _linear_cross_entropy(
         return loss.astype(out_dtype)
     loss, lse = _per_token_loss(x, w, b, target, mask, consts, static)
     loss, lse = loss[:num_tokens], lse[:num_tokens]
-    terms = target_terms(
-        target[:num_tokens], consts.weight, w.shape[1], static.ignore_index,
-        loss.dtype,
-    )  # fmt: skip
+    terms = _terms(target[:num_tokens], consts, w, static, loss.dtype)
     loss = reduce_loss(
-        loss.reshape(batch_shape), reduction, jnp.sum(terms.target_weight), out_dtype
-    )
+        loss.reshape(batch_shape), reduction, jnp.sum(terms.target_weight),
+        out_dtype, batch_axes=static.batch_axes,
+    )  # fmt: skip
     lse = lse.reshape(batch_shape)
     return (loss, lse) if return_lse else loss
 
@@ -349,6 +395,8 @@ def linear_cross_entropy(
     where: ArrayLike | None = None,
     chunk_size: int | None = None,
     return_lse: bool = False,
+    class_axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""``cross_entropy(x @ w + bias, target, ...)`` without the logits in memory.
 
@@ -380,8 +428,16 @@ def linear_cross_entropy(
       soft_cap: ``None`` or a cap ``> 0``: logits become ``cap·tanh(z/cap)``.
       where: optional boolean mask broadcastable to ``(..., V)``; excluded
         classes take no part in the softmax or the smoothing.
-      chunk_size: tokens per chunk (default: about 32 MiB of float32 logits).
+      chunk_size: tokens per chunk (default: about 16 MiB of float32 logits).
       return_lse: also return the per-token logsumexp (float32).
+      class_axis_name: inside ``jax.shard_map``, the mesh axis name(s) over
+        which the vocabulary is split: ``w``, ``bias``, ``weight`` and
+        ``where`` are this device's contiguous slice of the classes, targets
+        are global indices; ``dx`` is all-reduced (O(N·D)), nothing of logits
+        size moves.
+      batch_axis_name: inside ``jax.shard_map``, the mesh axis name(s) over
+        which the tokens are split: ``"mean"``/``"sum"`` are global and the
+        gradients of ``w`` and ``bias`` are summed over the token shards.
 
     Returns:
       The loss (scalar, or ``x.shape[:-1]`` for ``"none"``) in the dtype of
@@ -441,13 +497,18 @@ def linear_cross_entropy(
     soft_cap = check_soft_cap(soft_cap)
     mask, row_mask = _class_mask_for_tokens(where, target.shape, vocab)
     chunk = _check_chunk_size(chunk_size, max(target.size, 1), vocab)
-    check_concrete_target_range(target, vocab, ignore_index)
+    shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
+    batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
+    if not shards.sharded:
+        check_concrete_target_range(target, vocab, ignore_index)
     static = _Static(
         ignore_index=ignore_index,
         smoothing=not _is_static_zero(label_smoothing),
         with_z_loss=not _is_static_zero(z_loss),
         chunk_size=chunk,
         row_mask=row_mask,
+        shards=shards,
+        batch_axes=batch_axes,
     )
     acc = compute_dtype(jnp.result_type(x.dtype, w.dtype))
     consts = lax.stop_gradient(

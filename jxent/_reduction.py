@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jxent._sharding import batch_sum
+
 
 def safe_divide(numerator: jax.Array, denominator: ArrayLike) -> jax.Array:
     """``numerator / denominator``, and 0 (with zero gradients) where it is 0.
@@ -23,6 +25,8 @@ def reduce_loss(
     reduction: str,
     denominator: ArrayLike | None = None,
     out_dtype: jnp.dtype | None = None,
+    *,
+    batch_axes: tuple[str, ...] = (),
 ) -> jax.Array:
     """Applies ``reduction`` to per-element losses.
 
@@ -34,6 +38,8 @@ def reduce_loss(
         denominator. A zero denominator gives 0.0, not NaN.
       denominator: the normaliser of ``"mean"``.
       out_dtype: dtype of the result (default: ``loss.dtype``).
+      batch_axes: inside ``jax.shard_map``, mesh axes over which the batch is
+        split: the sum and the denominator are all-reduced over them.
 
     Returns:
       The reduced loss, cast to ``out_dtype``.
@@ -41,9 +47,10 @@ def reduce_loss(
     out_dtype = loss.dtype if out_dtype is None else out_dtype
     if reduction == "none":
         return loss.astype(out_dtype)
-    total = jnp.sum(loss)
+    total = batch_sum(jnp.sum(loss), batch_axes)
     if reduction == "sum":
         return total.astype(out_dtype)
     if denominator is None:
         denominator = loss.size
+    denominator = batch_sum(jnp.asarray(denominator, total.dtype), batch_axes)
     return safe_divide(total, denominator).astype(out_dtype)

@@ -97,3 +97,40 @@ UNSHARDED = ClassShards()
 def batch_sum(x, batch_axis_names: AxisNames):
     """Sum over batch shards (identity when the batch is not split)."""
     return lax.psum(x, batch_axis_names) if batch_axis_names else x
+
+
+def _explicit_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def explicit_layout(logits: jax.Array, axis: int):
+    """For logits sharded with Explicit mesh axes: (mesh, spec as a tuple).
+
+    Returns None for unsharded logits and for Auto (GSPMD) or Manual axes,
+    where the ordinary program is partitioned by XLA.
+    """
+    try:
+        sharding = jax.typeof(logits).sharding
+    except (AttributeError, TypeError):
+        return None
+    mesh = getattr(sharding, "mesh", None)
+    spec = getattr(sharding, "spec", None)
+    if mesh is None or spec is None or not getattr(mesh, "axis_names", ()):
+        return None
+    spec = tuple(spec) + (None,) * (logits.ndim - len(spec))
+    explicit = {
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == jax.sharding.AxisType.Explicit
+    }
+    used = {name for entry in spec for name in _explicit_axes(entry)}
+    if not used or not used <= explicit:
+        return None
+    return mesh, spec
+
+
+def axes_of(entries) -> tuple[str, ...]:
+    """The mesh axis names used by a sequence of PartitionSpec entries."""
+    return tuple(name for entry in entries for name in _explicit_axes(entry))

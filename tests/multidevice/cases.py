@@ -1,0 +1,258 @@
+"""Sharded = unsharded on 8 simulated CPU devices.
+
+Run by tests/test_sharding.py in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the flag must be set
+before jax starts, so this module is not collected by the main run).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jxent
+
+if jax.device_count() < 8:  # pragma: no cover - guarded by test_sharding.py
+    pytest.skip("needs 8 (simulated) devices", allow_module_level=True)
+
+MESHES = [((8,), ("model",)), ((2, 4), ("data", "model")), ((4, 2), ("data", "model"))]
+N, C = 16, 32
+RNG = np.random.default_rng(0)
+LOGITS = (RNG.normal(size=(N, C)) * 2).astype(np.float32)
+TARGET = RNG.integers(0, C, size=N)
+TARGET[[1, 6]] = -100
+WEIGHT = RNG.uniform(0.3, 2.0, size=C).astype(np.float32)
+PROBS = np.asarray(jax.nn.softmax(jnp.asarray(RNG.normal(size=(N, C)))), np.float32)
+MASK = np.ones(C, bool)
+MASK[[3, 17, 30]] = False
+TARGET = np.where(np.isin(TARGET, [3, 17, 30]), 0, TARGET)
+
+OPTIONS = {
+    "plain": {},
+    "weight+ignore": {"weight": WEIGHT},
+    "smoothing": {"label_smoothing": 0.2},
+    "all": {"weight": WEIGHT, "label_smoothing": 0.1, "z_loss": 1e-2,
+            "soft_cap": 3.0, "where": MASK},
+    "probabilities": {"target": PROBS, "label_smoothing": 0.1, "weight": WEIGHT},
+}  # fmt: skip
+
+
+def _mesh(shape, names, kind=AxisType.Auto):
+    return jax.make_mesh(shape, names, axis_types=(kind,) * len(names))
+
+
+def _unsharded(option, reduction):
+    kw = dict(OPTIONS[option])
+    target = kw.pop("target", TARGET)
+    weight = kw.pop("weight", None)
+    fn = lambda x: jxent.cross_entropy(x, target, weight, reduction=reduction, **kw)
+    return _value_and_grad(fn, reduction)(LOGITS)
+
+
+def _value_and_grad(fn, reduction):
+    ct = np.arange(1.0, N + 1.0, dtype=np.float32)
+
+    def total(x):
+        loss = fn(x)
+        return (jnp.sum(loss * ct) if reduction == "none" else loss), loss
+
+    return jax.jit(jax.value_and_grad(total, has_aux=True))
+
+
+def _close(got, want):
+    (_, loss), grad = got
+    (_, ref_loss), ref_grad = want
+    np.testing.assert_allclose(np.asarray(loss), ref_loss, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_shard_map_class_and_batch_axes(mesh_def, option, reduction):
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+    kw = dict(OPTIONS[option])
+    target = kw.pop("target", TARGET)
+    weight = kw.pop("weight", None)
+    where = kw.pop("where", None)
+    soft = target.ndim == 2
+
+    def local(x, t, w, m):
+        return jxent.cross_entropy(
+            x, t, w, where=m, reduction=reduction, class_axis_name="model",
+            batch_axis_name=batch if reduction != "none" else None, **kw,
+        )  # fmt: skip
+
+    row = P(batch, "model")
+    out = P(batch) if reduction == "none" else P()
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(row, row if soft else P(batch), None if weight is None else
+                  P("model"), None if where is None else P("model")),
+        out_specs=out,
+    )  # fmt: skip
+    got = _value_and_grad(lambda x: fn(x, target, weight, where), reduction)(LOGITS)
+    _close(got, _unsharded(option, reduction))
+
+
+def _collectives(compiled_text):
+    """(op, element count) of every collective in a compiled HLO module."""
+    found = []
+    for line in compiled_text.splitlines():
+        m = re.search(
+            r"= (\(?[^=]*?\)?) (all-reduce|all-gather|all-to-all|collective-permute|"
+            r"reduce-scatter)(-start)?\(",
+            line,
+        )
+        if m:
+            sizes = [
+                int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1))
+            ]
+            found.append((m.group(2), max(sizes, default=0)))
+    return found
+
+
+@pytest.mark.parametrize("kind", [AxisType.Auto, AxisType.Explicit], ids=str)
+@pytest.mark.parametrize("mesh_def", MESHES[1:], ids=lambda m: "x".join(map(str, m[0])))
+@pytest.mark.parametrize("option", ["plain", "all", "probabilities"])
+def test_jit_with_named_shardings(kind, mesh_def, option):
+    mesh = _mesh(*mesh_def, kind=kind)
+    kw = dict(OPTIONS[option])
+    target = kw.pop("target", TARGET)
+    weight = kw.pop("weight", None)
+    soft = target.ndim == 2
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    x = put(LOGITS, P("data", "model"))
+    t = put(target, P("data", "model") if soft else P("data"))
+    w = None if weight is None else put(weight, P("model"))
+    if "where" in kw:
+        kw["where"] = put(kw["where"], P("model"))
+    with jax.set_mesh(mesh):
+        fn = _value_and_grad(lambda x: jxent.cross_entropy(x, t, w, **kw), "mean")
+        got = fn(x)
+        _close(got, _unsharded(option, "mean"))
+        assert got[1].sharding.spec == P("data", "model")  # dx stays sharded
+        text = fn.lower(x).compile().as_text()
+    logits_per_device = N * C // 8
+    for op, size in _collectives(text):
+        assert size < logits_per_device, (op, size)
+
+
+def test_class_sharded_forward_uses_at_most_three_all_reduces(capsys):
+    mesh = _mesh((8,), ("model",))
+    fn = jax.shard_map(
+        lambda x, t: jxent.cross_entropy(x, t, class_axis_name="model"),
+        mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P(),
+    )  # fmt: skip
+    text = jax.jit(fn).lower(LOGITS, TARGET).compile().as_text()
+    # Collectives outside the rarely taken overflow branch (a separate
+    # computation called by the conditional).
+    entry = text[text.index("ENTRY") :]
+    collectives = _collectives(entry)
+    assert 1 <= len(collectives) <= 3
+    assert all(op == "all-reduce" and size <= N for op, size in collectives)
+    with capsys.disabled():
+        sizes = [4 * size for _, size in collectives]
+        print(f"\nclass-sharded forward: {len(collectives)} all-reduce(s) of {sizes} B")
+
+
+X = RNG.normal(size=(N, 8)).astype(np.float32)
+W = (RNG.normal(size=(8, C)) * 0.5).astype(np.float32)
+B = RNG.normal(size=C).astype(np.float32)
+
+
+@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_linear_cross_entropy_shard_map(mesh_def, reduction):
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+    kw = dict(label_smoothing=0.1, z_loss=1e-2, chunk_size=3)
+
+    def local(x, w, b, t, weight):
+        return jxent.linear_cross_entropy(
+            x, w, t, weight, bias=b, reduction=reduction, class_axis_name="model",
+            batch_axis_name=batch if reduction != "none" else None, **kw,
+        )  # fmt: skip
+
+    fn = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(batch), P(None, "model"), P("model"), P(batch), P("model")),
+        out_specs=P(batch) if reduction == "none" else P(),
+    )  # fmt: skip
+
+    def total(f):
+        ct = np.arange(1.0, N + 1.0, dtype=np.float32)
+
+        def g(x, w, b):
+            loss = f(x, w, b)
+            return jnp.sum(loss * ct) if reduction == "none" else loss
+
+        return jax.jit(jax.value_and_grad(g, argnums=(0, 1, 2)))(X, W, B)
+
+    got = total(lambda x, w, b: fn(x, w, b, TARGET, WEIGHT))
+    want = total(
+        lambda x, w, b: jxent.linear_cross_entropy(
+            x, w, TARGET, WEIGHT, bias=b, reduction=reduction, **kw
+        )
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for g, r in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_under_jit_with_named_shardings():
+    mesh = _mesh((2, 4), ("data", "model"))
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    x, w, t = put(X, P("data")), put(W, P(None, "model")), put(TARGET, P("data"))
+    f = jax.jit(
+        jax.value_and_grad(
+            functools.partial(jxent.linear_cross_entropy, chunk_size=4), argnums=(0, 1)
+        )
+    )
+    got = f(x, w, t)
+    want = f(X, W, TARGET)
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for g, r in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_errors():
+    mesh = _mesh((2, 4), ("data", "model"))
+    bad_axis = jax.shard_map(
+        lambda x, t: jxent.cross_entropy(x, t, class_axis_name="vocab"),
+        mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P(),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="'vocab' is not an axis"):
+        bad_axis(LOGITS, TARGET)
+    weight_replicated = jax.shard_map(
+        lambda x, t, w: jxent.cross_entropy(x, t, w, class_axis_name="model"),
+        mesh=mesh, in_specs=(P(None, "model"), P(), P()), out_specs=P(),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="`weight` must be a 1-D array of length C=8"):
+        weight_replicated(LOGITS, TARGET, WEIGHT)
+    # A vocabulary that the class shards do not divide cannot even be laid out:
+    # JAX refuses it with a clear ValueError. The remedy is padding + `where`.
+    explicit = _mesh((2, 4), ("data", "model"), kind=AxisType.Explicit)
+    with pytest.raises(ValueError, match="does not evenly divide"):
+        jax.device_put(
+            np.zeros((N, 30), np.float32), NamedSharding(explicit, P("data", "model"))
+        )
+    padded = np.concatenate([LOGITS[:, :30], np.zeros((N, 2), np.float32)], axis=1)
+    keep = np.arange(C) < 30
+    target = np.where(TARGET >= 30, 0, TARGET)
+    with jax.set_mesh(explicit):
+        sharded = jax.device_put(padded, NamedSharding(explicit, P("data", "model")))
+        mask = jax.device_put(keep, NamedSharding(explicit, P("model")))
+        got = jxent.cross_entropy(sharded, target, where=mask, label_smoothing=0.1)
+    want = jxent.cross_entropy(LOGITS[:, :30], target, label_smoothing=0.1)
+    np.testing.assert_allclose(got, want, rtol=2e-6)

@@ -32,3 +32,16 @@ def test_imbalanced_digits_example(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "balanced accuracy" in result.stdout
     assert out.stat().st_size > 1000
+
+
+@pytest.mark.heavy
+def test_sharded_lm_step_example():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sharded_lm_step.py")],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "devices: 8" in result.stdout
+    assert "max parameter difference after 3 steps" in result.stdout

@@ -72,12 +72,15 @@ def _smoothing_weights(
 
 
 def _total_weight(class_weight, class_mask, x, axis, shards):
-    """Σ_c w_c over included classes: a scalar, or per position with a mask."""
+    """Σ_c w_c over included classes: a scalar, or per position with a mask.
+
+    ``x`` only provides the shape and the dtype (an array or ShapeDtypeStruct).
+    """
     if class_mask is None:
         if class_weight is None:
             return shards.num_classes(x.shape[axis])
         return shards.sum(jnp.sum(class_weight.astype(x.dtype)))
-    w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
+    w = _smoothing_weights(class_weight, class_mask, len(x.shape), axis, x.dtype)
     return shards.sum(jnp.sum(w, axis=axis))
 
 
@@ -140,10 +143,15 @@ def _shift_and_log_sum(make_x, make_x_again, x_target, axis, shards):
     )
 
 
-def _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis, shards):
+def _smoothing_sum(
+    make_x, make_x_again, lse, class_weight, class_mask, total_weight, axis, shards,
+    low_precision,
+):  # fmt: skip
     """``Σ_c w_c (lse - x_c)`` over included classes.
 
-    Fast: ``(Σ_c w_c) · lse - x · w``, one matrix-vector product. Every term is
+    Fast: ``(Σ_c w_c) · lse - x · w``, one matrix-vector product (for 16-bit
+    logits a fused multiply-and-sum instead: XLA's CPU dot would first store a
+    float32 copy of the logits). Every term is
     >= 0, so the result is at least ``Σw · log C``; the fast form is used unless
     it is not finite (0 · inf from a zero weight on a ``-inf`` logit) or
     ``|lse| · Σ|w|`` is so large against the result that cancellation could
@@ -152,8 +160,9 @@ def _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis, shards)
     """
 
     def exact():
+        x = make_x_again()
         w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
-        m = _row_max(x, axis, shards)
+        m = _row_max(make_x_again(shield=True), axis, shards)
         gap = m - x
         if w is None:
             weighted_gap = shards.sum(jnp.sum(gap, axis=axis))
@@ -171,18 +180,35 @@ def _smoothing_sum(x, lse, class_weight, class_mask, total_weight, axis, shards)
 
     if class_mask is not None:
         return exact()
+    x = make_x()
     num_classes = x.shape[axis]
     if class_weight is None:
         w = jnp.ones((num_classes,), x.dtype)
     else:
         w = class_weight.astype(x.dtype)
-    weighted_x, abs_weight = shards.sum(
-        (jnp.tensordot(x, w, axes=([axis], [0])), jnp.sum(jnp.abs(w)))
-    )
+    if not low_precision:
+        weighted_x = jnp.tensordot(x, w, axes=([axis], [0]))
+    elif class_weight is None:
+        weighted_x = jnp.sum(x, axis=axis)
+    else:
+        weighted_x = jnp.sum(x * along_axis(w, x.ndim, axis), axis=axis)
+    weighted_x, abs_weight = shards.sum((weighted_x, jnp.sum(jnp.abs(w))))
     fast = total_weight * lse - weighted_x
     scale = jnp.abs(lse) * abs_weight
     trusted = jnp.all(jnp.isfinite(fast) & (scale <= 64.0 * jnp.abs(fast)))
     return lax.cond(trusted, lambda: fast, exact)
+
+
+def _shield(x: jax.Array, tag: int) -> jax.Array:
+    """``x`` behind an optimization barrier that copies nothing.
+
+    XLA's CPU backend fuses the float32 upcast of 16-bit logits into a
+    reduction only when that reduction is the sole user of the logits (and
+    identical upcasts are merged). Other readers go through distinct barriers
+    (the tag keeps XLA from merging them) so that each reduction keeps its
+    upcast fused instead of sharing a stored float32 copy.
+    """
+    return lax.optimization_barrier((x, jnp.asarray(tag, jnp.int32)))[0]
 
 
 def _forward(
@@ -195,7 +221,7 @@ def _forward(
     # that reduction is the sole user of the logits: the gather of the target
     # logits and the fallback branch read them through an optimization barrier
     # (which copies nothing), and the gathered N values are transformed alone.
-    shielded = lax.optimization_barrier(logits)
+    shielded = _shield(logits, 1)
     local_target, here = shards.localise(target, logits.shape[axis])
     index = target_index(local_target, axis)
     x_target = capped_logits(shielded[index], soft_cap)
@@ -204,7 +230,7 @@ def _forward(
     x_target = shards.pick(x_target, here)
 
     def again(shield=False):
-        return transformed(lax.optimization_barrier(shielded) if shield else shielded)
+        return transformed(_shield(shielded, 2) if shield else shielded)
 
     shift, log_sum = _shift_and_log_sum(
         lambda: transformed(logits), again, x_target, axis, shards
@@ -215,11 +241,13 @@ def _forward(
     nll = (shift - x_target) + log_sum
     if not smoothing:
         return lse, nll, jnp.zeros_like(lse)
-    x = transformed(logits)
-    total_weight = _total_weight(class_weight, class_mask, x, axis, shards)
+    shape = jax.ShapeDtypeStruct(logits.shape, lse.dtype)
+    total_weight = _total_weight(class_weight, class_mask, shape, axis, shards)
     smooth = _smoothing_sum(
-        x, lse, class_weight, class_mask, total_weight, axis, shards
-    )
+        lambda: transformed(_shield(logits, 3)), again, lse,
+        class_weight, class_mask,
+        total_weight, axis, shards, low_precision=logits.dtype.itemsize == 2,
+    )  # fmt: skip
     return lse, nll, smooth
 
 
@@ -296,7 +324,7 @@ def _bwd(axis, smoothing, shards, residuals, cotangents):
     g_lse, g_nll, g_smooth = cotangents
     # Keeps the forward's exp-sum the only direct user of the logits, so that
     # XLA fuses the upcast of 16-bit logits there (see _forward).
-    logits = lax.optimization_barrier(logits)
+    logits = _shield(logits, 4)
     capped = capped_logits(logits, soft_cap)
     x = _masked(capped, class_mask)
     dtype = x.dtype

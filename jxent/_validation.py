@@ -69,10 +69,10 @@ def check_ignore_index(ignore_index: int) -> int:
     return int(ignore_index)
 
 
-def check_unit_interval(value: ArrayLike, name: str) -> jax.Array | float:
-    """Checks a scalar option that must lie in [0, 1] when its value is concrete.
+def _check_scalar_option(value, name: str, ok, allowed: str):
+    """A scalar option checked against ``ok`` when its value is concrete.
 
-    Traced values cannot be inspected and pass unchecked.
+    Traced values cannot be inspected: only their shape is checked.
     """
     if isinstance(value, jax.core.Tracer):
         if jnp.ndim(value) != 0:
@@ -80,10 +80,15 @@ def check_unit_interval(value: ArrayLike, name: str) -> jax.Array | float:
         return value
     arr = np.asarray(value)
     if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"`{name}` must be a real scalar in [0, 1], got {value!r}.")
-    if not 0.0 <= float(arr) <= 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1], got {float(arr)!r}.")
+        raise ValueError(f"`{name}` must be a real scalar ({allowed}), got {value!r}.")
+    if not ok(float(arr)):
+        raise ValueError(f"`{name}` must be {allowed}, got {float(arr)!r}.")
     return value if isinstance(value, jax.Array) else float(arr)
+
+
+def check_unit_interval(value: ArrayLike, name: str) -> ArrayLike:
+    """A scalar option in [0, 1] (checked when concrete)."""
+    return _check_scalar_option(value, name, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
 
 def check_weight(weight: ArrayLike | None, num_classes: int) -> jax.Array | None:
@@ -142,35 +147,15 @@ def check_concrete_target_range(
 
 
 def check_nonnegative(value: ArrayLike, name: str) -> ArrayLike:
-    """A scalar option that must be >= 0 when its value is concrete."""
-    if isinstance(value, jax.core.Tracer):
-        if jnp.ndim(value) != 0:
-            raise ValueError(f"`{name}` must be a scalar, got shape {value.shape}.")
-        return value
-    arr = np.asarray(value)
-    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"`{name}` must be a real scalar >= 0, got {value!r}.")
-    if not float(arr) >= 0.0:
-        raise ValueError(f"`{name}` must be >= 0, got {float(arr)!r}.")
-    return value
+    """A scalar option that must be >= 0 (checked when concrete)."""
+    return _check_scalar_option(value, name, lambda v: v >= 0.0, ">= 0")
 
 
 def check_soft_cap(soft_cap: ArrayLike | None) -> ArrayLike | None:
     """``soft_cap`` is None or a scalar > 0 (checked when concrete)."""
     if soft_cap is None:
         return None
-    if isinstance(soft_cap, jax.core.Tracer):
-        if jnp.ndim(soft_cap) != 0:
-            raise ValueError(
-                f"`soft_cap` must be a scalar, got shape {soft_cap.shape}."
-            )
-        return soft_cap
-    arr = np.asarray(soft_cap)
-    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"`soft_cap` must be None or a scalar > 0, got {soft_cap!r}.")
-    if not float(arr) > 0.0:
-        raise ValueError(f"`soft_cap` must be None or > 0, got {float(arr)!r}.")
-    return soft_cap
+    return _check_scalar_option(soft_cap, "soft_cap", lambda v: v > 0.0, "None or > 0")
 
 
 def check_class_mask(

@@ -16,6 +16,7 @@ passes over the logits stay few:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -101,15 +102,21 @@ def _row_split(num_rows: int, num_classes: int) -> int:
     return split
 
 
-def _sum_exp_shifted(x, shift, axis):
-    """``Σ exp(x - shift)`` over ``axis`` (``shift`` has the kept axis)."""
-    split = _row_split(x.size // max(x.shape[axis], 1), x.shape[axis])
-    if axis != x.ndim - 1 or split == 1 or jax.default_backend() != "cpu":
-        return jnp.sum(jnp.exp(x - shift), axis=axis)
-    rows = x.reshape(-1, x.shape[-1] // split)
+def _sum_exp_shifted(make_x, shift, axis, shape):
+    """``Σ exp(x - shift)`` over ``axis`` (``shift`` has the kept axis).
+
+    ``make_x(rows)`` builds the transformed logits, reshaped to ``rows`` when
+    given (the reshape happens on the raw logits, behind a barrier, so that
+    XLA reduces a genuinely 2-D array: fused into the reduction, the split is
+    lost again).
+    """
+    split = _row_split(math.prod(shape) // max(shape[axis], 1), shape[axis])
+    if axis != len(shape) - 1 or split == 1 or jax.default_backend() != "cpu":
+        return jnp.sum(jnp.exp(make_x() - shift), axis=axis)
+    rows = make_x((-1, shape[-1] // split))
     row_shift = jnp.repeat(shift.reshape(-1), split).reshape(-1, 1)
     partial_sums = jnp.sum(jnp.exp(rows - row_shift), axis=-1)
-    return jnp.sum(partial_sums.reshape(*x.shape[:-1], split), axis=-1)
+    return jnp.sum(partial_sums.reshape(*shape[:-1], split), axis=-1)
 
 
 def _row_max(x, axis, shards):
@@ -118,7 +125,7 @@ def _row_max(x, axis, shards):
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def _shift_and_log_sum(make_x, make_x_again, x_target, axis, shards):
+def _shift_and_log_sum(make_x, make_x_again, x_target, axis, shards, shape):
     """A per-position shift ``s`` and ``log Σ_c exp(x_c - s)`` (sum: the lse).
 
     The shift is the target's logit, which saves the pass that finds the row
@@ -131,11 +138,12 @@ def _shift_and_log_sum(make_x, make_x_again, x_target, axis, shards):
     (so every device takes the same branch).
     """
     shift = jnp.expand_dims(x_target, axis)
-    log_sum = jnp.log(shards.sum(_sum_exp_shifted(make_x(), shift, axis)))
+    log_sum = jnp.log(shards.sum(_sum_exp_shifted(make_x, shift, axis, shape)))
 
     def with_row_max():
         m = _row_max(make_x_again(shield=True), axis, shards)
-        log_sum = jnp.log(shards.sum(_sum_exp_shifted(make_x_again(), m, axis)))
+        sum_exp = _sum_exp_shifted(make_x_again, m, axis, shape)
+        log_sum = jnp.log(shards.sum(sum_exp))
         return jnp.squeeze(m, axis), log_sum
 
     # One sum instead of all(isfinite): it is finite iff every entry is (the
@@ -210,8 +218,12 @@ def _shield(x: jax.Array, tag: int) -> jax.Array:
 def _forward(
     logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards
 ):
-    def transformed(logits):
-        return _masked(capped_logits(logits, soft_cap), class_mask)
+    def transformed(source, rows=None):
+        mask = class_mask
+        if rows is not None:
+            source = _shield(source.reshape(rows), 5)
+            mask = None if mask is None else mask.reshape(rows)
+        return _masked(capped_logits(source, soft_cap), mask)
 
     # XLA fuses the upcast of 16-bit logits into the exp-sum reduction only if
     # that reduction is the sole user of the logits: the gather of the target
@@ -225,11 +237,16 @@ def _forward(
         x_target = jnp.where(class_mask[index], x_target, -jnp.inf)
     x_target = shards.pick(x_target, here)
 
-    def again(shield=False):
-        return transformed(_shield(shielded, 2) if shield else shielded)
+    def again(rows=None, shield=False):
+        return transformed(_shield(shielded, 2) if shield else shielded, rows)
 
     shift, log_sum = _shift_and_log_sum(
-        lambda: transformed(logits), again, x_target, axis, shards
+        lambda rows=None: transformed(logits, rows),
+        again,
+        x_target,
+        axis,
+        shards,
+        logits.shape,
     )
     lse = shift + log_sum
     # (s - x_t) + log Σ exp(x - s) keeps the digits that lse - x_t would lose

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jxent._kernels import along_axis
+
 REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -171,7 +173,7 @@ def check_class_mask(
     if mask.dtype != jnp.bool_:
         raise TypeError(f"`where` must be a boolean array, got dtype {mask.dtype}.")
     if mask.ndim == 1 and mask.shape[0] == shape[axis] and len(shape) > 1:
-        mask = along_axis_shape(mask, len(shape), axis)
+        mask = along_axis(mask, len(shape), axis)
     try:
         broadcast = np.broadcast_shapes(mask.shape, shape)
     except ValueError:
@@ -184,13 +186,6 @@ def check_class_mask(
     if mask.ndim < len(shape):
         mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
     return jnp.broadcast_to(mask, shape)
-
-
-def along_axis_shape(vector: jax.Array, ndim: int, axis: int) -> jax.Array:
-    """Reshapes a 1-D array to rank ``ndim`` with its entries on ``axis``."""
-    new_shape = [1] * ndim
-    new_shape[axis] = vector.shape[0]
-    return vector.reshape(new_shape)
 
 
 def check_bool(value: object, name: str) -> bool:

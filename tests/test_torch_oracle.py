@@ -71,16 +71,15 @@ def _ignore_setup(target, variant, seed):
     return target, 1
 
 
-@functools.partial(jax.jit, static_argnames=("options",))
-def _all_reductions(logits, target, weight, cotangent, options):
+@functools.partial(jax.jit, static_argnames=("loss_fn", "options"))
+def _all_reductions(logits, target, weight, cotangent, options, loss_fn=None):
     """Values and vector-Jacobian products for the three reductions at once."""
+    loss_fn = jxent.cross_entropy if loss_fn is None else loss_fn
     opts = dict(options)
     out = {}
     for reduction in REDUCTIONS:
         loss, vjp = jax.vjp(
-            lambda x, r=reduction: jxent.cross_entropy(
-                x, target, weight, reduction=r, **opts
-            ),
+            lambda x, r=reduction: loss_fn(x, target, weight, reduction=r, **opts),
             logits,
         )
         ct = cotangent if reduction == "none" else jnp.ones((), loss.dtype)
@@ -178,22 +177,6 @@ def test_probability_targets_match_torch(layout, weighted, smoothing):
         _check("cross_entropy probabilities", got[reduction], want)
 
 
-@functools.partial(jax.jit, static_argnames=("options",))
-def _nll_all_reductions(log_probs, target, weight, cotangent, options):
-    opts = dict(options)
-    out = {}
-    for reduction in REDUCTIONS:
-        loss, vjp = jax.vjp(
-            lambda x, r=reduction: jxent.nll_loss(
-                x, target, weight, reduction=r, **opts
-            ),
-            log_probs,
-        )
-        ct = cotangent if reduction == "none" else jnp.ones((), loss.dtype)
-        out[reduction] = (loss, vjp(ct)[0])
-    return out
-
-
 NLL_GRID = list(itertools.product(LAYOUTS, (False, True), IGNORE))
 
 
@@ -211,8 +194,13 @@ def test_nll_loss_matches_torch(layout, weighted, ignore):
     weight = weight if weighted else None
     cotangent = np.random.default_rng(seed).normal(size=target.shape)
     options = (("ignore_index", ignore_index), ("axis", axis))
-    got = _nll_all_reductions(
-        log_probs, target, weight, cotangent.astype(np.float32), options
+    got = _all_reductions(
+        log_probs,
+        target,
+        weight,
+        cotangent.astype(np.float32),
+        options,
+        loss_fn=jxent.nll_loss,
     )
     for reduction in REDUCTIONS:
         loss, grad = torch_nll_loss(

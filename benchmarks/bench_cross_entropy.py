@@ -57,8 +57,8 @@ AUTO_REPEATS = {"big": 15, "small": 30, "quick": 3}
 JXENT, JXENT_W = "jxent", "jxent_weighted"
 OPTAX, PLAIN = "optax", "plain_jax"
 TORCH, TORCH_W = "torch", "torch_weighted"
-FLOOR = "floor"
-CONTENDERS = (JXENT, JXENT_W, OPTAX, PLAIN, TORCH, TORCH_W, FLOOR)
+FLOOR, FLOOR_IN_PLACE = "floor", "floor_in_place"
+CONTENDERS = (JXENT, JXENT_W, OPTAX, PLAIN, TORCH, TORCH_W, FLOOR, FLOOR_IN_PLACE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +295,26 @@ def copy_floor(x: jax.Array) -> jax.Array:
     return x + 1
 
 
+def in_place_floor(x: jax.Array) -> Contender:
+    """The copy floor written into a donated buffer that was touched before.
+
+    The difference to the copy floor is what a fresh N×C output costs beyond
+    the memory traffic: the operating system maps and zeroes its pages on first
+    touch. Every contender's gradient is such a fresh buffer.
+    """
+    compiled = jax.jit(copy_floor, donate_argnums=0).lower(x).compile()
+    buffers: list[jax.Array] = []
+
+    def reset() -> None:
+        buffers.append(jax.block_until_ready(jnp.copy(x)))
+
+    return Contender(
+        FLOOR_IN_PLACE,
+        call=lambda: jax.block_until_ready(compiled(buffers.pop())),
+        reset=reset,
+    )
+
+
 def memory_of(compiled: Any) -> dict[str, int] | None:
     """``memory_analysis()`` of a compiled program as plain ints, if available."""
     try:
@@ -367,6 +387,8 @@ def build_contenders(inputs: Inputs, grad: bool, use_torch: bool) -> list[Conten
         ]
     floor = copy_floor if grad else read_floor
     contenders.append(jax_contender(FLOOR, floor, (x,), grad=False))
+    if grad:
+        contenders.append(in_place_floor(x))
     return contenders
 
 
@@ -431,6 +453,13 @@ def ratio(stats: dict[str, dict[str, float]], a: str, b: str) -> float | None:
     return stats[a]["median_ms"] / stats[b]["median_ms"]
 
 
+def first_touch_ms(stats: dict[str, dict[str, float]]) -> float | None:
+    """Copy floor minus the in-place copy: the cost of a fresh N×C output."""
+    if FLOOR_IN_PLACE not in stats:
+        return None
+    return stats[FLOOR]["median_ms"] - stats[FLOOR_IN_PLACE]["median_ms"]
+
+
 def run_case(inputs: Inputs, grad: bool, config: Config) -> dict[str, Any]:
     """Times every contender on one shape × dtype × pass; returns the row."""
     n, c = inputs.x.shape
@@ -453,6 +482,7 @@ def run_case(inputs: Inputs, grad: bool, config: Config) -> dict[str, Any]:
         "min_bytes": min_bytes,
         "floor_kind": "copy (x + 1)" if grad else "read (max x)",
         "floor_gbps": min_bytes / floor_s / 1e9,
+        "first_touch_ms": first_touch_ms(stats),
         "jxent_gbps": min_bytes / (stats[JXENT]["median_ms"] / 1e3) / 1e9,
         "stats": stats,
         "ratios": {
@@ -556,6 +586,27 @@ def main_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def first_touch_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """fwd+bwd rows: how much of each time is the fresh gradient's first touch."""
+    lines = [
+        "| N | C | dtype | copy floor | in-place copy | first touch | jxent "
+        "| optax | torch | jxent/optax | same, first touch taken off both |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        touch = r.get("first_touch_ms")
+        if touch is None:
+            continue
+        jx, ox = median_of(r, JXENT), median_of(r, OPTAX)
+        beyond = None if ox is None or ox <= touch else (jx - touch) / (ox - touch)
+        cells = [str(r["n"]), str(r["c"]), r["dtype"]]
+        cells += [fmt(median_of(r, k)) for k in (FLOOR, FLOOR_IN_PLACE)]
+        cells += [fmt(touch), fmt(jx), fmt(ox), fmt(median_of(r, TORCH))]
+        cells += [fmt(r["ratios"]["jxent/optax"], ".2f"), fmt(beyond, ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def spread_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     """One line per case and contender: median, min, quartiles, compile time."""
     lines = [
@@ -627,6 +678,16 @@ def render_markdown(result: dict[str, Any]) -> str:
         "## Medians and ratios (lower is better for jxent)",
         "",
         *main_table(result["rows"]),
+        "",
+        "## fwd+bwd: the fresh gradient buffer",
+        "",
+        "The gradient is a new N×C buffer on every call, for every contender. "
+        "`in-place copy` is the copy floor written into a donated buffer touched "
+        "before; `first touch` = copy floor − in-place copy is what mapping and "
+        "zeroing the fresh pages costs (ms). The last column compares what is "
+        "left once that shared cost is taken off jxent and optax.",
+        "",
+        *first_touch_table(result["rows"]),
         "",
         "## Spread",
         "",

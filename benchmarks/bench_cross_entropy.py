@@ -73,6 +73,13 @@ class Config:
     torch_threads: int | None = None  # None: torch's default
     seed: int = 0
     quick: bool = False
+    calls_per_sample: int | None = None  # None: 1 on CPU, 20 on accelerators
+
+    def calls(self) -> int:
+        """Calls timed together per sample (amortises dispatch on accelerators)."""
+        if self.calls_per_sample is not None:
+            return self.calls_per_sample
+        return 1 if jax.default_backend() == "cpu" else 20
 
     def repeats_for(self, n: int, c: int) -> int:
         """Timed repeats for an (n, c) case: the explicit count, else by size."""
@@ -85,10 +92,10 @@ class Config:
 
 @dataclasses.dataclass
 class Contender:
-    """One timed callable; ``call`` blocks until its result is ready."""
+    """One timed callable: ``call(k)`` runs it k times, then blocks on the last."""
 
     name: str
-    call: Callable[[], Any]
+    call: Callable[[int], Any]
     reset: Callable[[], None] | None = None  # untimed, before every call
     compile_s: float | None = None
     memory: dict[str, int] | None = None
@@ -194,6 +201,7 @@ def environment(config: Config) -> dict[str, Any]:
         "torch": torch_info,
         "quick": config.quick,
         "warmup": config.warmup,
+        "calls_per_sample": config.calls(),
         "repeats": {f"{n}x{c}": config.repeats_for(n, c) for n, c in config.shapes},
         "label_smoothing": LABEL_SMOOTHING,
         "ignore_fraction": IGNORE_FRACTION,
@@ -308,11 +316,13 @@ def in_place_floor(x: jax.Array) -> Contender:
     def reset() -> None:
         buffers.append(jax.block_until_ready(jnp.copy(x)))
 
-    return Contender(
-        FLOOR_IN_PLACE,
-        call=lambda: jax.block_until_ready(compiled(buffers.pop())),
-        reset=reset,
-    )
+    def call(k: int) -> Any:
+        out = buffers.pop()
+        for _ in range(k):
+            out = compiled(out)  # each call donates the previous result
+        return jax.block_until_ready(out)
+
+    return Contender(FLOOR_IN_PLACE, call=call, reset=reset)
 
 
 def memory_of(compiled: Any) -> dict[str, int] | None:
@@ -335,9 +345,15 @@ def jax_contender(
     start = time.perf_counter()
     compiled = jax.jit(program).lower(*args).compile()
     compile_s = time.perf_counter() - start
+
+    def call(k: int) -> Any:
+        for _ in range(k):
+            out = compiled(*args)
+        return jax.block_until_ready(out)
+
     return Contender(
         name,
-        call=lambda: jax.block_until_ready(compiled(*args)),
+        call=call,
         compile_s=compile_s,
         memory=memory_of(compiled),
     )
@@ -357,10 +373,13 @@ def torch_contender(name: str, inputs: Inputs, weighted: bool, grad: bool) -> Co
         }
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
-    def call() -> Any:
-        loss = F.cross_entropy(x, target, **kwargs)
-        if grad:
-            loss.backward()
+    def call(k: int) -> Any:
+        for _ in range(k):
+            if grad:
+                tt["x"].grad = None
+            loss = F.cross_entropy(x, target, **kwargs)
+            if grad:
+                loss.backward()
         sync()
         return loss
 
@@ -397,19 +416,22 @@ def build_contenders(inputs: Inputs, grad: bool, use_torch: bool) -> list[Conten
 # --------------------------------------------------------------------------- #
 
 
-def timed_call(contender: Contender) -> float:
-    """Seconds for one blocking call; resets and frees happen outside the clock."""
+def timed_call(contender: Contender, calls: int = 1) -> float:
+    """Seconds per call over ``calls`` back-to-back calls and one final wait.
+
+    Resets and frees happen outside the clock.
+    """
     if contender.reset is not None:
         contender.reset()
     start = time.perf_counter()
-    out = contender.call()
+    out = contender.call(calls)
     elapsed = time.perf_counter() - start
     del out
-    return elapsed
+    return elapsed / calls
 
 
 def time_interleaved(
-    contenders: Sequence[Contender], repeats: int, warmup: int
+    contenders: Sequence[Contender], repeats: int, warmup: int, calls: int = 1
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """First-call times, then ``repeats`` round-robin rounds after warm-up.
 
@@ -419,7 +441,7 @@ def time_interleaved(
     first = {c.name: timed_call(c) for c in contenders}
     for _ in range(warmup):
         for c in contenders:
-            timed_call(c)
+            timed_call(c, calls)
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     gc.collect()
     gc.disable()
@@ -427,7 +449,7 @@ def time_interleaved(
         for r in range(repeats):
             k = r % len(contenders)
             for c in [*contenders[k:], *contenders[:k]]:
-                times[c.name].append(timed_call(c))
+                times[c.name].append(timed_call(c, calls))
     finally:
         gc.enable()
     return first, times
@@ -467,7 +489,7 @@ def run_case(inputs: Inputs, grad: bool, config: Config) -> dict[str, Any]:
     use_torch = config.use_torch and bool(inputs.torch)
     contenders = build_contenders(inputs, grad, use_torch)
     repeats = config.repeats_for(n, c)
-    first, times = time_interleaved(contenders, repeats, config.warmup)
+    first, times = time_interleaved(contenders, repeats, config.warmup, config.calls())
     stats = {name: summarize(ts) for name, ts in times.items()}
     array_bytes = n * c * itemsize
     min_bytes = 2 * array_bytes if grad else array_bytes
@@ -667,7 +689,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{fmt(env.get('wall_s'), '.0f')} s",
         f"- jax {v['jax']}, jaxlib {v['jaxlib']}, optax {v['optax']}, "
         f"numpy {v['numpy']}; torch {torch_line}",
-        f"- repeats per case: {repeats}; warm-up {env['warmup']}; "
+        f"- repeats per case: {repeats} (each the mean of "
+        f"{env.get('calls_per_sample', 1)} back-to-back calls); "
+        f"warm-up {env['warmup']}; "
         "contenders interleaved round-robin; times are medians in ms",
         "- floor: forward = one read of the logits (`max x`); fwd+bwd = read + "
         "write of an N×C buffer (`x + 1`). min MB = bytes any version must move.",
@@ -782,6 +806,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="torch.set_num_threads for CPU torch (default: torch's own default)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--calls-per-sample",
+        type=int,
+        help="back-to-back calls timed as one sample (default 1 on CPU, 20 on "
+        "GPU/TPU, where a single call is mostly dispatch)",
+    )
     return p.parse_args(argv)
 
 
@@ -795,6 +825,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         torch_threads=args.torch_threads,
         seed=args.seed,
         quick=args.quick,
+        calls_per_sample=args.calls_per_sample,
     )
 
 

@@ -5,9 +5,13 @@ Everything that touches an array of logits size lives here. The losses in
 autodiff handles weights, smoothing, z-loss, masks and reductions, while the
 passes over the logits stay few:
 
-* forward: one reduction for the row maximum and one for the sum of
-  exponentials (which also carries the smoothing sum when it is needed), plus a
-  gather of one element per row;
+* forward on the CPU: one reduction for the sum of exponentials shifted by the
+  target's logit (the row maximum only when that overflows), a matrix-vector
+  product for the smoothing sum when it is needed, and a gather of one element
+  per row;
+* forward on accelerators: one variadic reduction that carries the running
+  maximum, the rescaled sum of exponentials and the smoothing sum together (no
+  data-dependent branch, which would make the device wait for the host);
 * backward: one fused elementwise pass that recomputes the softmax from the
   saved logsumexp (nothing of logits size is saved) and subtracts the one-hot
   target term in the same pass.
@@ -119,6 +123,11 @@ def _sum_exp_shifted(make_x, shift, axis, shape):
     return jnp.sum(partial_sums.reshape(*shape[:-1], split), axis=-1)
 
 
+def _scaled_log(weight_sum, log_sum):
+    """``weight_sum · log_sum``, 0 where the weight sum is 0."""
+    return jnp.where(weight_sum == 0, 0.0, weight_sum * log_sum)
+
+
 def _row_max(x, axis, shards):
     """The row maximum over all classes (kept axis), non-finite ones as 0."""
     m = shards.max(jnp.max(x, axis=axis, keepdims=True))
@@ -226,6 +235,110 @@ def _bfloat16_class_dot(logits: jax.Array, w: jax.Array, axis: int) -> jax.Array
     return jnp.sum(by_part, axis=-1)
 
 
+# None: the one-pass reduction on accelerators, the shifted sums on the CPU
+# (where XLA runs variadic reductions several times slower). Tests set it.
+_ONE_PASS: bool | None = None
+
+
+def _use_one_pass() -> bool:
+    return jax.default_backend() != "cpu" if _ONE_PASS is None else _ONE_PASS
+
+
+def _two_pass_stats(x, w, axis, shards, smoothing):
+    """What ``_one_pass_stats`` computes, in plain differentiable steps.
+
+    Gives the one-pass statistics their derivatives (JAX cannot differentiate
+    a variadic reduction): used only by higher-order differentiation.
+    """
+    m = shards.max(jnp.max(x, axis=axis))
+    m_kept = jnp.expand_dims(jnp.where(jnp.isfinite(m), m, 0.0), axis)
+    log_sum = jnp.log(shards.sum(jnp.sum(jnp.exp(x - m_kept), axis=axis)))
+    log_sum = log_sum + jnp.squeeze(m_kept, axis) - m
+    if not smoothing:
+        return m, log_sum, jnp.zeros_like(m), jnp.zeros_like(m)
+    weight = jnp.broadcast_to(1.0 if w is None else w, x.shape).astype(x.dtype)
+    gap = jnp.where(weight == 0, 0.0, weight * (jnp.expand_dims(m, axis) - x))
+    gaps = shards.sum(jnp.sum(gap, axis=axis))
+    return m, log_sum, gaps, shards.sum(jnp.sum(weight, axis=axis))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _one_pass_stats(x, w, axis, shards, smoothing):
+    """``(m, log Σ exp(x - m), Σ w (m - x), Σ w)`` in one variadic reduction.
+
+    ``m`` is the row maximum, found on the way: each partial result carries
+    its own maximum and sums relative to it, and two partial results combine
+    by rescaling to the larger maximum (the sums of ``w (m - x)`` grow by
+    ``(m' - m) Σ w``). Every term is >= 0, so nothing cancels. ``w`` is None
+    (all ones) or broadcasts against ``x``; masked classes have ``x = -inf``
+    and ``w = 0``. Without ``smoothing`` the last two are zeros.
+    """
+
+    # Two partial results combine at the larger maximum: the other one's sum
+    # is rescaled by exp(-|gap|) (one exp per combination) and its gap sum
+    # grows by its weight sum times |gap|. Equal maxima (also both ±inf,
+    # where the gap would be NaN) leave both as they are; an empty part (zero
+    # sum or weight) adds 0.
+    def combine(a, b):
+        m = jnp.maximum(a[0], b[0])
+        same = a[0] == b[0]
+        gap = jnp.where(same, 0.0, jnp.abs(a[0] - b[0]))
+        factor = jnp.exp(-gap)
+        a_top = a[0] >= b[0]
+        low_sum = jnp.where(a_top, b[1], a[1])
+        low_sum = jnp.where(low_sum == 0, 0.0, low_sum * factor)
+        out = (m, jnp.where(a_top, a[1], b[1]) + low_sum)
+        if smoothing:
+            low_weight = jnp.where(a_top, b[3], a[3])
+            growth = jnp.where((low_weight == 0) | same, 0.0, low_weight * gap)
+            out = (*out, a[2] + b[2] + growth, a[3] + b[3])
+        return out
+
+    def rescaled(total, m_from, m_to):
+        factor = jnp.where(m_from == m_to, 1.0, jnp.exp(m_from - m_to))
+        return jnp.where(total == 0, 0.0, total * factor)
+
+    def grown(gap_sum, weight_sum, m_from, m_to):
+        growth = jnp.where(m_from == m_to, 0.0, weight_sum * (m_to - m_from))
+        return gap_sum + jnp.where(weight_sum == 0, 0.0, growth)
+
+    zero = jnp.zeros((), x.dtype)
+    operands = [x, (x > -jnp.inf).astype(x.dtype)]
+    inits = [jnp.asarray(-jnp.inf, x.dtype), zero]
+    if smoothing:
+        weight = jnp.broadcast_to(1.0 if w is None else w, x.shape).astype(x.dtype)
+        operands += [jnp.zeros_like(x), weight]
+        inits += [zero, zero]
+    parts = lax.reduce(operands, inits, combine, (axis,))
+    if shards.sharded:
+        m = shards.max(parts[0])
+        parts = (
+            m,
+            shards.sum(rescaled(parts[1], parts[0], m)),
+            *(
+                (
+                    shards.sum(grown(parts[2], parts[3], parts[0], m)),
+                    shards.sum(parts[3]),
+                )
+                if smoothing
+                else ()
+            ),
+        )
+    m, sum_exp = parts[0], parts[1]
+    if not smoothing:
+        return m, jnp.log(sum_exp), jnp.zeros_like(m), jnp.zeros_like(m)
+    return m, jnp.log(sum_exp), parts[2], parts[3]
+
+
+@_one_pass_stats.defjvp
+def _one_pass_stats_jvp(axis, shards, smoothing, primals, tangents):
+    out = _one_pass_stats(*primals, axis, shards, smoothing)
+    stats = functools.partial(
+        _two_pass_stats, axis=axis, shards=shards, smoothing=smoothing
+    )
+    return out, jax.jvp(stats, primals, tangents)[1]
+
+
 def _shield(x: jax.Array, tag: int) -> jax.Array:
     """``x`` behind an optimization barrier that copies nothing.
 
@@ -262,6 +375,21 @@ def _forward(
 
     def again(rows=None, shield=False):
         return transformed(_shield(shielded, 2) if shield else shielded, rows)
+
+    if _use_one_pass():
+        w = None
+        if smoothing:
+            w = _smoothing_weights(
+                class_weight, class_mask, logits.ndim, axis, x_target.dtype
+            )
+        m, log_sum, gaps, total_weight = _one_pass_stats(
+            transformed(logits), w, axis, shards, smoothing
+        )
+        lse = m + log_sum
+        nll = (m - x_target) + log_sum
+        # Σ w (lse - x) = Σ w (m - x) + Σ w · log Σ exp(x - m)
+        smooth = gaps + _scaled_log(total_weight, log_sum) if smoothing else gaps
+        return lse, nll, smooth
 
     shift, log_sum = _shift_and_log_sum(
         lambda rows=None: transformed(logits, rows),

@@ -1,7 +1,9 @@
 """Benchmark ``jxent.cross_entropy`` against optax, plain JAX, torch and memory floors.
 
-One process, contenders interleaved round-robin within every repeat, medians of
-many repeats after warm-up; compilation is timed separately. Writes
+One process, every contender once per round in a fresh random order, medians of
+many rounds after warm-up; compilation is timed separately. torch's OpenMP
+threads are told to sleep when idle (``OMP_WAIT_POLICY=PASSIVE``, unless set):
+spinning, they take the cores from whichever contender runs next. Writes
 ``results.md``, ``results.json`` and ``time_vs_C.png`` to ``--out-dir``
 (default ``benchmarks/results/<device-kind>``). See ``benchmarks/README.md``.
 
@@ -27,6 +29,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+# Before torch loads its OpenMP runtime (see the module docstring).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax
 import jax.numpy as jnp
@@ -433,10 +438,11 @@ def timed_call(contender: Contender, calls: int = 1) -> float:
 def time_interleaved(
     contenders: Sequence[Contender], repeats: int, warmup: int, calls: int = 1
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """First-call times, then ``repeats`` round-robin rounds after warm-up.
+    """First-call times, then ``repeats`` rounds after warm-up.
 
-    Each round calls every contender once, starting one further along than the
-    round before, so slow drifts of the machine hit all contenders alike.
+    Each round calls every contender once in a fresh random order (seeded), so
+    slow drifts of the machine and whatever one contender leaves behind (busy
+    threads, dirty caches) hit all contenders alike.
     """
     first = {c.name: timed_call(c) for c in contenders}
     for _ in range(warmup):
@@ -446,9 +452,10 @@ def time_interleaved(
     gc.collect()
     gc.disable()
     try:
-        for r in range(repeats):
-            k = r % len(contenders)
-            for c in [*contenders[k:], *contenders[:k]]:
+        order = np.random.default_rng(0)
+        for _ in range(repeats):
+            for i in order.permutation(len(contenders)):
+                c = contenders[i]
                 times[c.name].append(timed_call(c, calls))
     finally:
         gc.enable()
@@ -692,7 +699,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"- repeats per case: {repeats} (each the mean of "
         f"{env.get('calls_per_sample', 1)} back-to-back calls); "
         f"warm-up {env['warmup']}; "
-        "contenders interleaved round-robin; times are medians in ms",
+        "contenders interleaved in a random order per round; torch's "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+        "times are medians in ms",
         "- floor: forward = one read of the logits (`max x`); fwd+bwd = read + "
         "write of an N×C buffer (`x + 1`). min MB = bytes any version must move.",
         f"- weighted = class weights + label_smoothing={LABEL_SMOOTHING} + "

@@ -54,14 +54,19 @@ def _losses_and_grads(logits, options):
     return out
 
 
-def _with_path(one_pass: bool, logits, options):
+def _on_path(one_pass: bool, fn, *args):
+    """``jax.jit(fn)(*args)`` traced on the one-pass path or the CPU path."""
     kernels._ONE_PASS = one_pass
     jax.clear_caches()  # the path is chosen at trace time
     try:
-        return jax.jit(lambda x: _losses_and_grads(x, options))(logits)
+        return jax.jit(fn)(*args)
     finally:
         kernels._ONE_PASS = None
         jax.clear_caches()
+
+
+def _with_path(one_pass: bool, logits, options):
+    return _on_path(one_pass, lambda x: _losses_and_grads(x, options), logits)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -83,3 +88,19 @@ def test_one_pass_smoothing_hits_impossible_class_with_inf():
     got = _with_path(True, MASKED, options)
     assert got["mean"][0] == jnp.inf
     assert np.all(np.isfinite(got["mean"][1]))
+
+
+def test_one_pass_with_classes_on_axis_one():
+    """torch's (N, C, d1) layout: the reduction runs over a middle axis."""
+    logits = jnp.asarray(RNG.normal(scale=2.0, size=(2, 5, 3)), jnp.float32)
+    target = jnp.asarray([[0, 4, -100], [2, 1, 3]])
+
+    def loss(x):
+        return jxent.cross_entropy(
+            x, target, WEIGHT, axis=1, label_smoothing=0.1, z_loss=1e-3
+        )
+
+    want, want_grad = _on_path(False, jax.value_and_grad(loss), logits)
+    got, got_grad = _on_path(True, jax.value_and_grad(loss), logits)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=2e-6, atol=1e-7)

@@ -267,7 +267,6 @@ def _two_pass_stats(x, w, axis, shards, smoothing):
     m = shards.max(jnp.max(x, axis=axis))
     m_kept = jnp.expand_dims(jnp.where(jnp.isfinite(m), m, 0.0), axis)
     log_sum = jnp.log(shards.sum(jnp.sum(jnp.exp(x - m_kept), axis=axis)))
-    log_sum = log_sum + jnp.squeeze(m_kept, axis) - m
     if not smoothing:
         return m, log_sum, jnp.zeros_like(m), jnp.zeros_like(m)
     weight = jnp.broadcast_to(1.0 if w is None else w, x.shape).astype(x.dtype)
@@ -283,9 +282,10 @@ def _one_pass_stats(x, w, axis, shards, smoothing):
     ``m`` is the row maximum, found on the way: each partial result carries
     its own maximum and sums relative to it, and two partial results combine
     by rescaling to the larger maximum (the sums of ``w (m - x)`` grow by
-    ``(m' - m) Σ w``). Every term is >= 0, so nothing cancels. ``w`` is None
-    (all ones) or broadcasts against ``x``; masked classes have ``x = -inf``
-    and ``w = 0``. Without ``smoothing`` the last two are zeros.
+    ``(m' - m) Σ w``); with class shards the shards' results combine alike.
+    Every term is >= 0, so nothing cancels. ``w`` is None (all ones) or
+    broadcasts against ``x``; masked classes have ``x = -inf`` and ``w = 0``.
+    Without ``smoothing`` the last two are zeros.
     """
 
     # Two partial results combine at the larger maximum: the other one's sum
@@ -308,14 +308,6 @@ def _one_pass_stats(x, w, axis, shards, smoothing):
             out = (*out, a[2] + b[2] + growth, a[3] + b[3])
         return out
 
-    def rescaled(total, m_from, m_to):
-        factor = jnp.where(m_from == m_to, 1.0, jnp.exp(m_from - m_to))
-        return jnp.where(total == 0, 0.0, total * factor)
-
-    def grown(gap_sum, weight_sum, m_from, m_to):
-        growth = jnp.where(m_from == m_to, 0.0, weight_sum * (m_to - m_from))
-        return gap_sum + jnp.where(weight_sum == 0, 0.0, growth)
-
     zero = jnp.zeros((), x.dtype)
     operands = [x, (x > -jnp.inf).astype(x.dtype)]
     inits = [jnp.asarray(-jnp.inf, x.dtype), zero]
@@ -325,19 +317,11 @@ def _one_pass_stats(x, w, axis, shards, smoothing):
         inits += [zero, zero]
     parts = lax.reduce(operands, inits, combine, (axis,))
     if shards.sharded:
+        # Each shard rescales its partial result to the global maximum (by
+        # combining it with an empty one there); then the sums add up.
         m = shards.max(parts[0])
-        parts = (
-            m,
-            shards.sum(rescaled(parts[1], parts[0], m)),
-            *(
-                (
-                    shards.sum(grown(parts[2], parts[3], parts[0], m)),
-                    shards.sum(parts[3]),
-                )
-                if smoothing
-                else ()
-            ),
-        )
+        at_max = combine((m, *(jnp.zeros_like(m) for _ in parts[1:])), parts)
+        parts = (m, *shards.sum(at_max[1:]))
     m, sum_exp = parts[0], parts[1]
     if not smoothing:
         return m, jnp.log(sum_exp), jnp.zeros_like(m), jnp.zeros_like(m)
@@ -526,8 +510,6 @@ def _bwd(axis, smoothing, shards, residuals, cotangents):
         tanh = capped / cap
         return 1 - tanh**2, tanh - (logits.astype(dtype) / cap) * (1 - tanh**2)
 
-    # d nll/dx has a -1 at the target: subtracted in the same fused pass,
-    # in the accumulation dtype, so p_t - 1 keeps its digits.
     # Rows with a zero cotangent (e.g. ignored rows) get exactly zero, even
     # when their logits are NaN or all -inf.
     coef_p = expand(coef_p)
@@ -535,9 +517,11 @@ def _bwd(axis, smoothing, shards, residuals, cotangents):
     if smoothing:
         full = full - expand(g_smooth) * (1.0 if w is None else w)
     one_hot = g_nll if not shards.sharded else jnp.where(here, g_nll, 0.0)
-    # For 32- and 64-bit outputs an in-place scatter of the N target entries
-    # is ~3% faster than the arithmetic one-hot (which is free for 16-bit
-    # outputs, where XLA's CPU backend has no in-place scatter).
+    # d nll/dx has a -1 at the target, applied in the accumulation dtype so
+    # that p_t - 1 keeps its digits: for 32- and 64-bit outputs an in-place
+    # scatter into the N target entries (~3% faster than the arithmetic
+    # one-hot there), else in the fused pass (XLA's CPU backend has no
+    # in-place 16-bit scatter).
     scatter = jnp.dtype(logits.dtype).itemsize >= 4 and cap is None
     if not scatter:
         full = full - expand(one_hot) * _one_hot(local_target, x.shape, axis, dtype)

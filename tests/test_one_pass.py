@@ -41,10 +41,8 @@ CASES = {
 
 
 def _losses_and_grads(logits, options):
-    target = jnp.where(jnp.arange(6) == 2, 3, TARGET) if "where" in options else TARGET
-
     def loss(x, reduction):
-        return jxent.cross_entropy(x, target, reduction=reduction, **options)
+        return jxent.cross_entropy(x, TARGET, reduction=reduction, **options)
 
     out = {}
     for reduction in ("none", "mean", "sum"):

@@ -7,20 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_batch import LOG_PROBS, LOGITS, PROBS, TARGET, WEIGHT
 
 import jxent
 
-LOGITS = jnp.array(
-    [[2.0, -1.0, 0.5], [0.1, 0.2, 0.3], [-3.0, 1.5, 0.0], [1.0, 1.0, -2.0]],
-    jnp.float32,
-)
-TARGET = jnp.array([0, 2, 1, 1], jnp.int32)
-PROBS = jnp.array(
-    [[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.25, 0.25, 0.5], [1 / 3, 1 / 3, 1 / 3]],
-    jnp.float32,
-)
-LOG_PROBS = jax.nn.log_softmax(LOGITS, axis=-1)
-WEIGHT = jnp.array([1.0, 2.0, 0.5], jnp.float32)
 # PyTorch layout (N, C, d): classes on axis 1.
 LOGITS_NCD = jnp.moveaxis(LOGITS.reshape(2, 2, 3), 2, 1)  # (2, 3, 2)
 TARGET_ND = jnp.array([[0, 2], [-100, 1]], jnp.int32)

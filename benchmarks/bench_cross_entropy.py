@@ -777,18 +777,26 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def write_report(
+    result: dict[str, Any],
+    out_dir: Path,
+    names: tuple[str, str, str],
+    render: Callable[[dict[str, Any]], str],
+    draw: Callable[[dict[str, Any], Path], None],
+) -> dict[str, Path]:
+    """Writes the markdown, JSON and PNG files ``names``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = dict(zip(("md", "json", "png"), (out_dir / n for n in names), strict=True))
+    paths["md"].write_text(render(result))
+    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    draw(result, paths["png"])
+    return paths
+
+
 def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Writes results.md, results.json and time_vs_C.png; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "md": out_dir / "results.md",
-        "json": out_dir / "results.json",
-        "png": out_dir / "time_vs_C.png",
-    }
-    paths["md"].write_text(render_markdown(result))
-    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, paths["png"])
-    return paths
+    names = ("results.md", "results.json", "time_vs_C.png")
+    return write_report(result, out_dir, names, render_markdown, plot)
 
 
 # --------------------------------------------------------------------------- #

@@ -44,6 +44,7 @@ from bench_cross_entropy import (
     load_average,
     memory_of,
     summarize,
+    write_report,
 )
 
 import jxent
@@ -983,16 +984,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Writes the table, the raw JSON and the plot; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "md": out_dir / "linear_results.md",
-        "json": out_dir / "linear_results.json",
-        "png": out_dir / "linear_memory_vs_V.png",
-    }
-    paths["md"].write_text(render_markdown(result))
-    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, paths["png"])
-    return paths
+    names = ("linear_results.md", "linear_results.json", "linear_memory_vs_V.png")
+    return write_report(result, out_dir, names, render_markdown, plot)
 
 
 # --------------------------------------------------------------------------- #

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Collection
+from typing import get_args
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,9 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jxent._kernels import along_axis
+from jxent._types import Reduction
 
-REDUCTIONS = ("none", "mean", "sum")
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 def is_concrete(x: object) -> bool:

@@ -22,9 +22,9 @@ from jxent._classification import cross_entropy, nll_loss
 from jxent._information import KL_REDUCTIONS, kl_div
 from jxent._validation import (
     REDUCTIONS,
+    check_bool,
     check_ignore_index,
     check_reduction,
-    check_bool,
     check_unit_interval,
     is_concrete,
 )
@@ -62,8 +62,11 @@ class _LossModule:
 
 
 def _check_label_smoothing_values(value: object) -> None:
-    """Every concrete entry in [0, 1] (a stacked module for ``vmap`` may hold
-    one value per member); traced values cannot be checked."""
+    """Raises unless every concrete entry is in [0, 1].
+
+    A stacked module (for ``vmap``) may hold one value per member; traced
+    values cannot be checked.
+    """
     if not is_concrete(value):
         return
     arr = np.asarray(value)
@@ -104,7 +107,8 @@ def _loss_pytree(cls: type) -> type:
 
     def unflatten(aux, children):
         obj = object.__new__(cls)
-        for name, value in (*zip(statics, aux), *zip(leaves, children)):
+        pairs = (*zip(statics, aux, strict=True), *zip(leaves, children, strict=True))
+        for name, value in pairs:
             object.__setattr__(obj, name, value)
         return obj
 

@@ -176,9 +176,11 @@ def soft_target_loss(
         lse = lse + m
     else:
         lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
-    lse_kept = lse
+    gap = lse - x  # -log p, +inf for a -inf logit
+    if where is not None:
+        gap = jnp.where(where, gap, 0.0)  # excluded classes: no term at all
     lse = jnp.squeeze(lse, axis)
-    loss = shards.sum(jnp.sum(mass_times_gap(q, w, lse_kept - x), axis=axis))
+    loss = shards.sum(jnp.sum(mass_times_gap(q, w, gap), axis=axis))
     if with_z_loss:
         loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(lse))
     return loss, lse

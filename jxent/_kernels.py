@@ -166,10 +166,10 @@ def _shift_and_log_sum(make_x, make_x_again, x_target, axis, shards, shape):
 
 
 def _smoothing_sum(
-    class_dot, num_classes, make_x_again, lse,
+    class_dot, num_classes, make_x_again, shift, log_sum,
     class_weight, class_mask, total_weight, axis, shards,
 ):  # fmt: skip
-    """``Σ_c w_c (lse - x_c)`` over included classes.
+    """``Σ_c w_c (lse - x_c)`` over included classes, ``lse = shift + log_sum``.
 
     Fast: ``(Σ_c w_c) · lse - x · w``, with ``x · w = class_dot(w)`` one
     matrix-vector product. Every term is >= 0, so the result is at least
@@ -177,8 +177,10 @@ def _smoothing_sum(
     from a zero weight on a ``-inf`` logit) or ``|lse| · Σ|w|`` is so large
     against the result that cancellation could cost digits. Otherwise the
     terms are summed one by one, from the row maximum so that none is
-    negative.
+    negative, and ``lse - max`` is formed as ``(shift - max) + log_sum``: the
+    rounding of a large ``lse`` costs no digits either.
     """
+    lse = shift + log_sum
 
     def exact():
         x = make_x_again()
@@ -197,7 +199,8 @@ def _smoothing_sum(
             weighted_gap = jnp.where(
                 jnp.abs(weighted_gap) >= big / 16, jnp.inf, weighted_gap
             )
-        return weighted_gap + total_weight * (lse - jnp.squeeze(m, axis))
+        lse_above_max = (shift - jnp.squeeze(m, axis)) + log_sum
+        return weighted_gap + total_weight * lse_above_max
 
     if class_mask is not None:
         return exact()
@@ -387,7 +390,7 @@ def _forward(
         return jnp.tensordot(x, w, axes=([axis], [0]))
 
     smooth = _smoothing_sum(
-        class_dot, logits.shape[axis], again, lse,
+        class_dot, logits.shape[axis], again, shift, log_sum,
         class_weight, class_mask,
         total_weight, axis, shards,
     )  # fmt: skip

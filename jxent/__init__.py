@@ -6,6 +6,7 @@ from jxent._information import entropy as entropy
 from jxent._information import kl_div as kl_div
 from jxent._linear import linear_cross_entropy as linear_cross_entropy
 from jxent._modules import CrossEntropyLoss as CrossEntropyLoss
+from jxent._modules import KLDivLoss as KLDivLoss
 from jxent._modules import NLLLoss as NLLLoss
 from jxent._runtime_checks import check_target as check_target
 from jxent._softmax import log_softmax as log_softmax
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropyLoss",
+    "KLDivLoss",
     "NLLLoss",
     "check_target",
     "cross_entropy",

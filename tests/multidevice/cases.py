@@ -115,6 +115,60 @@ def test_shard_map_class_and_batch_axes(mesh_def, option, reduction):
     _close(got, _unsharded(option, reduction))
 
 
+# A row whose top logit is ~120 above its target's: the shifted exp-sum
+# overflows and the batch is redone with the row maximum, combined across
+# shards (pmax of the maxima, psum of the sums).
+OVERFLOW_LOGITS = LOGITS.copy()
+OVERFLOW_LOGITS[0, (TARGET[0] + 5) % C] = 120.0
+OVERFLOW_LOGITS[2, (TARGET[2] + 20) % C] = -200.0
+
+
+@pytest.mark.parametrize("logits", ["normal", "overflow"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("mesh_def", MESHES[:2], ids=lambda m: "x".join(map(str, m[0])))
+def test_shard_map_gradients_of_every_input(mesh_def, reduction, logits):
+    """Class weights, smoothing, z-loss and the cap keep their gradients."""
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+    x = OVERFLOW_LOGITS if logits == "overflow" else LOGITS
+    ct = np.arange(1.0, N + 1.0, dtype=np.float32)
+    # The cap (300) keeps the 120-logit spread above the ~88 that overflows.
+    scalars = (np.float32(0.1), np.float32(1e-2), np.float32(300.0))
+
+    def loss(fn):
+        def total(x, w, scalars):
+            out = fn(x, w, scalars)
+            return jnp.sum(out * ct) if reduction == "none" else out
+
+        return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))
+
+    def options(scalars):
+        eps, z, cap = scalars
+        return dict(label_smoothing=eps, z_loss=z, soft_cap=cap, reduction=reduction)
+
+    def local(x, t, w, m, scalars):
+        return jxent.cross_entropy(
+            x, t, w, where=m, class_axis_name="model",
+            batch_axis_name=batch if reduction != "none" else None, **options(scalars),
+        )  # fmt: skip
+
+    row = P(batch, "model")
+    sharded = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(row, P(batch), P("model"), P("model"), P()),
+        out_specs=P(batch) if reduction == "none" else P(),
+    )  # fmt: skip
+    got = loss(lambda x, w, s: sharded(x, TARGET, w, MASK, s))(x, WEIGHT, scalars)
+    want = loss(
+        lambda x, w, s: jxent.cross_entropy(x, TARGET, w, where=MASK, **options(s))
+    )(x, WEIGHT, scalars)
+    assert np.isfinite(want[0])
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        assert np.all(np.isfinite(r)) and np.any(r != 0)
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=1e-6 * np.abs(r).max())
+
+
 def _collectives(compiled_text):
     """(op, element count) of every collective in a compiled HLO module."""
     found = []

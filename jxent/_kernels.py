@@ -13,10 +13,12 @@ passes over the logits stay few:
   reduction that carries the running maximum, the rescaled sum of exponentials
   and the smoothing sum together (no data-dependent branch, which would make
   the device wait for the host); large plain arrays take the CPU's path;
-* backward: one fused elementwise pass that recomputes the softmax from the
-  saved logsumexp (nothing of logits size is saved) and subtracts the one-hot
-  target term in the same pass (16-bit outputs) or scatters it in place into
-  the N target entries (32- and 64-bit).
+* derivatives: a ``jax.custom_jvp`` whose tangent map is linear in the
+  tangents of the logits, the class weights and the cap, and rematerialised,
+  so that reverse mode (its transpose) is one fused elementwise pass that
+  recomputes the softmax from the saved logsumexp (nothing of logits size is
+  saved) with the one-hot target term as arithmetic in the same pass; forward
+  mode and higher orders use the same rule.
 """
 
 from __future__ import annotations

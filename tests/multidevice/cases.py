@@ -213,6 +213,59 @@ def test_jit_with_named_shardings(kind, mesh_def, option):
         assert size < logits_per_device, (op, size)
 
 
+def _branch_computations(compiled_text):
+    """Names of the computations that conditionals run as branches."""
+    names = set()
+    for found in re.findall(r"branch_computations=\{([^}]*)\}", compiled_text):
+        names.update(n.strip().lstrip("%") for n in found.split(","))
+    for found in re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", compiled_text):
+        names.add(found)
+    return names
+
+
+def _collectives_on_the_main_path(compiled_text):
+    """Collectives outside conditional branches (the rarely taken fallbacks)."""
+    skip = _branch_computations(compiled_text)
+    kept, current = [], []
+    for line in compiled_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header:
+            name = header.group(1)
+            current = [] if name in skip else kept
+        current.append(line)
+    return _collectives("\n".join(kept))
+
+
+@pytest.mark.parametrize("shape", [(32, 4096), (2048, 4096)], ids=str)
+@pytest.mark.parametrize("mesh_def", MESHES[1:], ids=lambda m: "x".join(map(str, m[0])))
+def test_auto_sharded_value_and_grad_moves_no_logits(mesh_def, shape):
+    """Short-wide and tall batches: no collective of per-device logits size,
+    and at most optax's count + 1 (+ 2 weighted and smoothed) on the path
+    taken without overflow."""
+    optax = pytest.importorskip("optax")
+    mesh = _mesh(*mesh_def)
+    n, c = shape
+    x = jax.device_put(jnp.zeros(shape), NamedSharding(mesh, P("data", "model")))
+    t = jax.device_put(jnp.zeros(n, jnp.int32), NamedSharding(mesh, P("data")))
+    w = jnp.linspace(0.5, 2.0, c)
+    optax_loss = optax.softmax_cross_entropy_with_integer_labels
+    losses = {
+        "optax": lambda x: optax_loss(x, t).mean(),
+        "plain": lambda x: jxent.cross_entropy(x, t),
+        "weighted+smoothed": lambda x: jxent.cross_entropy(
+            x, t, w, label_smoothing=0.1
+        ),
+    }
+    counts = {}
+    for name, loss in losses.items():
+        text = jax.jit(jax.value_and_grad(loss)).lower(x).compile().as_text()
+        for op, size in _collectives(text):
+            assert size < n * c // 8, (name, op, size)
+        counts[name] = len(_collectives_on_the_main_path(text))
+    assert counts["plain"] <= counts["optax"] + 1, counts
+    assert counts["weighted+smoothed"] <= counts["optax"] + 2, counts
+
+
 def test_class_sharded_forward_uses_at_most_three_all_reduces(capsys):
     mesh = _mesh((8,), ("model",))
     fn = jax.shard_map(

@@ -16,7 +16,7 @@ from jxent._kernels import (
     capped_logits,
     compute_dtype,
     cross_entropy_stats,
-    target_index,
+    take_target,
 )
 from jxent._reduction import reduce_loss
 from jxent._safe_math import mass_times_gap
@@ -109,7 +109,7 @@ def hard_target_loss(
     bad = terms.bad
     if where is not None:
         local, here = shards.localise(terms.safe_target, logits.shape[axis])
-        included = where[target_index(local, axis)].astype(jnp.int32)
+        included = take_target(where, local, axis).astype(jnp.int32)
         bad = bad | (terms.valid & (shards.pick(included, here) == 0))
     weight = None if weight is None else weight.astype(dtype)
     lse, nll, smooth = cross_entropy_stats(
@@ -196,7 +196,7 @@ def _reduce_hard(loss, target_weight, reduction, out_dtype, batch_axes=()):
 def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
     dtype = compute_dtype(log_probs.dtype)
     terms = target_terms(target, weight, log_probs.shape[axis], ignore_index, dtype)
-    picked = log_probs[target_index(terms.safe_target, axis)].astype(dtype)
+    picked = take_target(log_probs, terms.safe_target, axis).astype(dtype)
     loss = jnp.where(terms.valid, _scaled(terms.target_weight, -picked), 0.0)
     loss = jnp.where(terms.bad, jnp.nan, loss)
     return _reduce_hard(loss, terms.target_weight, reduction, log_probs.dtype)

@@ -13,10 +13,12 @@ passes over the logits stay few:
   reduction that carries the running maximum, the rescaled sum of exponentials
   and the smoothing sum together (no data-dependent branch, which would make
   the device wait for the host); large plain arrays take the CPU's path;
-* backward: one fused elementwise pass that recomputes the softmax from the
-  saved logsumexp (nothing of logits size is saved) and subtracts the one-hot
-  target term in the same pass (16-bit outputs) or scatters it in place into
-  the N target entries (32- and 64-bit).
+* derivatives: a ``jax.custom_jvp`` whose tangent map is linear in the
+  tangents of the logits, the class weights and the cap, and rematerialised,
+  so that reverse mode (its transpose) is one fused elementwise pass that
+  recomputes the softmax from the saved logsumexp (nothing of logits size is
+  saved) with the one-hot target term as arithmetic in the same pass; forward
+  mode and higher orders use the same rule.
 """
 
 from __future__ import annotations
@@ -44,10 +46,17 @@ def along_axis(vector: jax.Array, ndim: int, axis: int) -> jax.Array:
     return vector.reshape(shape)
 
 
-def target_index(target: jax.Array, axis: int) -> tuple[jax.Array, ...]:
-    """Index that picks ``x[..., target, ...]`` (class axis ``axis``) per position."""
-    positions = list(jnp.indices(target.shape, sparse=True))
-    return (*positions[:axis], target, *positions[axis:])
+def take_target(x: jax.Array, target: jax.Array, axis: int) -> jax.Array:
+    """``x[..., target, ...]`` per position: each position's entry on ``axis``.
+
+    ``target`` must be in range (sanitised). A batched gather
+    (``take_along_axis``) rather than an index tuple: XLA's SPMD partitioner
+    keeps it local to each batch shard instead of all-gathering the indices.
+    """
+    picked = jnp.take_along_axis(
+        x, jnp.expand_dims(target, axis), axis=axis, mode="promise_in_bounds"
+    )
+    return jnp.squeeze(picked, axis)
 
 
 def capped_logits(logits: jax.Array, soft_cap: jax.Array | None) -> jax.Array:
@@ -109,8 +118,30 @@ def _row_split(num_rows: int, num_classes: int) -> int:
     return split
 
 
-def _sum_exp_shifted(make_x, shift, axis, shape):
+def _partitioned_by_xla(x: jax.Array) -> bool:
+    """Whether XLA's SPMD partitioner may split ``x`` across devices.
+
+    True for arrays on a mesh with Auto or Explicit axes (inside ``jax.jit``
+    with sharded inputs); False for one device and inside ``shard_map``,
+    whose Manual axes leave each device a local array.
+    """
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+        sizes, kinds = mesh.axis_sizes, mesh.axis_types
+    except (AttributeError, TypeError):
+        return False
+    manual = jax.sharding.AxisType.Manual
+    return any(
+        size > 1 and kind != manual for size, kind in zip(sizes, kinds, strict=True)
+    )
+
+
+def _sum_exp_shifted(make_x, shift, axis, shape, partitioned):
     """``Σ exp(x - shift)`` over ``axis`` (``shift`` has the kept axis).
+
+    Short, wide rows are cut into more, shorter rows on the CPU, unless the
+    logits may be ``partitioned`` across devices: merging a piece of a
+    sharded class axis into the rows would make XLA all-gather the logits.
 
     ``make_x(rows)`` builds the transformed logits, reshaped to ``rows`` when
     given (the reshape happens on the raw logits, behind a barrier, so that
@@ -118,7 +149,12 @@ def _sum_exp_shifted(make_x, shift, axis, shape):
     lost again).
     """
     split = _row_split(math.prod(shape) // max(shape[axis], 1), shape[axis])
-    if axis != len(shape) - 1 or split == 1 or jax.default_backend() != "cpu":
+    if (
+        axis != len(shape) - 1
+        or split == 1
+        or jax.default_backend() != "cpu"
+        or partitioned
+    ):
         return jnp.sum(jnp.exp(make_x() - shift), axis=axis)
     rows = make_x((-1, shape[-1] // split))
     row_shift = jnp.repeat(shift.reshape(-1), split).reshape(-1, 1)
@@ -137,7 +173,9 @@ def _row_max(x, axis, shards):
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def _shift_and_log_sum(make_x, make_x_again, x_target, axis, shards, shape):
+def _shift_and_log_sum(
+    make_x, make_x_again, x_target, axis, shards, shape, partitioned
+):
     """A per-position shift ``s`` and ``log Σ_c exp(x_c - s)`` (sum: the lse).
 
     The shift is the target's logit, which saves the pass that finds the row
@@ -150,11 +188,12 @@ def _shift_and_log_sum(make_x, make_x_again, x_target, axis, shards, shape):
     (so every device takes the same branch).
     """
     shift = jnp.expand_dims(x_target, axis)
-    log_sum = jnp.log(shards.sum(_sum_exp_shifted(make_x, shift, axis, shape)))
+    sum_exp = _sum_exp_shifted(make_x, shift, axis, shape, partitioned)
+    log_sum = jnp.log(shards.sum(sum_exp))
 
     def with_row_max():
         m = _row_max(make_x_again(shield=True), axis, shards)
-        sum_exp = _sum_exp_shifted(make_x_again, m, axis, shape)
+        sum_exp = _sum_exp_shifted(make_x_again, m, axis, shape, partitioned)
         log_sum = jnp.log(shards.sum(sum_exp))
         return jnp.squeeze(m, axis), log_sum
 
@@ -342,10 +381,10 @@ def _forward(
     # (which copies nothing), and the gathered N values are transformed alone.
     shielded = _shield(logits, 1)
     local_target, here = shards.localise(target, logits.shape[axis])
-    index = target_index(local_target, axis)
-    x_target = capped_logits(shielded[index], soft_cap)
+    x_target = capped_logits(take_target(shielded, local_target, axis), soft_cap)
     if class_mask is not None:
-        x_target = jnp.where(class_mask[index], x_target, -jnp.inf)
+        included = take_target(class_mask, local_target, axis)
+        x_target = jnp.where(included, x_target, -jnp.inf)
     x_target = shards.pick(x_target, here)
 
     def again(rows=None, shield=False):
@@ -373,6 +412,7 @@ def _forward(
         axis,
         shards,
         logits.shape,
+        _partitioned_by_xla(logits),
     )
     lse = shift + log_sum
     # (s - x_t) + log Σ exp(x - s) keeps the digits that lse - x_t would lose
@@ -507,7 +547,7 @@ def _tangent_map(
     x = _masked(x, class_mask)
     if t_x is not None and class_mask is not None:
         t_x = jnp.where(class_mask, t_x, 0.0)
-    zeros = jnp.zeros(lse.shape, dtype)
+    zeros = jnp.zeros_like(lse, dtype=dtype)  # keeps the varying mesh axes
     t_lse = t_nll = t_smooth = zeros
     if t_x is not None:
         p = jnp.exp(x - expand(lse))

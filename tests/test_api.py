@@ -14,6 +14,7 @@ import jxent
 
 EXPECTED_API = {
     "CrossEntropyLoss",
+    "KLDivLoss",
     "NLLLoss",
     "check_target",
     "cross_entropy",

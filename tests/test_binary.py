@@ -177,8 +177,8 @@ def test_16bit_accumulates_in_float32(dtype):
             )[0],
         ),
         (
-            jxent.binary_cross_entropy(p, t, reduction="sum"),
-            torch_binary_cross_entropy(p32, t64, reduction="sum")[0],
+            jxent.binary_cross_entropy(p, t),  # its inner sum exceeds 65504
+            torch_binary_cross_entropy(p32, t64)[0],
         ),
         (
             jxent.sigmoid_focal_loss(x, t, reduction="sum"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import re
 
 import equinox as eqx
@@ -22,6 +23,20 @@ X = jnp.array([[1.5, -2.0, 0.3], [0.0, 4.0, -1.0]])
 T = jnp.array([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]])
 P = jax.nn.sigmoid(X)
 W = jnp.array([0.5, 1.0, 2.0])
+
+def test_signatures():
+    for fn in (jxent.binary_cross_entropy, jxent.binary_cross_entropy_with_logits):
+        params = inspect.signature(fn).parameters
+        assert list(params)[2] == "weight"
+        assert params["weight"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        assert params["reduction"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert params["reduction"].default == "mean"
+    params = inspect.signature(jxent.binary_cross_entropy_with_logits).parameters
+    assert params["pos_weight"].kind is inspect.Parameter.KEYWORD_ONLY
+    params = inspect.signature(jxent.sigmoid_focal_loss).parameters
+    defaults = {k: params[k].default for k in ("alpha", "gamma", "reduction")}
+    assert defaults == {"alpha": 0.25, "gamma": 2.0, "reduction": "none"}
+
 
 # --- bad input ----------------------------------------------------------------
 

@@ -50,6 +50,15 @@ def test_concrete_probs_outside_unit_interval_raise(bad):
         jxent.BCELoss()(probs, T)
 
 
+def test_concrete_probs_of_exactly_zero_and_one_are_accepted():
+    # torch's clamp at -100: a finite loss (eagerly, through the concrete check).
+    probs = jnp.array([0.0, 1.0, 0.0, 1.0])
+    target = jnp.array([0.0, 1.0, 1.0, 0.0])
+    loss = jxent.binary_cross_entropy(probs, target, reduction="none")
+    np.testing.assert_array_equal(loss, [0.0, 0.0, 100.0, 100.0])
+    np.testing.assert_array_equal(jxent.BCELoss(reduction="sum")(probs, target), 200.0)
+
+
 def test_traced_probs_outside_unit_interval_give_nan():
     probs = P.at[1, 2].set(1.5).at[0, 0].set(-1e-3)
     f = jax.jit(functools.partial(jxent.binary_cross_entropy, reduction="none"))
@@ -244,10 +253,14 @@ def _symmetry_terms(x, t, pw):
     )
 
 
+# Multiples of 1/64, so that 1 - (1 - t) == t exactly in float32.
+TARGETS = st.integers(0, 64).map(lambda k: k / 64)
+
+
 @SETTINGS
 @given(
     x=hnp.arrays(np.float32, SHAPE, elements=LOGITS),
-    t=hnp.arrays(np.float32, SHAPE, elements=st.floats(0.0, 1.0, width=32)),
+    t=hnp.arrays(np.float32, SHAPE, elements=TARGETS),
     pw=hnp.arrays(np.float32, (4,), elements=st.floats(0.125, 5.0, width=32)),
 )
 def test_properties(x, t, pw):

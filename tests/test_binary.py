@@ -147,6 +147,10 @@ def test_extreme_logits(target, pos_weight):
     )
     ours, our_grads = _all_reductions(x, t, None, pw, np.ones_like(x), True)["none"]
     ours = np.asarray(ours, np.float64)
+    undifferentiated = jxent.binary_cross_entropy_with_logits(
+        x, t, pos_weight=pw, reduction="none"
+    )
+    np.testing.assert_array_equal(undifferentiated, ours)
     finite = np.isfinite(loss)
     np.testing.assert_allclose(ours[finite], loss[finite], rtol=RTOL, atol=1e-37)
     # Where torch gives NaN (inf - inf at x = ±inf), jxent gives the limit.

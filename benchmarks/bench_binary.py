@@ -256,7 +256,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.bar([j + i * width for j in range(len(rows))], ms, width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], cases, fontsize=7)
     ax.set(yscale="log", ylabel="median ms")
-    ax.set_title(f"binary_cross_entropy_with_logits — {result['environment']['device_kind']}")
+    ax.set_title(
+        f"binary_cross_entropy_with_logits — {result['environment']['device_kind']}"
+    )
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -102,7 +102,7 @@ def bce_with_logits_terms(
 
 @functools.partial(bce_with_logits_terms.defjvp, symbolic_zeros=True)
 def _bce_with_logits_jvp(primals, tangents):
-    """torch's derivatives, in a form without cancellation.
+    """Torch's derivatives, in a form without cancellation.
 
     ``∂ℓ/∂x = (1 - t) · σ(x) - pw · t · σ(-x)`` (= torch's
     ``σ(x) · (1 + (pw - 1) · t) - pw · t``), ``∂ℓ/∂t = -x + (pw - 1) ·
@@ -138,9 +138,10 @@ def _in_unit_interval(probs: jax.Array) -> jax.Array:
 
 @functools.partial(bce_terms.defjvp, symbolic_zeros=True)
 def _bce_jvp(primals, tangents):
-    """torch's derivatives: ``∂ℓ/∂p = (p - t) / max((1 - p) · p, 1e-12)``
-    (finite at ``p`` = 0 and 1) and ``∂ℓ/∂t = log(1 - p) - log(p)`` (torch's
-    ``-logit(p)``, not clamped). NaN outside [0, 1].
+    """torch's derivatives, finite at ``p`` = 0 and 1; NaN outside [0, 1].
+
+    ``∂ℓ/∂p = (p - t) / max((1 - p) · p, 1e-12)`` and
+    ``∂ℓ/∂t = log(1 - p) - log(p)`` (torch's ``-logit(p)``, not clamped).
     """
     probs, target = primals
     dp, dt = tangents
@@ -180,7 +181,7 @@ def focal_modulation(x: jax.Array, target: jax.Array, gamma: jax.Array) -> jax.A
 
 @functools.partial(focal_modulation.defjvp, symbolic_zeros=True)
 def _focal_modulation_jvp(primals, tangents):
-    """With ``q = 1 - p_t`` and ``m = q^γ``:
+    """Derivatives of ``m = q^γ`` (``q = 1 - p_t``), finite for every logit.
 
     ``∂m/∂x = γ · m · (1 - 2t) · σ(x) σ(-x) / q`` (the ratio from log-sigmoids,
     at most 2 in size), ``∂m/∂t = γ · (σ(-x) - σ(x)) · q^(γ-1)`` and

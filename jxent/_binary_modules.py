@@ -52,8 +52,7 @@ class BCELoss(_LossModule):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class BCEWithLogitsLoss(_LossModule):
-    """``torch.nn.BCEWithLogitsLoss``: calls
-    :func:`jxent.binary_cross_entropy_with_logits`.
+    """``torch.nn.BCEWithLogitsLoss``: calls ``binary_cross_entropy_with_logits``.
 
     Examples:
       >>> import jax.numpy as jnp

@@ -172,7 +172,11 @@ def test_16bit_accumulates_in_float32(dtype):
     t = jnp.asarray(rng.random((300, 256)) < 0.3)  # boolean labels
     p = jax.nn.sigmoid(x)
     pw = jnp.full((256,), 3.0, dtype)
-    x32, p32, t64 = np.asarray(x, np.float32), np.asarray(p, np.float32), np.asarray(t, np.float64)
+    x32, p32, t64 = (
+        np.asarray(x, np.float32),
+        np.asarray(p, np.float32),
+        np.asarray(t, np.float64),
+    )
     for loss, expected in [
         (
             jxent.binary_cross_entropy_with_logits(x, t, pos_weight=pw),
@@ -310,7 +314,7 @@ def test_forward_mode_equals_reverse_mode():
         )
 
     np.testing.assert_allclose(jax.jacfwd(f)(x), jax.jacrev(f)(x), rtol=1e-6)
-    g = lambda x: jxent.sigmoid_focal_loss(x, t, gamma=0.5)  # noqa: E731
+    g = lambda x: jxent.sigmoid_focal_loss(x, t, gamma=0.5)
     np.testing.assert_allclose(jax.jacfwd(g)(x), jax.jacrev(g)(x), rtol=1e-6)
 
 
@@ -327,7 +331,9 @@ def test_vmap_equals_loop():
     focal = jax.vmap(lambda x, t: jxent.sigmoid_focal_loss(x, t, reduction="sum"))
     np.testing.assert_allclose(
         focal(x, t),
-        jnp.stack([jxent.sigmoid_focal_loss(x[i], t[i], reduction="sum") for i in range(3)]),
+        jnp.stack(
+            [jxent.sigmoid_focal_loss(x[i], t[i], reduction="sum") for i in range(3)]
+        ),
         rtol=1e-6,
     )
 

@@ -24,6 +24,7 @@ T = jnp.array([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]])
 P = jax.nn.sigmoid(X)
 W = jnp.array([0.5, 1.0, 2.0])
 
+
 def test_signatures():
     for fn in (jxent.binary_cross_entropy, jxent.binary_cross_entropy_with_logits):
         params = inspect.signature(fn).parameters
@@ -44,7 +45,9 @@ def test_signatures():
 @pytest.mark.parametrize("bad", [1.5, -0.25, float("nan")])
 def test_concrete_probs_outside_unit_interval_raise(bad):
     probs = P.at[1, 2].set(bad)
-    with pytest.raises(ValueError, match=r"`probs` must hold probabilities in \[0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"`probs` must hold probabilities in \[0, 1\]"
+    ):
         jxent.binary_cross_entropy(probs, T)
     with pytest.raises(ValueError, match="probabilities"):
         jxent.BCELoss()(probs, T)
@@ -100,7 +103,9 @@ def test_target_shape_mismatch_names_both_shapes(fn):
 def test_weights_that_do_not_broadcast_raise(name, shape):
     bad = jnp.ones(shape)
     kwargs = {name: bad}
-    with pytest.raises(ValueError, match=rf"`{name}` of shape {re.escape(str(shape))}.*\(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=rf"`{name}` of shape {re.escape(str(shape))}.*\(2, 3\)"
+    ):
         jxent.binary_cross_entropy_with_logits(X, T, **kwargs)
     with pytest.raises(ValueError, match=rf"`{name}` of shape"):
         jxent.BCEWithLogitsLoss(**kwargs)(X, T)
@@ -209,8 +214,8 @@ def _grad_of(fn):
 
 
 def test_matches_optax_sigmoid_binary_cross_entropy():
-    ours = lambda x: jxent.binary_cross_entropy_with_logits(x, T, reduction="none")  # noqa: E731
-    theirs = lambda x: optax.sigmoid_binary_cross_entropy(x, T)  # noqa: E731
+    ours = lambda x: jxent.binary_cross_entropy_with_logits(x, T, reduction="none")
+    theirs = lambda x: optax.sigmoid_binary_cross_entropy(x, T)
     np.testing.assert_allclose(ours(X * 3.0), theirs(X * 3.0), rtol=1e-6)
     np.testing.assert_allclose(_grad_of(ours), _grad_of(theirs), rtol=1e-5, atol=1e-7)
 
@@ -287,7 +292,9 @@ def test_properties(x, t, pw):
 def test_probs_agree_with_logits(x, t):
     with jax.enable_x64(True):
         x64 = jnp.asarray(x, jnp.float64)
-        from_probs = jxent.binary_cross_entropy(jax.nn.sigmoid(x64), t, reduction="none")
+        from_probs = jxent.binary_cross_entropy(
+            jax.nn.sigmoid(x64), t, reduction="none"
+        )
         from_logits = jxent.binary_cross_entropy_with_logits(x64, t, reduction="none")
     np.testing.assert_allclose(from_probs, from_logits, rtol=1e-9, atol=1e-12)
 
@@ -346,9 +353,7 @@ def test_pytorch_opinfo_samples():
                 np.testing.assert_allclose(
                     value, loss.sum().detach().numpy(), rtol=1e-12, atol=1e-12
                 )
-                np.testing.assert_allclose(
-                    grad, x.grad.numpy(), rtol=1e-12, atol=1e-12
-                )
+                np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-12, atol=1e-12)
                 agreed += 1
     print(f"OpInfo samples agreeing with torch: {agreed}")
     assert agreed >= 30

@@ -102,7 +102,7 @@ def bce_with_logits_terms(
 
 @functools.partial(bce_with_logits_terms.defjvp, symbolic_zeros=True)
 def _bce_with_logits_jvp(primals, tangents):
-    """Torch's derivatives, in a form without cancellation.
+    """PyTorch's derivatives, in a form without cancellation.
 
     ``∂ℓ/∂x = (1 - t) · σ(x) - pw · t · σ(-x)`` (= torch's
     ``σ(x) · (1 + (pw - 1) · t) - pw · t``), ``∂ℓ/∂t = -x + (pw - 1) ·
@@ -138,7 +138,7 @@ def _in_unit_interval(probs: jax.Array) -> jax.Array:
 
 @functools.partial(bce_terms.defjvp, symbolic_zeros=True)
 def _bce_jvp(primals, tangents):
-    """torch's derivatives, finite at ``p`` = 0 and 1; NaN outside [0, 1].
+    """PyTorch's derivatives, finite at ``p`` = 0 and 1; NaN outside [0, 1].
 
     ``∂ℓ/∂p = (p - t) / max((1 - p) · p, 1e-12)`` and
     ``∂ℓ/∂t = log(1 - p) - log(p)`` (torch's ``-logit(p)``, not clamped).

@@ -357,3 +357,41 @@ def test_pytorch_opinfo_samples():
                 agreed += 1
     print(f"OpInfo samples agreeing with torch: {agreed}")
     assert agreed >= 30
+
+
+def test_scan_checkpoint_and_equinox_model():
+    batches_x = jnp.stack([X, -X, 2.0 * X])
+    batches_t = jnp.stack([T, 1.0 - T, T])
+    loss_fn = jxent.BCEWithLogitsLoss(pos_weight=W)
+
+    def total(scale):
+        def step(carry, xt):
+            x, t = xt
+            return carry + jax.checkpoint(loss_fn)(scale * x, t), None
+
+        return jax.lax.scan(step, 0.0, (batches_x, batches_t))[0]
+
+    def direct(scale):
+        return sum(loss_fn(scale * x, t) for x, t in zip(batches_x, batches_t))
+
+    np.testing.assert_allclose(total(1.5), direct(1.5), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(total)(1.5), jax.grad(direct)(1.5), rtol=1e-5)
+
+    class Model(eqx.Module):
+        scale: jax.Array
+        loss: jxent.BCEWithLogitsLoss
+
+        def __call__(self, x, t):
+            return self.loss(self.scale * x, t)
+
+    model = Model(jnp.array(1.5), loss_fn)
+    grads = eqx.filter_jit(eqx.filter_grad(lambda m: m(X, T)))(model)
+    expected = jax.grad(lambda s: loss_fn(s * X, T))(1.5)
+    np.testing.assert_allclose(grads.scale, expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        grads.loss.pos_weight,
+        jax.grad(
+            lambda pw: jxent.binary_cross_entropy_with_logits(1.5 * X, T, pos_weight=pw)
+        )(W),
+        rtol=1e-6,
+    )

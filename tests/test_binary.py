@@ -298,7 +298,9 @@ def test_forward_and_reverse_mode_grads_x64():
             return jxent.sigmoid_focal_loss(x, t, gamma=gamma, reduction="mean")
 
         modes = ("fwd", "rev")
-        check_grads(logits_loss, (x, t, w, pw), order=2, modes=modes)
+        check_grads(logits_loss, (x, t, w, pw), order=1, modes=modes)
+        # Second order (the JVP rule is itself differentiable) w.r.t. the logits.
+        check_grads(lambda x: logits_loss(x, t, w, pw), (x,), order=2, modes=modes)
         check_grads(probs_loss, (p, t, w), order=1, modes=modes)
         check_grads(focal_loss, (x, t, 0.7), order=1, modes=modes)
         check_grads(focal_loss, (x, t, 2.5), order=1, modes=modes)

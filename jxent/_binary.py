@@ -214,7 +214,7 @@ def _binary_cross_entropy(probs, target, weight, *, reduction):
     dtype = compute_dtype(probs.dtype)
     loss = bce_terms(probs.astype(dtype), target.astype(dtype))
     loss = _weighted(loss, weight)
-    return reduce_loss(loss, reduction, out_dtype=probs.dtype)
+    return reduce_loss(loss, reduction, out_dtype=probs.dtype, elementwise=True)
 
 
 @functools.partial(jax.jit, static_argnames=("reduction",))
@@ -223,7 +223,7 @@ def _binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, red
     pos_weight = 1.0 if pos_weight is None else pos_weight.astype(dtype)
     loss = bce_with_logits_terms(logits.astype(dtype), target.astype(dtype), pos_weight)
     loss = _weighted(loss, weight)
-    return reduce_loss(loss, reduction, out_dtype=logits.dtype)
+    return reduce_loss(loss, reduction, out_dtype=logits.dtype, elementwise=True)
 
 
 @functools.partial(jax.jit, static_argnames=("reduction",))
@@ -235,7 +235,7 @@ def _sigmoid_focal_loss(logits, target, alpha, gamma, *, reduction):
     loss = ce * focal_modulation(x, t, jnp.asarray(gamma, dtype))
     alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
     loss = jnp.where(alpha >= 0, alpha_t * loss, loss)
-    return reduce_loss(loss, reduction, out_dtype=logits.dtype)
+    return reduce_loss(loss, reduction, out_dtype=logits.dtype, elementwise=True)
 
 
 def binary_cross_entropy(

@@ -353,3 +353,20 @@ def test_traced_pos_weight_does_not_recompile():
     f(jnp.ones(3))
     f(2 * jnp.ones(3))
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("logits", [True, False], ids=["logits", "probs"])
+def test_wide_rows_against_torch(logits):
+    """Rows of >= 64 elements: the CPU sums them as a matrix-vector product."""
+    x, t, ct, rng = _binary_inputs((16, 128), _seed("wide", logits), logits)
+    w = _layout("class", (16, 128), rng)
+    pw = _layout("full", (16, 128), rng, 0.5, 4.0) if logits else None
+    ours = _all_reductions(x, t, w, pw, ct, logits=logits)
+    for r in ("mean", "sum"):
+        loss, grads = torch_binary_cross_entropy(
+            x, t, w, pos_weight=pw, reduction=r, logits=logits
+        )
+        _compare("wide value", ours[r][0], loss)
+        for key in GRAD_KEYS:
+            if grads[key] is not None:
+                _compare(f"wide grad {key}", ours[r][1][key], grads[key], atol=1e-5)

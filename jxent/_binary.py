@@ -94,7 +94,10 @@ def bce_with_logits_terms(
     ``inf - inf``: at ``x = ±inf`` it is the limit (0 or inf) where torch gives
     NaN. A zero coefficient contributes 0 even against an infinite softplus.
     """
-    s = sigmoid_terms(x)
+    return _bce_with_logits_value(sigmoid_terms(x), target, pos_weight)
+
+
+def _bce_with_logits_value(s: SigmoidTerms, target, pos_weight) -> jax.Array:
     return _scaled(1.0 - target, s.softplus_pos) + _scaled(
         pos_weight * target, s.softplus_neg
     )
@@ -112,7 +115,7 @@ def _bce_with_logits_jvp(primals, tangents):
     dx, dt, dpw = tangents
     s = sigmoid_terms(x)
     pw_t = pos_weight * target
-    out = _scaled(1.0 - target, s.softplus_pos) + _scaled(pw_t, s.softplus_neg)
+    out = _bce_with_logits_value(s, target, pos_weight)
     d_x = (1.0 - target) * s.sigmoid_pos - pw_t * s.sigmoid_neg
     d_t = _scaled(pos_weight - 1.0, s.softplus_neg) - x
     d_pw = _scaled(target, s.softplus_neg)

@@ -370,3 +370,18 @@ def test_wide_rows_against_torch(logits):
         for key in GRAD_KEYS:
             if grads[key] is not None:
                 _compare(f"wide grad {key}", ours[r][1][key], grads[key], atol=1e-5)
+
+
+def test_vmap_and_forward_mode_of_the_wide_row_sum():
+    x, t, _, rng = _binary_inputs((2, 4, 128), 8)
+    pw = rng.uniform(0.5, 2.0, size=128).astype(np.float32)
+
+    def loss(x, t):
+        return jxent.binary_cross_entropy_with_logits(x, t, pos_weight=pw)
+
+    batched = jax.vmap(loss)(x, t)
+    np.testing.assert_allclose(batched, [loss(x[0], t[0]), loss(x[1], t[1])], rtol=1e-6)
+    tangent = jnp.asarray(rng.normal(size=x[0].shape), jnp.float32)
+    _, fwd = jax.jvp(lambda x: loss(x, t[0]), (x[0],), (tangent,))
+    rev = jnp.vdot(jax.grad(loss)(x[0], t[0]), tangent)
+    np.testing.assert_allclose(fwd, rev, rtol=1e-5)

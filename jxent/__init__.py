@@ -1,5 +1,12 @@
 """jxent: PyTorch-exact, differentiable classification losses for JAX."""
 
+from jxent._binary import binary_cross_entropy as binary_cross_entropy
+from jxent._binary import (
+    binary_cross_entropy_with_logits as binary_cross_entropy_with_logits,
+)
+from jxent._binary import sigmoid_focal_loss as sigmoid_focal_loss
+from jxent._binary_modules import BCELoss as BCELoss
+from jxent._binary_modules import BCEWithLogitsLoss as BCEWithLogitsLoss
 from jxent._classification import cross_entropy as cross_entropy
 from jxent._classification import nll_loss as nll_loss
 from jxent._information import entropy as entropy
@@ -15,9 +22,13 @@ from jxent._softmax import softmax as softmax
 __version__ = "0.1.0"
 
 __all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "KLDivLoss",
     "NLLLoss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
     "check_target",
     "cross_entropy",
     "entropy",
@@ -25,5 +36,6 @@ __all__ = [
     "linear_cross_entropy",
     "log_softmax",
     "nll_loss",
+    "sigmoid_focal_loss",
     "softmax",
 ]

@@ -5,13 +5,13 @@ from jxent._binary import (
     binary_cross_entropy_with_logits as binary_cross_entropy_with_logits,
 )
 from jxent._binary import sigmoid_focal_loss as sigmoid_focal_loss
-from jxent._binary_modules import BCELoss as BCELoss
-from jxent._binary_modules import BCEWithLogitsLoss as BCEWithLogitsLoss
 from jxent._classification import cross_entropy as cross_entropy
 from jxent._classification import nll_loss as nll_loss
 from jxent._information import entropy as entropy
 from jxent._information import kl_div as kl_div
 from jxent._linear import linear_cross_entropy as linear_cross_entropy
+from jxent._modules import BCELoss as BCELoss
+from jxent._modules import BCEWithLogitsLoss as BCEWithLogitsLoss
 from jxent._modules import CrossEntropyLoss as CrossEntropyLoss
 from jxent._modules import KLDivLoss as KLDivLoss
 from jxent._modules import NLLLoss as NLLLoss

@@ -3,8 +3,9 @@
 They are pytrees: ``weight`` and ``label_smoothing`` are leaves (traced when
 the object is passed into ``jit``, so new values never recompile), while
 ``ignore_index``, ``reduction``, ``axis`` and ``log_target`` are static
-metadata. Options are validated when a user builds an object, never when JAX
-rebuilds one from its leaves: ``jax.tree.map`` with any leaves (None, bools,
+metadata (``pos_weight`` of ``BCEWithLogitsLoss`` is a leaf too). Options are
+validated when a user builds an object, never when JAX rebuilds one from its
+leaves: ``jax.tree.map`` with any leaves (None, bools,
 ``ShapeDtypeStruct``), ``equinox.partition``/``combine``/``filter_grad`` and
 optimiser states over a model that holds a loss object all work. An object
 whose leaves are concrete is also hashable, so it can be a static argument.
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 from jax.typing import ArrayLike
 
+from jxent._binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from jxent._classification import cross_entropy, nll_loss
 from jxent._information import KL_REDUCTIONS, kl_div
 from jxent._validation import (
@@ -211,4 +213,61 @@ class KLDivLoss(_LossModule):
         """The divergence of log-probabilities ``input`` from ``target``."""
         return kl_div(
             input, target, reduction=self.reduction, log_target=self.log_target
+        )
+
+
+@_loss_pytree
+class BCELoss(_LossModule):
+    """``torch.nn.BCELoss``: calls :func:`jxent.binary_cross_entropy`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> loss_fn = jxent.BCELoss(reduction="sum")
+      >>> loss_fn(jnp.array([0.5, 0.9]), jnp.array([1.0, 1.0]))
+      Array(0.7985..., dtype=float32)
+    """
+
+    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
+    _: dataclasses.KW_ONLY
+    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+
+    def __post_init__(self) -> None:
+        check_reduction(self.reduction)
+
+    def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
+        """The loss of probabilities ``input`` against ``target``."""
+        return binary_cross_entropy(
+            input, target, self.weight, reduction=self.reduction
+        )
+
+
+@_loss_pytree
+class BCEWithLogitsLoss(_LossModule):
+    """``torch.nn.BCEWithLogitsLoss``: calls ``binary_cross_entropy_with_logits``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> loss_fn = jxent.BCEWithLogitsLoss(pos_weight=jnp.array([2.0, 1.0]))
+      >>> loss_fn(jnp.array([[0.0, 0.0]]), jnp.array([[1.0, 0.0]]))
+      Array(1.0397..., dtype=float32)
+    """
+
+    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
+    _: dataclasses.KW_ONLY
+    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+    pos_weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
+
+    def __post_init__(self) -> None:
+        check_reduction(self.reduction)
+
+    def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
+        """The loss of logits ``input`` against ``target``."""
+        return binary_cross_entropy_with_logits(
+            input,
+            target,
+            self.weight,
+            pos_weight=self.pos_weight,
+            reduction=self.reduction,
         )

@@ -31,8 +31,10 @@ CLASS_WEIGHT = jnp.asarray([1.0, 2.0, 0.5])
         jxent.CrossEntropyLoss(CLASS_WEIGHT, label_smoothing=0.1),
         jxent.NLLLoss(CLASS_WEIGHT, ignore_index=2),
         jxent.KLDivLoss(reduction="batchmean", log_target=True),
+        jxent.BCELoss(CLASS_WEIGHT),
+        jxent.BCEWithLogitsLoss(CLASS_WEIGHT, pos_weight=CLASS_WEIGHT),
     ],
-    ids=["CrossEntropyLoss", "NLLLoss", "KLDivLoss"],
+    ids=["CrossEntropyLoss", "NLLLoss", "KLDivLoss", "BCELoss", "BCEWithLogitsLoss"],
 )
 @pytest.mark.parametrize(
     "placeholder",

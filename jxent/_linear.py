@@ -13,7 +13,7 @@ dtype.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from jxent._classification import (
 from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
 from jxent._sharding import UNSHARDED, ClassShards, as_axis_names, batch_sum
+from jxent._types import Reduction
 from jxent._validation import (
     as_float_array,
     check_bool,
@@ -380,6 +381,7 @@ def _class_mask_for_tokens(where, batch_shape, vocab):
     return jnp.broadcast_to(mask, shape), True
 
 
+@overload
 def linear_cross_entropy(
     x: ArrayLike,
     w: ArrayLike,
@@ -388,7 +390,69 @@ def linear_cross_entropy(
     *,
     bias: ArrayLike | None = None,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    soft_cap: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    return_lse: Literal[False] = False,
+    class_axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array: ...
+
+
+@overload
+def linear_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    soft_cap: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    return_lse: Literal[True],
+    class_axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def linear_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    soft_cap: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    return_lse: bool = False,
+    class_axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def linear_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
     soft_cap: ArrayLike | None = None,

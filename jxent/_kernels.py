@@ -506,7 +506,7 @@ def _one_hot(target: jax.Array, shape: tuple[int, ...], axis: int, dtype) -> jax
 
 
 def _tangent_map(
-    logits, target, live, class_weight, class_mask, soft_cap, lse,
+    logits, target, live, class_weight, class_mask, soft_cap, lse, nll,
     t_logits, t_weight, t_cap, *, axis, smoothing, shards,
 ):  # fmt: skip
     """The tangents ``(dlse, dnll, ds)`` (see ``cross_entropy_stats``).
@@ -530,6 +530,19 @@ def _tangent_map(
     dead = ~live & ~jnp.isfinite(lse)
     logits = jnp.where(expand(dead), jnp.zeros((), logits.dtype), logits)
     lse = jnp.where(dead, 0.0, lse)
+    # lse - x_c as (x_t - x_c) + nll: a large lse is rounded in float32 (to
+    # units at 1e8), nll = lse - x_t keeps its digits, and the difference of
+    # two logits is exact when they are close (ties at 1e8 give p = 1/2, not
+    # 0 and 1). With class shards x_t is on one shard only: lse is used.
+    ref, rel = lse, jnp.zeros_like(lse)
+    if not shards.sharded:
+        x_t = capped_logits(take_target(logits, target, axis), soft_cap)
+        if class_mask is not None:
+            included = take_target(class_mask, target, axis)
+            x_t = jnp.where(included, x_t, -jnp.inf)
+        usable = jnp.isfinite(x_t) & jnp.isfinite(nll) & ~dead
+        ref = jnp.where(usable, x_t, lse)
+        rel = jnp.where(usable, nll, 0.0)
     x = logits.astype(dtype)
     t_x = None if t_logits is None else t_logits.astype(dtype)
     if soft_cap is not None:
@@ -550,7 +563,7 @@ def _tangent_map(
     zeros = jnp.zeros_like(lse, dtype=dtype)  # keeps the varying mesh axes
     t_lse = t_nll = t_smooth = zeros
     if t_x is not None:
-        p = jnp.exp(x - expand(lse))
+        p = jnp.exp((x - expand(ref)) - expand(rel))
         local_target, here = shards.localise(target, logits.shape[axis])
         one_hot = _one_hot(local_target, x.shape, axis, dtype)
         if shards.sharded:
@@ -564,7 +577,7 @@ def _tangent_map(
             weighted = t_x if w is None else w * t_x
             t_smooth = total_weight * t_lse - shards.sum(jnp.sum(weighted, axis=axis))
         if t_weight is not None:
-            gap = expand(lse) - x
+            gap = (expand(ref) - x) + expand(rel)  # lse - x
             if class_mask is not None:
                 gap = jnp.where(class_mask, gap, 0.0)
             t_w = along_axis(jnp.asarray(t_weight, dtype), x.ndim, axis)
@@ -591,4 +604,4 @@ def _cross_entropy_stats_jvp(axis, smoothing, shards, primals, tangents):
         functools.partial(_tangent_map, axis=axis, smoothing=smoothing, shards=shards),
         prevent_cse=False,
     )
-    return out, tangent_map(*primals, out[0], t_logits, t_weight, t_cap)
+    return out, tangent_map(*primals, out[0], out[1], t_logits, t_weight, t_cap)

@@ -356,3 +356,25 @@ def test_smoothing_sum_keeps_its_digits_at_a_large_exact_offset():
             reduction="none", **kw,
         )  # fmt: skip
         np.testing.assert_allclose(b, a, rtol=2e-6)
+
+
+@pytest.mark.skipif(torch is None, reason="torch oracle not installed")
+@pytest.mark.parametrize("big", [1e4, 1e8, 1e30])
+def test_tied_large_logits_gradient_matches_torch(big):
+    """lse of huge logits is rounded in float32; the softmax must not be."""
+    logits = np.array([[big, big, 0.0], [big, big - 1.0 if big < 1e7 else big, 0.0]])
+    target = np.array([0, 1])
+    for options in ({}, {"label_smoothing": 0.1, "weight": WEIGHT}):
+        weight = options.get("weight")
+        eps = options.get("label_smoothing", 0.0)
+        x = jnp.asarray(logits, jnp.float32)
+
+        def loss(x, weight=weight, eps=eps):
+            return jxent.cross_entropy(x, target, weight, label_smoothing=eps)
+
+        grad, fwd = jax.grad(loss)(x), jax.jacfwd(loss)(x)
+        _, want = torch_cross_entropy(
+            np.asarray(x, np.float64), target, weight, label_smoothing=eps
+        )
+        np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(fwd, want, rtol=1e-6, atol=1e-7)

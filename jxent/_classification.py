@@ -8,6 +8,7 @@ from typing import Literal, NamedTuple, overload
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
@@ -567,7 +568,8 @@ def _explicit_sharded_cross_entropy(logits, target, values, layout, **options):
     out_spec = P(*batch_spec) if options["reduction"] == "none" else P()
 
     def reshard(x, spec):
-        return None if x is None else jax.reshard(x, spec)
+        # A NamedSharding (not a bare spec): no mesh context is needed.
+        return None if x is None else jax.reshard(x, NamedSharding(mesh, spec))
 
     args = (
         reshard(target, target_spec),

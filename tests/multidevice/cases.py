@@ -213,6 +213,15 @@ def test_jit_with_named_shardings(kind, mesh_def, option):
         assert size < logits_per_device, (op, size)
 
 
+def test_explicit_sharded_logits_need_no_mesh_context():
+    """``jax.jit(cross_entropy)`` on Explicit-sharded logits, no set_mesh."""
+    mesh = _mesh((2, 4), ("data", "model"), kind=AxisType.Explicit)
+    x = jax.device_put(LOGITS, NamedSharding(mesh, P("data", "model")))
+    got = jax.jit(lambda x: jxent.cross_entropy(x, TARGET, WEIGHT))(x)
+    want = jxent.cross_entropy(LOGITS, TARGET, WEIGHT)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
 def _branch_computations(compiled_text):
     """Names of the computations that conditionals run as branches."""
     names = set()

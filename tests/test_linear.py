@@ -347,7 +347,7 @@ def test_every_gradient_equals_materialised_float64(float64_gradients, mode):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
-CHECK_GRADS_MODES = [MODES[0], MODES[2], MODES[3]]
+CHECK_GRADS_MODES = [MODES[0], MODES[3]]  # ~1.5 min of compilation in all
 
 
 @pytest.mark.parametrize("mode", CHECK_GRADS_MODES, ids=lambda m: f"{m[0]}-{m[1]}")

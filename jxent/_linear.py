@@ -613,10 +613,12 @@ def linear_cross_entropy(
       soft_cap: ``None`` or a cap ``> 0``: logits become ``cap·tanh(z/cap)``.
       where: optional boolean mask broadcastable to ``(..., V)``; excluded
         classes take no part in the softmax or the smoothing.
-      chunk_size: tokens per chunk. Default (None): float32 logits of
-        ``max(16 MiB, (D·V·4 B)/8)``, at most 512 MiB, in rows (a power of
-        two): e.g. 64 tokens at (D, V) = (512, 65536), 256 at (2304, 256000).
-        A ragged last chunk is its own smaller tile.
+      chunk_size: tokens per chunk. Default (None): the largest power of two
+        whose float32 logits tile fits ``(½·(dx + dw) + 64 MiB) / 3.5``
+        bytes (dx, dw in float32; between 16 and 512 MiB), so that the
+        extra memory stays within 1.5 x (dx + dw) + 64 MiB: e.g. 128 tokens
+        at (N, D, V) = (2048, 512, 65536), 256 at (1024, 2304, 256000). A
+        ragged last chunk is its own smaller tile.
       vocab_chunk_size: classes per block of the ``dw`` update ``x_cᵀ dz``
         (each block of ``dw`` is read and written once per chunk). Default
         (None): a float32 ``(D, block)`` product of at most 16 MiB.

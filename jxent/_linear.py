@@ -303,9 +303,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
             out["probs"] = d_probs.astype(acc)
         new = dict(carry)
         if need["w"]:
-            new["w"] = _accumulate_outer(
-                carry["w"], x_c, d_in, static.vocab_chunk_size
-            )
+            new["w"] = _accumulate_outer(carry["w"], x_c, d_in, static.vocab_chunk_size)
         if need["bias"]:
             new["bias"] = carry["bias"] + jnp.sum(d_logits, axis=0)
         for name, g in zip(_SMALL, d_small, strict=True):
@@ -328,13 +326,15 @@ def _is_zero(tangent) -> bool:
 
 
 def _needed(tangents: _Params) -> dict:
-    return {name: not _is_zero(t) for name, t in zip(_Params._fields, tangents)}
+    return {
+        name: not _is_zero(t) for name, t in zip(_Params._fields, tangents, strict=True)
+    }
 
 
 def _contract(grads: dict, tangents: _Params, static: _Static, dtype):
     """``Σ_i <g_i, t_i>``, the class-sliced terms summed over class shards."""
     local, sliced = [], []
-    for name, t in zip(_Params._fields, tangents):
+    for name, t in zip(_Params._fields, tangents, strict=True):
         if _is_zero(t):
             continue
         term = jnp.sum(grads[name].astype(dtype) * t.astype(dtype))
@@ -690,7 +690,8 @@ def linear_cross_entropy(
     mask, row_mask = _class_mask_for_tokens(where, batch_shape, vocab)
     num_tokens = max(1, x[..., 0].size)
     chunk = _positive_int_or_none(chunk_size, "chunk_size", "tokens per chunk")
-    chunk = _default_chunk_size(num_tokens, x.shape[-1], vocab) if chunk is None else chunk
+    if chunk is None:
+        chunk = _default_chunk_size(num_tokens, x.shape[-1], vocab)
     vocab_chunk = _positive_int_or_none(
         vocab_chunk_size, "vocab_chunk_size", "classes per block"
     )

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 from conftest import x64
+from jax.test_util import check_grads
 from oracles import record_deviation, torch
 
 import jxent
@@ -241,12 +241,20 @@ def test_matches_torch_linear_cross_entropy(chunked, reduction):
         ((X, W, TARGET), {"where": np.ones((3, V), bool)}, ValueError, "`where`"),
         ((X, W, TARGET), {"reduction": "avg"}, ValueError, "`reduction` must be"),
         ((X, W, TARGET), {"label_smoothing": 2.0}, ValueError, "label_smoothing"),
-        ((X, W, TARGET.astype(np.float32)), {}, ValueError,
-         r"probabilities .* shape x.shape\[:-1\] \+ \(V,\) = \(11, 13\).* got \(11,\)"),
+        (
+            (X, W, TARGET.astype(np.float32)),
+            {},
+            ValueError,
+            r"probabilities.*x.shape\[:-1\] \+ \(V,\) = \(11, 13\).* got \(11,\)",
+        ),
         ((X, W, np.ones((N, V + 1))), {}, ValueError, r"= \(11, 13\).*got \(11, 14\)"),
         ((X, W, np.ones((N, V))), {"ignore_index": 0}, ValueError, "ignore_index"),
-        ((X, W, TARGET), {"vocab_chunk_size": 0}, ValueError,
-         "`vocab_chunk_size` must be a positive int"),
+        (
+            (X, W, TARGET),
+            {"vocab_chunk_size": 0},
+            ValueError,
+            "`vocab_chunk_size` must be a positive int",
+        ),
         ((X, W, TARGET), {"vocab_chunk_size": 4.0}, ValueError, "`vocab_chunk_size`"),
         ((X, W, TARGET), {"vocab_chunk_size": True}, ValueError, "`vocab_chunk_size`"),
         ((X.astype(np.int32), W, TARGET), {}, TypeError, "`x` must have a floating"),
@@ -358,9 +366,7 @@ def test_check_grads_forward_and_reverse_order_2(mode):
     with x64():
         args = tuple(np.asarray(a, np.float64) for a in X64_ARGS)
         f = jax.jit(_loss_fn(reduction, lse, soft, True, **kw))
-        check_grads(
-            f, args, order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5
-        )
+        check_grads(f, args, order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
 
 
 def test_forward_mode_transforms_match_materialised():
@@ -432,7 +438,8 @@ def test_zero_mean_denominator_gives_zero_and_finite_gradients(return_lse):
         )  # fmt: skip
         return out[0] if return_lse else out
 
-    value, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(X, W, np.zeros(V, np.float32))
+    zero_weights = np.zeros(V, np.float32)
+    value, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(X, W, zero_weights)
     assert value == 0.0
     for g in grads:
         assert np.all(np.isfinite(g))
@@ -469,6 +476,7 @@ def test_probability_targets_match_torch(reduction):
     np.testing.assert_allclose(value, (loss_t.detach().numpy() * ct).sum(), rtol=1e-12)
     want = [t.grad.numpy() for t in leaves]
     want[1] = want[1].T
-    for name, g, r in zip(("x", "w", "bias", "weight", "target"), grads, want, strict=True):
+    names = ("x", "w", "bias", "weight", "target")
+    for name, g, r in zip(names, grads, want, strict=True):
         record_deviation("linear_cross_entropy probabilities", g, r)
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12, err_msg=name)

@@ -447,8 +447,9 @@ def test_zero_mean_denominator_gives_zero_and_finite_gradients(return_lse):
 
 
 @pytest.mark.skipif(torch is None, reason="torch oracle not installed")
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_probability_targets_match_torch(reduction):
+def test_probability_targets_match_torch(reduction, smoothing):
     """Values and gradients w.r.t. x, w, bias, class weights and the target."""
     import warnings
 
@@ -460,7 +461,7 @@ def test_probability_targets_match_torch(reduction):
         warnings.simplefilter("ignore")
         loss_t = torch.nn.functional.linear_cross_entropy(
             xt, wt, probs_t, linear_bias=bt, weight=weight_t, reduction=reduction,
-            label_smoothing=0.2,
+            label_smoothing=smoothing,
         )  # fmt: skip
         (loss_t * torch.tensor(ct)).sum().backward()
     with x64():
@@ -468,7 +469,7 @@ def test_probability_targets_match_torch(reduction):
             lambda x, w, b, weight, q: jnp.sum(
                 ct * jxent.linear_cross_entropy(
                     x, w, q, weight, bias=b, reduction=reduction,
-                    label_smoothing=0.2, chunk_size=4, vocab_chunk_size=6,
+                    label_smoothing=smoothing, chunk_size=4, vocab_chunk_size=6,
                 )
             ),
             argnums=tuple(range(5)),

@@ -1,11 +1,19 @@
 """jxent: PyTorch-exact, differentiable classification losses for JAX."""
 
+from jxent._binary import binary_cross_entropy as binary_cross_entropy
+from jxent._binary import (
+    binary_cross_entropy_with_logits as binary_cross_entropy_with_logits,
+)
+from jxent._binary import sigmoid_focal_loss as sigmoid_focal_loss
 from jxent._classification import cross_entropy as cross_entropy
 from jxent._classification import nll_loss as nll_loss
 from jxent._information import entropy as entropy
 from jxent._information import kl_div as kl_div
 from jxent._linear import linear_cross_entropy as linear_cross_entropy
+from jxent._modules import BCELoss as BCELoss
+from jxent._modules import BCEWithLogitsLoss as BCEWithLogitsLoss
 from jxent._modules import CrossEntropyLoss as CrossEntropyLoss
+from jxent._modules import KLDivLoss as KLDivLoss
 from jxent._modules import NLLLoss as NLLLoss
 from jxent._runtime_checks import check_target as check_target
 from jxent._softmax import log_softmax as log_softmax
@@ -14,8 +22,13 @@ from jxent._softmax import softmax as softmax
 __version__ = "0.1.0"
 
 __all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "KLDivLoss",
     "NLLLoss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
     "check_target",
     "cross_entropy",
     "entropy",
@@ -23,5 +36,6 @@ __all__ = [
     "linear_cross_entropy",
     "log_softmax",
     "nll_loss",
+    "sigmoid_focal_loss",
     "softmax",
 ]

@@ -16,9 +16,10 @@ from jxent._kernels import (
     capped_logits,
     compute_dtype,
     cross_entropy_stats,
-    target_index,
+    take_target,
 )
 from jxent._reduction import reduce_loss
+from jxent._safe_math import mass_times_gap
 from jxent._sharding import (
     UNSHARDED,
     ClassShards,
@@ -108,12 +109,13 @@ def hard_target_loss(
     bad = terms.bad
     if where is not None:
         local, here = shards.localise(terms.safe_target, logits.shape[axis])
-        included = where[target_index(local, axis)].astype(jnp.int32)
+        included = take_target(where, local, axis).astype(jnp.int32)
         bad = bad | (terms.valid & (shards.pick(included, here) == 0))
     weight = None if weight is None else weight.astype(dtype)
     lse, nll, smooth = cross_entropy_stats(
-        logits, terms.safe_target, weight, where, soft_cap, axis, smoothing, shards
-    )
+        logits, terms.safe_target, terms.valid, weight, where, soft_cap,
+        axis, smoothing, shards,
+    )  # fmt: skip
     if smoothing:
         eps = jnp.asarray(label_smoothing, dtype)
         if where is None:
@@ -127,7 +129,9 @@ def hard_target_loss(
     else:
         loss = _scaled(terms.target_weight, nll)
     if with_z_loss:
-        loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(lse))
+        # Ignored positions' lse (possibly not finite) is discarded before use.
+        kept_lse = jnp.where(terms.valid, lse, 0.0)
+        loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(kept_lse))
     loss = jnp.where(terms.valid, loss, 0.0)
     loss = jnp.where(bad, jnp.nan, loss)
     return loss, lse, terms.target_weight
@@ -162,8 +166,9 @@ def soft_target_loss(
             count = shards.sum(jnp.sum(where, axis=axis, keepdims=True))
             count = jnp.maximum(count, 1)
             q = (1.0 - eps) * q + jnp.where(where, eps / count.astype(dtype), 0.0)
+    w = jnp.ones((), dtype)
     if weight is not None:
-        q = q * along_axis(weight.astype(dtype), x.ndim, axis)
+        w = along_axis(weight.astype(dtype), x.ndim, axis)
     if shards.sharded:
         m = shards.max(jnp.max(lax.stop_gradient(x), axis=axis, keepdims=True))
         m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -171,12 +176,11 @@ def soft_target_loss(
         lse = lse + m
     else:
         lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
-    # 0 * log(0) = 0: classes with zero target mass contribute nothing, even
-    # when their logit is -inf (sanitised before the product, so gradients of
-    # both the logits and the target stay finite).
-    neg_log_p = jnp.where(q == 0, 0.0, lse - x)
+    gap = lse - x  # -log p, +inf for a -inf logit
+    if where is not None:
+        gap = jnp.where(where, gap, 0.0)  # excluded classes: no term at all
     lse = jnp.squeeze(lse, axis)
-    loss = shards.sum(jnp.sum(q * neg_log_p, axis=axis))
+    loss = shards.sum(jnp.sum(mass_times_gap(q, w, gap), axis=axis))
     if with_z_loss:
         loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(lse))
     return loss, lse
@@ -192,7 +196,7 @@ def _reduce_hard(loss, target_weight, reduction, out_dtype, batch_axes=()):
 def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
     dtype = compute_dtype(log_probs.dtype)
     terms = target_terms(target, weight, log_probs.shape[axis], ignore_index, dtype)
-    picked = log_probs[target_index(terms.safe_target, axis)].astype(dtype)
+    picked = take_target(log_probs, terms.safe_target, axis).astype(dtype)
     loss = jnp.where(terms.valid, _scaled(terms.target_weight, -picked), 0.0)
     loss = jnp.where(terms.bad, jnp.nan, loss)
     return _reduce_hard(loss, terms.target_weight, reduction, log_probs.dtype)
@@ -364,8 +368,10 @@ def cross_entropy(
 
     bfloat16 and float16 logits are computed with float32 accumulation and the
     loss is returned in their dtype. For integer targets the softmax is never
-    stored for the backward pass: only the per-position logsumexp is kept
-    (reverse-mode only: use ``jax.jacrev``, not ``jax.jacfwd``).
+    stored for the backward pass: only the per-position logsumexp is kept.
+    Every floating input (logits, probability targets, ``weight``,
+    ``label_smoothing``, ``z_loss``, ``soft_cap``) is differentiable in
+    forward and reverse mode, to any order.
 
     Args:
       logits: floating array of unnormalised scores, classes on ``axis``.
@@ -390,8 +396,7 @@ def cross_entropy(
         over which the class axis is split: ``logits``, ``weight`` and
         ``where`` are this device's contiguous slice of the classes, targets
         are global class indices. Only O(N) values are all-reduced; label
-        smoothing and z-loss stay exact. ``weight``, ``label_smoothing``,
-        ``z_loss`` and ``soft_cap`` are then constants (no gradient).
+        smoothing and z-loss stay exact, and every input keeps its gradient.
       batch_axis_name: inside ``jax.shard_map``, the mesh axis name (or names)
         over which the batch is split: ``"mean"`` and ``"sum"`` reduce over
         all batch shards (the mean divides by the global weight sum).
@@ -445,10 +450,6 @@ def cross_entropy(
         shards=shards,
         batch_axes=batch_axes,
     )
-    if shards.sharded:
-        weight, label_smoothing, z_loss, soft_cap = lax.stop_gradient(
-            (weight, label_smoothing, z_loss, soft_cap)
-        )
     values = (weight, label_smoothing, z_loss, soft_cap, where)
     layout = None if shards.sharded or batch_axes else explicit_layout(logits, axis)
     if layout is not None:

@@ -10,21 +10,16 @@ from jax.typing import ArrayLike
 
 from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
+from jxent._safe_math import mass_times_gap, xlogx
 from jxent._validation import as_float_array, check_reduction, normalize_axis
 
 KL_REDUCTIONS = ("none", "batchmean", "sum", "mean")
 
 
-def _xlogy_self(p: jax.Array) -> jax.Array:
-    """``p · log p`` with ``0 · log 0 = 0`` (input sanitised before the log)."""
-    positive = p > 0
-    return jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0)
-
-
 @functools.partial(jax.jit, static_argnames=("axis",))
 def _entropy(probs: jax.Array, axis: int) -> jax.Array:
     p = probs.astype(compute_dtype(probs.dtype))
-    return (-jnp.sum(_xlogy_self(p), axis=axis)).astype(probs.dtype)
+    return (-jnp.sum(xlogx(p), axis=axis)).astype(probs.dtype)
 
 
 def entropy(probs: ArrayLike, axis: int = -1) -> jax.Array:
@@ -60,11 +55,15 @@ def _kl_div(input, target, *, reduction, log_target):
     log_q = input.astype(dtype)
     t = target.astype(dtype)
     if log_target:
-        pointwise = jnp.exp(t) * (t - log_q)
+        # exp(t) · (t - log q), 0 where t = -inf (zero probability): sanitised
+        # before the product, so that its gradients are 0 there too.
+        impossible = t == -jnp.inf
+        t = jnp.where(impossible, 0.0, t)
+        pointwise = jnp.where(impossible, 0.0, jnp.exp(t) * (t - log_q))
     else:
-        # t · (log t - log q), 0 where t == 0 (also when log q is -inf).
-        positive = t > 0
-        pointwise = _xlogy_self(t) - jnp.where(positive, t * log_q, 0.0)
+        # t · log t - t · log q, with 0 · log 0 = 0 and 0 · (-inf) = 0; a
+        # negative t gives NaN (its log), as in torch.
+        pointwise = xlogx(t) + mass_times_gap(t, jnp.ones((), dtype), -log_q)
     batch = input.shape[0] if input.ndim > 0 else 1
     denominator = batch if reduction == "batchmean" else pointwise.size
     out_dtype = jnp.result_type(input.dtype, target.dtype)

@@ -13,10 +13,12 @@ passes over the logits stay few:
   reduction that carries the running maximum, the rescaled sum of exponentials
   and the smoothing sum together (no data-dependent branch, which would make
   the device wait for the host); large plain arrays take the CPU's path;
-* backward: one fused elementwise pass that recomputes the softmax from the
-  saved logsumexp (nothing of logits size is saved) and subtracts the one-hot
-  target term in the same pass (16-bit outputs) or scatters it in place into
-  the N target entries (32- and 64-bit).
+* derivatives: a ``jax.custom_jvp`` whose tangent map is linear in the
+  tangents of the logits, the class weights and the cap, and rematerialised,
+  so that reverse mode (its transpose) is one fused elementwise pass that
+  recomputes the softmax from the saved logsumexp (nothing of logits size is
+  saved) with the one-hot target term as arithmetic in the same pass; forward
+  mode and higher orders use the same rule.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jxent._sharding import UNSHARDED, ClassShards
 
@@ -43,10 +46,17 @@ def along_axis(vector: jax.Array, ndim: int, axis: int) -> jax.Array:
     return vector.reshape(shape)
 
 
-def target_index(target: jax.Array, axis: int) -> tuple[jax.Array, ...]:
-    """Index that picks ``x[..., target, ...]`` (class axis ``axis``) per position."""
-    positions = list(jnp.indices(target.shape, sparse=True))
-    return (*positions[:axis], target, *positions[axis:])
+def take_target(x: jax.Array, target: jax.Array, axis: int) -> jax.Array:
+    """``x[..., target, ...]`` per position: each position's entry on ``axis``.
+
+    ``target`` must be in range (sanitised). A batched gather
+    (``take_along_axis``) rather than an index tuple: XLA's SPMD partitioner
+    keeps it local to each batch shard instead of all-gathering the indices.
+    """
+    picked = jnp.take_along_axis(
+        x, jnp.expand_dims(target, axis), axis=axis, mode="promise_in_bounds"
+    )
+    return jnp.squeeze(picked, axis)
 
 
 def capped_logits(logits: jax.Array, soft_cap: jax.Array | None) -> jax.Array:
@@ -108,8 +118,30 @@ def _row_split(num_rows: int, num_classes: int) -> int:
     return split
 
 
-def _sum_exp_shifted(make_x, shift, axis, shape):
+def _partitioned_by_xla(x: jax.Array) -> bool:
+    """Whether XLA's SPMD partitioner may split ``x`` across devices.
+
+    True for arrays on a mesh with Auto or Explicit axes (inside ``jax.jit``
+    with sharded inputs); False for one device and inside ``shard_map``,
+    whose Manual axes leave each device a local array.
+    """
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+        sizes, kinds = mesh.axis_sizes, mesh.axis_types
+    except (AttributeError, TypeError):
+        return False
+    manual = jax.sharding.AxisType.Manual
+    return any(
+        size > 1 and kind != manual for size, kind in zip(sizes, kinds, strict=True)
+    )
+
+
+def _sum_exp_shifted(make_x, shift, axis, shape, partitioned):
     """``Σ exp(x - shift)`` over ``axis`` (``shift`` has the kept axis).
+
+    Short, wide rows are cut into more, shorter rows on the CPU, unless the
+    logits may be ``partitioned`` across devices: merging a piece of a
+    sharded class axis into the rows would make XLA all-gather the logits.
 
     ``make_x(rows)`` builds the transformed logits, reshaped to ``rows`` when
     given (the reshape happens on the raw logits, behind a barrier, so that
@@ -117,7 +149,12 @@ def _sum_exp_shifted(make_x, shift, axis, shape):
     lost again).
     """
     split = _row_split(math.prod(shape) // max(shape[axis], 1), shape[axis])
-    if axis != len(shape) - 1 or split == 1 or jax.default_backend() != "cpu":
+    if (
+        axis != len(shape) - 1
+        or split == 1
+        or jax.default_backend() != "cpu"
+        or partitioned
+    ):
         return jnp.sum(jnp.exp(make_x() - shift), axis=axis)
     rows = make_x((-1, shape[-1] // split))
     row_shift = jnp.repeat(shift.reshape(-1), split).reshape(-1, 1)
@@ -136,7 +173,9 @@ def _row_max(x, axis, shards):
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def _shift_and_log_sum(make_x, make_x_again, x_target, axis, shards, shape):
+def _shift_and_log_sum(
+    make_x, make_x_again, x_target, axis, shards, shape, partitioned
+):
     """A per-position shift ``s`` and ``log Σ_c exp(x_c - s)`` (sum: the lse).
 
     The shift is the target's logit, which saves the pass that finds the row
@@ -149,11 +188,12 @@ def _shift_and_log_sum(make_x, make_x_again, x_target, axis, shards, shape):
     (so every device takes the same branch).
     """
     shift = jnp.expand_dims(x_target, axis)
-    log_sum = jnp.log(shards.sum(_sum_exp_shifted(make_x, shift, axis, shape)))
+    sum_exp = _sum_exp_shifted(make_x, shift, axis, shape, partitioned)
+    log_sum = jnp.log(shards.sum(sum_exp))
 
     def with_row_max():
         m = _row_max(make_x_again(shield=True), axis, shards)
-        sum_exp = _sum_exp_shifted(make_x_again, m, axis, shape)
+        sum_exp = _sum_exp_shifted(make_x_again, m, axis, shape, partitioned)
         log_sum = jnp.log(shards.sum(sum_exp))
         return jnp.squeeze(m, axis), log_sum
 
@@ -165,10 +205,10 @@ def _shift_and_log_sum(make_x, make_x_again, x_target, axis, shards, shape):
 
 
 def _smoothing_sum(
-    class_dot, num_classes, make_x_again, lse,
+    class_dot, num_classes, make_x_again, shift, log_sum,
     class_weight, class_mask, total_weight, axis, shards,
 ):  # fmt: skip
-    """``Σ_c w_c (lse - x_c)`` over included classes.
+    """``Σ_c w_c (lse - x_c)`` over included classes, ``lse = shift + log_sum``.
 
     Fast: ``(Σ_c w_c) · lse - x · w``, with ``x · w = class_dot(w)`` one
     matrix-vector product. Every term is >= 0, so the result is at least
@@ -176,8 +216,10 @@ def _smoothing_sum(
     from a zero weight on a ``-inf`` logit) or ``|lse| · Σ|w|`` is so large
     against the result that cancellation could cost digits. Otherwise the
     terms are summed one by one, from the row maximum so that none is
-    negative.
+    negative, and ``lse - max`` is formed as ``(shift - max) + log_sum``: the
+    rounding of a large ``lse`` costs no digits either.
     """
+    lse = shift + log_sum
 
     def exact():
         x = make_x_again()
@@ -196,7 +238,8 @@ def _smoothing_sum(
             weighted_gap = jnp.where(
                 jnp.abs(weighted_gap) >= big / 16, jnp.inf, weighted_gap
             )
-        return weighted_gap + total_weight * (lse - jnp.squeeze(m, axis))
+        lse_above_max = (shift - jnp.squeeze(m, axis)) + log_sum
+        return weighted_gap + total_weight * lse_above_max
 
     if class_mask is not None:
         return exact()
@@ -258,24 +301,6 @@ def _use_one_pass(num_elements: int, smoothing: bool) -> bool:
     return smoothing or num_elements <= _ONE_PASS_MAX_ELEMENTS
 
 
-def _two_pass_stats(x, w, axis, shards, smoothing):
-    """What ``_one_pass_stats`` computes, in plain differentiable steps.
-
-    Gives the one-pass statistics their derivatives (JAX cannot differentiate
-    a variadic reduction): used only by higher-order differentiation.
-    """
-    m = shards.max(jnp.max(x, axis=axis))
-    m_kept = jnp.expand_dims(jnp.where(jnp.isfinite(m), m, 0.0), axis)
-    log_sum = jnp.log(shards.sum(jnp.sum(jnp.exp(x - m_kept), axis=axis)))
-    if not smoothing:
-        return m, log_sum, jnp.zeros_like(m), jnp.zeros_like(m)
-    weight = jnp.broadcast_to(1.0 if w is None else w, x.shape).astype(x.dtype)
-    gap = jnp.where(weight == 0, 0.0, weight * (jnp.expand_dims(m, axis) - x))
-    gaps = shards.sum(jnp.sum(gap, axis=axis))
-    return m, log_sum, gaps, shards.sum(jnp.sum(weight, axis=axis))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _one_pass_stats(x, w, axis, shards, smoothing):
     """``(m, log Σ exp(x - m), Σ w (m - x), Σ w)`` in one variadic reduction.
 
@@ -328,15 +353,6 @@ def _one_pass_stats(x, w, axis, shards, smoothing):
     return m, jnp.log(sum_exp), parts[2], parts[3]
 
 
-@_one_pass_stats.defjvp
-def _one_pass_stats_jvp(axis, shards, smoothing, primals, tangents):
-    out = _one_pass_stats(*primals, axis, shards, smoothing)
-    stats = functools.partial(
-        _two_pass_stats, axis=axis, shards=shards, smoothing=smoothing
-    )
-    return out, jax.jvp(stats, primals, tangents)[1]
-
-
 def _shield(x: jax.Array, tag: int) -> jax.Array:
     """``x`` behind an optimization barrier that copies nothing.
 
@@ -365,10 +381,10 @@ def _forward(
     # (which copies nothing), and the gathered N values are transformed alone.
     shielded = _shield(logits, 1)
     local_target, here = shards.localise(target, logits.shape[axis])
-    index = target_index(local_target, axis)
-    x_target = capped_logits(shielded[index], soft_cap)
+    x_target = capped_logits(take_target(shielded, local_target, axis), soft_cap)
     if class_mask is not None:
-        x_target = jnp.where(class_mask[index], x_target, -jnp.inf)
+        included = take_target(class_mask, local_target, axis)
+        x_target = jnp.where(included, x_target, -jnp.inf)
     x_target = shards.pick(x_target, here)
 
     def again(rows=None, shield=False):
@@ -396,6 +412,7 @@ def _forward(
         axis,
         shards,
         logits.shape,
+        _partitioned_by_xla(logits),
     )
     lse = shift + log_sum
     # (s - x_t) + log Σ exp(x - s) keeps the digits that lse - x_t would lose
@@ -413,17 +430,18 @@ def _forward(
         return jnp.tensordot(x, w, axes=([axis], [0]))
 
     smooth = _smoothing_sum(
-        class_dot, logits.shape[axis], again, lse,
+        class_dot, logits.shape[axis], again, shift, log_sum,
         class_weight, class_mask,
         total_weight, axis, shards,
     )  # fmt: skip
     return lse, nll, smooth
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8))
 def cross_entropy_stats(
     logits: jax.Array,
     target: jax.Array,
+    live: jax.Array,
     class_weight: jax.Array | None,
     class_mask: jax.Array | None,
     soft_cap: jax.Array | None,
@@ -440,6 +458,10 @@ def cross_entropy_stats(
       logits: array of any float dtype with the classes on ``axis``.
       target: int32 array, ``logits.shape`` without ``axis``, every entry a
         class index in range (callers sanitise ignored entries first).
+      live: boolean array of the target's shape: False for ignored positions,
+        whose statistics the loss discards. Their derivatives are computed
+        from zeros when their logits are not finite, so that a zero cotangent
+        gives an exactly zero gradient instead of ``0 · NaN``.
       class_weight: ``None`` (all ones) or a length-C vector, used only by the
         smoothing term.
       class_mask: ``None`` or a boolean array of ``logits.shape``: classes
@@ -449,24 +471,25 @@ def cross_entropy_stats(
       smoothing: whether to compute the smoothing term (else it is zeros).
       shards: how the class axis is split across devices (inside shard_map):
         ``logits``, ``class_weight`` and ``class_mask`` are then this device's
-        slice, ``target`` holds global indices. Gradients w.r.t. the weights
-        and the cap are not computed in that case (zeros).
+        slice, ``target`` holds global indices.
 
     Returns:
       ``(lse, nll, s)`` in the accumulation dtype, each of the target's shape:
       ``lse = log Σ_c exp(x_c)``, ``nll = lse - x[target]`` and
       ``s = Σ_c w_c (lse - x_c)`` over included classes.
+
+    Derivatives (any order, forward and reverse mode) come from a
+    ``jax.custom_jvp`` whose tangent map is linear in the tangents of the
+    logits, the class weights and the cap (``p = softmax(x)``):
+    ``dlse = Σ_c p_c dx_c``, ``dnll = Σ_c (p_c - [c = y]) dx_c`` and
+    ``ds = (Σ_c w_c) dlse - Σ_c w_c dx_c + Σ_c dw_c (lse - x_c)``. Reverse mode
+    transposes it into one fused elementwise pass that writes the gradient;
+    the map is rematerialised (``jax.checkpoint``), so nothing of logits size
+    is saved between the passes: only the logits and the logsumexp.
     """
     return _forward(
         logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards
     )
-
-
-def _fwd(logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards):
-    out = _forward(
-        logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards
-    )
-    return out, (logits, target, class_weight, class_mask, soft_cap, out[0])
 
 
 def _one_hot(target: jax.Array, shape: tuple[int, ...], axis: int, dtype) -> jax.Array:
@@ -475,83 +498,97 @@ def _one_hot(target: jax.Array, shape: tuple[int, ...], axis: int, dtype) -> jax
     Written as ``max(1 - |c - t|, 0)`` rather than a comparison and a select:
     XLA's CPU backend vectorises the arithmetic into the surrounding fused
     pass for free, while a compare-and-select costs ~50% more for 16-bit
-    outputs (and a 16-bit scatter round-trips the array through float32).
+    outputs.
     """
     index = lax.broadcasted_iota(target.dtype, shape, axis)
     gap = index - jnp.expand_dims(target, axis)
     return jnp.maximum(1.0 - jnp.abs(gap.astype(dtype)), 0.0)
 
 
-def _bwd(axis, smoothing, shards, residuals, cotangents):
-    logits, target, class_weight, class_mask, soft_cap, lse = residuals
-    g_lse, g_nll, g_smooth = cotangents
-    # Keeps the forward's exp-sum the only direct user of the logits, so that
-    # XLA fuses the upcast of 16-bit logits there (see _forward).
+def _tangent_map(
+    logits, target, live, class_weight, class_mask, soft_cap, lse,
+    t_logits, t_weight, t_cap, *, axis, smoothing, shards,
+):  # fmt: skip
+    """The tangents ``(dlse, dnll, ds)`` (see ``cross_entropy_stats``).
+
+    ``t_logits``, ``t_weight`` and ``t_cap`` are None where the tangent is a
+    symbolic zero, so that no term is formed for an input that is not being
+    differentiated (an infinite partial derivative there would otherwise give
+    ``inf · 0 = NaN``).
+    """
+    # A barrier keeps the forward's exp-sum the only direct user of the raw
+    # logits, so that XLA fuses the upcast of 16-bit logits there (see
+    # _forward) instead of sharing a stored float32 copy.
     logits = _shield(logits, 4)
-    capped = capped_logits(logits, soft_cap)
-    x = _masked(capped, class_mask)
-    dtype = x.dtype
-    local_target, here = shards.localise(target, logits.shape[axis])
+    dtype = compute_dtype(logits.dtype)
 
     def expand(v):
         return jnp.expand_dims(v, axis)
 
-    # d lse/dx = p, d nll/dx = p - onehot, d s/dx = (Σ_c w_c) p - w.
-    coef_p = g_lse + g_nll
-    w = None
+    # Ignored rows with non-finite logits are differentiated at zeros: the
+    # loss discards them, and their zero cotangents then give exact zeros.
+    dead = ~live & ~jnp.isfinite(lse)
+    logits = jnp.where(expand(dead), jnp.zeros((), logits.dtype), logits)
+    lse = jnp.where(dead, 0.0, lse)
+    x = logits.astype(dtype)
+    t_x = None if t_logits is None else t_logits.astype(dtype)
+    if soft_cap is not None:
+        cap = jnp.asarray(soft_cap, dtype)
+        tanh = jnp.tanh(x / cap)
+        slope = 1 - tanh**2  # d capped / d logits
+        if t_cap is not None:
+            # d capped / d cap = tanh(x/c) - (x/c) · (1 - tanh²(x/c))
+            t_from_cap = (tanh - (x / cap) * slope) * jnp.asarray(t_cap, dtype)
+        x = cap * tanh
+        if t_x is not None:
+            t_x = t_x * slope
+        if t_cap is not None:
+            t_x = t_from_cap if t_x is None else t_x + t_from_cap
+    x = _masked(x, class_mask)
+    if t_x is not None and class_mask is not None:
+        t_x = jnp.where(class_mask, t_x, 0.0)
+    zeros = jnp.zeros_like(lse, dtype=dtype)  # keeps the varying mesh axes
+    t_lse = t_nll = t_smooth = zeros
+    if t_x is not None:
+        p = jnp.exp(x - expand(lse))
+        local_target, here = shards.localise(target, logits.shape[axis])
+        one_hot = _one_hot(local_target, x.shape, axis, dtype)
+        if shards.sharded:
+            one_hot = one_hot * expand(here.astype(dtype))
+        t_lse = shards.sum(jnp.sum(p * t_x, axis=axis))
+        t_nll = shards.sum(jnp.sum((p - one_hot) * t_x, axis=axis))
     if smoothing:
         w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, dtype)
-        total_weight = _total_weight(class_weight, class_mask, x, axis, shards)
-        coef_p = coef_p + g_smooth * total_weight
-    cap = None if soft_cap is None else jnp.asarray(soft_cap, dtype)
-
-    def cap_factors(capped, logits):
-        """Derivatives of the capped logit w.r.t. the logit and the cap."""
-        tanh = capped / cap
-        return 1 - tanh**2, tanh - (logits.astype(dtype) / cap) * (1 - tanh**2)
-
-    # Rows with a zero cotangent (e.g. ignored rows) get exactly zero, even
-    # when their logits are NaN or all -inf.
-    coef_p = expand(coef_p)
-    full = jnp.where(coef_p == 0, 0.0, coef_p * jnp.exp(x - expand(lse)))
-    if smoothing:
-        full = full - expand(g_smooth) * (1.0 if w is None else w)
-    one_hot = g_nll if not shards.sharded else jnp.where(here, g_nll, 0.0)
-    # d nll/dx has a -1 at the target, applied in the accumulation dtype so
-    # that p_t - 1 keeps its digits: for 32- and 64-bit outputs an in-place
-    # scatter into the N target entries (~3% faster than the arithmetic
-    # one-hot there), else in the fused pass (XLA's CPU backend has no
-    # in-place 16-bit scatter).
-    scatter = jnp.dtype(logits.dtype).itemsize >= 4 and cap is None
-    if not scatter:
-        full = full - expand(one_hot) * _one_hot(local_target, x.shape, axis, dtype)
-    d_cap = None
-    if cap is not None:
-        dlogit, dcap = cap_factors(capped, logits)
-        d_cap = jnp.sum(full * dcap).astype(jnp.result_type(soft_cap))
-        full = full * dlogit
-    dx = full.astype(logits.dtype)
-    if scatter:
-        dx = dx.at[target_index(local_target, axis)].add(
-            -one_hot.astype(dx.dtype), mode="promise_in_bounds", unique_indices=True
-        )
-    if shards.sharded:
-        # Weights and cap are constants across shards (see the docstring).
-        zeros = lambda a: None if a is None else jnp.zeros_like(a)
-        return dx, None, zeros(class_weight), None, zeros(soft_cap)
-    d_weight = None
-    if class_weight is not None:
-        d_weight = jnp.zeros_like(class_weight)
-        if smoothing:
-            included = True if class_mask is None else class_mask
-            contribution = jnp.where(
-                included & (expand(g_smooth) != 0),
-                expand(g_smooth) * (expand(lse) - x),
-                0.0,
-            )
-            other_axes = tuple(a for a in range(x.ndim) if a != axis)
-            d_weight = jnp.sum(contribution, axis=other_axes).astype(class_weight.dtype)
-    return dx, None, d_weight, None, d_cap
+        if t_x is not None:
+            total_weight = _total_weight(class_weight, class_mask, x, axis, shards)
+            weighted = t_x if w is None else w * t_x
+            t_smooth = total_weight * t_lse - shards.sum(jnp.sum(weighted, axis=axis))
+        if t_weight is not None:
+            gap = expand(lse) - x
+            if class_mask is not None:
+                gap = jnp.where(class_mask, gap, 0.0)
+            t_w = along_axis(jnp.asarray(t_weight, dtype), x.ndim, axis)
+            t_smooth = t_smooth + shards.sum(jnp.sum(t_w * gap, axis=axis))
+    return t_lse, t_nll, t_smooth
 
 
-cross_entropy_stats.defvjp(_fwd, _bwd)
+def _nonzero(tangent):
+    """``tangent``, or None for a symbolic zero (or a missing input)."""
+    if tangent is None or isinstance(tangent, SymbolicZero):
+        return None
+    return tangent
+
+
+@functools.partial(cross_entropy_stats.defjvp, symbolic_zeros=True)
+def _cross_entropy_stats_jvp(axis, smoothing, shards, primals, tangents):
+    out = cross_entropy_stats(*primals, axis, smoothing, shards)
+    t_logits, _, _, t_weight, _, t_cap = map(_nonzero, tangents)
+    if not smoothing:
+        t_weight = None
+    if t_logits is None and t_weight is None and t_cap is None:
+        return out, tuple(jnp.zeros_like(o) for o in out)
+    tangent_map = jax.checkpoint(
+        functools.partial(_tangent_map, axis=axis, smoothing=smoothing, shards=shards),
+        prevent_cse=False,
+    )
+    return out, tangent_map(*primals, out[0], t_logits, t_weight, t_cap)

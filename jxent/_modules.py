@@ -2,7 +2,12 @@
 
 They are pytrees: ``weight`` and ``label_smoothing`` are leaves (traced when
 the object is passed into ``jit``, so new values never recompile), while
-``ignore_index``, ``reduction`` and ``axis`` are static metadata. An object
+``ignore_index``, ``reduction``, ``axis`` and ``log_target`` are static
+metadata (``pos_weight`` of ``BCEWithLogitsLoss`` is a leaf too). Options are
+validated when a user builds an object, never when JAX rebuilds one from its
+leaves: ``jax.tree.map`` with any leaves (None, bools,
+``ShapeDtypeStruct``), ``equinox.partition``/``combine``/``filter_grad`` and
+optimiser states over a model that holds a loss object all work. An object
 whose leaves are concrete is also hashable, so it can be a static argument.
 """
 
@@ -14,9 +19,12 @@ import jax
 import numpy as np
 from jax.typing import ArrayLike
 
+from jxent._binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from jxent._classification import cross_entropy, nll_loss
+from jxent._information import KL_REDUCTIONS, kl_div
 from jxent._validation import (
     REDUCTIONS,
+    check_bool,
     check_ignore_index,
     check_reduction,
     check_unit_interval,
@@ -55,12 +63,62 @@ class _LossModule:
         return hash((type(self), self._key()))
 
 
+def _check_label_smoothing_values(value: object) -> None:
+    """Raises unless every concrete entry is in [0, 1].
+
+    A stacked module (for ``vmap``) may hold one value per member; traced
+    values cannot be checked.
+    """
+    if not is_concrete(value):
+        return
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        check_unit_interval(value, "label_smoothing")
+        return
+    if not np.issubdtype(arr.dtype, np.number) or np.any((arr < 0) | (arr > 1)):
+        raise ValueError(
+            "`label_smoothing` must be real values in [0, 1] (one per member of "
+            f"a stacked loss), got {value!r}."
+        )
+
+
 _LEAF = {"leaf": True}
 _STATIC = {"static": True}
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
+def _loss_pytree(cls: type) -> type:
+    """Makes ``cls`` a frozen dataclass and a pytree that unflattens unchecked.
+
+    Fields with ``metadata={"leaf": True}`` are the leaves; the others are
+    static (part of the tree structure). Unflattening sets the fields directly,
+    without ``__init__``/``__post_init__``, so JAX and equinox can put any
+    placeholder into a leaf; users' constructor calls still validate.
+    """
+    cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
+    fields = dataclasses.fields(cls)
+    leaves = tuple(f.name for f in fields if f.metadata.get("leaf"))
+    statics = tuple(f.name for f in fields if not f.metadata.get("leaf"))
+
+    def flatten_with_keys(obj):
+        children = [(jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in leaves]
+        return children, tuple(getattr(obj, n) for n in statics)
+
+    def flatten(obj):
+        children = [getattr(obj, n) for n in leaves]
+        return children, tuple(getattr(obj, n) for n in statics)
+
+    def unflatten(aux, children):
+        obj = object.__new__(cls)
+        pairs = (*zip(statics, aux, strict=True), *zip(leaves, children, strict=True))
+        for name, value in pairs:
+            object.__setattr__(obj, name, value)
+        return obj
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+    return cls
+
+
+@_loss_pytree
 class NLLLoss(_LossModule):
     """``torch.nn.NLLLoss``: calls :func:`jxent.nll_loss` with stored options.
 
@@ -94,8 +152,7 @@ class NLLLoss(_LossModule):
         )
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
+@_loss_pytree
 class CrossEntropyLoss(_LossModule):
     """``torch.nn.CrossEntropyLoss``: calls :func:`jxent.cross_entropy`.
 
@@ -117,9 +174,7 @@ class CrossEntropyLoss(_LossModule):
     def __post_init__(self) -> None:
         check_reduction(self.reduction, REDUCTIONS)
         check_ignore_index(self.ignore_index)
-        # Pytree unflattening may store placeholders here: check plain numbers.
-        if isinstance(self.label_smoothing, (int, float)):
-            check_unit_interval(self.label_smoothing, "label_smoothing")
+        _check_label_smoothing_values(self.label_smoothing)
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
         """The loss of logits ``input`` against ``target``."""
@@ -131,4 +186,88 @@ class CrossEntropyLoss(_LossModule):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             axis=self.axis,
+        )
+
+
+@_loss_pytree
+class KLDivLoss(_LossModule):
+    """``torch.nn.KLDivLoss``: calls :func:`jxent.kl_div` with stored options.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> loss_fn = jxent.KLDivLoss(reduction="batchmean")
+      >>> loss_fn(jnp.log(jnp.array([[0.25, 0.75]])), jnp.array([[0.5, 0.5]]))
+      Array(0.1438..., dtype=float32)
+    """
+
+    _: dataclasses.KW_ONLY
+    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+    log_target: bool = dataclasses.field(default=False, metadata=_STATIC)
+
+    def __post_init__(self) -> None:
+        check_reduction(self.reduction, KL_REDUCTIONS)
+        check_bool(self.log_target, "log_target")
+
+    def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
+        """The divergence of log-probabilities ``input`` from ``target``."""
+        return kl_div(
+            input, target, reduction=self.reduction, log_target=self.log_target
+        )
+
+
+@_loss_pytree
+class BCELoss(_LossModule):
+    """``torch.nn.BCELoss``: calls :func:`jxent.binary_cross_entropy`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> loss_fn = jxent.BCELoss(reduction="sum")
+      >>> loss_fn(jnp.array([0.5, 0.9]), jnp.array([1.0, 1.0]))
+      Array(0.7985..., dtype=float32)
+    """
+
+    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
+    _: dataclasses.KW_ONLY
+    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+
+    def __post_init__(self) -> None:
+        check_reduction(self.reduction)
+
+    def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
+        """The loss of probabilities ``input`` against ``target``."""
+        return binary_cross_entropy(
+            input, target, self.weight, reduction=self.reduction
+        )
+
+
+@_loss_pytree
+class BCEWithLogitsLoss(_LossModule):
+    """``torch.nn.BCEWithLogitsLoss``: calls ``binary_cross_entropy_with_logits``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> loss_fn = jxent.BCEWithLogitsLoss(pos_weight=jnp.array([2.0, 1.0]))
+      >>> loss_fn(jnp.array([[0.0, 0.0]]), jnp.array([[1.0, 0.0]]))
+      Array(1.0397..., dtype=float32)
+    """
+
+    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
+    _: dataclasses.KW_ONLY
+    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+    pos_weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
+
+    def __post_init__(self) -> None:
+        check_reduction(self.reduction)
+
+    def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
+        """The loss of logits ``input`` against ``target``."""
+        return binary_cross_entropy_with_logits(
+            input,
+            target,
+            self.weight,
+            pos_weight=self.pos_weight,
+            reduction=self.reduction,
         )

@@ -20,6 +20,23 @@ def safe_divide(numerator: jax.Array, denominator: ArrayLike) -> jax.Array:
     return jnp.where(is_zero, 0.0, numerator / jnp.where(is_zero, 1.0, denominator))
 
 
+def dense_sum(x: jax.Array) -> jax.Array:
+    """``Σ x`` over every element, for large element-wise losses.
+
+    XLA's CPU backend hands a plain full reduction to its YNNPACK fusion, which
+    absorbs only the final add: each element-wise producer is then stored as a
+    separate N×C array (5 loop fusions for ``binary_cross_entropy_with_logits``).
+    A matrix-vector product with ones makes the whole element-wise expression
+    one loop feeding the product: measured 1.6× faster forward and forward +
+    backward at (8192, 1024) float32. Other backends fuse reductions anyway.
+    """
+    if jax.default_backend() != "cpu" or x.ndim == 0 or x.shape[-1] < 64:
+        return jnp.sum(x)
+    rows = x.reshape(-1, x.shape[-1])
+    ones = jnp.ones((x.shape[-1],), x.dtype)
+    return jnp.sum(jnp.dot(rows, ones, precision=jax.lax.Precision.HIGHEST))
+
+
 def reduce_loss(
     loss: jax.Array,
     reduction: str,
@@ -27,6 +44,7 @@ def reduce_loss(
     out_dtype: jnp.dtype | None = None,
     *,
     batch_axes: tuple[str, ...] = (),
+    elementwise: bool = False,
 ) -> jax.Array:
     """Applies ``reduction`` to per-element losses.
 
@@ -40,6 +58,8 @@ def reduce_loss(
       out_dtype: dtype of the result (default: ``loss.dtype``).
       batch_axes: inside ``jax.shard_map``, mesh axes over which the batch is
         split: the sum and the denominator are all-reduced over them.
+      elementwise: ``loss`` is a large element-wise loss (the input's shape):
+        summed with :func:`dense_sum`.
 
     Returns:
       The reduced loss, cast to ``out_dtype``.
@@ -47,7 +67,8 @@ def reduce_loss(
     out_dtype = loss.dtype if out_dtype is None else out_dtype
     if reduction == "none":
         return loss.astype(out_dtype)
-    total = batch_sum(jnp.sum(loss), batch_axes)
+    total = dense_sum(loss) if elementwise else jnp.sum(loss)
+    total = batch_sum(total, batch_axes)
     if reduction == "sum":
         return total.astype(out_dtype)
     if denominator is None:

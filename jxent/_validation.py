@@ -193,3 +193,94 @@ def check_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool, got {value!r}.")
     return value
+
+
+def check_real_scalar(value: ArrayLike, name: str) -> ArrayLike:
+    """A real scalar option (checked when concrete; a traced one by shape only)."""
+    return _check_scalar_option(value, name, lambda v: True, "a real number")
+
+
+def check_same_shape(
+    target: jax.Array, shape: tuple[int, ...], name: str = "logits"
+) -> None:
+    """Element-wise losses need a ``target`` of exactly the input's shape."""
+    if tuple(target.shape) != tuple(shape):
+        raise ValueError(
+            f"`target` must have the shape of `{name}`: `{name}`.shape="
+            f"{tuple(shape)}, `target`.shape={tuple(target.shape)}. Reshape the "
+            "target (broadcasting is refused, as in torch)."
+        )
+
+
+def as_elementwise_target(
+    target: ArrayLike, shape: tuple[int, ...], name: str = "logits"
+) -> jax.Array:
+    """A floating, integer or boolean ``target`` of the input's exact shape.
+
+    Integer and boolean targets are returned as they are; the loss casts them to
+    its accumulation dtype.
+    """
+    target = jnp.asarray(target)
+    if not (
+        jnp.issubdtype(target.dtype, jnp.floating)
+        or jnp.issubdtype(target.dtype, jnp.integer)
+        or target.dtype == jnp.bool_
+    ):
+        raise TypeError(
+            "`target` must be floating (probabilities in [0, 1]), integer or "
+            f"boolean, got {target.dtype}."
+        )
+    check_same_shape(target, shape, name)
+    return target
+
+
+def check_broadcast_weight(
+    weight: ArrayLike | None,
+    shape: tuple[int, ...],
+    name: str = "weight",
+    input_name: str = "logits",
+) -> jax.Array | None:
+    """A real array that broadcasts to ``shape`` (NumPy's rule), rank-padded.
+
+    A 1-D array of length C therefore weights the last axis (one weight per
+    class, torch's rule for ``pos_weight``). ``None`` passes through.
+    """
+    if weight is None:
+        return None
+    w = jnp.asarray(weight)
+    if not (
+        jnp.issubdtype(w.dtype, jnp.floating)
+        or jnp.issubdtype(w.dtype, jnp.integer)
+        or w.dtype == jnp.bool_
+    ):
+        raise TypeError(f"`{name}` must be a real (float) array, got {w.dtype}.")
+    try:
+        broadcast = np.broadcast_shapes(w.shape, tuple(shape))
+    except ValueError:
+        broadcast = None
+    if broadcast != tuple(shape):
+        raise ValueError(
+            f"`{name}` of shape {tuple(w.shape)} does not broadcast to the shape "
+            f"of `{input_name}` {tuple(shape)}: it must be a scalar, a vector of "
+            f"length {shape[-1] if shape else 1} (one value per class, the last "
+            f"axis) or a shape that broadcasts to {tuple(shape)}."
+        )
+    return w.reshape((1,) * (len(shape) - w.ndim) + w.shape)
+
+
+def check_concrete_probabilities(probs: jax.Array, name: str = "probs") -> None:
+    """Raises ``ValueError`` when a concrete ``probs`` has entries outside [0, 1].
+
+    NaN counts as outside (torch refuses it too). Traced values cannot be
+    inspected: the loss is then NaN for those entries.
+    """
+    if not is_concrete(probs) or probs.size == 0:
+        return
+    p = np.asarray(probs.astype(jnp.float32) if probs.dtype == jnp.bfloat16 else probs)
+    bad = ~((p >= 0) & (p <= 1))
+    if bad.any():
+        raise ValueError(
+            f"`{name}` must hold probabilities in [0, 1]; got {p[bad].flat[0]!r} "
+            f"({int(bad.sum())} such entries). Pass logits to "
+            "`binary_cross_entropy_with_logits` instead of probabilities, or clip."
+        )

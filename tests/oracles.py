@@ -155,3 +155,95 @@ def reference_cross_entropy(
     return jnp.where(
         denom == 0, 0.0, jnp.sum(loss) / jnp.where(denom == 0, 1, denom)
     ), lse
+
+
+def _reduce_torch(loss, reduction):
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def _backward(loss, reduction, cotangent):
+    if reduction == "none" and cotangent is not None:
+        ct = torch.tensor(np.asarray(cotangent, np.float64))
+    else:
+        ct = torch.ones((), dtype=torch.float64)
+    (loss * ct).sum().backward()
+
+
+def _grad(t):
+    if t is None:
+        return None
+    return np.zeros(t.shape) if t.grad is None else t.grad.numpy()
+
+
+def torch_binary_cross_entropy(
+    probs, target, weight=None, *, pos_weight=None, reduction="mean",
+    logits=False, cotangent=None,
+):  # fmt: skip
+    """torch ``F.binary_cross_entropy[_with_logits]`` in float64.
+
+    Returns ``(loss, grads)`` with ``grads`` a dict of the gradients of
+    ``<loss, cotangent>`` w.r.t. input, target, weight and pos_weight. torch
+    does not differentiate ``weight`` or ``pos_weight``: those two come from
+    torch's own defining formula (``weight · ℓ`` and ``(1 - t) · x + (1 + (pw -
+    1) · t) · (log1p(exp(-|x|)) + max(-x, 0))``), whose value is checked against
+    torch's kernel first.
+    """
+
+    def leaf(a):
+        return None if a is None else torch.tensor(np.asarray(a, np.float64))
+
+    x, t = leaf(probs).requires_grad_(), leaf(target).requires_grad_()
+    w, pw = leaf(weight), leaf(pos_weight)
+    if logits:
+        loss = F.binary_cross_entropy_with_logits(
+            x, t, w, pos_weight=pw, reduction=reduction
+        )
+    else:
+        loss = F.binary_cross_entropy(x, t, w, reduction=reduction)
+    _backward(loss, reduction, cotangent)
+    grads = {"input": _grad(x), "target": _grad(t)}
+    # weight / pos_weight: autograd through torch's defining formula.
+    w2 = None if w is None else w.clone().requires_grad_()
+    pw2 = None if pw is None else pw.clone().requires_grad_()
+    xd, td = x.detach(), t.detach()
+    if logits and pw2 is not None:
+        log_weight = 1 + (pw2 - 1) * td
+        softplus_neg = torch.log1p(torch.exp(-xd.abs())) + torch.clamp(-xd, min=0)
+        elem = (1 - td) * xd + log_weight * softplus_neg
+    elif logits:
+        elem = F.binary_cross_entropy_with_logits(xd, td, reduction="none")
+    else:
+        elem = F.binary_cross_entropy(xd, td, reduction="none")
+    if w2 is not None:
+        elem = w2 * elem
+    again = _reduce_torch(elem, reduction)
+    np.testing.assert_allclose(
+        again.detach().numpy(), loss.detach().numpy(), rtol=1e-12, atol=1e-300
+    )
+    if w2 is not None or pw2 is not None:
+        _backward(again, reduction, cotangent)
+    grads["weight"], grads["pos_weight"] = _grad(w2), _grad(pw2)
+    return loss.detach().numpy(), grads
+
+
+def torch_sigmoid_focal_loss(
+    logits, target, *, alpha=0.25, gamma=2.0, reduction="none", cotangent=None
+):
+    """torchvision.ops.sigmoid_focal_loss's formula in float64 torch.
+
+    Returns ``(loss, grad w.r.t. logits, grad w.r.t. target)``.
+    """
+    x = torch.tensor(np.asarray(logits, np.float64), requires_grad=True)
+    t = torch.tensor(np.asarray(target, np.float64), requires_grad=True)
+    p = torch.sigmoid(x)
+    ce_loss = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        alpha_t = alpha * t + (1 - alpha) * (1 - t)
+        loss = alpha_t * loss
+    loss = _reduce_torch(loss, reduction)
+    _backward(loss, reduction, cotangent)
+    return loss.detach().numpy(), _grad(x), _grad(t)

@@ -13,8 +13,13 @@ from conftest import maybe_jit
 import jxent
 
 EXPECTED_API = {
+    "BCELoss",
+    "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "KLDivLoss",
     "NLLLoss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
     "check_target",
     "cross_entropy",
     "entropy",
@@ -22,6 +27,7 @@ EXPECTED_API = {
     "linear_cross_entropy",
     "log_softmax",
     "nll_loss",
+    "sigmoid_focal_loss",
     "softmax",
 }
 

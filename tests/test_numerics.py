@@ -197,7 +197,10 @@ def test_probability_target_with_zero_mass_on_masked_class():
     q = jnp.array([[0.25, 0.0, 0.75]])
     value, (gx, gq) = jax.value_and_grad(jxent.cross_entropy, argnums=(0, 1))(x, q)
     assert np.isfinite(value)  # torch: NaN (0 * -inf)
-    assert np.all(np.isfinite(gx)) and np.all(np.isfinite(gq))
+    assert np.all(np.isfinite(gx))
+    # d loss / d q = -log p: +inf on the impossible class (the true derivative,
+    # as torch), finite elsewhere.
+    assert gq[0, 1] == np.inf and np.all(np.isfinite(gq[0, [0, 2]]))
     np.testing.assert_allclose(
         value,
         jxent.cross_entropy(jnp.array([[0.0, 1.0]]), jnp.array([[0.25, 0.75]])),
@@ -254,3 +257,102 @@ def test_nan_logits_in_ignored_row_do_not_leak():
 def test_all_masked_row_is_nan_like_torch():
     loss = jxent.cross_entropy(jnp.full((1, 3), NEG_INF), jnp.array([0]))
     assert np.isnan(loss)
+
+
+# --- tests that kill the mutation audit's survivors ----------------------------
+
+
+def _bfloat16_ulp(x):
+    """One unit in the last place of bfloat16 at |x| (8 significant bits)."""
+    x = np.abs(np.asarray(x, np.float64))
+    return 2.0 ** (np.floor(np.log2(np.maximum(x, 1e-30))) - 7)
+
+
+@pytest.mark.parametrize("margin", [5.0, 10.0])
+def test_bfloat16_target_gradient_at_a_large_margin(margin):
+    """p_t - 1 is tiny when the target wins by ``margin``: it must be formed in
+    float32 and rounded once (a 16-bit one-hot subtraction loses it: 37% off at
+    a 10-logit margin)."""
+    c = 64
+    logits = np.zeros((4, c), np.float32)
+    target = np.array([3, 10, 20, 63])
+    logits[np.arange(4), target] = margin
+    x = jnp.asarray(logits, jnp.bfloat16)
+    grad = jax.grad(lambda x: jxent.cross_entropy(x, target, reduction="sum"))(x)
+    exact = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    exact[np.arange(4), target] -= 1.0
+    got = np.asarray(grad, np.float64)
+    np.testing.assert_array_less(np.abs(got - exact), _bfloat16_ulp(exact) + 1e-30)
+
+
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+def test_bfloat16_softmax_is_float32_math_rounded_once(fn):
+    """Within one bfloat16 ulp of the exact result (bfloat16 arithmetic: up to
+    0.125 off on a fifth of the entries)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(scale=3.0, size=(8, 1024)), jnp.bfloat16)
+    got = np.asarray(getattr(jxent, fn)(x), np.float64)
+    xf = np.asarray(x, np.float64)
+    lse = np.log(np.exp(xf - xf.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    exact = xf - xf.max(-1, keepdims=True) - lse
+    exact = exact if fn == "log_softmax" else np.exp(exact)
+    np.testing.assert_array_less(np.abs(got - exact), _bfloat16_ulp(exact) + 1e-30)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_bfloat16_loss_accumulates_in_float32(smoothing):
+    """The loss over 32k bfloat16 logits is the exact loss of those values,
+    rounded once to bfloat16 (bfloat16 sums of 32k terms are far off)."""
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(scale=2.0, size=(4, 32768)), jnp.bfloat16)
+    target = rng.integers(0, 32768, size=4)
+    got = jxent.cross_entropy(
+        logits, target, label_smoothing=smoothing, reduction="none"
+    )
+    xf = np.asarray(logits, np.float64)
+    m = xf.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(xf - m).sum(-1, keepdims=True)))[:, 0]
+    nll = lse - xf[np.arange(4), target]
+    exact = (1 - smoothing) * nll + smoothing * (lse - xf.mean(-1))
+    np.testing.assert_array_less(
+        np.abs(np.asarray(got, np.float64) - exact), _bfloat16_ulp(exact)
+    )
+
+
+def test_overflow_fallback_runs_only_when_a_row_overflows(monkeypatch):
+    """The row-maximum pass is taken only for a logit ~88 above its target's."""
+    import jxent._kernels as kernels
+
+    calls = []
+    row_max = kernels._row_max
+    monkeypatch.setattr(kernels, "_row_max", lambda *a: calls.append(1) or row_max(*a))
+    target = jnp.array([0, 1])
+    with jax.disable_jit():  # lax.cond runs only the branch it takes
+        jxent.cross_entropy(jnp.array([[1.0, 50.0, -3.0], [0.0, 2.0, 1.0]]), target)
+        assert calls == []
+        loss = jxent.cross_entropy(
+            jnp.array([[1.0, 100.0, -3.0], [0.0, 2.0, 1.0]]), target
+        )
+        assert calls
+    x = np.array([[1.0, 100.0, -3.0], [0.0, 2.0, 1.0]])
+    lse = x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1))
+    np.testing.assert_allclose(loss, np.mean(lse - x[[0, 1], [0, 1]]), rtol=1e-6)
+
+
+def test_smoothing_sum_keeps_its_digits_at_a_large_exact_offset():
+    """Logits shifted by 2**16 (exactly representable, so the true loss is
+    unchanged): ``Σw · lse - x · w`` alone would cancel ~C · 2**16 to a few
+    units; the guard recomputes it from the row maximum."""
+    rng = np.random.default_rng(5)
+    base = (rng.integers(-32, 32, size=(4, 1000)) / 8).astype(np.float32)
+    target = np.array([1, 2, 3, 4])
+    weight = jnp.asarray(rng.uniform(0.5, 2.0, size=1000), jnp.float32)
+    for kw in ({}, {"weight": weight}):
+        a = jxent.cross_entropy(
+            base, target, label_smoothing=0.5, reduction="none", **kw
+        )
+        b = jxent.cross_entropy(
+            base + np.float32(2.0**16), target, label_smoothing=0.5,
+            reduction="none", **kw,
+        )  # fmt: skip
+        np.testing.assert_allclose(b, a, rtol=2e-6)

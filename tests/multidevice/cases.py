@@ -115,6 +115,60 @@ def test_shard_map_class_and_batch_axes(mesh_def, option, reduction):
     _close(got, _unsharded(option, reduction))
 
 
+# A row whose top logit is ~120 above its target's: the shifted exp-sum
+# overflows and the batch is redone with the row maximum, combined across
+# shards (pmax of the maxima, psum of the sums).
+OVERFLOW_LOGITS = LOGITS.copy()
+OVERFLOW_LOGITS[0, (TARGET[0] + 5) % C] = 120.0
+OVERFLOW_LOGITS[2, (TARGET[2] + 20) % C] = -200.0
+
+
+@pytest.mark.parametrize("logits", ["normal", "overflow"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("mesh_def", MESHES[:2], ids=lambda m: "x".join(map(str, m[0])))
+def test_shard_map_gradients_of_every_input(mesh_def, reduction, logits):
+    """Class weights, smoothing, z-loss and the cap keep their gradients."""
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+    x = OVERFLOW_LOGITS if logits == "overflow" else LOGITS
+    ct = np.arange(1.0, N + 1.0, dtype=np.float32)
+    # The cap (300) keeps the 120-logit spread above the ~88 that overflows.
+    scalars = (np.float32(0.1), np.float32(1e-2), np.float32(300.0))
+
+    def loss(fn):
+        def total(x, w, scalars):
+            out = fn(x, w, scalars)
+            return jnp.sum(out * ct) if reduction == "none" else out
+
+        return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))
+
+    def options(scalars):
+        eps, z, cap = scalars
+        return dict(label_smoothing=eps, z_loss=z, soft_cap=cap, reduction=reduction)
+
+    def local(x, t, w, m, scalars):
+        return jxent.cross_entropy(
+            x, t, w, where=m, class_axis_name="model",
+            batch_axis_name=batch if reduction != "none" else None, **options(scalars),
+        )  # fmt: skip
+
+    row = P(batch, "model")
+    sharded = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(row, P(batch), P("model"), P("model"), P()),
+        out_specs=P(batch) if reduction == "none" else P(),
+    )  # fmt: skip
+    got = loss(lambda x, w, s: sharded(x, TARGET, w, MASK, s))(x, WEIGHT, scalars)
+    want = loss(
+        lambda x, w, s: jxent.cross_entropy(x, TARGET, w, where=MASK, **options(s))
+    )(x, WEIGHT, scalars)
+    assert np.isfinite(want[0])
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        assert np.all(np.isfinite(r)) and np.any(r != 0)
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=1e-6 * np.abs(r).max())
+
+
 def _collectives(compiled_text):
     """(op, element count) of every collective in a compiled HLO module."""
     found = []
@@ -157,6 +211,59 @@ def test_jit_with_named_shardings(kind, mesh_def, option):
     logits_per_device = N * C // 8
     for op, size in _collectives(text):
         assert size < logits_per_device, (op, size)
+
+
+def _branch_computations(compiled_text):
+    """Names of the computations that conditionals run as branches."""
+    names = set()
+    for found in re.findall(r"branch_computations=\{([^}]*)\}", compiled_text):
+        names.update(n.strip().lstrip("%") for n in found.split(","))
+    for found in re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", compiled_text):
+        names.add(found)
+    return names
+
+
+def _collectives_on_the_main_path(compiled_text):
+    """Collectives outside conditional branches (the rarely taken fallbacks)."""
+    skip = _branch_computations(compiled_text)
+    kept, current = [], []
+    for line in compiled_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header:
+            name = header.group(1)
+            current = [] if name in skip else kept
+        current.append(line)
+    return _collectives("\n".join(kept))
+
+
+@pytest.mark.parametrize("shape", [(32, 4096), (2048, 4096)], ids=str)
+@pytest.mark.parametrize("mesh_def", MESHES[1:], ids=lambda m: "x".join(map(str, m[0])))
+def test_auto_sharded_value_and_grad_moves_no_logits(mesh_def, shape):
+    """Short-wide and tall batches: no collective of per-device logits size,
+    and at most optax's count + 1 (+ 2 weighted and smoothed) on the path
+    taken without overflow."""
+    optax = pytest.importorskip("optax")
+    mesh = _mesh(*mesh_def)
+    n, c = shape
+    x = jax.device_put(jnp.zeros(shape), NamedSharding(mesh, P("data", "model")))
+    t = jax.device_put(jnp.zeros(n, jnp.int32), NamedSharding(mesh, P("data")))
+    w = jnp.linspace(0.5, 2.0, c)
+    optax_loss = optax.softmax_cross_entropy_with_integer_labels
+    losses = {
+        "optax": lambda x: optax_loss(x, t).mean(),
+        "plain": lambda x: jxent.cross_entropy(x, t),
+        "weighted+smoothed": lambda x: jxent.cross_entropy(
+            x, t, w, label_smoothing=0.1
+        ),
+    }
+    counts = {}
+    for name, loss in losses.items():
+        text = jax.jit(jax.value_and_grad(loss)).lower(x).compile().as_text()
+        for op, size in _collectives(text):
+            assert size < n * c // 8, (name, op, size)
+        counts[name] = len(_collectives_on_the_main_path(text))
+    assert counts["plain"] <= counts["optax"] + 1, counts
+    assert counts["weighted+smoothed"] <= counts["optax"] + 2, counts
 
 
 def test_class_sharded_forward_uses_at_most_three_all_reduces(capsys):

@@ -1,0 +1,407 @@
+"""Binary and multi-label losses with torch semantics.
+
+``binary_cross_entropy`` (``F.binary_cross_entropy``),
+``binary_cross_entropy_with_logits`` (``F.binary_cross_entropy_with_logits``)
+and ``sigmoid_focal_loss`` (``torchvision.ops.sigmoid_focal_loss``). Every
+element is independent: the per-element terms have ``custom_jvp`` rules with
+torch's derivatives written in their stable form, so forward and reverse mode
+both work and extreme logits never form ``inf - inf``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+from jax.typing import ArrayLike
+
+from jxent._kernels import compute_dtype
+from jxent._reduction import reduce_loss
+from jxent._validation import (
+    as_elementwise_target,
+    as_float_array,
+    check_broadcast_weight,
+    check_concrete_probabilities,
+    check_nonnegative,
+    check_real_scalar,
+    check_reduction,
+)
+
+# torch clamps each log term of binary_cross_entropy at -100 and divides its
+# gradient by max((1 - p)·p, 1e-12).
+LOG_CLAMP = -100.0
+GRAD_EPS = 1e-12
+
+
+def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
+    """``coef · value``, and 0 where ``coef`` is 0 even if ``value`` is inf."""
+    return jnp.where(coef == 0, 0.0, coef * value)
+
+
+def _is_zero(tangent: object) -> bool:
+    return isinstance(tangent, SymbolicZero)
+
+
+def _tangent_sum(out: jax.Array, *terms: tuple[jax.Array, object]) -> jax.Array:
+    """``Σ coef · tangent`` over the tangents that are not symbolic zeros."""
+    total = jnp.zeros_like(out)
+    for coef, tangent in terms:
+        if not _is_zero(tangent):
+            total = total + coef * tangent
+    return total
+
+
+class SigmoidTerms(NamedTuple):
+    """``softplus(±x)`` and ``sigmoid(±x)``, from one ``exp(-|x|)``."""
+
+    softplus_pos: jax.Array  # softplus(x) = -log sigmoid(-x)
+    softplus_neg: jax.Array  # softplus(-x) = -log sigmoid(x)
+    sigmoid_pos: jax.Array  # sigmoid(x)
+    sigmoid_neg: jax.Array  # sigmoid(-x)
+
+
+def sigmoid_terms(x: jax.Array) -> SigmoidTerms:
+    """Stable ``softplus(±x)`` and ``sigmoid(±x)`` for any ``x``, ±inf included.
+
+    With ``e = exp(-|x|) ∈ [0, 1]``: ``softplus(±x) = log1p(e) + max(±x, 0)``
+    (torch's form) and ``sigmoid(|x|) = 1 / (1 + e)``,
+    ``sigmoid(-|x|) = e / (1 + e)``; nothing overflows or cancels.
+    """
+    e = jnp.exp(-jnp.abs(x))
+    log1p_e = jnp.log1p(e)
+    big = 1.0 / (1.0 + e)
+    small = e * big
+    positive = x >= 0
+    return SigmoidTerms(
+        softplus_pos=log1p_e + jnp.maximum(x, 0.0),
+        softplus_neg=log1p_e + jnp.maximum(-x, 0.0),
+        sigmoid_pos=jnp.where(positive, big, small),
+        sigmoid_neg=jnp.where(positive, small, big),
+    )
+
+
+@functools.partial(jax.custom_jvp)
+def bce_with_logits_terms(
+    x: jax.Array, target: jax.Array, pos_weight: jax.Array | float
+) -> jax.Array:
+    """Unweighted per-element ``binary_cross_entropy_with_logits``.
+
+    ``ℓ = (1 - t) · softplus(x) + pw · t · softplus(-x)``, which equals torch's
+    ``(1 - t) · x + (1 + (pw - 1) · t) · softplus(-x)`` but never forms
+    ``inf - inf``: at ``x = ±inf`` it is the limit (0 or inf) where torch gives
+    NaN. A zero coefficient contributes 0 even against an infinite softplus.
+    """
+    return _bce_with_logits_value(sigmoid_terms(x), target, pos_weight)
+
+
+def _bce_with_logits_value(s: SigmoidTerms, target, pos_weight) -> jax.Array:
+    return _scaled(1.0 - target, s.softplus_pos) + _scaled(
+        pos_weight * target, s.softplus_neg
+    )
+
+
+@functools.partial(bce_with_logits_terms.defjvp, symbolic_zeros=True)
+def _bce_with_logits_jvp(primals, tangents):
+    """PyTorch's derivatives, in a form without cancellation.
+
+    ``∂ℓ/∂x = (1 - t) · σ(x) - pw · t · σ(-x)`` (= torch's
+    ``σ(x) · (1 + (pw - 1) · t) - pw · t``), ``∂ℓ/∂t = -x + (pw - 1) ·
+    softplus(-x)`` (torch's) and ``∂ℓ/∂pw = t · softplus(-x)``.
+    """
+    x, target, pos_weight = primals
+    dx, dt, dpw = tangents
+    s = sigmoid_terms(x)
+    pw_t = pos_weight * target
+    out = _bce_with_logits_value(s, target, pos_weight)
+    d_x = (1.0 - target) * s.sigmoid_pos - pw_t * s.sigmoid_neg
+    d_t = _scaled(pos_weight - 1.0, s.softplus_neg) - x
+    d_pw = _scaled(target, s.softplus_neg)
+    return out, _tangent_sum(out, (d_x, dx), (d_t, dt), (d_pw, dpw))
+
+
+@jax.custom_jvp
+def bce_terms(probs: jax.Array, target: jax.Array) -> jax.Array:
+    """Unweighted per-element ``binary_cross_entropy``, torch's clamped form.
+
+    ``ℓ = -(t · max(log p, -100) + (1 - t) · max(log(1 - p), -100))``; NaN where
+    ``p`` is outside [0, 1] (or NaN), never a clamped number.
+    """
+    log_p = jnp.maximum(jnp.log(probs), LOG_CLAMP)
+    log_q = jnp.maximum(jnp.log1p(-probs), LOG_CLAMP)
+    loss = (target - 1.0) * log_q - target * log_p
+    return jnp.where(_in_unit_interval(probs), loss, jnp.nan)
+
+
+def _in_unit_interval(probs: jax.Array) -> jax.Array:
+    return (probs >= 0) & (probs <= 1)
+
+
+@functools.partial(bce_terms.defjvp, symbolic_zeros=True)
+def _bce_jvp(primals, tangents):
+    """PyTorch's derivatives, finite at ``p`` = 0 and 1; NaN outside [0, 1].
+
+    ``∂ℓ/∂p = (p - t) / max((1 - p) · p, 1e-12)`` and
+    ``∂ℓ/∂t = log(1 - p) - log(p)`` (torch's ``-logit(p)``, not clamped).
+    """
+    probs, target = primals
+    dp, dt = tangents
+    out = bce_terms(probs, target)
+    valid = _in_unit_interval(probs)
+    denom = jnp.maximum((1.0 - probs) * probs, GRAD_EPS)
+    d_p = jnp.where(valid, (probs - target) / denom, jnp.nan)
+    safe = jnp.where(valid, probs, 0.5)
+    d_t = jnp.where(valid, jnp.log1p(-safe) - jnp.log(safe), jnp.nan)
+    return out, _tangent_sum(out, (d_p, dp), (d_t, dt))
+
+
+def _log_one_minus_pt(s: SigmoidTerms, target: jax.Array) -> jax.Array:
+    """``log(1 - p_t)`` with ``1 - p_t = σ(x) · (1 - t) + σ(-x) · t``.
+
+    From log-sigmoids, so it is accurate (no ``1 - p`` cancellation) for every
+    logit; exact branches for hard targets ``t`` = 0 and 1.
+    """
+    ls_pos, ls_neg = -s.softplus_neg, -s.softplus_pos  # log σ(x), log σ(-x)
+    hard = (target == 0) | (target == 1)
+    t = jnp.where(hard, 0.5, target)
+    soft = jnp.logaddexp(ls_pos + jnp.log1p(-t), ls_neg + jnp.log(t))
+    return jnp.where(target == 0, ls_pos, jnp.where(target == 1, ls_neg, soft))
+
+
+@jax.custom_jvp
+def focal_modulation(x: jax.Array, target: jax.Array, gamma: jax.Array) -> jax.Array:
+    """``(1 - p_t)^γ`` with ``p = σ(x)``, ``p_t = p · t + (1 - p) · (1 - t)``.
+
+    Computed as ``exp(γ · log(1 - p_t))`` (``0^0 = 1`` as in torch). Its
+    derivatives are finite for every ``x``, also for ``γ`` in (0, 1) where the
+    naive power's is infinite at ``p_t = 1``.
+    """
+    log_q = _log_one_minus_pt(sigmoid_terms(x), target)
+    return jnp.exp(_scaled(gamma, log_q))
+
+
+@functools.partial(focal_modulation.defjvp, symbolic_zeros=True)
+def _focal_modulation_jvp(primals, tangents):
+    """Derivatives of ``m = q^γ`` (``q = 1 - p_t``), finite for every logit.
+
+    ``∂m/∂x = γ · m · (1 - 2t) · σ(x) σ(-x) / q`` (the ratio from log-sigmoids,
+    at most 2 in size), ``∂m/∂t = γ · (σ(-x) - σ(x)) · q^(γ-1)`` and
+    ``∂m/∂γ = m · log q`` (0 where ``m`` is 0).
+    """
+    x, target, gamma = primals
+    dx, dt, dgamma = tangents
+    s = sigmoid_terms(x)
+    log_q = _log_one_minus_pt(s, target)
+    m = jnp.exp(_scaled(gamma, log_q))
+    ls_pos, ls_neg = -s.softplus_neg, -s.softplus_pos
+    exponent = jnp.where(
+        target == 0,
+        ls_neg,
+        jnp.where(target == 1, ls_pos, ls_pos + ls_neg - log_q),
+    )
+    d_x = _scaled(gamma, m * (1.0 - 2.0 * target) * jnp.exp(exponent))
+    q_pow = jnp.exp(_scaled(gamma - 1.0, log_q))  # q^(γ-1)
+    d_t = _scaled(gamma, (s.sigmoid_neg - s.sigmoid_pos) * q_pow)
+    d_gamma = m * jnp.where(m == 0, 0.0, log_q)
+    return m, _tangent_sum(m, (d_x, dx), (d_t, dt), (d_gamma, dgamma))
+
+
+def _weighted(loss: jax.Array, weight: jax.Array | None) -> jax.Array:
+    return loss if weight is None else loss * weight.astype(loss.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction",))
+def _binary_cross_entropy(probs, target, weight, *, reduction):
+    dtype = compute_dtype(probs.dtype)
+    loss = bce_terms(probs.astype(dtype), target.astype(dtype))
+    loss = _weighted(loss, weight)
+    return reduce_loss(loss, reduction, out_dtype=probs.dtype, elementwise=True)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction",))
+def _binary_cross_entropy_with_logits(logits, target, weight, pos_weight, *, reduction):
+    dtype = compute_dtype(logits.dtype)
+    pos_weight = 1.0 if pos_weight is None else pos_weight.astype(dtype)
+    loss = bce_with_logits_terms(logits.astype(dtype), target.astype(dtype), pos_weight)
+    loss = _weighted(loss, weight)
+    return reduce_loss(loss, reduction, out_dtype=logits.dtype, elementwise=True)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction",))
+def _sigmoid_focal_loss(logits, target, alpha, gamma, *, reduction):
+    dtype = compute_dtype(logits.dtype)
+    x, t = logits.astype(dtype), target.astype(dtype)
+    alpha = jnp.asarray(alpha, dtype)
+    ce = bce_with_logits_terms(x, t, 1.0)
+    loss = ce * focal_modulation(x, t, jnp.asarray(gamma, dtype))
+    alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
+    loss = jnp.where(alpha >= 0, alpha_t * loss, loss)
+    return reduce_loss(loss, reduction, out_dtype=logits.dtype, elementwise=True)
+
+
+def binary_cross_entropy(
+    probs: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Binary cross-entropy of probabilities (``F.binary_cross_entropy``).
+
+    For every element, with ``p = probs``, ``t = target`` and ``w = weight``
+    (1 by default):
+
+    ``ℓ = -w · (t · max(log p, -100) + (1 - t) · max(log(1 - p), -100))``
+
+    torch's clamp at -100 makes ``p`` of exactly 0 or 1 give a finite loss;
+    the gradient is torch's, ``w · (p - t) / max((1 - p) · p, 1e-12)``, also
+    finite there. ``"mean"`` divides by the number of elements (the weights are
+    not in the denominator). Prefer :func:`binary_cross_entropy_with_logits`,
+    which is exact for any logit.
+
+    Args:
+      probs: floating array of probabilities in [0, 1], any shape.
+      target: array of ``probs``' shape: floating values in [0, 1], or integer
+        or boolean labels (cast to the accumulation dtype).
+      weight: optional real array broadcastable to ``probs`` (NumPy's rule: a
+        vector weights the last axis).
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+
+    Returns:
+      The loss in ``probs``' dtype (bfloat16/float16 accumulate in float32):
+      ``probs``' shape for ``"none"``, else a scalar. Elements whose ``probs``
+      are outside [0, 1] or NaN give NaN under ``jit`` (value and gradient).
+
+    Raises:
+      TypeError: non-floating ``probs``, a complex target or weight.
+      ValueError: a bad ``reduction``, a ``target`` of another shape, a
+        ``weight`` that does not broadcast, or concrete ``probs`` outside [0, 1].
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> jxent.binary_cross_entropy(jnp.array([0.9, 0.2, 0.0]),
+      ...                            jnp.array([1.0, 0.0, 1.0]), reduction="none")
+      Array([  0.1053...,   0.2231..., 100. ], dtype=float32)
+    """
+    check_reduction(reduction)
+    probs = as_float_array(probs, "probs")
+    target = as_elementwise_target(target, probs.shape, "probs")
+    weight = check_broadcast_weight(weight, probs.shape, "weight", "probs")
+    check_concrete_probabilities(probs, "probs")
+    return _binary_cross_entropy(probs, target, weight, reduction=reduction)
+
+
+def binary_cross_entropy_with_logits(
+    logits: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    pos_weight: ArrayLike | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Binary cross-entropy of logits (``F.binary_cross_entropy_with_logits``).
+
+    For every element, with ``x = logits``, ``t = target``, ``w = weight`` and
+    ``pw = pos_weight`` (1 by default):
+
+    ``ℓ = w · (pw · t · softplus(-x) + (1 - t) · softplus(x))``
+    ``  = w · ((1 - t) · x + (1 + (pw - 1) · t) · log(1 + exp(-x)))``
+
+    i.e. ``-w · (pw · t · log σ(x) + (1 - t) · log(1 - σ(x)))``, computed
+    without overflow or cancellation for any logit (``±1e30``, ``±inf``); the
+    gradients are torch's, ``w · ((1 - t) · σ(x) - pw · t · σ(-x))`` for the
+    logits. ``"mean"`` divides by the number of elements.
+
+    Args:
+      logits: floating array of logits, any shape (e.g. ``(N, C)`` for
+        multi-label classification with C labels).
+      target: array of ``logits``' shape: soft targets in [0, 1] (floating), or
+        integer or boolean labels (cast to the accumulation dtype).
+      weight: optional real array broadcastable to ``logits`` (NumPy's rule).
+      pos_weight: optional weight of the positive term, broadcastable to
+        ``logits``: a length-C vector weights each class (the last axis,
+        torch's rule), or give a full shape.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+
+    Returns:
+      The loss in ``logits``' dtype (bfloat16/float16 accumulate in float32):
+      ``logits``' shape for ``"none"``, else a scalar. At ``x = ±inf`` it is the
+      limit (0 or inf) where torch gives NaN.
+
+    Raises:
+      TypeError: non-floating ``logits``, a complex target or weight.
+      ValueError: a bad ``reduction``, a ``target`` of another shape, or a
+        ``weight``/``pos_weight`` that does not broadcast to ``logits``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> logits = jnp.array([[2.0, -1.0], [0.5, 1e4]])
+      >>> target = jnp.array([[1, 0], [0, 1]])
+      >>> jxent.binary_cross_entropy_with_logits(logits, target,
+      ...                                        pos_weight=jnp.array([3.0, 1.0]))
+      Array(0.4170..., dtype=float32)
+    """
+    check_reduction(reduction)
+    logits = as_float_array(logits, "logits")
+    target = as_elementwise_target(target, logits.shape, "logits")
+    weight = check_broadcast_weight(weight, logits.shape, "weight")
+    pos_weight = check_broadcast_weight(pos_weight, logits.shape, "pos_weight")
+    return _binary_cross_entropy_with_logits(
+        logits, target, weight, pos_weight, reduction=reduction
+    )
+
+
+def sigmoid_focal_loss(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    alpha: ArrayLike = 0.25,
+    gamma: ArrayLike = 2.0,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Focal loss of logits (``torchvision.ops.sigmoid_focal_loss``).
+
+    With ``p = σ(x)``, ``p_t = p · t + (1 - p) · (1 - t)`` and
+    ``ce = binary_cross_entropy_with_logits(x, t, reduction="none")``:
+
+    ``ℓ = α_t · ce · (1 - p_t)^γ``, ``α_t = α · t + (1 - α) · (1 - t)``
+
+    and ``α_t = 1`` when ``α < 0`` (no weighting, torchvision's rule).
+    ``(1 - p_t)^γ`` is computed as ``exp(γ · log(1 - p_t))`` from
+    log-sigmoids: accurate at large logits, and its derivative is finite for
+    ``γ`` in (0, 1) at ``p_t = 1`` (torchvision's is NaN there).
+
+    Args:
+      logits: floating array of logits, any shape.
+      target: array of ``logits``' shape: values in [0, 1] (floating), or
+        integer or boolean labels (cast to the accumulation dtype).
+      alpha: weight of the positive class in [0, 1], or negative for none
+        (traced: may change without recompiling).
+      gamma: focusing exponent ``>= 0`` (traced).
+      reduction: ``"none"`` (torchvision's default), ``"mean"`` or ``"sum"``.
+
+    Returns:
+      The loss in ``logits``' dtype (bfloat16/float16 accumulate in float32):
+      ``logits``' shape for ``"none"``, else a scalar.
+
+    Raises:
+      TypeError: non-floating ``logits``, a complex target.
+      ValueError: a bad ``reduction``, a ``target`` of another shape, a
+        non-scalar ``alpha`` or ``gamma``, or a concrete ``gamma < 0``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> jxent.sigmoid_focal_loss(jnp.array([3.0, -1.0]), jnp.array([1.0, 1.0]))
+      Array([2.7320...e-05, 1.7546...e-01], dtype=float32)
+    """
+    check_reduction(reduction)
+    logits = as_float_array(logits, "logits")
+    target = as_elementwise_target(target, logits.shape, "logits")
+    alpha = check_real_scalar(alpha, "alpha")
+    gamma = check_nonnegative(gamma, "gamma")
+    return _sigmoid_focal_loss(logits, target, alpha, gamma, reduction=reduction)

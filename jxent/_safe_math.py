@@ -1,0 +1,68 @@
+"""Products with ``0 · inf = 0`` whose derivatives are still the true ones.
+
+Information-theoretic sums have terms ``q · log p`` where a zero ``q`` meets a
+``-inf`` ``log p``. The convention ``0 · log 0 = 0`` fixes the value; a plain
+``where(q == 0, 0, q * log p)`` would also zero the derivative w.r.t. ``q``,
+which is ``log p`` (finite wherever ``p > 0``). These functions keep it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+
+def _zero_safe_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a · b``, 0 where ``a`` is 0 (even if ``b`` is infinite)."""
+    return jnp.where(a == 0, 0.0, a * b)
+
+
+@jax.custom_jvp
+def mass_times_gap(q: jax.Array, w: jax.Array, gap: jax.Array) -> jax.Array:
+    """``q · w · gap`` with ``0 · inf = 0`` (``gap`` may be ``±inf``).
+
+    The terms of ``Σ_c w_c q_c (-log p_c)`` with ``gap = -log p``. The
+    derivatives are the true ones: ``w · gap`` w.r.t. ``q`` (infinite at an
+    impossible class with ``w ≠ 0``), ``q · gap`` w.r.t. ``w`` and ``q · w``
+    w.r.t. ``gap``; each is 0 where the factor multiplying it is 0 (the term
+    does not depend on that input there).
+    """
+    return _zero_safe_product(q * w, gap)
+
+
+@functools.partial(mass_times_gap.defjvp, symbolic_zeros=True)
+def _mass_times_gap_jvp(primals, tangents):
+    q, w, gap = primals
+    t_q, t_w, t_gap = tangents
+    out = mass_times_gap(q, w, gap)
+    # Terms only for inputs being differentiated: an infinite partial
+    # derivative times a zero tangent would be NaN.
+    t_out = jnp.zeros_like(out)
+    if not isinstance(t_q, SymbolicZero):
+        t_out = t_out + _zero_safe_product(w, gap) * t_q
+    if not isinstance(t_w, SymbolicZero):
+        t_out = t_out + _zero_safe_product(q, gap) * t_w
+    if not isinstance(t_gap, SymbolicZero):
+        t_out = t_out + q * w * t_gap
+    return out, t_out
+
+
+@jax.custom_jvp
+def xlogx(p: jax.Array) -> jax.Array:
+    """``p · log p`` with ``0 · log 0 = 0`` and NaN for ``p < 0``.
+
+    The derivative is ``1 + log p``: ``-inf`` at ``p = 0`` (the true one-sided
+    derivative), never a silent 0.
+    """
+    positive = p > 0
+    value = p * jnp.log(jnp.where(positive, p, 1.0))
+    return jnp.where(positive, value, jnp.where(p == 0, 0.0, jnp.nan))
+
+
+@xlogx.defjvp
+def _xlogx_jvp(primals, tangents):
+    (p,), (t_p,) = primals, tangents
+    return xlogx(p), (1.0 + jnp.log(p)) * t_p

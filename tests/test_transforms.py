@@ -1,0 +1,547 @@
+"""Every public function under every transform, w.r.t. every floating input.
+
+``jax.test_util.check_grads`` (forward and reverse mode, to second order, in
+float64) checks the derivatives against finite differences of the function
+itself; the torch tests below check them against PyTorch's autograd, an
+independent oracle: gradients w.r.t. probability targets (including entries
+that are exactly 0), class weights, ``kl_div``'s target, second derivatives
+(``torch.autograd.functional.hessian``). Then the transformations users compose
+with a loss: ``jvp``, ``jacfwd``, ``linearize``, ``hessian``, ``jacrev(jacfwd)``,
+``jacfwd(jacrev)``, ``vmap`` of ``grad``, ``grad`` of ``vmap``, ``checkpoint``
+and ``scan``, on the CPU path and on the accelerators' one-pass path.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import x64
+from jax.test_util import check_grads
+from oracles import torch
+
+import jxent
+import jxent._kernels as kernels
+
+C = 4
+REDUCTIONS = ("none", "mean", "sum")
+# (logits shape, class axis): classes last, and torch's (N, C, d) layout.
+LAYOUTS = (((3, C), -1), ((2, C, 2), 1))
+# Options whose values are differentiated (traced leaves of the check).
+OPTION_SETS = {
+    "plain": {},
+    "weight+ignore+smoothing": {"weight": True, "ignore": True, "smoothing": True},
+    "everything": {
+        "weight": True,
+        "ignore": True,
+        "smoothing": True,
+        "z_loss": True,
+        "soft_cap": True,
+        "where": True,
+    },
+}
+FLOAT_VALUES = {
+    "weight": np.array([0.7, 1.3, 0.9, 2.0]),
+    "label_smoothing": np.float64(0.15),
+    "z_loss": np.float64(0.05),
+    "soft_cap": np.float64(2.5),
+}
+
+
+def _grid_inputs(shape, axis, kind, options, rng):
+    """float64 inputs away from every kink (no ties, targets on included classes)."""
+    axis = axis % len(shape)
+    logits = rng.normal(scale=1.5, size=shape)
+    batch_shape = shape[:axis] + shape[axis + 1 :]
+    where = None
+    if options.get("where"):
+        where = np.ones(shape, bool)
+        # Class 0 excluded at the first position along the batch.
+        where[(0,) * axis + (0,) + (0,) * (len(shape) - axis - 1)] = False
+    if kind == "int":
+        target = rng.integers(1, C, size=batch_shape)  # never the excluded class 0
+        if options.get("ignore"):
+            target.flat[-1] = -100
+    else:
+        target = np.moveaxis(rng.dirichlet(np.ones(C), size=batch_shape), -1, axis)
+    return logits, target, where
+
+
+def _option_names(options):
+    return [
+        name
+        for key, name in (
+            ("weight", "weight"),
+            ("smoothing", "label_smoothing"),
+            ("z_loss", "z_loss"),
+            ("soft_cap", "soft_cap"),
+        )
+        if options.get(key)
+    ]
+
+
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+@pytest.mark.parametrize("kind", ["int", "prob"])
+def test_cross_entropy_check_grads_fwd_rev_order2(kind, option_set):
+    """Both layouts and all three reductions in one function (one compile).
+
+    Differentiated w.r.t. the logits of both layouts, the probability targets
+    and every option value in the set.
+    """
+    options = OPTION_SETS[option_set]
+    names = _option_names(options)
+    rng = np.random.default_rng(len(option_set))
+    inputs = [_grid_inputs(shape, axis, kind, options, rng) for shape, axis in LAYOUTS]
+
+    def losses(logits, targets, values):
+        values = dict(zip(names, values, strict=True))
+        out = []
+        for (_, axis), x, t, (_, int_target, where) in zip(
+            LAYOUTS, logits, targets, inputs, strict=True
+        ):
+            for reduction in REDUCTIONS:
+                out.append(
+                    jxent.cross_entropy(
+                        x,
+                        int_target if kind == "int" else t,
+                        values.get("weight"),
+                        reduction=reduction,
+                        axis=axis,
+                        label_smoothing=values.get("label_smoothing", 0.0),
+                        z_loss=values.get("z_loss", 0.0),
+                        soft_cap=values.get("soft_cap"),
+                        where=where,
+                    )
+                )
+        return tuple(out)
+
+    with x64():
+        logits = tuple(i[0] for i in inputs)
+        targets = tuple(i[1] if kind == "prob" else np.zeros(()) for i in inputs)
+        values = tuple(FLOAT_VALUES[n] for n in names)
+        check_grads(
+            jax.jit(losses), (logits, targets, values), order=2,
+            modes=("fwd", "rev"), atol=1e-5, rtol=1e-5,
+        )  # fmt: skip
+
+
+SIMPLE = [
+    ("log_softmax", lambda x: jxent.log_softmax(x, axis=1)),
+    ("softmax", lambda x: jxent.softmax(x, axis=0)),
+    ("entropy", lambda x: jxent.entropy(jax.nn.softmax(x), axis=-1)),
+]
+
+
+@pytest.mark.parametrize(("name", "fn"), SIMPLE, ids=[s[0] for s in SIMPLE])
+def test_simple_functions_check_grads(name, fn):
+    with x64():
+        x = np.random.default_rng(1).normal(size=(3, 4))
+        check_grads(fn, (x,), order=2, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_nll_loss_check_grads(reduction, weighted):
+    with x64():
+        rng = np.random.default_rng(2)
+        log_probs = rng.normal(size=(2, C, 3))
+        target = np.array([[1, -100, 3], [0, 2, 2]])
+        weight = np.array([0.5, 1.5, 1.0, 2.0])
+
+        def loss(lp, *w):
+            return jxent.nll_loss(lp, target, *w, reduction=reduction, axis=1)
+
+        check_grads(loss, (log_probs, *([weight] if weighted else [])), order=2)
+        check_grads(
+            loss, (log_probs, *([weight] if weighted else [])), order=2, modes="fwd"
+        )
+
+
+@pytest.mark.parametrize("reduction", ["none", "batchmean", "sum", "mean"])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div_check_grads_input_and_target(reduction, log_target):
+    with x64():
+        rng = np.random.default_rng(3)
+        # Probabilities away from 0, where the second derivative 1/p is huge.
+        log_q = np.log(rng.dirichlet(np.full(C, 8.0), size=3))
+        p = rng.dirichlet(np.full(C, 8.0), size=3)
+        target = np.log(p) if log_target else p
+
+        def loss(i, t):
+            return jxent.kl_div(i, t, reduction=reduction, log_target=log_target)
+
+        check_grads(loss, (log_q, target), order=2, modes=("fwd", "rev"))
+
+
+# --- against PyTorch's autograd ------------------------------------------------
+
+needs_torch = pytest.mark.skipif(torch is None, reason="torch oracle not installed")
+
+
+def _numpy(tree):
+    """Arrays as NumPy (float64 stays float64 outside the x64 context)."""
+    return jax.tree.map(np.asarray, tree)
+
+
+def _torch(fn, *arrays):
+    """``fn`` on float64 torch tensors; returns (value, grads of sum(value))."""
+    tensors = [
+        torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in arrays
+    ]
+    value = fn(*tensors)
+    grads = torch.autograd.grad(value.sum(), tensors, allow_unused=True)
+    return value.detach().numpy(), [
+        np.zeros(np.shape(a)) if g is None else g.numpy()
+        for a, g in zip(arrays, grads, strict=True)
+    ]
+
+
+@needs_torch
+def test_probability_target_gradient_at_zero_entries_matches_torch():
+    """The issue's example: torch and optax give -log p where the target is 0."""
+    logits = np.array([[1.0, 2.0, 3.0]])
+    target = np.array([[0.0, 1.0, 0.0]])
+    got = jax.grad(
+        lambda x, t: jxent.cross_entropy(x, t, reduction="sum"), argnums=(0, 1)
+    )(logits, target)
+    np.testing.assert_allclose(got[1], [[2.4076059, 1.4076059, 0.4076059]], rtol=1e-6)
+    _, want = _torch(
+        lambda x, t: torch.nn.functional.cross_entropy(x, t, reduction="sum"),
+        logits,
+        target,
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
+PROB_CASES = list(itertools.product((False, True), (0.0, 0.2), REDUCTIONS))
+
+
+@needs_torch
+@pytest.mark.parametrize(("weighted", "eps", "reduction"), PROB_CASES)
+def test_probability_targets_grads_wrt_logits_target_weight_match_torch(
+    weighted, eps, reduction
+):
+    rng = np.random.default_rng(11)
+    logits = rng.normal(scale=2.0, size=(4, C))
+    target = rng.dirichlet(np.ones(C), size=4)
+    target[0] = [0.0, 1.0, 0.0, 0.0]  # exact zeros
+    target[1, 2] = 0.0
+    target[1] /= target[1].sum()
+    weight = rng.uniform(0.3, 2.0, size=C)
+    arrays = (logits, target, weight) if weighted else (logits, target)
+
+    def ours(x, t, *w):
+        return jxent.cross_entropy(x, t, *w, reduction=reduction, label_smoothing=eps)
+
+    def theirs(x, t, *w):
+        return torch.nn.functional.cross_entropy(
+            x, t, *w, reduction=reduction, label_smoothing=eps
+        )
+
+    with x64():
+        value = ours(*arrays)
+        grads = jax.grad(
+            lambda *a: jnp.sum(ours(*a)), argnums=tuple(range(len(arrays)))
+        )(*arrays)
+        value, grads = _numpy((value, grads))
+    want_value, want_grads = _torch(theirs, *arrays)
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    for got, want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@needs_torch
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_integer_target_weight_gradient_matches_torch_probability_form(reduction):
+    """torch does not differentiate ``weight`` for class indices; its one-hot
+    probability-target form does, and equals it for ``"none"``/``"sum"``."""
+    rng = np.random.default_rng(12)
+    logits = rng.normal(size=(5, C))
+    target = np.array([0, 3, 1, 1, 2])
+    weight = rng.uniform(0.3, 2.0, size=C)
+    with x64():
+        got = jax.grad(
+            lambda x, w: jnp.sum(
+                jxent.cross_entropy(x, target, w, reduction=reduction)
+            ),
+            argnums=(0, 1),
+        )(logits, weight)
+        got = _numpy(got)
+    if reduction == "mean":
+        # Σ w_y ℓ / Σ w_y: differentiate torch's own formula for the ratio.
+        def theirs(x, w):
+            t = torch.tensor(target)
+            losses = torch.nn.functional.cross_entropy(x, t, reduction="none")
+            return (w[t] * losses).sum() / w[t].sum()
+    else:
+        one_hot = np.eye(C)[target]
+
+        def theirs(x, w):
+            return torch.nn.functional.cross_entropy(
+                x, torch.tensor(one_hot), w, reduction=reduction
+            )
+
+    _, want = _torch(theirs, logits, weight)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-12)
+
+
+@needs_torch
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "batchmean", "sum", "mean"])
+def test_kl_div_values_and_grads_match_torch(log_target, reduction):
+    rng = np.random.default_rng(13)
+    log_q = np.log(rng.dirichlet(np.ones(C), size=3))
+    p = rng.dirichlet(np.ones(C), size=3)
+    target = np.log(p) if log_target else p
+    with x64():
+        value = jxent.kl_div(log_q, target, reduction=reduction, log_target=log_target)
+        grads = jax.grad(
+            lambda i, t: jnp.sum(
+                jxent.kl_div(i, t, reduction=reduction, log_target=log_target)
+            ),
+            argnums=(0, 1),
+        )(log_q, target)
+        value, grads = _numpy((value, grads))
+    want_value, want_grads = _torch(
+        lambda i, t: torch.nn.functional.kl_div(
+            i, t, reduction=reduction, log_target=log_target
+        ),
+        log_q,
+        target,
+    )
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    for got, want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@needs_torch
+def test_kl_div_zero_target_entries():
+    """Value as torch; d/d target at a zero entry is the true -inf (torch: NaN)."""
+    log_q = np.log(np.array([[0.2, 0.3, 0.5]]))
+    target = np.array([[0.0, 0.4, 0.6]])
+    with x64():
+        d_input, d_target = jax.grad(
+            lambda i, t: jxent.kl_div(i, t, reduction="sum"), argnums=(0, 1)
+        )(log_q, target)
+        value = jxent.kl_div(log_q, target, reduction="sum")
+        value, d_input, d_target = _numpy((value, d_input, d_target))
+    want_value, (want_input, want_target) = _torch(
+        lambda i, t: torch.nn.functional.kl_div(i, t, reduction="sum"), log_q, target
+    )
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    np.testing.assert_allclose(d_input, want_input, rtol=1e-12)
+    assert d_target[0, 0] == -np.inf and np.isnan(want_target[0, 0])
+    np.testing.assert_allclose(d_target[0, 1:], want_target[0, 1:], rtol=1e-12)
+
+
+@needs_torch
+def test_kl_div_negative_target_is_nan_like_torch():
+    log_q = np.log(np.array([[0.2, 0.3, 0.5]]))
+    target = np.array([[-0.1, 0.5, 0.6]])
+    got = jxent.kl_div(log_q, target, reduction="none")
+    want, _ = _torch(
+        lambda i, t: torch.nn.functional.kl_div(i, t, reduction="none"), log_q, target
+    )
+    assert np.isnan(got[0, 0]) and np.isnan(want[0, 0])
+    np.testing.assert_allclose(got[0, 1:], want[0, 1:], rtol=1e-6)
+    for reduction in ("mean", "sum", "batchmean"):
+        assert np.isnan(jax.jit(jxent.kl_div, static_argnames="reduction")(
+            log_q, target, reduction=reduction
+        ))  # fmt: skip
+
+
+@needs_torch
+def test_entropy_matches_torch_entr_values_and_grads():
+    p = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    with x64():
+        value = jxent.entropy(p)
+        grad = jax.grad(lambda p: jnp.sum(jxent.entropy(p)))(p)
+        value, grad = _numpy((value, grad))
+    want, (want_grad,) = _torch(lambda p: torch.special.entr(p).sum(-1), p)
+    np.testing.assert_allclose(value, want, rtol=1e-12)
+    np.testing.assert_array_equal(np.isinf(grad), np.isinf(want_grad))
+    finite = np.isfinite(want_grad)
+    np.testing.assert_allclose(grad[finite], want_grad[finite], rtol=1e-12)
+
+
+@needs_torch
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+def test_softmax_grads_match_torch(fn):
+    x = np.random.default_rng(14).normal(size=(3, 5))
+    cot = np.random.default_rng(15).normal(size=(3, 5))
+    with x64():
+        got = np.asarray(
+            jax.grad(lambda x: jnp.sum(getattr(jxent, fn)(x, axis=0) * cot))(x)
+        )
+    _, (want,) = _torch(
+        lambda x: getattr(torch.nn.functional, fn)(x, dim=0) * torch.tensor(cot), x
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+HESSIAN_CASES = {
+    "int": {},
+    "int+weight+smoothing": {"weight": True, "label_smoothing": 0.1},
+    "int+ignore": {"ignore": True},
+    "prob": {"prob": True},
+}
+
+
+@needs_torch
+@pytest.mark.parametrize("case", list(HESSIAN_CASES))
+def test_hessian_matches_torch(case):
+    opts = HESSIAN_CASES[case]
+    rng = np.random.default_rng(16)
+    logits = rng.normal(size=(3, C))
+    if opts.get("prob"):
+        target = rng.dirichlet(np.ones(C), size=3)
+    else:
+        target = (
+            np.array([1, 0, 3]) if not opts.get("ignore") else np.array([1, -100, 3])
+        )
+    weight = np.array([0.5, 1.5, 1.0, 2.0]) if opts.get("weight") else None
+    eps = opts.get("label_smoothing", 0.0)
+    with x64():
+        got = jax.hessian(
+            lambda x: jxent.cross_entropy(x, target, weight, label_smoothing=eps)
+        )(logits)
+        got = np.asarray(got)
+    tt = torch.tensor(target)
+    wt = None if weight is None else torch.tensor(weight)
+    want = torch.autograd.functional.hessian(
+        lambda x: torch.nn.functional.cross_entropy(x, tt, wt, label_smoothing=eps),
+        torch.tensor(logits),
+    ).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+# --- every transform, every path -----------------------------------------------
+
+
+def _on_path(one_pass, fn):
+    kernels._ONE_PASS = one_pass
+    jax.clear_caches()  # the path is chosen at trace time
+    try:
+        return fn()
+    finally:
+        kernels._ONE_PASS = None
+        jax.clear_caches()
+
+
+@pytest.mark.parametrize("one_pass", [False, True], ids=["cpu-path", "one-pass"])
+def test_every_transform_on_every_path(one_pass):
+    rng = np.random.default_rng(17)
+    logits = rng.normal(size=(3, C))
+    target = np.array([1, -100, 3])
+    weight = np.array([0.5, 1.5, 1.0, 2.0])
+
+    def f(x):
+        return jxent.cross_entropy(
+            x, target, weight, label_smoothing=0.1, z_loss=0.01, soft_cap=5.0
+        )
+
+    def per_position(x):
+        return jxent.cross_entropy(x, target, weight, reduction="none", soft_cap=5.0)
+
+    def run():
+        with x64():
+            tangent = rng.normal(size=logits.shape)
+            _, jvp = jax.jvp(f, (logits,), (tangent,))
+            grad = jax.grad(f)(logits)
+            _, lin = jax.linearize(f, logits)
+            return _numpy({
+                "jvp": (jvp, np.sum(grad * tangent)),
+                "linearize": (lin(tangent), np.sum(grad * tangent)),
+                "jacfwd": (jax.jacfwd(per_position)(logits),
+                           jax.jacrev(per_position)(logits)),
+                "hessian": (jax.hessian(f)(logits),
+                            jax.jacrev(jax.jacrev(f))(logits)),
+                "jacrev(jacfwd)": (jax.jacrev(jax.jacfwd(f))(logits),
+                                   jax.jacfwd(jax.jacfwd(f))(logits)),
+                "jacfwd(jacrev)": (jax.jacfwd(jax.jacrev(f))(logits),
+                                   jax.jacfwd(jax.jacfwd(f))(logits)),
+            })  # fmt: skip
+
+    for name, (got, want) in _on_path(one_pass, run).items():
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=name)
+    with x64():
+        check_grads(f, (logits,), order=2, modes=("fwd", "rev"))
+
+
+def test_vmap_of_grad_and_grad_of_vmap():
+    rng = np.random.default_rng(18)
+    logits = jnp.asarray(rng.normal(size=(4, 3, C)), jnp.float32)
+    target = jnp.asarray(rng.integers(0, C, size=(4, 3)))
+    weight = jnp.asarray([0.5, 1.5, 1.0, 2.0])
+
+    def loss(x, t, w):
+        return jxent.cross_entropy(x, t, w, label_smoothing=0.1)
+
+    per_example = jax.vmap(jax.grad(loss, argnums=(0, 2)), (0, 0, None))(
+        logits, target, weight
+    )
+    for i in range(4):
+        want = jax.grad(loss, argnums=(0, 2))(logits[i], target[i], weight)
+        np.testing.assert_allclose(per_example[0][i], want[0], rtol=1e-6)
+        np.testing.assert_allclose(per_example[1][i], want[1], rtol=1e-6)
+    total = jax.grad(
+        lambda x, w: jnp.sum(jax.vmap(loss, (0, 0, None))(x, target, w)), (0, 1)
+    )(logits, weight)
+    np.testing.assert_allclose(total[0], per_example[0], rtol=1e-6)
+    np.testing.assert_allclose(total[1], per_example[1].sum(0), rtol=1e-6)
+
+
+def test_checkpoint_and_scan():
+    rng = np.random.default_rng(19)
+    logits = jnp.asarray(rng.normal(size=(5, 3, C)), jnp.float32)
+    target = jnp.asarray(rng.integers(0, C, size=(5, 3)))
+
+    def step_loss(x, t):
+        return jxent.cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-3)
+
+    def scanned(x):
+        def body(total, xs):
+            return total + jax.checkpoint(step_loss)(*xs), None
+
+        return jax.lax.scan(body, jnp.float32(0), (x, target))[0]
+
+    unrolled = lambda x: sum(step_loss(x[i], target[i]) for i in range(5))
+    np.testing.assert_allclose(scanned(logits), unrolled(logits), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(scanned)(logits), jax.grad(unrolled)(logits), rtol=1e-5, atol=1e-7
+    )
+    tangent = jnp.ones_like(logits)
+    np.testing.assert_allclose(
+        jax.jvp(scanned, (logits,), (tangent,))[1],
+        jax.jvp(unrolled, (logits,), (tangent,))[1],
+        rtol=1e-5,
+    )
+
+
+@functools.cache
+def _compiled_value_and_grad(n, c, dtype, smoothing):
+    x = jax.ShapeDtypeStruct((n, c), dtype)
+    t = jax.ShapeDtypeStruct((n,), jnp.int32)
+    w = jax.ShapeDtypeStruct((c,), jnp.float32)
+
+    def loss(x, t, w):
+        return jxent.cross_entropy(x, t, w, label_smoothing=0.1 if smoothing else 0.0)
+
+    return jax.jit(jax.value_and_grad(loss)).lower(x, t, w).compile()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("smoothing", [False, True])
+def test_value_and_grad_has_no_logits_sized_temporary(dtype, smoothing):
+    """The custom_jvp's transposed tangent map fuses into the gradient's pass."""
+    n, c = 256, 4096
+    compiled = _compiled_value_and_grad(n, c, dtype, smoothing)
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 0.05 * n * c * jnp.dtype(dtype).itemsize, temp

@@ -185,7 +185,7 @@ def environment(config: Config) -> dict[str, Any]:
             "cuda_device": torch.cuda.get_device_name() if dev == "cuda" else None,
         }
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,

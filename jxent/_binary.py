@@ -20,6 +20,7 @@ from jax.typing import ArrayLike
 
 from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
+from jxent._types import Reduction
 from jxent._validation import (
     as_elementwise_target,
     as_float_array,
@@ -246,7 +247,7 @@ def binary_cross_entropy(
     target: ArrayLike,
     weight: ArrayLike | None = None,
     *,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> jax.Array:
     r"""Binary cross-entropy of probabilities (``F.binary_cross_entropy``).
 
@@ -300,7 +301,7 @@ def binary_cross_entropy_with_logits(
     weight: ArrayLike | None = None,
     *,
     pos_weight: ArrayLike | None = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
 ) -> jax.Array:
     r"""Binary cross-entropy of logits (``F.binary_cross_entropy_with_logits``).
 
@@ -361,7 +362,7 @@ def sigmoid_focal_loss(
     *,
     alpha: ArrayLike = 0.25,
     gamma: ArrayLike = 2.0,
-    reduction: str = "none",
+    reduction: Reduction = "none",
 ) -> jax.Array:
     r"""Focal loss of logits (``torchvision.ops.sigmoid_focal_loss``).
 

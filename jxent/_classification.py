@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from jxent._sharding import (
     axes_of,
     explicit_layout,
 )
+from jxent._types import Reduction
 from jxent._validation import (
     as_float_array,
     check_bool,
@@ -247,7 +248,7 @@ def nll_loss(
     weight: ArrayLike | None = None,
     *,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     axis: int = -1,
 ) -> jax.Array:
     r"""Negative log-likelihood loss (``torch.nn.functional.nll_loss``).
@@ -322,13 +323,70 @@ def _is_static_zero(value: ArrayLike) -> bool:
     return not isinstance(value, jax.core.Tracer) and float(value) == 0.0
 
 
+@overload
 def cross_entropy(
     logits: ArrayLike,
     target: ArrayLike,
     weight: ArrayLike | None = None,
     *,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
+    label_smoothing: ArrayLike = 0.0,
+    axis: int = -1,
+    z_loss: ArrayLike = 0.0,
+    soft_cap: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    return_lse: Literal[False] = False,
+    class_axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array: ...
+
+
+@overload
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: ArrayLike = 0.0,
+    axis: int = -1,
+    z_loss: ArrayLike = 0.0,
+    soft_cap: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    return_lse: Literal[True],
+    class_axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: ArrayLike = 0.0,
+    axis: int = -1,
+    z_loss: ArrayLike = 0.0,
+    soft_cap: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    return_lse: bool = False,
+    class_axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
     label_smoothing: ArrayLike = 0.0,
     axis: int = -1,
     z_loss: ArrayLike = 0.0,

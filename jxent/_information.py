@@ -11,6 +11,7 @@ from jax.typing import ArrayLike
 from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
 from jxent._safe_math import mass_times_gap, xlogx
+from jxent._types import KLReduction
 from jxent._validation import as_float_array, check_reduction, normalize_axis
 
 KL_REDUCTIONS = ("none", "batchmean", "sum", "mean")
@@ -74,7 +75,7 @@ def kl_div(
     input: ArrayLike,
     target: ArrayLike,
     *,
-    reduction: str = "mean",
+    reduction: KLReduction = "mean",
     log_target: bool = False,
 ) -> jax.Array:
     r"""Kullback-Leibler divergence (``torch.nn.functional.kl_div``).

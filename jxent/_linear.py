@@ -25,7 +25,7 @@ gradient) are float32 for 16- and 32-bit inputs, float64 for float64 inputs.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,7 @@ from jxent._classification import (
 from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
 from jxent._sharding import UNSHARDED, ClassShards, as_axis_names
+from jxent._types import Reduction
 from jxent._validation import (
     as_float_array,
     check_bool,
@@ -556,6 +557,7 @@ def _check_target(target, x, vocab: int, ignore_index: int):
     return target, None
 
 
+@overload
 def linear_cross_entropy(
     x: ArrayLike,
     w: ArrayLike,
@@ -564,7 +566,72 @@ def linear_cross_entropy(
     *,
     bias: ArrayLike | None = None,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    soft_cap: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    return_lse: Literal[False] = False,
+    class_axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array: ...
+
+
+@overload
+def linear_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    soft_cap: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    return_lse: Literal[True],
+    class_axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def linear_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    soft_cap: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    return_lse: bool = False,
+    class_axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def linear_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    target: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    bias: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
     soft_cap: ArrayLike | None = None,

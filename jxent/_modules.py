@@ -14,6 +14,7 @@ whose leaves are concrete is also hashable, so it can be a static argument.
 from __future__ import annotations
 
 import dataclasses
+from typing import dataclass_transform
 
 import jax
 import numpy as np
@@ -22,6 +23,7 @@ from jax.typing import ArrayLike
 from jxent._binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from jxent._classification import cross_entropy, nll_loss
 from jxent._information import KL_REDUCTIONS, kl_div
+from jxent._types import KLReduction, Reduction
 from jxent._validation import (
     REDUCTIONS,
     check_bool,
@@ -86,6 +88,7 @@ _LEAF = {"leaf": True}
 _STATIC = {"static": True}
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
 def _loss_pytree(cls: type) -> type:
     """Makes ``cls`` a frozen dataclass and a pytree that unflattens unchecked.
 
@@ -133,7 +136,7 @@ class NLLLoss(_LossModule):
     weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
     _: dataclasses.KW_ONLY
     ignore_index: int = dataclasses.field(default=-100, metadata=_STATIC)
-    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+    reduction: Reduction = dataclasses.field(default="mean", metadata=_STATIC)
     axis: int = dataclasses.field(default=-1, metadata=_STATIC)
 
     def __post_init__(self) -> None:
@@ -167,7 +170,7 @@ class CrossEntropyLoss(_LossModule):
     weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
     _: dataclasses.KW_ONLY
     ignore_index: int = dataclasses.field(default=-100, metadata=_STATIC)
-    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+    reduction: Reduction = dataclasses.field(default="mean", metadata=_STATIC)
     label_smoothing: ArrayLike = dataclasses.field(default=0.0, metadata=_LEAF)
     axis: int = dataclasses.field(default=-1, metadata=_STATIC)
 
@@ -202,7 +205,7 @@ class KLDivLoss(_LossModule):
     """
 
     _: dataclasses.KW_ONLY
-    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+    reduction: KLReduction = dataclasses.field(default="mean", metadata=_STATIC)
     log_target: bool = dataclasses.field(default=False, metadata=_STATIC)
 
     def __post_init__(self) -> None:
@@ -230,7 +233,7 @@ class BCELoss(_LossModule):
 
     weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
     _: dataclasses.KW_ONLY
-    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+    reduction: Reduction = dataclasses.field(default="mean", metadata=_STATIC)
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction)
@@ -256,7 +259,7 @@ class BCEWithLogitsLoss(_LossModule):
 
     weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
     _: dataclasses.KW_ONLY
-    reduction: str = dataclasses.field(default="mean", metadata=_STATIC)
+    reduction: Reduction = dataclasses.field(default="mean", metadata=_STATIC)
     pos_weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
 
     def __post_init__(self) -> None:

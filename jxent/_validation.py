@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Collection
+from typing import get_args
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,9 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jxent._kernels import along_axis
+from jxent._types import Reduction
 
-REDUCTIONS = ("none", "mean", "sum")
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 def is_concrete(x: object) -> bool:
@@ -115,16 +117,58 @@ def class_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
     return shape[:axis] + shape[axis + 1 :]
 
 
+def describe_axis(axis: int, ndim: int) -> str:
+    """The class axis as a user would write it: the last one is ``axis=-1``."""
+    return "the last axis (axis=-1)" if axis == ndim - 1 else f"axis={axis}"
+
+
+def int_target_shape_hint(
+    target_shape: tuple[int, ...], input_shape: tuple[int, ...], axis: int, name: str
+) -> str:
+    """The likely fix for integer targets of the wrong shape ("" if none is seen)."""
+    expected = class_shape(input_shape, axis)
+    if target_shape == tuple(input_shape):
+        user_axis = -1 if axis == len(input_shape) - 1 else axis
+        return (
+            f" An integer `target` with the shape of `{name}` looks one-hot: pass "
+            f"class indices, `jnp.argmax(target, axis={user_axis})`, or class "
+            f"probabilities as a floating array, `target.astype({name}.dtype)`."
+        )
+    if target_shape == (*expected, 1):
+        return (
+            " `target` has a trailing axis of size 1: pass `target.squeeze(-1)` "
+            f"(shape {expected})."
+        )
+    # Only from rank 3 on: for (N, C) logits another axis would be a guess
+    # (a batch of C targets matches axis=0).
+    others = [
+        a
+        for a in range(len(input_shape) if len(input_shape) >= 3 else 0)
+        if a != axis and class_shape(input_shape, a) == target_shape
+    ]
+    if not others:
+        return ""
+    hints = " or ".join(f"`axis={a}`" for a in others)
+    torch_layout = " (PyTorch's (N, C, d1, ...) layout)" if 1 in others else ""
+    return (
+        f" `target` matches `{name}` with the classes on another axis: pass "
+        f"{hints}{torch_layout}."
+    )
+
+
 def check_int_target_shape(
     target_shape: tuple[int, ...], input_shape: tuple[int, ...], axis: int, name: str
 ) -> None:
     """Integer targets have the input's shape without the class axis."""
+    target_shape, input_shape = tuple(target_shape), tuple(input_shape)
     expected = class_shape(input_shape, axis)
-    if tuple(target_shape) != expected:
+    if target_shape != expected:
+        where = describe_axis(axis, len(input_shape))
         raise ValueError(
             f"`target` of integer class indices must have the shape of `{name}` "
-            f"without the class axis {axis}: expected {expected}, got "
-            f"{tuple(target_shape)} (`{name}`.shape={tuple(input_shape)})."
+            f"without the class axis, {where}: expected {expected}, got "
+            f"{target_shape} (`{name}`.shape={input_shape})."
+            + int_target_shape_hint(target_shape, input_shape, axis, name)
         )
 
 

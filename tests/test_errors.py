@@ -819,3 +819,86 @@ def test_empty_batch_kl_div(jit_mode):
         kl = functools.partial(jxent.kl_div, reduction=reduction)
         out = maybe_jit(kl, jit_mode)(EMPTY_X, EMPTY_X)
         assert float(out) == 0.0
+
+
+# --------------------------------------------------------------------------
+# Target-shape messages name the likely fix.
+# --------------------------------------------------------------------------
+
+TORCH_LAYOUT = jnp.zeros((2, 5, 8))  # (N, C, L) with C=5, L=8
+_ONE_HOT = jax.nn.one_hot(TARGET, C, dtype=jnp.int32)
+
+TARGET_SHAPE_HINTS = [
+    pytest.param(
+        lambda x, t: ce(x, t),
+        (TORCH_LAYOUT, jnp.zeros((2, 8), jnp.int32)),
+        r"without the class axis, the last axis \(axis=-1\): expected \(2, 5\), "
+        r"got \(2, 8\) .* pass `axis=1` "
+        r"\(PyTorch's \(N, C, d1, \.\.\.\) layout\)\.(\n|$)",
+        id="torch-layout-without-axis",
+    ),
+    pytest.param(
+        lambda lp, t: nll(lp, t),
+        (TORCH_LAYOUT, jnp.zeros((2, 8), jnp.int32)),
+        r"shape of `log_probs` without the class axis, the last axis \(axis=-1\)"
+        r".*pass `axis=1`",
+        id="nll-torch-layout-without-axis",
+    ),
+    pytest.param(
+        lambda x, t: jxent.CrossEntropyLoss()(x, t),
+        (TORCH_LAYOUT, jnp.zeros((2, 8), jnp.int32)),
+        r"the last axis \(axis=-1\).*pass `axis=1`",
+        id="module-torch-layout-without-axis",
+    ),
+    pytest.param(
+        lambda x, t: ce(x, t, axis=1),
+        (TORCH_LAYOUT, jnp.zeros((2, 5), jnp.int32)),
+        r"without the class axis, axis=1: expected \(2, 8\), got \(2, 5\) .*"
+        r"pass `axis=2`\.(\n|$)",
+        id="explicit-axis-other-axis-fits",
+    ),
+    pytest.param(
+        lambda x, t: ce(x, t),
+        (LOGITS, _ONE_HOT),
+        r"expected \(4,\), got \(4, 3\) .* looks one-hot: pass class indices, "
+        r"`jnp\.argmax\(target, axis=-1\)`, or class probabilities as a floating "
+        r"array, `target\.astype\(logits\.dtype\)`\.(\n|$)",
+        id="one-hot-integer-target",
+    ),
+    pytest.param(
+        lambda x, t: ce(x, t, axis=1),
+        (TORCH_LAYOUT, jnp.zeros((2, 5, 8), jnp.int32)),
+        r"axis=1: expected \(2, 8\).*`jnp\.argmax\(target, axis=1\)`",
+        id="one-hot-integer-target-torch-layout",
+    ),
+    pytest.param(
+        lambda x, t: ce(x, t),
+        (LOGITS, TARGET[:, None]),
+        r"expected \(4,\), got \(4, 1\) .* trailing axis of size 1: pass "
+        r"`target\.squeeze\(-1\)` \(shape \(4,\)\)\.(\n|$)",
+        id="trailing-size-one-axis",
+    ),
+    pytest.param(
+        lambda lp, t: nll(lp, t),
+        (LOG_PROBS, TARGET[:, None]),
+        r"`log_probs`.*`target\.squeeze\(-1\)`",
+        id="nll-trailing-size-one-axis",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fn", "args", "regex"), TARGET_SHAPE_HINTS)
+def test_target_shape_message_names_the_fix(fn, args, regex, jit_mode):
+    with pytest.raises(ValueError, match=regex):
+        maybe_jit(fn, jit_mode)(*args)
+
+
+def test_target_shape_message_without_a_likely_fix_gives_no_hint():
+    """A batch of the wrong size: no axis, squeeze or argmax is suggested."""
+    with pytest.raises(ValueError) as info:
+        ce(LOGITS, TARGET[:3])
+    message = str(info.value)
+    assert message.endswith("(`logits`.shape=(4, 3)).")
+    assert "class axis 1" not in message and "axis=-1" in message
+    for hint in ("pass `axis", "squeeze", "argmax"):
+        assert hint not in message

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oracles import torch
+from conftest import x64
+from jax.test_util import check_grads
+from oracles import record_deviation, torch
 
 import jxent
 import jxent._linear
@@ -239,7 +241,22 @@ def test_matches_torch_linear_cross_entropy(chunked, reduction):
         ((X, W, TARGET), {"where": np.ones((3, V), bool)}, ValueError, "`where`"),
         ((X, W, TARGET), {"reduction": "avg"}, ValueError, "`reduction` must be"),
         ((X, W, TARGET), {"label_smoothing": 2.0}, ValueError, "label_smoothing"),
-        ((X, W, TARGET.astype(np.float32)), {}, TypeError, "integer class indices"),
+        (
+            (X, W, TARGET.astype(np.float32)),
+            {},
+            ValueError,
+            r"probabilities.*x.shape\[:-1\] \+ \(V,\) = \(11, 13\).* got \(11,\)",
+        ),
+        ((X, W, np.ones((N, V + 1))), {}, ValueError, r"= \(11, 13\).*got \(11, 14\)"),
+        ((X, W, np.ones((N, V))), {"ignore_index": 0}, ValueError, "ignore_index"),
+        (
+            (X, W, TARGET),
+            {"vocab_chunk_size": 0},
+            ValueError,
+            "`vocab_chunk_size` must be a positive int",
+        ),
+        ((X, W, TARGET), {"vocab_chunk_size": 4.0}, ValueError, "`vocab_chunk_size`"),
+        ((X, W, TARGET), {"vocab_chunk_size": True}, ValueError, "`vocab_chunk_size`"),
         ((X.astype(np.int32), W, TARGET), {}, TypeError, "`x` must have a floating"),
         ((X, W, np.full(N, V)), {}, ValueError, f"class index {V}"),
     ],
@@ -256,3 +273,211 @@ def test_out_of_range_target_under_jit_is_nan():
         lambda x, w, t: jxent.linear_cross_entropy(x, w, t, reduction="none")
     )(X, W, t)
     assert np.isnan(loss[0]) and np.all(np.isfinite(loss[1:]))
+
+
+# --- gradients of every floating input, both modes (issue 9) ------------------
+
+NAMES = ("x", "w", "bias", "weight", "label_smoothing", "z_loss", "soft_cap", "probs")
+PROBS = RNG.dirichlet(np.ones(V), size=N)
+PROBS[0, [1, 5]] = 0.0  # exact zeros: the target's gradient is still lse - z there
+PROBS[0] /= PROBS[0].sum()
+X64_ARGS = (X, W, BIAS, WEIGHT, 0.2, 1e-2, 3.0, PROBS)
+
+
+def _loss_fn(reduction, return_lse, soft, fused, **kw):
+    """Scalar function of every floating input; per-token outputs (and the lse)
+    are contracted with distinct cotangents so that no term can hide."""
+
+    def f(x, w, b, weight, eps, z_loss, cap, probs):
+        target = probs if soft else TARGET
+        common = dict(
+            reduction=reduction, label_smoothing=eps, z_loss=z_loss, soft_cap=cap,
+            return_lse=return_lse, **kw,
+        )  # fmt: skip
+        if fused:
+            out = jxent.linear_cross_entropy(
+                x, w, target, weight, bias=b, chunk_size=4, vocab_chunk_size=5,
+                **common,
+            )  # fmt: skip
+        else:
+            out = jxent.cross_entropy(x @ w + b[None, :], target, weight, **common)
+        loss, lse = out if return_lse else (out, None)
+        total = jnp.sum(loss * jnp.linspace(1.0, 2.0, loss.size).reshape(loss.shape))
+        if return_lse:
+            total = total + jnp.sum(lse * jnp.linspace(-1.0, 3.0, N))
+        return total
+
+    return f
+
+
+# (reduction, return_lse, probability targets, extra options)
+MODES = [
+    ("mean", False, False, {}),
+    ("sum", False, True, {}),
+    ("none", True, False, {"where": ROW_MASK}),
+    ("mean", True, True, {"where": CLASS_MASK}),
+    ("none", False, True, {}),
+    ("sum", True, False, {"where": CLASS_MASK}),
+]
+
+
+@pytest.fixture(scope="module")
+def float64_gradients():
+    """Gradients w.r.t. all 8 inputs, fused and materialised, every mode: one jit."""
+    with x64():
+        args = tuple(np.asarray(a, np.float64) for a in X64_ARGS)
+
+        @jax.jit
+        def run(*args):
+            out = []
+            for reduction, lse, soft, kw in MODES:
+                pair = []
+                for fused in (True, False):
+                    f = _loss_fn(reduction, lse, soft, fused, **kw)
+                    pair.append(jax.value_and_grad(f, argnums=tuple(range(8)))(*args))
+                out.append(pair)
+            return out
+
+        return jax.device_get(run(*args))
+
+
+@pytest.mark.parametrize("mode", range(len(MODES)))
+def test_every_gradient_equals_materialised_float64(float64_gradients, mode):
+    (value, grads), (ref_value, ref_grads) = float64_gradients[mode]
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    soft = MODES[mode][2]
+    for name, g, r in zip(NAMES, grads, ref_grads, strict=True):
+        if name == "probs" and not soft:
+            continue
+        assert np.all(np.isfinite(g)), name
+        # never a silent zero: every input moves this loss
+        assert np.max(np.abs(r)) > 1e-6, name
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+CHECK_GRADS_MODES = [MODES[0], MODES[3]]  # ~1.5 min of compilation in all
+
+
+@pytest.mark.parametrize("mode", CHECK_GRADS_MODES, ids=lambda m: f"{m[0]}-{m[1]}")
+def test_check_grads_forward_and_reverse_order_2(mode):
+    """Numerical derivatives of order 2 in both modes, ragged token and
+    vocabulary chunks (N = 11 tokens in chunks of 4, V = 13 in blocks of 5)."""
+    reduction, lse, soft, kw = mode
+    with x64():
+        args = tuple(np.asarray(a, np.float64) for a in X64_ARGS)
+        f = jax.jit(_loss_fn(reduction, lse, soft, True, **kw))
+        check_grads(f, args, order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_mode_transforms_match_materialised():
+    """jvp, linearize, jacfwd, hessian, jacrev∘jacfwd and jacfwd∘jacrev."""
+    with x64():
+        x, w = X[:6].astype(np.float64), W[:, :7].astype(np.float64)
+        t = np.array([0, 3, -100, 6, 2, 1])
+        kw = dict(weight=WEIGHT[:7].astype(np.float64), label_smoothing=0.1,
+                  z_loss=1e-2, soft_cap=3.0)  # fmt: skip
+
+        def fused(x):
+            return jxent.linear_cross_entropy(x, w, t, chunk_size=4, **kw)
+
+        def ref(x):
+            return jxent.cross_entropy(x @ w, t, **kw)
+
+        @jax.jit
+        def run(x):
+            ones = jnp.ones_like(x)
+            out = {}
+            for name, f in (("fused", fused), ("ref", ref)):
+                lin_value, lin = jax.linearize(f, x)
+                out[name] = (
+                    jax.jvp(f, (x,), (ones,)),
+                    (lin_value, lin(ones)),
+                    jax.jacfwd(f)(x),
+                    jax.hessian(f)(x),
+                    jax.jacrev(jax.jacfwd(f))(x),
+                    jax.jacfwd(jax.jacrev(f))(x),
+                )
+            return out
+
+        out = run(x)
+    for got, want in zip(
+        jax.tree.leaves(out["fused"]), jax.tree.leaves(out["ref"]), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_lse_cotangent_reaches_every_input():
+    """Gradient of Σ lse alone (reduction "none", return_lse): the lse
+    cotangent of the per-token rule must not be dropped."""
+
+    def lse_sum(fused):
+        def f(x, w, b):
+            if fused:
+                _, lse = jxent.linear_cross_entropy(
+                    x, w, TARGET, bias=b, reduction="none", return_lse=True,
+                    chunk_size=4,
+                )  # fmt: skip
+            else:
+                lse = jax.nn.logsumexp(x @ w + b[None, :], axis=-1)
+            return jnp.sum(lse)
+
+        return jax.grad(f, argnums=(0, 1, 2))(X, W, BIAS)
+
+    for g, r in zip(lse_sum(True), lse_sum(False), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_zero_mean_denominator_gives_zero_and_finite_gradients(return_lse):
+    """All class weights 0 with smoothing: "mean" is 0/0, guarded to 0."""
+
+    def f(x, w, weight):
+        out = jxent.linear_cross_entropy(
+            x, w, TARGET, weight, label_smoothing=0.1, chunk_size=4,
+            return_lse=return_lse,
+        )  # fmt: skip
+        return out[0] if return_lse else out
+
+    zero_weights = np.zeros(V, np.float32)
+    value, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(X, W, zero_weights)
+    assert value == 0.0
+    for g in grads:
+        assert np.all(np.isfinite(g))
+        np.testing.assert_array_equal(g, 0.0)
+
+
+@pytest.mark.skipif(torch is None, reason="torch oracle not installed")
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_probability_targets_match_torch(reduction, smoothing):
+    """Values and gradients w.r.t. x, w, bias, class weights and the target."""
+    import warnings
+
+    x64_inputs = [a.astype(np.float64) for a in (X, W.T, BIAS, WEIGHT, PROBS)]
+    leaves = [torch.tensor(a, requires_grad=True) for a in x64_inputs]
+    xt, wt, bt, weight_t, probs_t = leaves
+    ct = np.linspace(1.0, 2.0, N) if reduction == "none" else np.ones(())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss_t = torch.nn.functional.linear_cross_entropy(
+            xt, wt, probs_t, linear_bias=bt, weight=weight_t, reduction=reduction,
+            label_smoothing=smoothing,
+        )  # fmt: skip
+        (loss_t * torch.tensor(ct)).sum().backward()
+    with x64():
+        value, grads = jax.value_and_grad(
+            lambda x, w, b, weight, q: jnp.sum(
+                ct * jxent.linear_cross_entropy(
+                    x, w, q, weight, bias=b, reduction=reduction,
+                    label_smoothing=smoothing, chunk_size=4, vocab_chunk_size=6,
+                )
+            ),
+            argnums=tuple(range(5)),
+        )(x64_inputs[0], x64_inputs[1].T, *x64_inputs[2:])  # fmt: skip
+    np.testing.assert_allclose(value, (loss_t.detach().numpy() * ct).sum(), rtol=1e-12)
+    want = [t.grad.numpy() for t in leaves]
+    want[1] = want[1].T
+    names = ("x", "w", "bias", "weight", "target")
+    for name, g, r in zip(names, grads, want, strict=True):
+        record_deviation("linear_cross_entropy probabilities", g, r)
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12, err_msg=name)

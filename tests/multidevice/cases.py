@@ -383,3 +383,71 @@ def test_errors():
         got = jxent.cross_entropy(sharded, target, where=mask, label_smoothing=0.1)
     want = jxent.cross_entropy(LOGITS[:, :30], target, label_smoothing=0.1)
     np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+PROBS_LINEAR = np.asarray(
+    jax.nn.softmax(jnp.asarray(RNG.normal(size=(N, C)))), np.float32
+)
+
+
+@pytest.mark.parametrize("mesh_def", MESHES[1:], ids=lambda m: "x".join(map(str, m[0])))
+@pytest.mark.parametrize(
+    ("reduction", "return_lse", "soft"),
+    [("mean", False, False), ("none", True, False), ("sum", False, True)],
+)
+def test_linear_cross_entropy_gradients_of_options_shard_map(
+    mesh_def, reduction, return_lse, soft
+):
+    """Gradients w.r.t. x, w, bias, class weights, smoothing, z-loss (and the
+    probability targets) with the vocabulary and the tokens split."""
+    mesh = _mesh(*mesh_def)
+    batch = None if reduction == "none" else "data"
+    token_spec = P("data") if reduction == "none" else P(batch)
+    ct = np.linspace(1.0, 2.0, N).astype(np.float32)
+
+    def loss(x, w, b, weight, eps, zl, target, **kw):
+        out = jxent.linear_cross_entropy(
+            x, w, target, weight, bias=b, reduction=reduction, label_smoothing=eps,
+            z_loss=zl, return_lse=return_lse, chunk_size=3, **kw,
+        )  # fmt: skip
+        loss_value, lse = out if return_lse else (out, None)
+        return loss_value, lse
+
+    target = PROBS_LINEAR if soft else TARGET
+    target_spec = P("data", "model") if soft else P("data")
+
+    def sharded(x, w, b, weight, eps, zl, target):
+        fn = jax.shard_map(
+            functools.partial(
+                loss, class_axis_name="model", batch_axis_name=batch
+            ),
+            mesh=mesh,
+            in_specs=(P("data"), P(None, "model"), P("model"), P("model"), P(), P(),
+                      target_spec),
+            out_specs=(P() if reduction != "none" else token_spec,
+                       token_spec if return_lse else None),
+        )  # fmt: skip
+        return fn(x, w, b, weight, eps, zl, target)
+
+    def total(f):
+        def g(x, w, b, weight, eps, zl, target):
+            value, lse = f(x, w, b, weight, eps, zl, target)
+            out = jnp.sum(value * ct) if reduction == "none" else value
+            return out + (0.0 if lse is None else jnp.sum(lse * ct[::-1]))
+
+        argnums = (0, 1, 2, 3, 4, 5) + ((6,) if soft else ())
+        return jax.jit(jax.value_and_grad(g, argnums=argnums))(
+            X, W, B, WEIGHT, np.float32(0.1), np.float32(1e-2), target
+        )
+
+    got = total(sharded)
+    want = total(loss)
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    names = ("x", "w", "bias", "weight", "label_smoothing", "z_loss", "target")
+    for name, g, r in zip(names, got[1], want[1], strict=False):
+        assert np.max(np.abs(r)) > 0, name
+        # Scalars are sums over tokens with cancellation: float32 rounding.
+        tol = 1e-4 if np.ndim(r) == 0 else 1e-5
+        np.testing.assert_allclose(
+            g, r, rtol=tol, atol=tol * np.abs(r).max(), err_msg=name
+        )

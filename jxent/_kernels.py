@@ -485,7 +485,9 @@ def cross_entropy_stats(
     ``ds = (Σ_c w_c) dlse - Σ_c w_c dx_c + Σ_c dw_c (lse - x_c)``. Reverse mode
     transposes it into one fused elementwise pass that writes the gradient;
     the map is rematerialised (``jax.checkpoint``), so nothing of logits size
-    is saved between the passes: only the logits and the logsumexp.
+    is saved between the passes: only the logits and the O(N) ``lse`` and
+    ``nll`` (``p`` is formed as ``exp((x - x_t) - nll)``, which keeps the
+    digits that a rounded large ``lse`` would lose).
     """
     return _forward(
         logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards

@@ -50,6 +50,7 @@ from bench_cross_entropy import (
     time_interleaved,
     to_torch,
     torch_device,
+    torch_loss_contender,
     write_report,
 )
 
@@ -108,25 +109,14 @@ def copy_floor(x: jax.Array, t: jax.Array) -> jax.Array:
 
 
 def torch_contender(inputs: BinaryInputs, grad: bool) -> Contender:
-    tt = inputs.torch
-    x = tt["x"] if grad else tt["x"].detach()
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-
-    def call(k: int) -> Any:
-        for _ in range(k):
-            if grad:
-                tt["x"].grad = None
-            loss = F.binary_cross_entropy_with_logits(x, tt["target"])
-            if grad:
-                loss.backward()
-        sync()
-        return loss
-
-    def reset() -> None:
-        tt["x"].grad = None
-
-    note = "bf16 on CPU" if x.dtype == torch.bfloat16 and not x.is_cuda else ""
-    return Contender(TORCH, call=call, reset=reset if grad else None, note=note)
+    """``F.binary_cross_entropy_with_logits``, as bench_cross_entropy times torch."""
+    target = inputs.torch["target"]
+    return torch_loss_contender(
+        TORCH,
+        inputs.torch,
+        lambda x: F.binary_cross_entropy_with_logits(x, target),
+        grad,
+    )
 
 
 def build_contenders(inputs: BinaryInputs, grad: bool) -> list[Contender]:

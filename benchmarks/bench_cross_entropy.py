@@ -364,25 +364,16 @@ def jax_contender(
     )
 
 
-def torch_contender(name: str, inputs: Inputs, weighted: bool, grad: bool) -> Contender:
-    """``F.cross_entropy``; with ``grad``, ``loss.backward()`` and a fresh grad."""
-    tt = inputs.torch
+def torch_loss_contender(name: str, tt: dict, loss_fn, grad: bool) -> Contender:
+    """``loss_fn(x)``; with ``grad``, ``backward()`` into a fresh gradient."""
     x = tt["x"] if grad else tt["x"].detach()
-    target = tt["target_ignored"] if weighted else tt["target"]
-    kwargs = {}
-    if weighted:
-        kwargs = {
-            "weight": tt["weight"],
-            "ignore_index": IGNORE_INDEX,
-            "label_smoothing": LABEL_SMOOTHING,
-        }
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def call(k: int) -> Any:
         for _ in range(k):
             if grad:
                 tt["x"].grad = None
-            loss = F.cross_entropy(x, target, **kwargs)
+            loss = loss_fn(x)
             if grad:
                 loss.backward()
         sync()
@@ -393,6 +384,22 @@ def torch_contender(name: str, inputs: Inputs, weighted: bool, grad: bool) -> Co
 
     note = "bf16 on CPU" if x.dtype == torch.bfloat16 and not x.is_cuda else ""
     return Contender(name, call=call, reset=reset if grad else None, note=note)
+
+
+def torch_contender(name: str, inputs: Inputs, weighted: bool, grad: bool) -> Contender:
+    """``F.cross_entropy``; with ``grad``, ``loss.backward()`` and a fresh grad."""
+    tt = inputs.torch
+    target = tt["target_ignored"] if weighted else tt["target"]
+    kwargs = {}
+    if weighted:
+        kwargs = {
+            "weight": tt["weight"],
+            "ignore_index": IGNORE_INDEX,
+            "label_smoothing": LABEL_SMOOTHING,
+        }
+    return torch_loss_contender(
+        name, tt, lambda x: F.cross_entropy(x, target, **kwargs), grad
+    )
 
 
 def build_contenders(inputs: Inputs, grad: bool, use_torch: bool) -> list[Contender]:

@@ -58,10 +58,16 @@ from jxent._validation import (
 
 # Default token chunk (see _default_chunk_size): the issue's memory budget for
 # the extra memory of value_and_grad is 1.5 x (dx + dw in float32) + 64 MiB;
-# dx and dw themselves take 1 x, and XLA's temporaries per chunk measure about
-# 3.3 float32 logits tiles on the CPU.
+# dx and dw themselves take 1 x, so the chunk's temporaries may take the other
+# 0.5 x + 64 MiB. On the CPU they measure one float32 logits tile plus the two
+# dw blocks in flight plus a few MiB (XLA's temp_size at (2048, 1024, 131072):
+# 89, 154 and 284 MiB for tiles of 64, 128 and 256 MiB).
+# Label smoothing keeps the logits tile alive next to its gradient (one more
+# tile), `where` adds its mask and the masked logits (two more).
 _SLACK_BYTES = 64 * 2**20
-_TEMPORARIES_PER_TILE = 3.5
+_TEMPORARIES_PER_TILE = 1.25
+_TILES_FOR_SMOOTHING = 1.0
+_TILES_FOR_WHERE = 2.0
 _MIN_TILE_BYTES = 16 * 2**20
 _MAX_TILE_BYTES = 512 * 2**20
 # Default vocabulary block of the dw update: a float32 (D, block) product of at
@@ -322,6 +328,21 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
     return out["loss"], grads
 
 
+def _unhoisted(f):
+    """``f`` as one opaque call for JAX's partial evaluation (same values).
+
+    Differentiating a custom_jvp rule partially evaluates it, and partial
+    evaluation of a ``lax.scan`` hoists every value of the loop body that does
+    not depend on the loop (iotas, broadcast constants, masks) out of the loop
+    as stored arrays: each chunk then reads tile-sized constants (on the CPU,
+    one int32 and one float32 logits tile). Behind a ``custom_jvp`` whose rule
+    is ``f``'s own JVP, a call whose inputs are all known is kept whole.
+    """
+    shielded = jax.custom_jvp(f)
+    shielded.defjvp(lambda primals, tangents: jax.jvp(f, primals, tangents))
+    return shielded
+
+
 def _is_zero(tangent) -> bool:
     return tangent is None or isinstance(tangent, SymbolicZero)
 
@@ -359,7 +380,10 @@ def _summed_loss(static: _Static, p: _Params, data: _Data):
 def _summed_loss_jvp(static, primals, tangents):
     p, data = primals
     tp, _ = tangents
-    loss, grads = _loss_and_gradients(static, p, data, _needed(tp))
+    need = _needed(tp)
+    loss, grads = _unhoisted(functools.partial(_loss_and_gradients, static, need=need))(
+        p, data
+    )
     total = jnp.sum(loss)
     return total, _vary_like(_contract(grads, tp, static, total.dtype), total)
 
@@ -483,18 +507,26 @@ def _power_of_two_at_most(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def _default_chunk_size(num_tokens: int, depth: int, vocab: int) -> int:
+def _default_chunk_size(
+    num_tokens: int, depth: int, vocab: int, smoothing: bool = False, where: bool = False
+) -> int:
     """Tokens per chunk: the most (a power of two) whose temporaries fit.
 
-    The float32 logits tile may take ``(½·(dx + dw) + 64 MiB) / 3.5`` bytes
-    (dx, dw in float32), between 16 MiB and 512 MiB: the gradients plus the
-    chunk's temporaries then stay within 1.5 x (dx + dw) + 64 MiB. Larger
-    tiles are faster on the CPU (fewer dw updates, longer matmuls): at
-    (N, D, V) = (2048, 512, 65536), value_and_grad took 1.29, 0.97 and 0.80 x
-    the unfused time with chunks of 64, 128 and 256 tokens.
+    The float32 logits tile may take ``(½·(dx + dw) + 64 MiB - 2 dw blocks) /
+    1.25`` bytes (dx, dw in float32; the divisor grows by 1 with label
+    smoothing, by 2 with ``where``), between 16 MiB and 512 MiB: the
+    gradients plus the chunk's temporaries then stay within 1.5 x (dx + dw) +
+    64 MiB. Larger tiles are faster on the CPU (fewer passes over dw, longer
+    matmuls): at (N, D, V) = (2048, 1024, 131072) float32, value_and_grad took
+    1.17, 0.96 and 0.84 x the unfused time with chunks of 128, 256 and 512
+    tokens.
     """
     gradients = 4 * (num_tokens * depth + depth * vocab)
-    tile = (gradients // 2 + _SLACK_BYTES) / _TEMPORARIES_PER_TILE
+    dw_blocks = 2 * 4 * depth * _default_vocab_chunk_size(depth, vocab)
+    tiles = _TEMPORARIES_PER_TILE
+    tiles += _TILES_FOR_SMOOTHING if smoothing else 0.0
+    tiles += _TILES_FOR_WHERE if where else 0.0
+    tile = (gradients // 2 + _SLACK_BYTES - dw_blocks) / tiles
     tile = min(_MAX_TILE_BYTES, max(_MIN_TILE_BYTES, int(tile)))
     rows = _power_of_two_at_most(tile // (4 * max(vocab, 1)))
     return max(1, min(rows, num_tokens))
@@ -681,11 +713,13 @@ def linear_cross_entropy(
       where: optional boolean mask broadcastable to ``(..., V)``; excluded
         classes take no part in the softmax or the smoothing.
       chunk_size: tokens per chunk. Default (None): the largest power of two
-        whose float32 logits tile fits ``(½·(dx + dw) + 64 MiB) / 3.5``
-        bytes (dx, dw in float32; between 16 and 512 MiB), so that the
-        extra memory stays within 1.5 x (dx + dw) + 64 MiB: e.g. 128 tokens
-        at (N, D, V) = (2048, 512, 65536), 256 at (1024, 2304, 256000). A
-        ragged last chunk is its own smaller tile.
+        whose float32 logits tile fits ``(½·(dx + dw) + 64 MiB - 32 MiB) /
+        1.25`` bytes (dx, dw in float32; the divisor is 2.25 with label
+        smoothing, 3.25 with ``where``, which keep more tiles alive; between
+        16 and 512 MiB), so that the extra memory stays within 1.5 x (dx + dw) + 64 MiB: e.g. 256
+        tokens at (N, D, V) = (2048, 512, 65536) and (2048, 1024, 131072),
+        512 at (1024, 2304, 256000). A ragged last chunk is its own smaller
+        tile.
       vocab_chunk_size: classes per block of the ``dw`` update ``x_cᵀ dz``
         (each block of ``dw`` is read and written once per chunk). Default
         (None): a float32 ``(D, block)`` product of at most 16 MiB.
@@ -758,7 +792,13 @@ def linear_cross_entropy(
     num_tokens = max(1, x[..., 0].size)
     chunk = _positive_int_or_none(chunk_size, "chunk_size", "tokens per chunk")
     if chunk is None:
-        chunk = _default_chunk_size(num_tokens, x.shape[-1], vocab)
+        chunk = _default_chunk_size(
+            num_tokens,
+            x.shape[-1],
+            vocab,
+            smoothing=not _is_static_zero(label_smoothing),
+            where=mask is not None,
+        )
     vocab_chunk = _positive_int_or_none(
         vocab_chunk_size, "vocab_chunk_size", "classes per block"
     )

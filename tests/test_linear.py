@@ -193,6 +193,38 @@ def test_compiled_program_holds_no_logits_sized_buffer():
     )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gradient_pass_keeps_about_one_logits_tile(dtype):
+    # value_and_grad of the mean holds one float32 logits tile, the dw blocks
+    # in flight and, for 16-bit inputs, the float32 dw and a 16-bit dz tile:
+    # no loop-invariant tile (an iota, a broadcast zero) hoisted out of the
+    # chunk loop by JAX's partial evaluation (that added 2 tiles), no (D, V)
+    # product per chunk. Label smoothing keeps the logits alive next to dz
+    # (_TILES_FOR_SMOOTHING), which the default chunk_size allows for.
+    n, d, v, chunk, block = 512, 64, 8192, 128, 1024
+    x = jnp.zeros((n, d), dtype)
+    w = jnp.zeros((d, v), dtype)
+    t = jnp.zeros((n,), jnp.int32)
+    tile, dw32 = chunk * v * 4, d * v * 4
+    wide = dtype == jnp.bfloat16
+    for options, tiles in (
+        ({}, 1.25),
+        ({"weight": jnp.ones(v), "z_loss": 1e-4, "soft_cap": 30.0}, 1.25),
+        ({"label_smoothing": 0.1}, 2.25),
+    ):
+        fn = jax.jit(
+            jax.value_and_grad(
+                lambda x, w, o=options: jxent.linear_cross_entropy(
+                    x, w, t, chunk_size=chunk, vocab_chunk_size=block, **o
+                ),
+                argnums=(0, 1),
+            )
+        )
+        temp = fn.lower(x, w).compile().memory_analysis().temp_size_in_bytes
+        allowed = (tiles + 0.5 * wide) * tile + 2 * d * block * 4 + wide * dw32
+        assert temp <= allowed, (list(options), temp / tile, allowed / tile)
+
+
 @pytest.mark.skipif(torch is None, reason="torch oracle not installed")
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])

@@ -13,6 +13,12 @@ Usage::
     python benchmarks/bench_linear_cross_entropy.py --quick    # smoke test (< 60 s)
     python benchmarks/bench_linear_cross_entropy.py --gemma    # + (8192, 2304, 256000)
     python benchmarks/bench_linear_cross_entropy.py --llm      # LLM heads, f32 + bf16
+    python benchmarks/bench_linear_cross_entropy.py --llm --interleaved 7
+
+``--interleaved R`` adds, per case, one more process that holds both JAX
+contenders and times them interleaved (R rounds, a random order per round,
+after one warm-up call each): its ratio is the time check that load on the
+machine cannot bias, since both contenders share it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import gc
 import json
 import os
 import platform
+import random
 import re
 import subprocess
 import sys
@@ -485,11 +492,47 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+INTERLEAVED = "interleaved"
+
+
+def run_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
+    """Both JAX contenders in one process, timed in a random order per round."""
+    case = Case(**spec["case"])
+    rng = random.Random(spec["seed"])
+    prepared = {}
+    for name in JAX_CONTENDERS:
+        p = prepare_jax(name, case, spec["seed"], spec["mem_limit"])
+        if isinstance(p, str):
+            return {"status": f"{name} {p}"}
+        p.call()  # warm-up
+        prepared[name] = p
+    out: dict[str, Any] = {"load_average_start": load_average()}
+    times: dict[str, list[float]] = {name: [] for name in prepared}
+    for _ in range(spec["rounds"]):
+        order = list(prepared)
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            prepared[name].call()
+            times[name].append(time.perf_counter() - start)
+    out["raw_ms"] = {k: [t * 1e3 for t in v] for k, v in times.items()}
+    out["median_ms"] = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    out["ratio"] = out["median_ms"][JXENT] / out["median_ms"][JAX_NAIVE]
+    per_round = np.asarray(times[JXENT]) / np.asarray(times[JAX_NAIVE])
+    out["ratio_range"] = [float(per_round.min()), float(per_round.max())]
+    out["load_average_end"] = load_average()
+    out["status"] = "ok"
+    return out
+
+
 def worker_main(spec_json: str) -> int:
     """``--worker``: one measurement; its JSON is the last line of stdout."""
     spec = json.loads(spec_json)
     try:
-        out = run_worker(spec)
+        if spec["contender"] == INTERLEAVED:
+            out = run_interleaved(spec)
+        else:
+            out = run_worker(spec)
     except Exception as e:  # reported as a failed contender, not a crash
         out = {"status": f"failed ({type(e).__name__}: {e})"}
     print(json.dumps(out))
@@ -516,6 +559,7 @@ class Config:
     quick: bool
     rounds: int = 1
     time_budget_s: float | None = None
+    interleaved: int = 0  # rounds of the one-process interleaved timing
 
 
 def environment(config: Config) -> dict[str, Any]:
@@ -552,6 +596,7 @@ def environment(config: Config) -> dict[str, Any]:
         "memory_method_requested": config.memory_method,
         "rounds": config.rounds,
         "time_budget_s": config.time_budget_s,
+        "interleaved_rounds": config.interleaved,
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "contenders": {k: DESCRIPTIONS[k] for k in config.contenders},
     }
@@ -585,6 +630,7 @@ def spawn(case: Case, name: str, config: Config) -> dict[str, Any]:
         "torch_threads": config.torch_threads,
         "mem_limit": config.mem_limit,
         "memory_method": config.memory_method,
+        "rounds": config.interleaved,
     }
     start = time.perf_counter()
     proc = subprocess.run(
@@ -613,11 +659,13 @@ def run_benchmark(config: Config) -> dict[str, Any]:
         for r in range(config.rounds):
             order = config.contenders[:: -1 if r % 2 else 1]
             jobs += [(case, name, r) for name in order]
+        if config.interleaved and all(k in config.contenders for k in JAX_CONTENDERS):
+            jobs.append((case, INTERLEAVED, 0))
     results = []
     with tqdm(total=len(jobs), desc="workers", file=sys.stderr) as bar:
         for case, name, r in jobs:
             bar.set_postfix_str(f"{case.label} {name} round {r + 1}")
-            reason = skip_reason(case, name, config)
+            reason = None if name == INTERLEAVED else skip_reason(case, name, config)
             if reason is not None:
                 out = {"contender": name, "case": dataclasses.asdict(case)}
                 out["status"] = reason
@@ -626,7 +674,9 @@ def run_benchmark(config: Config) -> dict[str, Any]:
             out["round"] = r
             results.append(out)
             status = out["status"]
-            if status == "ok":
+            if status == "ok" and name == INTERLEAVED:
+                status = f"jxent/jax_naive time {out['ratio']:.3f}"
+            elif status == "ok":
                 s = out["stats"]
                 status = (
                     f"median {s['median_ms']:.0f} ms, peak extra "
@@ -668,12 +718,17 @@ def summarize_cases(
     rows = []
     for case in cases:
         key = dataclasses.asdict(case)
+        interleaved = next(
+            (r for r in results if r["case"] == key and r["contender"] == INTERLEAVED),
+            None,
+        )
+        results_ = [r for r in results if r["contender"] != INTERLEAVED]
         by_name = {
             name: merge_rounds(
-                [r for r in results if r["case"] == key and r["contender"] == name]
+                [r for r in results_ if r["case"] == key and r["contender"] == name]
             )
-            for name in dict.fromkeys(r["contender"] for r in results)
-            if any(r["case"] == key and r["contender"] == name for r in results)
+            for name in dict.fromkeys(r["contender"] for r in results_)
+            if any(r["case"] == key and r["contender"] == name for r in results_)
         }
         ok = {k: r for k, r in by_name.items() if r["status"] == "ok"}
 
@@ -700,7 +755,13 @@ def summarize_cases(
                     "jxent/torch_chunked memory": div(m(JXENT), m(TORCH_CHUNKED)),
                     "jxent/jax_naive memory": div(m(JXENT), m(JAX_NAIVE)),
                     "jxent memory/budget": div(m(JXENT), case.budget),
+                    "jxent/jax_naive time interleaved": (
+                        interleaved["ratio"]
+                        if interleaved and interleaved["status"] == "ok"
+                        else None
+                    ),
                 },
+                "interleaved": interleaved,
                 "loss_rel_diff": {
                     k: None
                     if loss_ref is None
@@ -763,9 +824,19 @@ def contender_table(row: dict[str, Any]) -> list[str]:
 def ratio_lines(row: dict[str, Any]) -> list[str]:
     """The issue's checks for one case, as a bullet list."""
     q = row["ratios"]
+    inter = row.get("interleaved") or {}
+    spread = inter.get("ratio_range")
     return [
         f"- jxent time / jax_naive time: "
         f"{verdict(q['jxent/jax_naive time'], TIME_TARGET)} — target ≤ {TIME_TARGET}",
+        f"- the same, both in one process, interleaved: "
+        f"{verdict(q.get('jxent/jax_naive time interleaved'), TIME_TARGET)}"
+        + (
+            f" (per round {spread[0]:.2f}–{spread[1]:.2f}, "
+            f"{len(inter['raw_ms'][JXENT])} rounds)"
+            if spread
+            else ""
+        ),
         f"- jxent peak extra memory / budget: "
         f"{verdict(q['jxent memory/budget'], 1.0)} — budget "
         f"1.5 × (dx + dw = {mib(row['grad_bytes'])} MiB) + 64 MiB = "
@@ -784,7 +855,7 @@ def sweep_table(rows: Sequence[dict[str, Any]]) -> list[str]:
         + " ".join(f"| {k} ms" for k in CONTENDERS)
         + " "
         + " ".join(f"| {k} MiB" for k in CONTENDERS)
-        + " | jxent/jax_naive time | jxent/torch_chunked time "
+        + " | jxent/jax_naive time | interleaved | jxent/torch_chunked time "
         "| jxent/torch_chunked mem | jxent mem/budget |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -811,6 +882,7 @@ def sweep_table(rows: Sequence[dict[str, Any]]) -> list[str]:
             + " "
             + " ".join(f"| {mem(k)}" for k in CONTENDERS)
             + f" | {fmt(q['jxent/jax_naive time'], '.2f')} "
+            f"| {fmt(q.get('jxent/jax_naive time interleaved'), '.2f')} "
             f"| {fmt(q['jxent/torch_chunked time'], '.2f')} "
             f"| {fmt(q['jxent/torch_chunked memory'], '.2f')} "
             f"| {fmt(q['jxent memory/budget'], '.2f')} |"
@@ -970,6 +1042,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 for (r, c), b in zip(ok, naive, strict=True)
                 if b and b["status"] == "ok"
             ]
+            if name == JXENT:
+                inter = [
+                    (r["v"], r["ratios"].get("jxent/jax_naive time interleaved"))
+                    for r in group
+                ]
+                inter = [(v, q) for v, q in inter if q is not None]
+                if inter:
+                    ax_t.plot(
+                        *zip(*inter, strict=True), label=f"jxent {dtype} interleaved",
+                        marker="s", color=colors[name], ls=lines[dtype], alpha=0.5,
+                    )  # fmt: skip
             if ratio:
                 ax_t.plot(*zip(*ratio, strict=True), label=label, **style)
         if group:
@@ -1077,6 +1160,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run every contender's worker this many times per case, in "
         "alternating order (timings pooled, largest peak kept; default 1)",
     )
+    p.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="R",
+        help="per case, also time jxent and jax_naive in one process, "
+        "interleaved, R rounds (default 0: off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1121,6 +1212,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         quick=args.quick,
         rounds=max(1, args.rounds),
         time_budget_s=args.time_budget or None,
+        interleaved=max(0, args.interleaved),
     )
 
 

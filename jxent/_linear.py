@@ -63,8 +63,11 @@ from jxent._validation import (
 # dw blocks in flight plus a few MiB (XLA's temp_size at (2048, 1024, 131072):
 # 89, 154 and 284 MiB for tiles of 64, 128 and 256 MiB).
 # Label smoothing keeps the logits tile alive next to its gradient (one more
-# tile), `where` adds its mask and the masked logits (two more).
+# tile), `where` adds its mask and the masked logits (two more). The process's
+# resident memory runs 40-100 MiB above XLA's accounting (allocator caches):
+# 48 MiB of the 64 MiB slack are kept for it.
 _SLACK_BYTES = 64 * 2**20
+_RUNTIME_BYTES = 48 * 2**20
 _TEMPORARIES_PER_TILE = 1.25
 _TILES_FOR_SMOOTHING = 1.0
 _TILES_FOR_WHERE = 2.0
@@ -508,11 +511,15 @@ def _power_of_two_at_most(n: int) -> int:
 
 
 def _default_chunk_size(
-    num_tokens: int, depth: int, vocab: int, smoothing: bool = False, where: bool = False
+    num_tokens: int,
+    depth: int,
+    vocab: int,
+    smoothing: bool = False,
+    where: bool = False,
 ) -> int:
     """Tokens per chunk: the most (a power of two) whose temporaries fit.
 
-    The float32 logits tile may take ``(½·(dx + dw) + 64 MiB - 2 dw blocks) /
+    The float32 logits tile may take ``(½·(dx + dw) + 16 MiB - 2 dw blocks) /
     1.25`` bytes (dx, dw in float32; the divisor grows by 1 with label
     smoothing, by 2 with ``where``), between 16 MiB and 512 MiB: the
     gradients plus the chunk's temporaries then stay within 1.5 x (dx + dw) +
@@ -526,7 +533,7 @@ def _default_chunk_size(
     tiles = _TEMPORARIES_PER_TILE
     tiles += _TILES_FOR_SMOOTHING if smoothing else 0.0
     tiles += _TILES_FOR_WHERE if where else 0.0
-    tile = (gradients // 2 + _SLACK_BYTES - dw_blocks) / tiles
+    tile = (gradients // 2 + _SLACK_BYTES - _RUNTIME_BYTES - dw_blocks) / tiles
     tile = min(_MAX_TILE_BYTES, max(_MIN_TILE_BYTES, int(tile)))
     rows = _power_of_two_at_most(tile // (4 * max(vocab, 1)))
     return max(1, min(rows, num_tokens))
@@ -713,13 +720,14 @@ def linear_cross_entropy(
       where: optional boolean mask broadcastable to ``(..., V)``; excluded
         classes take no part in the softmax or the smoothing.
       chunk_size: tokens per chunk. Default (None): the largest power of two
-        whose float32 logits tile fits ``(½·(dx + dw) + 64 MiB - 32 MiB) /
-        1.25`` bytes (dx, dw in float32; the divisor is 2.25 with label
-        smoothing, 3.25 with ``where``, which keep more tiles alive; between
-        16 and 512 MiB), so that the extra memory stays within 1.5 x (dx + dw) + 64 MiB: e.g. 256
-        tokens at (N, D, V) = (2048, 512, 65536) and (2048, 1024, 131072),
-        512 at (1024, 2304, 256000). A ragged last chunk is its own smaller
-        tile.
+        whose float32 logits tile fits ``(½·(dx + dw) + 16 MiB - 32 MiB) /
+        1.25`` bytes (dx, dw in float32; 48 MiB of the budget's 64 are kept
+        for the allocator, 32 MiB for two dw blocks; the divisor is 2.25 with
+        label smoothing, 3.25 with ``where``, which keep more tiles alive),
+        between 16 and 512 MiB, so that the extra memory stays within 1.5 x
+        (dx + dw) + 64 MiB: e.g. 128 tokens at (N, D, V) = (2048, 512,
+        65536), 256 at (2048, 1024, 131072), 512 at (1024, 2304, 256000). A
+        ragged last chunk is its own smaller tile.
       vocab_chunk_size: classes per block of the ``dw`` update ``x_cᵀ dz``
         (each block of ``dw`` is read and written once per chunk). Default
         (None): a float32 ``(D, block)`` product of at most 16 MiB.

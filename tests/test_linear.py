@@ -513,3 +513,19 @@ def test_probability_targets_match_torch(reduction, smoothing):
     for name, g, r in zip(names, grads, want, strict=True):
         record_deviation("linear_cross_entropy probabilities", g, r)
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_default_chunk_size_fits_the_memory_budget_at_the_llm_heads():
+    # The CPU sweep: the default chunk keeps XLA's temporaries plus the
+    # float32 gradients within 1.5 x (dx + dw) + 64 MiB less the 48 MiB kept
+    # for the allocator (the measured RSS in benchmarks/results/cpu).
+    from jxent._linear import _default_chunk_size, _default_vocab_chunk_size
+
+    for n, d, v in ((2048, 512, 65536), (2048, 1024, 131072), (1024, 2304, 256000)):
+        chunk = _default_chunk_size(n, d, v)
+        grads = 4 * (n * d + d * v)
+        temps = 1.25 * 4 * chunk * v + 2 * 4 * d * _default_vocab_chunk_size(d, v)
+        assert grads + temps <= 1.5 * grads + 16 * 2**20, (n, d, v, chunk)
+        assert chunk >= 128, (n, d, v, chunk)  # fast enough (benchmarks/README.md)
+    assert _default_chunk_size(2048, 1024, 131072, smoothing=True) == 128
+    assert _default_chunk_size(2048, 1024, 131072, where=True) == 128

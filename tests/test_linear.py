@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -529,3 +531,24 @@ def test_default_chunk_size_fits_the_memory_budget_at_the_llm_heads():
         assert chunk >= 128, (n, d, v, chunk)  # fast enough (benchmarks/README.md)
     assert _default_chunk_size(2048, 1024, 131072, smoothing=True) == 128
     assert _default_chunk_size(2048, 1024, 131072, where=True) == 128
+
+
+def test_default_chunk_size_follows_the_options():
+    # Label smoothing and `where` keep more logits tiles alive, so the default
+    # chunk is smaller with them (read off the scan length, nothing runs).
+    n, d, v = 2048, 1024, 131072
+    x = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    t = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def scan_length(**options):
+        jaxpr = jax.make_jaxpr(
+            lambda x, w, t: jxent.linear_cross_entropy(x, w, t, **options)
+        )(x, w, t)
+        lengths = re.findall(r"length=(\d+)", str(jaxpr))
+        assert lengths, "no chunk loop"
+        return int(lengths[0])
+
+    assert scan_length() == n // 256
+    assert scan_length(label_smoothing=0.1) == n // 128
+    assert scan_length(where=jnp.arange(v) < v - 1) == n // 128

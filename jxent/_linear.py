@@ -77,6 +77,13 @@ _MAX_TILE_BYTES = 512 * 2**20
 # most this many bytes (one x_c^T dz over the whole vocabulary would first
 # write a (D, V) temporary as large as dw itself).
 _DW_BLOCK_BYTES = 16 * 2**20
+# 16-bit inputs whose float32 dw takes at least this many bytes accumulate it
+# in two column halves, one pass over the chunks each (every chunk's logits
+# computed twice: four matmuls instead of three): the float32 accumulator and
+# the 16-bit result then take 1 x instead of 1.5 x the float32 dw. At
+# (2048, 1024, 131072) bfloat16 one pass measured 853-897 MiB of extra memory
+# against the 844 MiB budget, whatever the chunk.
+_DW_SPLIT_BYTES = 512 * 2**20
 
 
 class _Static(NamedTuple):
@@ -91,6 +98,7 @@ class _Static(NamedTuple):
     row_mask: bool  # `where` varies per token (else one (1, V) class mask)
     shards: ClassShards = UNSHARDED  # vocabulary split over mesh axes
     batch_axes: tuple[str, ...] = ()  # tokens split over mesh axes
+    dw_passes: int = 1  # passes over the chunks, one per column range of dw
 
 
 class _Params(NamedTuple):
@@ -268,21 +276,47 @@ def _accumulate_outer(acc, x_c, dz, block: int):
     return lax.fori_loop(0, num_blocks, body, acc)
 
 
+def _dw_column_ranges(vocab: int, passes: int) -> list[tuple[int, int]]:
+    """``passes`` contiguous column ranges of ``dw`` (one per pass)."""
+    return [(vocab * i // passes, vocab * (i + 1) // passes) for i in range(passes)]
+
+
 def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
     """Per-token losses and the gradients of their sum named in ``need``.
 
     Gradients are this device's partial sums over its tokens (inside
     shard_map with batch axes, the tangent rule's contraction with the
     tangents, or its transpose, sums them over the token shards).
+
+    With ``static.dw_passes > 1`` (16-bit ``w``) the float32 ``dw`` is
+    accumulated one column range per pass over the chunks (each pass
+    recomputes the chunks' logits), and each range is rounded to the 16-bit
+    dtype inside its loop, so that one range's float32 accumulator at a time
+    lives next to the 16-bit gradient; ``dw`` is then returned as the tuple
+    of the ranges' gradients.
     """
     acc = _accumulation_dtype(p)
     class_mask = _class_mask(data, static)
     # The options vary like the tokens: their per-chunk gradients are then
     # local partial sums, added up once (no collective per chunk).
     small = _vary_like(_small(p), p.x)
+    ranges = _dw_column_ranges(p.w.shape[1], static.dw_passes if need["w"] else 1)
+    split = len(ranges) > 1
+
+    def dw_carry(lo, hi):
+        zeros = jnp.zeros((p.w.shape[0], hi - lo), acc)
+        return (zeros, zeros.astype(p.w.dtype)) if split else zeros
+
+    def accumulate_dw(dw, x_c, d_logits, lo, hi):
+        d_in = d_logits[:, lo:hi].astype(p.w.dtype)
+        if not split:
+            return _accumulate_outer(dw, x_c, d_in, static.vocab_chunk_size)
+        total = _accumulate_outer(dw[0], x_c, d_in, static.vocab_chunk_size)
+        return total, total.astype(p.w.dtype)
+
     carry = {}
     if need["w"]:
-        carry["w"] = jnp.zeros_like(p.w, dtype=acc)
+        carry["w"] = dw_carry(*ranges[0])
     if need["bias"]:
         carry["bias"] = jnp.zeros_like(p.bias, dtype=acc)
     for name, value in zip(_SMALL, small, strict=True):
@@ -290,7 +324,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
             carry[name] = jnp.zeros_like(value, dtype=acc)
     carry = _vary_like(carry, p.x)
 
-    def body(carry, tokens):
+    def tile_gradients(tokens):
         x_c, probs_c, target_c, mask_c = tokens
         mask_c = class_mask if mask_c is None else mask_c
         logits = _tile_logits(x_c, p.w, p.bias)
@@ -299,21 +333,24 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
             logits, probs_c, small,
         )  # fmt: skip
         ones = _vary_like((jnp.ones_like(loss), jnp.zeros_like(lse)), loss)
-        d_logits, d_probs, d_small = vjp(ones)
-        d_in = d_logits.astype(p.w.dtype)
+        return loss, vjp(ones)
+
+    def body(carry, tokens):
+        loss, (d_logits, d_probs, d_small) = tile_gradients(tokens)
         out = {"loss": loss}
         if need["x"]:
             # Each vocabulary shard contributes to every token's dx (O(N·D)).
             out["x"] = static.shards.sum(
                 lax.dot_general(
-                    d_in, p.w, (((1,), (1,)), ((), ())), preferred_element_type=acc
+                    d_logits.astype(p.w.dtype), p.w, (((1,), (1,)), ((), ())),
+                    preferred_element_type=acc,
                 )
-            )
+            )  # fmt: skip
         if need["probs"]:
             out["probs"] = d_probs.astype(acc)
         new = dict(carry)
         if need["w"]:
-            new["w"] = _accumulate_outer(carry["w"], x_c, d_in, static.vocab_chunk_size)
+            new["w"] = accumulate_dw(carry["w"], tokens[0], d_logits, *ranges[0])
         if need["bias"]:
             new["bias"] = carry["bias"] + jnp.sum(d_logits, axis=0)
         for name, g in zip(_SMALL, d_small, strict=True):
@@ -321,13 +358,40 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
                 new[name] = carry[name] + g.astype(acc)
         return new, out
 
-    carry, out = _over_chunks(
-        body, carry, _token_inputs(p, data, static), static.chunk_size
-    )
+    def dw_pass(lo, hi, done):
+        """A later pass over the chunks: ``dw[:, lo:hi]`` only.
+
+        Its zero accumulator is made to depend on ``done`` (the earlier
+        ranges' 16-bit gradients: one element, times 0), so that XLA does not
+        allocate it before the earlier passes have finished (both float32
+        ranges would be live; XLA's CPU backend drops optimization barriers
+        before scheduling).
+        """
+
+        def body(dw, tokens):
+            _, (d_logits, _, _) = tile_gradients(tokens)
+            return accumulate_dw(dw, tokens[0], d_logits, lo, hi), None
+
+        last = done[-1][0, 0].astype(acc)
+        zero = jnp.where(jnp.isfinite(last), last, 0.0) * 0.0
+        init = jax.tree.map(lambda z: z + zero.astype(z.dtype), dw_carry(lo, hi))
+        (_, dw), _ = _over_chunks(
+            body, _vary_like(init, p.x), tokens, static.chunk_size
+        )
+        return dw
+
+    tokens = _token_inputs(p, data, static)
+    carry, out = _over_chunks(body, carry, tokens, static.chunk_size)
     grads = {**carry, **{k: v for k, v in out.items() if k != "loss"}}
+    if split and need["w"]:
+        done = (grads["w"][1],)
+        for lo, hi in ranges[1:]:
+            done = (*done, dw_pass(lo, hi, done))
+        grads["w"] = done
     # Kept in the inputs' dtypes: for 16-bit inputs the float32 dw is freed
     # before the backward pass instead of living next to the 16-bit result.
-    grads = {k: g.astype(getattr(p, k).dtype) for k, g in grads.items()}
+    grads = {k: jax.tree.map(lambda g, k=k: g.astype(getattr(p, k).dtype), g)
+             for k, g in grads.items()}  # fmt: skip
     return out["loss"], grads
 
 
@@ -357,12 +421,25 @@ def _needed(tangents: _Params) -> dict:
 
 
 def _contract(grads: dict, tangents: _Params, static: _Static, dtype):
-    """``Σ_i <g_i, t_i>``, the class-sliced terms summed over class shards."""
+    """``Σ_i <g_i, t_i>``, the class-sliced terms summed over class shards.
+
+    A gradient given as a tuple is the gradient of consecutive column ranges
+    (see ``_loss_and_gradients``): each is contracted with its columns (one
+    concatenated gradient would be upcast to float32 whole).
+    """
     local, sliced = [], []
     for name, t in zip(_Params._fields, tangents, strict=True):
         if _is_zero(t):
             continue
-        term = jnp.sum(grads[name].astype(dtype) * t.astype(dtype))
+        g = grads[name]
+        if isinstance(g, tuple):
+            ranges = _dw_column_ranges(t.shape[-1], len(g))
+            term = sum(
+                jnp.sum(part.astype(dtype) * t[..., lo:hi].astype(dtype))
+                for part, (lo, hi) in zip(g, ranges, strict=True)
+            )
+        else:
+            term = jnp.sum(g.astype(dtype) * t.astype(dtype))
         (sliced if name in _CLASS_SLICED else local).append(term)
     total = jnp.zeros((), dtype)
     if sliced:
@@ -537,6 +614,12 @@ def _default_chunk_size(
     tile = min(_MAX_TILE_BYTES, max(_MIN_TILE_BYTES, int(tile)))
     rows = _power_of_two_at_most(tile // (4 * max(vocab, 1)))
     return max(1, min(rows, num_tokens))
+
+
+def _dw_passes(depth: int, vocab: int, dtype) -> int:
+    """Passes over the chunks for dw: 2 for a large float32 dw of 16-bit ``w``."""
+    sixteen_bit = jnp.finfo(dtype).bits == 16
+    return 2 if sixteen_bit and 4 * depth * vocab >= _DW_SPLIT_BYTES else 1
 
 
 def _default_vocab_chunk_size(depth: int, vocab: int) -> int:
@@ -826,6 +909,7 @@ def linear_cross_entropy(
         row_mask=row_mask,
         shards=shards,
         batch_axes=batch_axes,
+        dw_passes=_dw_passes(x.shape[-1], vocab, dtype),
     )
     acc = compute_dtype(dtype)
     params = _Params(

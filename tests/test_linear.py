@@ -552,3 +552,39 @@ def test_default_chunk_size_follows_the_options():
     assert scan_length() == n // 256
     assert scan_length(label_smoothing=0.1) == n // 128
     assert scan_length(where=jnp.arange(v) < v - 1) == n // 128
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_two_dw_passes_give_the_same_numbers_in_less_memory(dtype, monkeypatch):
+    # 16-bit inputs with a large dw accumulate it in two column halves (one
+    # pass over the chunks each, the logits recomputed): the same per-chunk
+    # float32 sums, so bit-identical values, gradients and tangents, with
+    # one float32 half instead of the whole float32 dw beside the result.
+    n, d, v = 128, 256, 8192  # dw (8 MiB in float32) outweighs a chunk's tile
+    k = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(k[0], (n, d)).astype(dtype)
+    w = (jax.random.normal(k[1], (d, v)) / 8).astype(dtype)
+    b = jax.random.normal(k[2], (v,)).astype(dtype)
+    t = jax.random.randint(k[3], (n,), 0, v)
+    options = dict(
+        weight=jnp.linspace(0.5, 2.0, v), label_smoothing=0.1, z_loss=1e-3,
+        chunk_size=32, vocab_chunk_size=1000,
+    )  # fmt: skip
+
+    def loss(x, w, b):
+        return jxent.linear_cross_entropy(x, w, t, bias=b, **options)
+
+    def measure():
+        program = jax.jit(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1, 2)))
+        temp = program.lower(x, w, b).compile().memory_analysis().temp_size_in_bytes
+        tangent = jax.jvp(loss, (x, w, b), (x, w, b))
+        return temp, jax.tree.leaves((program(x, w, b), tangent))
+
+    temp_one, one = measure()
+    monkeypatch.setattr(jxent._linear, "_DW_SPLIT_BYTES", 0)
+    temp_two, two = measure()
+    for a, c in zip(one, two, strict=True):
+        np.testing.assert_array_equal(
+            np.asarray(a, np.float32), np.asarray(c, np.float32)
+        )
+    assert temp_two <= temp_one - 0.4 * 4 * d * v, (temp_one, temp_two)

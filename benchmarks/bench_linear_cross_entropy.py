@@ -1111,6 +1111,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "the V sweep (--vocab-sizes selects among them)",
     )
     p.add_argument(
+        "--dtypes",
+        type=lambda s: tuple(s.split(",")),
+        default=LLM_DTYPES,
+        help=f"with --llm: comma-separated subset of {','.join(LLM_DTYPES)}",
+    )
+    p.add_argument(
         "--contenders",
         type=lambda s: tuple(s.split(",")),
         default=CONTENDERS,
@@ -1189,6 +1195,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cases = [
             Case(*shape, dtype, "llm")
             for dtype in LLM_DTYPES
+            if dtype in args.dtypes
             for shape in LLM_SHAPES
             if args.vocab_sizes is None or shape[2] in args.vocab_sizes
         ]

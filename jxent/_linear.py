@@ -20,6 +20,8 @@ forward mode and higher orders all work:
 
 Accumulators (logsumexp, loss, dx, dw, dbias and the O(V) class-weight
 gradient) are float32 for 16- and 32-bit inputs, float64 for float64 inputs.
+For 16-bit inputs with a large ``dw`` the "mean"/"sum" rule makes a second
+pass for the second half of ``dw``'s columns (see ``_DW_SPLIT_BYTES``).
 """
 
 from __future__ import annotations
@@ -304,7 +306,8 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
     split = len(ranges) > 1
 
     def dw_carry(lo, hi):
-        zeros = jnp.zeros((p.w.shape[0], hi - lo), acc)
+        # Varying like w (its class shards) as well as like the tokens.
+        zeros = _vary_like(jnp.zeros((p.w.shape[0], hi - lo), acc), p.w)
         return (zeros, zeros.astype(p.w.dtype)) if split else zeros
 
     def accumulate_dw(dw, x_c, d_logits, lo, hi):
@@ -779,7 +782,11 @@ def linear_cross_entropy(
     time, each chunk's float32 logits reduced to per-token values and dropped.
     For ``"mean"`` and ``"sum"`` the gradients are computed in the same pass
     (three matmuls in all, as unfused); ``dw`` is accumulated in float32, in
-    blocks of ``vocab_chunk_size`` classes. ``"none"`` and ``return_lse``
+    blocks of ``vocab_chunk_size`` classes. For 16-bit inputs whose float32
+    ``dw`` takes 512 MiB or more, ``dw`` is accumulated in two column halves,
+    a second pass over the chunks recomputing their logits (four matmuls), so
+    that one float32 half at a time lives beside the 16-bit gradient; the
+    numbers are the same. ``"none"`` and ``return_lse``
     recompute each chunk in the backward pass. Every floating input gets its
     true gradient (``x``, ``w``, ``bias``, ``weight``, ``label_smoothing``,
     ``z_loss``, ``soft_cap`` and probability targets), in reverse and forward

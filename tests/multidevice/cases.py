@@ -451,3 +451,38 @@ def test_linear_cross_entropy_gradients_of_options_shard_map(
         np.testing.assert_allclose(
             g, r, rtol=tol, atol=tol * np.abs(r).max(), err_msg=name
         )
+
+
+@pytest.mark.parametrize("mesh_def", MESHES[1:], ids=lambda m: "x".join(map(str, m[0])))
+def test_linear_cross_entropy_two_dw_passes_shard_map(mesh_def, monkeypatch):
+    # 16-bit inputs with a large dw take two passes over the chunks (forced
+    # here): class- and batch-sharded, against naive float32 logits.
+    monkeypatch.setattr(jxent._linear, "_DW_SPLIT_BYTES", 0)
+    mesh = _mesh(*mesh_def)
+    x16 = jnp.asarray(X, jnp.bfloat16)
+    w16 = jnp.asarray(W, jnp.bfloat16)
+    kw = dict(label_smoothing=0.1, z_loss=1e-2, chunk_size=3)
+
+    def local(x, w, t, weight):
+        return jxent.linear_cross_entropy(
+            x, w, t, weight, class_axis_name="model", batch_axis_name="data", **kw
+        )
+
+    fn = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P("data"), P(None, "model"), P("data"), P("model")), out_specs=P(),
+    )  # fmt: skip
+    got = jax.jit(
+        jax.value_and_grad(lambda x, w: fn(x, w, TARGET, WEIGHT), argnums=(0, 1))
+    )(x16, w16)
+    want = jax.value_and_grad(
+        lambda x, w: jxent.cross_entropy(x @ w, TARGET, WEIGHT, **{
+            k: v for k, v in kw.items() if k != "chunk_size"
+        }),
+        argnums=(0, 1),
+    )(x16.astype(jnp.float32), w16.astype(jnp.float32))  # fmt: skip
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-2)
+    for g, r in zip(got[1], want[1], strict=True):
+        assert g.dtype == jnp.bfloat16
+        g = np.asarray(g, np.float32)
+        np.testing.assert_allclose(g, r, rtol=2e-2, atol=1e-2 * np.abs(r).max())

@@ -245,3 +245,55 @@ def test_kl_div_log_target_minus_inf_target_has_zero_gradient():
     ones = np.ones_like(log_p, np.float32)
     _, tangent = jax.jvp(lambda t: fn(f32(log_q), t), (f32(log_p),), (ones,))
     np.testing.assert_allclose(tangent, want_g_t, rtol=1e-6, atol=1e-7)
+
+
+# --- linear_cross_entropy: dw of 16-bit inputs accumulated in float32 ------------
+
+
+def _float64_dw(x, w, target):
+    """The float64 gradient w.r.t. ``w`` of the mean cross-entropy of ``x @ w``
+    (the 16-bit inputs upcast exactly)."""
+    x64, w64 = _f64(x), _f64(w)
+    z = x64 @ w64
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(target)), target] -= 1.0
+    return x64.T @ p / len(target)
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_linear_cross_entropy_bfloat16_dw_accumulates_in_float32(passes, monkeypatch):
+    """Planted bug: a bfloat16 ``dw`` accumulator (the bfloat16 tolerance
+    elsewhere, 2e-2, lets it pass).
+
+    1024 tokens in 64 chunks: every chunk adds to each entry of ``dw``; the
+    data make the sums coherent (positive ``x``, targets among four classes),
+    so that every entry is far from 0 and a 16-bit accumulator rounds at the
+    running sum's scale 64 times. A float32 accumulator rounds once, to the
+    bfloat16 result: within half an ulp of the float64 gradient (measured
+    0.51 ulp; the bfloat16 ``dz`` adds a little), while a bfloat16
+    accumulator is off by 5.1 ulp (in one pass or two). Two passes (forced; the 16-bit heads whose
+    float32 ``dw`` takes 512 MiB or more take them) accumulate each column
+    half in float32 alike, here in blocks of 8 classes.
+    """
+    if passes == 2:
+        monkeypatch.setattr(jxent._linear, "_DW_SPLIT_BYTES", 0)
+    assert jxent._linear._dw_passes(16, 32, jnp.bfloat16) == passes
+    rng = np.random.default_rng(1024)
+    n, d, v = 1024, 16, 32
+    x = jnp.asarray(np.abs(rng.normal(size=(n, d))), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.3, jnp.bfloat16)
+    target = rng.integers(0, 4, size=n)
+    vocab_chunk = None if passes == 1 else 8
+    dw = jax.jit(
+        jax.grad(
+            lambda w: jxent.linear_cross_entropy(
+                x, w, jnp.asarray(target), chunk_size=16, vocab_chunk_size=vocab_chunk
+            )
+        )
+    )(w)
+    assert dw.dtype == jnp.bfloat16
+    want = _float64_dw(x, w, target)
+    ulp = 2.0 ** (np.floor(np.log2(np.abs(want))) - 7)  # bfloat16's at |want|
+    error_in_ulps = np.abs(_f64(dw) - want) / ulp
+    assert error_in_ulps.max() <= 1.0, error_in_ulps.max()

@@ -1,5 +1,8 @@
 """mkdocs hooks: the benchmark plots as site files, and a complete API reference.
 
+Also a griffe extension (``loss_class_signatures``, named in mkdocs.yml) that
+gives the loss classes their constructor signature.
+
 Imports only the standard library at module level (pytest imports every .py
 file under docs/ for its doctests).
 """
@@ -43,3 +46,76 @@ def on_page_content(html, page, config, files):
 
             raise PluginError(f"API reference lacks jxent.{missing} (in __all__)")
     return html
+
+
+def loss_class_signatures():
+    """A griffe extension: constructor signatures for classes without ``__init__``.
+
+    The loss classes get their ``__init__`` from ``dataclasses`` inside a
+    decorator that static analysis does not see through, so the API page would
+    show neither their signature nor their arguments' types. For each class of
+    the package without an ``__init__`` in its source, this reads the
+    constructor's signature from the imported class (``inspect.signature``)
+    and adds it as ``__init__``, with the annotations of the class's fields.
+    mkdocs.yml names this factory in mkdocstrings' ``extensions`` option.
+    """
+    import importlib
+    import inspect
+
+    import griffe
+
+    kinds = {
+        inspect.Parameter.POSITIONAL_ONLY: griffe.ParameterKind.positional_only,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD: (
+            griffe.ParameterKind.positional_or_keyword
+        ),
+        inspect.Parameter.VAR_POSITIONAL: griffe.ParameterKind.var_positional,
+        inspect.Parameter.KEYWORD_ONLY: griffe.ParameterKind.keyword_only,
+        inspect.Parameter.VAR_KEYWORD: griffe.ParameterKind.var_keyword,
+    }
+
+    def add_init(cls: griffe.Class) -> None:
+        module = importlib.import_module(cls.module.path)
+        runtime = getattr(module, cls.name, None)
+        if not inspect.isclass(runtime) or "__init__" not in vars(runtime):
+            return
+        plain = griffe.ParameterKind.positional_or_keyword
+        params = [griffe.Parameter("self", kind=plain)]
+        for p in inspect.signature(runtime).parameters.values():
+            field = cls.members.get(p.name)
+            annotation = field.annotation if field is not None else None
+            if annotation is None and p.annotation is not inspect.Parameter.empty:
+                annotation = str(p.annotation)
+            if p.default is inspect.Parameter.empty:
+                default = None
+            elif isinstance(p.default, str) and '"' not in p.default:
+                default = f'"{p.default}"'  # as the functions' signatures quote
+            else:
+                default = repr(p.default)
+            params.append(
+                griffe.Parameter(
+                    p.name, annotation=annotation, kind=kinds[p.kind], default=default
+                )
+            )
+        init = griffe.Function(
+            "__init__",
+            parameters=griffe.Parameters(*params),
+            returns="None",
+            parent=cls,
+        )
+        cls.set_member("__init__", init)
+
+    def visit(obj: griffe.Module | griffe.Class) -> None:
+        for member in obj.members.values():
+            if member.is_alias:
+                continue
+            if member.is_class and "__init__" not in member.members:
+                add_init(member)
+            if member.is_module or member.is_class:
+                visit(member)
+
+    class LossClassSignatures(griffe.Extension):
+        def on_package(self, *, pkg: griffe.Module, **kwargs: object) -> None:
+            visit(pkg)
+
+    return LossClassSignatures()

@@ -8,6 +8,6 @@ from typing import Literal, TypeAlias
 #: the (weighted) mean, ``"sum"`` the sum.
 Reduction: TypeAlias = Literal["none", "mean", "sum"]
 
-#: ``kl_div``'s reductions: those of :data:`Reduction` and ``"batchmean"``
+#: ``kl_div``'s reductions: those of ``Reduction`` and ``"batchmean"``
 #: (the sum divided by the batch size, as ``torch.nn.functional.kl_div``).
 KLReduction: TypeAlias = Literal["none", "mean", "sum", "batchmean"]

@@ -507,7 +507,7 @@ def cross_entropy(
       for ``"none"``, else a scalar; with ``return_lse``, ``(loss, lse)``. An
       integer target outside ``[0, C)`` that is not ``ignore_index`` gives NaN
       under ``jit`` (never a wrapped or clamped class) and a ``ValueError``
-      when the target is concrete; see :func:`jxent.check_target` for a check
+      when the target is concrete; see [`jxent.check_target`][] for a check
       under ``jit``.
 
     Raises:

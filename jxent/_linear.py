@@ -797,7 +797,7 @@ def linear_cross_entropy(
     r"""``cross_entropy(x @ w + bias, target, ...)`` without the logits in memory.
 
     With logits ``z_n = x_n @ w + bias`` (float32 accumulation), the value is
-    exactly :func:`jxent.cross_entropy` on ``z`` with the same options: for an
+    exactly [`jxent.cross_entropy`][] on ``z`` with the same options: for an
     integer target ``y``, ``ℓ_n = (1-ε)·w[y_n]·(lse_n - z[n, y_n]) +
     (ε/C)·Σ_c w_c·(lse_n - z[n, c]) + z_loss·lse_n²`` (0 where
     ``y_n == ignore_index``), ``"mean"`` dividing by ``Σ_n w[y_n]``; for class
@@ -869,7 +869,7 @@ def linear_cross_entropy(
       ValueError: mismatched shapes of ``x``, ``w``, ``bias``, ``target`` or
         ``where``, a ``chunk_size`` or ``vocab_chunk_size`` that is not a
         positive int, ``soft_cap <= 0``, ``z_loss < 0``, and every error
-        :func:`jxent.cross_entropy` raises.
+        [`jxent.cross_entropy`][] raises.
 
     Examples:
       >>> import jax

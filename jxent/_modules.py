@@ -180,7 +180,18 @@ def _loss_pytree(cls: type) -> type:
 
 @_loss_pytree
 class NLLLoss(_LossModule):
-    """``torch.nn.NLLLoss``: calls :func:`jxent.nll_loss` with stored options.
+    """``torch.nn.NLLLoss``: calls [`jxent.nll_loss`][] with stored options.
+
+    ``weight`` is a buffer, as in ``torch.nn``: a concrete value is static
+    configuration (compared and hashed by value, never a pytree leaf, so no
+    optimizer trains it); a traced value given to the constructor stays a
+    traced leaf. Each argument is stored as the attribute of the same name.
+
+    Args:
+      weight: optional length-C class weights; a buffer (never trained).
+      ignore_index: target value that is ignored (contributes nothing).
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -214,7 +225,20 @@ class NLLLoss(_LossModule):
 
 @_loss_pytree
 class CrossEntropyLoss(_LossModule):
-    """``torch.nn.CrossEntropyLoss``: calls :func:`jxent.cross_entropy`.
+    """``torch.nn.CrossEntropyLoss``: calls [`jxent.cross_entropy`][].
+
+    ``weight`` and ``label_smoothing`` are buffers, as in ``torch.nn``: a
+    concrete value is static configuration (compared and hashed by value,
+    never a pytree leaf, so no optimizer trains it); a traced value given to
+    the constructor stays a traced leaf. Each argument is stored as the
+    attribute of the same name.
+
+    Args:
+      weight: optional length-C class weights; a buffer (never trained).
+      ignore_index: integer target value that is ignored (contributes nothing).
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      label_smoothing: ``ε`` in ``[0, 1]``; a buffer (never trained).
+      axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -251,7 +275,13 @@ class CrossEntropyLoss(_LossModule):
 
 @_loss_pytree
 class KLDivLoss(_LossModule):
-    """``torch.nn.KLDivLoss``: calls :func:`jxent.kl_div` with stored options.
+    """``torch.nn.KLDivLoss``: calls [`jxent.kl_div`][] with stored options.
+
+    Each argument is stored as the attribute of the same name.
+
+    Args:
+      reduction: ``"none"``, ``"batchmean"`` (the true KL), ``"sum"`` or ``"mean"``.
+      log_target: whether ``target`` is given in log space.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -278,7 +308,16 @@ class KLDivLoss(_LossModule):
 
 @_loss_pytree
 class BCELoss(_LossModule):
-    """``torch.nn.BCELoss``: calls :func:`jxent.binary_cross_entropy`.
+    """``torch.nn.BCELoss``: calls [`jxent.binary_cross_entropy`][].
+
+    ``weight`` is a buffer, as in ``torch.nn``: a concrete value is static
+    configuration (compared and hashed by value, never a pytree leaf, so no
+    optimizer trains it); a traced value given to the constructor stays a
+    traced leaf. Each argument is stored as the attribute of the same name.
+
+    Args:
+      weight: optional weights broadcastable to the input; a buffer.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -304,7 +343,19 @@ class BCELoss(_LossModule):
 
 @_loss_pytree
 class BCEWithLogitsLoss(_LossModule):
-    """``torch.nn.BCEWithLogitsLoss``: calls ``binary_cross_entropy_with_logits``.
+    """``torch.nn.BCEWithLogitsLoss``: the logits loss with stored options.
+
+    Calls [`jxent.binary_cross_entropy_with_logits`][]. ``weight`` and
+    ``pos_weight`` are buffers, as in ``torch.nn``: a concrete value is static
+    configuration (compared and hashed by value, never a pytree leaf, so no
+    optimizer trains it); a traced value given to the constructor stays a
+    traced leaf. Each argument is stored as the attribute of the same name.
+
+    Args:
+      weight: optional weights broadcastable to the input; a buffer.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      pos_weight: optional weights of the positive term (length C weights each
+        class, the last axis); a buffer (never trained).
 
     Examples:
       >>> import jax.numpy as jnp

@@ -63,7 +63,7 @@ def reduce_loss(
       batch_axes: inside ``jax.shard_map``, mesh axes over which the batch is
         split: the sum and the denominator are all-reduced over them.
       elementwise: ``loss`` is a large element-wise loss (the input's shape):
-        summed with :func:`dense_sum`.
+        summed with ``dense_sum``.
 
     Returns:
       The reduced loss, cast to ``out_dtype``. A NaN sum or mean (bad data

@@ -462,6 +462,28 @@ def test_trace_time_error(fn, args, exc, regex, jit_mode):
         maybe_jit(fn, jit_mode)(*args)
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8, np.bool_])
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("logits", lambda x: ce(x, np.zeros(4, np.int64))),
+        ("log_probs", lambda x: nll(x, np.zeros(4, np.int64))),
+        ("logits", lambda x: jxent.binary_cross_entropy_with_logits(x, PROBS)),
+        ("x", lambda x: jxent.log_softmax(x)),
+        ("input", lambda x: jxent.kl_div(x, PROBS)),
+    ],
+    ids=["cross_entropy", "nll_loss", "bce_with_logits", "log_softmax", "kl_div"],
+)
+def test_integer_numpy_input_reports_the_dtype_passed(name, call, dtype):
+    """A NumPy int64 array is named int64, not the int32 jnp.asarray makes of it
+    (x64 off)."""
+    x = np.zeros((4, C), dtype)
+    with pytest.raises(TypeError, match=rf"`{name}` must have a floating dtype"):
+        call(x)
+    with pytest.raises(TypeError, match=rf"got {np.dtype(dtype).name}\.$"):
+        call(x)
+
+
 @pytest.mark.parametrize(
     "make",
     [

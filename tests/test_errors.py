@@ -924,3 +924,25 @@ def test_target_shape_message_without_a_likely_fix_gives_no_hint():
     assert "class axis 1" not in message and "axis=-1" in message
     for hint in ("pass `axis", "squeeze", "argmax"):
         assert hint not in message
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 4), (2, 3, 3), (2, 3, 3, 3), (2, 3, 3, 4), (2, 3, 4, 3)]
+)
+def test_forgotten_axis_1_is_caught_iff_a_spatial_size_differs_from_c(shape):
+    """docs/porting.md: torch-layout logits (N, C, d1, ...) without `axis=1`.
+
+    Class indices: a ValueError unless every spatial size equals C (then the
+    default axis computes another loss, silently). Class probabilities: never
+    caught.
+    """
+    _, c, *spatial = shape
+    x = jax.random.normal(jax.random.key(0), shape)
+    t = jax.random.randint(jax.random.key(1), (shape[0], *spatial), 0, c)
+    if any(d != c for d in spatial):
+        with pytest.raises(ValueError, match=r"pass `axis=1`"):
+            ce(x, t)
+    else:
+        assert not np.isclose(ce(x, t), ce(x, t, axis=1))
+    q = jax.nn.softmax(jax.random.normal(jax.random.key(2), shape), axis=1)
+    assert not np.isclose(ce(x, q), ce(x, q, axis=1))

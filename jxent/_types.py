@@ -12,11 +12,9 @@ Reduction: TypeAlias = Literal["none", "mean", "sum"]
 """How per-position losses are combined: ``"none"`` keeps them, ``"mean"`` is
 the (weighted) mean, ``"sum"`` the sum.
 
-Annotate a configuration value with it so that type checkers accept it as a
-``reduction`` argument (a plain ``str`` is rejected)::
-
-    reduction: jxent.Reduction = "sum"
-    jxent.cross_entropy(logits, target, reduction=reduction)
+Annotate a configuration value with it (``reduction: jxent.Reduction = "sum"``)
+so that a type checker accepts it as a ``reduction`` argument; a plain ``str``
+is rejected.
 """
 
 KLReduction: TypeAlias = Literal["none", "mean", "sum", "batchmean"]

@@ -208,3 +208,26 @@ def test_unchecked_or_false_claims_fail():
     with pytest.raises(AssertionError):
         run_blocks(["int('1')  # raises ValueError: invalid\n"])
     assert run_blocks(["z = 2\nz * 2  # -> 4\nint('a')  # raises ValueError: inv...\n"])
+
+
+def test_readme_default_chunk_sizes_are_the_codes():
+    """The Large vocabularies section's default `chunk_size` examples (and
+    benchmarks/README.md's) are what linear_cross_entropy picks."""
+    from jxent._linear import _default_chunk_size
+
+    claim = re.compile(
+        r"(\d+) (?:tokens )?at (?:\(N, D, V\) = )?\((\d+), (\d+), (\d+)\)"
+    )
+    for path in (README, README.parent / "benchmarks" / "README.md"):
+        text = " ".join(path.read_text().split())
+        start = text.index("chunk_size")
+        found = claim.findall(text[start:])
+        assert len(found) >= 3, path
+        for chunk, n, d, v in found[:3]:
+            assert _default_chunk_size(int(n), int(d), int(v)) == int(chunk), path
+    text = " ".join(README.read_text().split())
+    assert "half of each with label smoothing or `where`" in text
+    for n, d, v in [(2048, 512, 65536), (2048, 1024, 131072), (1024, 2304, 256000)]:
+        plain = _default_chunk_size(n, d, v)
+        assert _default_chunk_size(n, d, v, smoothing=True) == plain // 2
+        assert _default_chunk_size(n, d, v, where=True) == plain // 2

@@ -18,6 +18,8 @@ from jxent._modules import NLLLoss as NLLLoss
 from jxent._runtime_checks import check_target as check_target
 from jxent._softmax import log_softmax as log_softmax
 from jxent._softmax import softmax as softmax
+from jxent._types import KLReduction as KLReduction
+from jxent._types import Reduction as Reduction
 
 __version__ = "0.1.0"
 
@@ -26,7 +28,9 @@ __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "KLDivLoss",
+    "KLReduction",
     "NLLLoss",
+    "Reduction",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "check_target",

@@ -316,7 +316,8 @@ def nll_loss(
     Returns:
       The loss in the dtype of ``log_probs``: of the target's shape for
       ``"none"``, else a scalar. A target outside ``[0, C)`` that is not
-      ``ignore_index`` gives NaN under ``jit`` (never a wrapped index) and a
+      ``ignore_index`` gives NaN under ``jit`` (never a wrapped index), with
+      NaN gradients (all of them for ``"mean"``/``"sum"``), and a
       ``ValueError`` when the target is concrete.
 
     Raises:
@@ -483,10 +484,11 @@ def cross_entropy(
       ignore_index: integer target value that is ignored. Must be negative
         with probability targets (torch's rule: they have no ignored entries).
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
-      label_smoothing: ``ε`` in ``[0, 1]`` (traced; a concrete value is
-        range-checked, a traced one cannot be).
+      label_smoothing: ``ε`` in ``[0, 1]`` (traced; a concrete value outside
+        raises, a traced one makes the loss and its gradients NaN).
       axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
-      z_loss: coefficient ``>= 0`` of the auxiliary ``lse²`` term (traced).
+      z_loss: coefficient ``>= 0`` of the auxiliary ``lse²`` term (traced; a
+        traced negative value makes the loss and its gradients NaN).
       soft_cap: ``None`` or a cap ``> 0`` for ``cap · tanh(x / cap)``.
       where: optional boolean class mask broadcastable to the logits (a 1-D
         mask of length C lies along ``axis``). A target on an excluded class
@@ -498,6 +500,9 @@ def cross_entropy(
         ``where`` are this device's contiguous slice of the classes, targets
         are global class indices. Only O(N) values are all-reduced; label
         smoothing and z-loss stay exact, and every input keeps its gradient.
+        Several names split the class axis over those mesh axes in the order
+        given, the first the slowest (as in the ``PartitionSpec`` entry
+        ``(names...)``).
       batch_axis_name: inside ``jax.shard_map``, the mesh axis name (or names)
         over which the batch is split: ``"mean"`` and ``"sum"`` reduce over
         all batch shards (the mean divides by the global weight sum).
@@ -506,9 +511,10 @@ def cross_entropy(
       The loss in the logits' dtype: of the logits' shape without ``axis``
       for ``"none"``, else a scalar; with ``return_lse``, ``(loss, lse)``. An
       integer target outside ``[0, C)`` that is not ``ignore_index`` gives NaN
-      under ``jit`` (never a wrapped or clamped class) and a ``ValueError``
-      when the target is concrete; see [`jxent.check_target`][] for a check
-      under ``jit``.
+      under ``jit`` (never a wrapped or clamped class), with NaN gradients
+      (that position's for ``"none"``, all of them for ``"mean"``/``"sum"``),
+      and a ``ValueError`` when the target is concrete; see
+      [`jxent.check_target`][] for a check under ``jit``.
 
     Raises:
       TypeError: integer logits, a boolean/complex target, a non-boolean

@@ -831,7 +831,8 @@ def linear_cross_entropy(
       ignore_index: integer target value that is ignored (must be negative
         with probability targets).
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
-      label_smoothing: ``ε`` in ``[0, 1]``.
+      label_smoothing: ``ε`` in ``[0, 1]`` (a traced value outside makes the
+        loss and its gradients NaN).
       z_loss: coefficient ``>= 0`` of ``lse²`` added per non-ignored token.
       soft_cap: ``None`` or a cap ``> 0``: logits become ``cap·tanh(z/cap)``.
       where: optional boolean mask broadcastable to ``(..., V)``; excluded
@@ -861,7 +862,9 @@ def linear_cross_entropy(
 
     Returns:
       The loss (scalar, or ``x.shape[:-1]`` for ``"none"``) in the dtype of
-      ``x @ w``; with ``return_lse``, ``(loss, lse)``.
+      ``x @ w``; with ``return_lse``, ``(loss, lse)``. A traced target
+      outside ``[0, V)`` that is not ``ignore_index`` gives NaN, with NaN
+      gradients (that token's for ``"none"``, all of them otherwise).
 
     Raises:
       TypeError: non-floating ``x``/``w``/``bias``, a target that is neither

@@ -499,10 +499,12 @@ def test_constructor_rejects_bad_reduction_before_any_call(make):
         make()
 
 
-def test_traced_label_smoothing_is_not_range_checked_but_concrete_is():
-    """A traced value cannot be inspected; the concrete one must be."""
+def test_traced_label_smoothing_gives_nan_outside_and_concrete_raises():
+    """A traced value cannot raise: outside [0, 1] the loss is NaN."""
     f = jax.jit(lambda x, t, eps: ce(x, t, label_smoothing=eps))
     assert np.isfinite(f(LOGITS, TARGET, 0.5))
+    assert np.isnan(f(LOGITS, TARGET, 1.5))
+    assert np.isnan(f(LOGITS, TARGET, -0.5))
     with pytest.raises(ValueError, match=r"`label_smoothing`.*-0\.5"):
         ce(LOGITS, TARGET, label_smoothing=-0.5)
 

@@ -73,7 +73,7 @@ ENTRY %main (x: f32[1024,1024], a: f32[1024,256], b: f32[256,1024]) -> f32[1024,
   %w = (s32[], f32[1024,1024]{1,0}, f32[1024,256]{1,0}, f32[256,1024]{1,0}) while(%init), condition=%cond, body=%body
   ROOT %out = f32[1024,1024]{1,0} get-tuple-element(%w), index=1
 }
-"""
+"""  # noqa: E501
 
 # A GPU-style conditional: the fast branch (true) passes row vectors through,
 # the fallback (false) reads the logits again; a fusion only gathers.
@@ -119,7 +119,7 @@ ENTRY %main (x: f32[1024,1024], idx: s32[1024,2], ok: pred[]) -> f32[1024] {
   %f = (f32[1024,1024]{1,0}) tuple(%x)
   ROOT %r = f32[1024]{0} conditional(%ok, %t, %f), true_computation=%fast, false_computation=%fallback
 }
-"""
+"""  # noqa: E501
 
 
 def test_parse_instruction_reads_tuples_comments_and_calls():
@@ -158,7 +158,7 @@ def test_known_trip_count_wins_over_the_condition():
 
 
 def test_bound_on_the_left_and_le():
-    text = LOOP.replace("compare(%i, %n), direction=LT", "compare(%n, %i), direction=GE")
+    text = LOOP.replace("(%i, %n), direction=LT", "(%n, %i), direction=GE")
     assert hlo_stats.program_stats(text, THRESHOLD).loops == [7]
 
 

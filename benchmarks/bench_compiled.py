@@ -177,6 +177,74 @@ def linear_programs(n, d, v, dtype):
     ]
 
 
+SHARDED_SHAPE = (2048, 32768)
+MESHES = [(2, 4), (4, 2)]
+EIGHT_CHIPS = {"tpu-v5e": "v5e:2x4", "h100": "1x1x8"}
+
+
+def sharded_programs(n, c):
+    """cross_entropy plain, weighted + smoothed, and optax (logits, target[, w])."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jxent
+
+    def plain(x, t):
+        return jxent.cross_entropy(x, t)
+
+    def weighted(x, t, w):
+        return jxent.cross_entropy(x, t, w, label_smoothing=0.1)
+
+    def theirs(x, t):
+        return optax.softmax_cross_entropy_with_integer_labels(x, t).mean()
+
+    two = [((n, c), jnp.float32), ((n,), jnp.int32)]
+    logits = n * c * 4
+    return [
+        ("jxent", jax.value_and_grad(plain), two, logits),
+        (
+            "jxent_weighted",
+            jax.value_and_grad(weighted),
+            [*two, ((c,), jnp.float32)],
+            logits,
+        ),
+        ("optax", jax.value_and_grad(theirs), two, logits),
+    ]
+
+
+def sharded_specs(devices_, mesh_shape, count):
+    """Logits over (rows, classes), targets over rows, weights replicated."""
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(devices_).reshape(mesh_shape), ("rows", "classes"))
+    specs = [P("rows", "classes"), P("rows"), P()]
+    return [NamedSharding(mesh, spec) for spec in specs[:count]]
+
+
+def run_sharded(target, devices_):
+    """Collectives of auto-sharded cross_entropy on 8 chips, both meshes."""
+    records = []
+    for mesh_shape in MESHES:
+        for name, f, args, logits in sharded_programs(*SHARDED_SHAPE):
+            specs = sharded_specs(devices_, mesh_shape, len(args))
+            record = {
+                "kind": "cross_entropy (8 chips)",
+                "shape": list(SHARDED_SHAPE),
+                "dtype": "float32",
+                "mesh": list(mesh_shape),
+                "program": name,
+                "target": target.name,
+            }
+            compiled = compile_program(f, args, devices_, specs)
+            record.update(fits=True, **measure(compiled, logits / 8, target))
+            records.append(record)
+            print(_progress(record), record["collectives"], flush=True)
+    return records
+
+
 def compile_program(f, args, devices_, specs=None):
     """``jax.jit(f).lower(...).compile()`` on ``devices_`` (a 1-D mesh)."""
     import jax
@@ -437,6 +505,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--quick", action="store_true", help="tiny shapes only")
     parser.add_argument("--no-max-batch", action="store_true")
+    parser.add_argument("--no-sharded", action="store_true")
+    parser.add_argument(
+        "--only-extras",
+        action="store_true",
+        help="only the 8-chip and largest-batch parts, added to the results",
+    )
     parser.add_argument("--out-dir", type=Path, default=OUT)
     return parser.parse_args(argv)
 
@@ -450,7 +524,27 @@ def main(argv=None) -> int:
     except Unavailable as error:
         print(f"bench_compiled: {error}", file=sys.stderr)
         return 2
+    previous = {"records": [], "max_batch": [], "sharded": []}
+    if args.only_extras:  # keep what is not rerun
+        previous = json.loads((args.out_dir / "compiled_results.json").read_text())
+        records = previous["records"]
+    else:
+        records = [r for t in targets for r in run_targets(t, chips[t.name], args)]
+    batches = previous["max_batch"]
+    if not (args.no_max_batch or args.quick) and "tpu-v5e" in chips:
+        batches = run_max_batch(chips["tpu-v5e"])
+    sharded = previous.get("sharded", [])
+    if not (args.no_sharded or args.quick):
+        sharded = []
+        for target in (t for t in targets if t.name in EIGHT_CHIPS):
+            eight = devices(target, EIGHT_CHIPS[target.name])
+            sharded += run_sharded(target, eight)
+    write(records, batches, args.out_dir, sharded)
+    return 0
 
+
+def run_targets(target, devices_, args) -> list[dict]:
+    """Every single-chip program for one target."""
     import jax.numpy as jnp
 
     ce_shapes = QUICK_CROSS_ENTROPY if args.quick else CROSS_ENTROPY_SHAPES
@@ -464,27 +558,28 @@ def main(argv=None) -> int:
         for h in heads
     ]
     records = []
-    for target in targets:
-        for kind, shape, dtype, programs in jobs:
-            for name, f, arguments, logits in programs:
-                record = run_one(
-                    kind, shape, dtype, name, f, arguments, logits, target,
-                    chips[target.name],
-                )  # fmt: skip
-                records.append(record)
-                print(_progress(record), flush=True)
-    batches = []
-    if not args.no_max_batch and not args.quick and "tpu-v5e" in chips:
-        for d, v in MAX_BATCH_HEADS:
-            row = {"d": d, "v": v, "target": "tpu-v5e"}
-            for program in ("jxent", "naive"):
-                row[program], row[f"{program}_fails_at"] = max_batch(
-                    d, v, program, TARGETS["tpu-v5e"], chips["tpu-v5e"]
-                )
-            batches.append(row)
-            print(row, flush=True)
-    write(records, batches, args.out_dir)
-    return 0
+    for kind, shape, dtype, programs in jobs:
+        for name, f, arguments, logits in programs:
+            record = run_one(
+                kind, shape, dtype, name, f, arguments, logits, target, devices_
+            )
+            records.append(record)
+            print(_progress(record), flush=True)
+    return records
+
+
+def run_max_batch(devices_) -> list[dict]:
+    """The largest power-of-two token batch on one v5e, jxent and naive."""
+    rows = []
+    for d, v in MAX_BATCH_HEADS:
+        row = {"d": d, "v": v, "target": "tpu-v5e"}
+        for program in ("jxent", "naive"):
+            row[program], row[f"{program}_fails_at"] = max_batch(
+                d, v, program, TARGETS["tpu-v5e"], devices_
+            )
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 def _progress(record):
@@ -498,16 +593,44 @@ def _progress(record):
     )
 
 
-def write(records, batches, out_dir: Path) -> None:
+def write(records, batches, out_dir: Path, sharded=()) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = metadata()
     rows = compare(records)
-    (out_dir / "compiled_results.json").write_text(
-        json.dumps({"meta": meta, "records": records, "max_batch": batches}, indent=1)
-        + "\n"
-    )
-    (out_dir / "compiled_results.md").write_text(markdown(rows, batches, meta))
+    results = {
+        "meta": meta,
+        "records": records,
+        "max_batch": batches,
+        "sharded": list(sharded),
+    }
+    (out_dir / "compiled_results.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = markdown(rows, batches, meta) + sharded_markdown(sharded)
+    (out_dir / "compiled_results.md").write_text(text)
     plot(rows, out_dir / "compiled_results.png")
+
+
+def sharded_markdown(records) -> str:
+    """Collectives on the path that runs, 8 chips, per mesh."""
+    if not records:
+        return ""
+    lines = [
+        "",
+        f"Auto-sharded `cross_entropy` value_and_grad, {SHARDED_SHAPE[0]}×"
+        f"{SHARDED_SHAPE[1]} float32 logits sharded over (rows, classes) of an "
+        "8-chip mesh: collectives on the path that runs (the largest one's "
+        "size as a fraction of the logits).",
+        "",
+        "| target | mesh | program | collectives | kinds | largest / logits |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        kinds = ", ".join(f"{k} {v}" for k, v in r["collectives"].items()) or "–"
+        largest = r["max_collective_bytes"] / (8 * r["logits_bytes"])
+        lines.append(
+            f"| {r['target']} | {r['mesh'][0]}×{r['mesh'][1]} | {r['program']} "
+            f"| {r['collective_count']} | {kinds} | {largest:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ class Stats:
     flops: float = 0.0
     collectives: dict[str, int] = field(default_factory=dict)
     collective_bytes: float = 0.0
+    max_collective_bytes: float = 0.0
     worst_traffic: float = 0.0  # with each conditional's dearest branch
     loops: list[int] = field(default_factory=list)  # trip counts met
 
@@ -119,6 +120,9 @@ class Stats:
         self.traffic += times * other.traffic
         self.flops += times * other.flops
         self.collective_bytes += times * other.collective_bytes
+        self.max_collective_bytes = max(
+            self.max_collective_bytes, other.max_collective_bytes
+        )
         self.worst_traffic += times * other.worst_traffic
         for kind, count in other.collectives.items():
             self.collectives[kind] = self.collectives.get(kind, 0) + round(
@@ -134,6 +138,7 @@ class Stats:
             "collectives": dict(sorted(self.collectives.items())),
             "collective_count": sum(self.collectives.values()),
             "collective_bytes": self.collective_bytes,
+            "max_collective_bytes": self.max_collective_bytes,
             "loop_trip_counts": self.loops,
         }
 
@@ -455,7 +460,9 @@ def computation_stats(name: str, computations: dict, threshold: float) -> Stats:
             kind = op.removesuffix("-start")
             if kind in COLLECTIVES:
                 stats.collectives[kind] = stats.collectives.get(kind, 0) + 1
-                stats.collective_bytes += sum(array_sizes(instruction.type))
+                size = sum(array_sizes(instruction.type))
+                stats.collective_bytes += size
+                stats.max_collective_bytes = max(stats.max_collective_bytes, size)
     return stats
 
 

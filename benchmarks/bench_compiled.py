@@ -118,7 +118,7 @@ def devices(target: Target, chips: str | None = None):
         raise Unavailable(message) from None
     except Exception as error:  # a message from the compiler's plugin
         first = str(error).strip().splitlines()[0][:200]
-        raise Unavailable(f"{target.name}: {first} (install {EXTRA})") from None
+        raise Unavailable(f"{target.name}: no devices: {first}") from None
     del jax
     return topo.devices
 
@@ -311,6 +311,8 @@ def run_one(kind, shape, dtype, name, f, args, logits, target, devices_):
         compiled = compile_program(f, args, devices_)
     except Exception as error:  # XLA's RESOURCE_EXHAUSTED and the like
         message = str(error).strip().splitlines()[0][:300]
+        if "PTX compilation provider" in message:  # no ptxas
+            raise Unavailable(f"{target.name}: {message}; install {EXTRA}") from None
         record.update(fits=False, error=message)
     else:
         record.update(fits=True, **measure(compiled, logits, target))
@@ -519,11 +521,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
-        targets = [resolve_target(name) for name in args.targets]
-        chips = {t.name: devices(t) for t in targets}
+        run(args)
     except Unavailable as error:
         print(f"bench_compiled: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def run(args) -> None:
+    """Compile and measure everything asked for; write the results."""
+    targets = [resolve_target(name) for name in args.targets]
+    chips = {t.name: devices(t) for t in targets}
     previous = {"records": [], "max_batch": [], "sharded": []}
     if args.only_extras:  # keep what is not rerun
         previous = json.loads((args.out_dir / "compiled_results.json").read_text())
@@ -540,7 +548,6 @@ def main(argv=None) -> int:
             eight = devices(target, EIGHT_CHIPS[target.name])
             sharded += run_sharded(target, eight)
     write(records, batches, args.out_dir, sharded)
-    return 0
 
 
 def run_targets(target, devices_, args) -> list[dict]:

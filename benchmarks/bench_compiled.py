@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -509,9 +510,14 @@ def parse_args(argv=None):
     parser.add_argument("--no-max-batch", action="store_true")
     parser.add_argument("--no-sharded", action="store_true")
     parser.add_argument(
+        "--native-path",
+        action="store_true",
+        help="also trace as a process on the chip would (jax.default_backend())",
+    )
+    parser.add_argument(
         "--only-extras",
         action="store_true",
-        help="only the 8-chip and largest-batch parts, added to the results",
+        help="keep the existing single-chip results; rerun the other parts asked for",
     )
     parser.add_argument("--out-dir", type=Path, default=OUT)
     return parser.parse_args(argv)
@@ -536,8 +542,14 @@ def run(args) -> None:
     if args.only_extras:  # keep what is not rerun
         previous = json.loads((args.out_dir / "compiled_results.json").read_text())
         records = previous["records"]
+        if args.native_path:
+            records = [r for r in records if not r["target"].endswith(" native")]
     else:
         records = [r for t in targets for r in run_targets(t, chips[t.name], args)]
+    if args.native_path:
+        records += [
+            r for t in targets for r in run_targets(t, chips[t.name], args, native=True)
+        ]
     batches = previous["max_batch"]
     if not (args.no_max_batch or args.quick) and "tpu-v5e" in chips:
         batches = run_max_batch(chips["tpu-v5e"])
@@ -550,9 +562,37 @@ def run(args) -> None:
     write(records, batches, args.out_dir, sharded)
 
 
-def run_targets(target, devices_, args) -> list[dict]:
-    """Every single-chip program for one target."""
+@contextlib.contextmanager
+def traced_as_on(target: Target):
+    """``jax.default_backend()`` answers the target's platform while tracing.
+
+    jxent picks some code paths with ``jax.default_backend()`` at trace time,
+    so a program traced on a CPU host takes the CPU's path even when it is
+    compiled for a TPU or GPU (as with AOT compilation or ``jax.export``).
+    Under this, the program is the one a process running on the chip traces.
+    """
+    import jax
+
+    original = jax.default_backend
+    jax.default_backend = lambda: "tpu" if target.platform == "tpu" else "gpu"
+    try:
+        yield
+    finally:
+        jax.default_backend = original
+
+
+def run_targets(target, devices_, args, native=False) -> list[dict]:
+    """Every single-chip program for one target.
+
+    ``native``: traced as on the chip (``traced_as_on``); the records' target
+    is then named ``<target> native``.
+    """
     import jax.numpy as jnp
+
+    if native:
+        with traced_as_on(target):
+            named = dataclasses.replace(target, name=f"{target.name} native")
+            return run_targets(named, devices_, args)
 
     ce_shapes = QUICK_CROSS_ENTROPY if args.quick else CROSS_ENTROPY_SHAPES
     heads = QUICK_HEADS if args.quick else LINEAR_HEADS

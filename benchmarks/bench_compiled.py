@@ -362,6 +362,8 @@ def _ratios(ours, base):
     def ratio(key):
         if not (ours.get("fits") and base.get("fits")) or not base.get(key):
             return None
+        if key == "temp_bytes" and max(ours[key], base[key]) < 16 * 2**20:
+            return None  # a few KiB of scratch either way: no meaningful ratio
         return ours[key] / base[key]
 
     return {k: ratio(k) for k in ("temp_bytes", "traffic_bytes", "flops", "roofline_s")}
@@ -426,15 +428,29 @@ def markdown(rows: list[dict], batches: list[dict], meta: dict) -> str:
             "Largest token batch N (a power of two) whose linear_cross_entropy "
             "value_and_grad program compiles on one chip:",
             "",
-            "| (D, V) | target | jxent | naive |",
-            "|---|---|---|---|",
+            "| (D, V) | target | jxent | naive | jxent / naive |",
+            "|---|---|---|---|---|",
         ]
         for b in batches:
             lines.append(
-                f"| ({b['d']}, {b['v']}) | {b['target']} | {_num(b['jxent'], '{}')} "
-                f"| {_num(b['naive'], '{}')} |"
+                f"| ({b['d']}, {b['v']}) | {b['target']} | {_batch(b, 'jxent')} "
+                f"| {_batch(b, 'naive')} | {_batch_ratio(b)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _batch(row, program):
+    """N, or "≥ N" where the search stopped at its limit without a failure."""
+    if row[program] is None:
+        return "none"
+    return f"{'≥ ' if row[f'{program}_fails_at'] is None else ''}{row[program]}"
+
+
+def _batch_ratio(row):
+    if not (row["jxent"] and row["naive"]):
+        return "–"
+    bound = "≥ " if row["jxent_fails_at"] is None else ""
+    return f"{bound}{row['jxent'] // row['naive']}×"
 
 
 def _ms(seconds):
@@ -519,6 +535,11 @@ def parse_args(argv=None):
         action="store_true",
         help="keep the existing single-chip results; rerun the other parts asked for",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the table and the plot from the JSON, compiling nothing",
+    )
     parser.add_argument("--out-dir", type=Path, default=OUT)
     return parser.parse_args(argv)
 
@@ -536,6 +557,11 @@ def main(argv=None) -> int:
 
 def run(args) -> None:
     """Compile and measure everything asked for; write the results."""
+    if args.report_only:
+        saved = json.loads((args.out_dir / "compiled_results.json").read_text())
+        sharded = saved.get("sharded", [])
+        write(saved["records"], saved["max_batch"], args.out_dir, sharded)
+        return
     targets = [resolve_target(name) for name in args.targets]
     chips = {t.name: devices(t) for t in targets}
     previous = {"records": [], "max_batch": [], "sharded": []}

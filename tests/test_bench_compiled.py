@@ -202,3 +202,21 @@ def test_missing_compiler_exits_2_naming_the_extra(capsys):
     assert bench.main(["--targets", "tpu-v5e", "--quick"]) == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and '".[aot]"' in message
+
+
+def test_table_rows_pair_jxent_with_its_baseline():
+    bench = _load("bench_compiled")
+    common = {"kind": "cross_entropy", "shape": [8, 4], "dtype": "float32"}
+    common |= {"target": "tpu-v5e", "fits": True, "collective_count": 0}
+    ours = common | {"program": "jxent", "temp_bytes": 0, "passes": 5.0}
+    ours |= {"traffic_bytes": 5.0, "flops": 0.0, "roofline_s": 5e-3}
+    base = common | {"program": "optax", "temp_bytes": 0, "passes": 4.0}
+    base |= {"traffic_bytes": 4.0, "flops": 0.0, "roofline_s": 4e-3}
+    (row,) = bench.compare([ours, base])
+    assert row["traffic_bytes"] == 1.25 and row["temp_bytes"] is None
+    batches = [{"d": 4, "v": 8, "target": "tpu-v5e", "jxent": 64,
+                "jxent_fails_at": None, "naive": 8, "naive_fails_at": 16}]  # fmt: skip
+    meta = {"jax": "0", "libtpu": "0", "cuda_plugin": "0", "date": "today"}
+    table = bench.markdown([row], batches, meta)
+    assert "| 5.0 (4.0) |" in table and "| 1.25 |" in table
+    assert "| ≥ 64 | 8 | ≥ 8× |" in table

@@ -10,8 +10,9 @@ instruction:
   get-tuple-element, bitcast, constant, ...) move nothing. A fusion counts
   at its boundary (its operands and results), except that an operand the
   fusion only gathers or slices from is read for just what it picks, and a
-  buffer the fusion updates in place (dynamic-update-slice) is written for
-  just the update;
+  buffer updated in place (dynamic-update-slice, scatter) is written for
+  just the update. Arrays in a TPU's on-chip memory (``S(1)``) are not HBM
+  traffic;
 * **flops**: ``2·M·N·K`` of every dot and convolution, inside fusions too;
 * **collectives**: the count and result bytes of every all-reduce,
   all-gather, reduce-scatter, all-to-all and collective-permute.
@@ -62,6 +63,8 @@ NO_TRAFFIC = {
     "collective-permute-done", "domain", "get-dimension-size",
 }  # fmt: skip
 PICKS = {"gather", "slice", "dynamic-slice"}
+# Write their last operand into their first, in place (XLA aliases the two).
+IN_PLACE = {"dynamic-update-slice", "scatter"}
 ELEMENTWISE_OR_RENAME = {
     "select", "convert", "add", "subtract", "multiply", "divide", "negate",
     "maximum", "minimum", "exponential", "log", "abs", "compare", "and", "or",
@@ -355,7 +358,7 @@ def _picks(name: str, fused: Computation, computations: dict) -> float | None:
     for user in consumers:
         if user.opcode in PICKS and user.operands[0] == name:
             inner = sum(array_sizes(user.type))
-        elif user.opcode == "dynamic-update-slice" and user.operands[0] == name:
+        elif user.opcode in IN_PLACE and user.operands[0] == name:
             inner = 0.0
         elif user.opcode == "fusion" and user.operands.count(name) == 1:
             nested = computations[called(user, "calls")[0]]
@@ -386,10 +389,18 @@ def _fusion_writes(fused: Computation, threshold: float) -> float:
             output = fused.by_name[output.operands[0]]
         if size < threshold:
             continue
-        if output.opcode == "dynamic-update-slice":
-            size = sum(array_sizes(fused.by_name[output.operands[1]].type))
+        if output.opcode in IN_PLACE:
+            size = _update_size(output, fused)
         total += size
     return total
+
+
+def _update_size(instruction: Instruction, computation: Computation) -> float:
+    """Bytes an in-place update writes: a dynamic-update-slice's update, a
+    scatter's updates (read, combined and written back: counted once)."""
+    index = 1 if instruction.opcode == "dynamic-update-slice" else -1
+    update = computation.by_name[instruction.operands[index]]
+    return sum(array_sizes(update.type))
 
 
 def instruction_traffic(instruction, computation, computations, threshold) -> float:
@@ -404,8 +415,8 @@ def instruction_traffic(instruction, computation, computations, threshold) -> fl
     result = array_sizes(instruction.type, hbm=True)
     if op in PICKS:
         return 2 * _big(result, threshold)  # reads what it picks, writes it
-    if op == "dynamic-update-slice":
-        update = sum(array_sizes(computation.by_name[instruction.operands[1]].type))
+    if op in IN_PLACE:
+        update = _update_size(instruction, computation)
         return update if max(result, default=0) >= threshold else 0.0
     if op == "copy-start":  # (destination, source, context): read + write
         return _big(result[:2], threshold)

@@ -220,3 +220,34 @@ def test_table_rows_pair_jxent_with_its_baseline():
     table = bench.markdown([row], batches, meta)
     assert "| 5.0 (4.0) |" in table and "| 1.25 |" in table
     assert "| ≥ 64 | 8 | ≥ 8× |" in table
+
+
+# optax's gradient on a GPU: the one-hot term is a scatter-add into the
+# softmax, in place.
+SCATTER = """
+HloModule m, is_scheduled=true
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%fused_scatter (p0: f32[1024,1024], p1: s32[1024,2], p2: f32[1024]) -> f32[1024,1024] {
+  %p0 = f32[1024,1024]{1,0} parameter(0)
+  %p1 = s32[1024,2]{1,0} parameter(1)
+  %p2 = f32[1024]{0} parameter(2)
+  ROOT %s = f32[1024,1024]{1,0} scatter(%p0, %p1, %p2), update_window_dims={}, inserted_window_dims={0,1}, scatter_dims_to_operand_dims={0,1}, index_vector_dim=1, to_apply=%add
+}
+
+ENTRY %main (x: f32[1024,1024], idx: s32[1024,2], u: f32[1024]) -> f32[1024,1024] {
+  %x = f32[1024,1024]{1,0} parameter(0)
+  %idx = s32[1024,2]{1,0} parameter(1)
+  %u = f32[1024]{0} parameter(2)
+  ROOT %r = f32[1024,1024]{1,0} fusion(%x, %idx, %u), kind=kInput, calls=%fused_scatter
+}
+"""  # noqa: E501
+
+
+def test_in_place_scatter_moves_only_its_updates():
+    assert hlo_stats.program_stats(SCATTER, THRESHOLD).traffic == 1024 * 4

@@ -600,11 +600,15 @@ def traced_as_on(target: Target):
     import jax
 
     original = jax.default_backend
+    # jxent's inner jitted functions are traced once per process and cached:
+    # without clearing, they keep the path of the first trace.
+    jax.clear_caches()
     jax.default_backend = lambda: "tpu" if target.platform == "tpu" else "gpu"
     try:
         yield
     finally:
         jax.default_backend = original
+        jax.clear_caches()
 
 
 def run_targets(target, devices_, args, native=False) -> list[dict]:

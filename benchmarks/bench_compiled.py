@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import re
@@ -85,13 +84,13 @@ def resolve_target(name: str) -> Target:
         return Target(name.replace(":", "-"), "tpu", name)
     raise Unavailable(
         f"unknown target {name!r}: use one of {', '.join(TARGETS)}, a TPU "
-        "topology name such as v5p:1x1x1, or a GPU target-config (.txtpb) path"
+        f"topology name such as v5p:1x1x1, or a GPU target-config (.txtpb) path "
+        f"(the compilers: {EXTRA})"
     )
 
 
 def devices(target: Target, chips: str | None = None):
     """The target's devices (one chip, or the topology ``chips`` names)."""
-    import jax
     from jax.experimental import topologies
 
     try:
@@ -101,34 +100,25 @@ def devices(target: Target, chips: str | None = None):
             name = chips or target.spec
             bounds = (1, 1, 1) if chips is None else None
             kwargs = {"chips_per_host_bounds": bounds} if bounds else {}
-            with _quiet():
-                topo = topologies.get_topology_desc(
-                    topology_name=name, platform="tpu", **kwargs
-                )
+            topo = topologies.get_topology_desc(
+                topology_name=name, platform="tpu", **kwargs
+            )
         else:
             import jax_plugins.xla_cuda12  # noqa: F401
 
-            with _quiet():
-                topo = topologies.get_topology_desc(
-                    platform="cuda",
-                    target_config=Path(target.spec).read_text(),
-                    topology=chips or "1x1x1",
-                )
+            topo = topologies.get_topology_desc(
+                platform="cuda",
+                target_config=Path(target.spec).read_text(),
+                topology=chips or "1x1x1",
+            )
     except ImportError as error:
         message = f"{target.name}: {error.name} is missing; install {EXTRA}"
         raise Unavailable(message) from None
     except Exception as error:  # a message from the compiler's plugin
         first = str(error).strip().splitlines()[0][:200]
-        raise Unavailable(f"{target.name}: no devices: {first}") from None
-    del jax
+        message = f"{target.name}: no devices: {first} (the compilers: {EXTRA})"
+        raise Unavailable(message) from None
     return topo.devices
-
-
-@contextlib.contextmanager
-def _quiet():
-    """libtpu writes harmless hostname warnings to stdout."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
 
 
 # --------------------------------------------------------------- programs
@@ -262,8 +252,7 @@ def compile_program(f, args, devices_, specs=None):
         else:
             sharding = specs[i]
         structs.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
-    with _quiet():
-        return jax.jit(f).lower(*structs).compile()
+    return jax.jit(f).lower(*structs).compile()
 
 
 # -------------------------------------------------------------- measuring

@@ -192,6 +192,7 @@ def test_unknown_target_exits_2_naming_the_extra(capsys):
     assert bench.main(["--targets", "no-such-chip"]) == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "unknown target" in message
+    assert '".[aot]"' in message
 
 
 @pytest.mark.skipif(

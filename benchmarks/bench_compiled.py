@@ -517,6 +517,11 @@ def parse_args(argv=None):
     parser.add_argument("--no-max-batch", action="store_true")
     parser.add_argument("--no-sharded", action="store_true")
     parser.add_argument(
+        "--max-batch-native",
+        action="store_true",
+        help="also search the largest v5e batch traced as on the chip",
+    )
+    parser.add_argument(
         "--native-path",
         action="store_true",
         help="also trace as a process on the chip would (jax.default_backend())",
@@ -571,8 +576,12 @@ def run(args) -> None:
             r for t in targets for r in run_targets(t, chips[t.name], args, native=True)
         ]
         write(records, batches, args.out_dir, sharded)
-    if not (args.no_max_batch or args.quick) and "tpu-v5e" in chips:
-        batches = run_max_batch(chips["tpu-v5e"])
+    searches = [] if args.no_max_batch else [False]
+    searches += [True] if args.max_batch_native else []
+    for native in searches if "tpu-v5e" in chips and not args.quick else []:
+        rows = run_max_batch(chips["tpu-v5e"], native)
+        labels = {r["target"] for r in rows}
+        batches = [b for b in batches if b["target"] not in labels] + rows
         write(records, batches, args.out_dir, sharded)
     if not (args.no_sharded or args.quick):
         sharded = []
@@ -639,8 +648,16 @@ def run_targets(target, devices_, args, native=False) -> list[dict]:
     return records
 
 
-def run_max_batch(devices_) -> list[dict]:
-    """The largest power-of-two token batch on one v5e, jxent and naive."""
+def run_max_batch(devices_, native=False) -> list[dict]:
+    """The largest power-of-two token batch on one v5e, jxent and naive.
+
+    ``native``: traced as on the chip (``traced_as_on``), target "tpu-v5e
+    native".
+    """
+    if native:
+        with traced_as_on(TARGETS["tpu-v5e"]):
+            rows = run_max_batch(devices_)
+        return [r | {"target": "tpu-v5e native"} for r in rows]
     rows = []
     for d, v in MAX_BATCH_HEADS:
         row = {"d": d, "v": v, "target": "tpu-v5e"}

@@ -17,7 +17,7 @@ instruction:
 * **collectives**: the count and result bytes of every all-reduce,
   all-gather, reduce-scatter, all-to-all and collective-permute.
 
-A while loop's body (and condition) count times its trip count (the
+A while loop's body counts times its trip count (the
 ``known_trip_count`` the GPU compiler records, else the constant that the
 condition compares the counter with, from 0 in steps of 1; XLA's own
 ``cost_analysis`` counts a body once). A conditional counts its cheapest
@@ -33,7 +33,6 @@ Pure text processing: no jax import, so the tests run without any compiler.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -482,7 +481,3 @@ def program_stats(hlo_text: str, threshold: float) -> Stats:
     computations = parse_module(hlo_text)
     entry = next(c.name for c in computations.values() if c.entry)
     return computation_stats(entry, computations, threshold)
-
-
-def dumps(stats: Stats) -> str:
-    return json.dumps(stats.to_dict(), indent=1)

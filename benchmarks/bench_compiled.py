@@ -1,0 +1,727 @@
+"""What jxent's programs look like compiled for TPUs and GPUs, without the chips.
+
+Deviceless ahead-of-time compilation: the value_and_grad programs of
+``jxent.cross_entropy`` (against optax) and ``jxent.linear_cross_entropy``
+(against the naive ``jxent.cross_entropy(x @ w, t)``) are lowered and compiled
+for a TPU v5e, a TPU v6e and an H100 on this machine, and read back: the
+temporaries XLA allocates (``memory_analysis()``), and from the optimized HLO
+(``hlo_stats.py``) the HBM traffic of the big arrays on the path that runs,
+the matmul flops with loop trip counts, the collectives, and a roofline time.
+
+    pip install -e ".[aot,bench]"
+    JAX_PLATFORMS=cpu python benchmarks/bench_compiled.py
+    JAX_PLATFORMS=cpu python benchmarks/bench_compiled.py --targets tpu-v5e \\
+        v5p:1x1x1 path/to/gpu_target_config.txtpb --quick
+
+Nothing runs on a chip; see docs/on_tpu_and_gpu.md for what the figures mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hlo_stats
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "compiled"
+EXTRA = 'the "aot" extra: pip install -e ".[aot]"'
+GiB = 2**30
+TOPOLOGY = re.compile(r"^([a-zA-Z0-9_ ]+)[=_:]([0-9x]+)(_twisted|_untwisted)?$")
+
+CROSS_ENTROPY_SHAPES = [(8192, 32768), (2048, 131072)]
+LINEAR_HEADS = [(8192, 4096, 131072), (8192, 2304, 256000), (32768, 4096, 131072)]
+MAX_BATCH_HEADS = [(4096, 131072), (2304, 256000)]
+QUICK_CROSS_ENTROPY = [(512, 4096)]
+QUICK_HEADS = [(1024, 256, 8192)]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A chip to compile for, with its published peak figures."""
+
+    name: str
+    platform: str  # "tpu" or "cuda"
+    spec: str  # a TPU topology name, or a GPU target description's path
+    peak_flops: float | None = None  # dense bf16, FLOP/s
+    hbm_bandwidth: float | None = None  # bytes/s
+    hbm_bytes: float | None = None
+
+
+# The published figures (docs/on_tpu_and_gpu.md cites them).
+TARGETS = {
+    "tpu-v5e": Target("tpu-v5e", "tpu", "v5e:1x1", 197e12, 819e9, 16 * GiB),
+    "tpu-v6e": Target("tpu-v6e", "tpu", "v6e:1x1", 918e12, 1640e9, 32 * GiB),
+    "h100": Target(
+        "h100", "cuda", str(HERE / "targets" / "h100_sxm.txtpb"), 989e12, 3.35e12, 80e9
+    ),
+}
+
+
+class Unavailable(Exception):
+    """A compiler package is missing or a target name is unknown."""
+
+
+# ---------------------------------------------------------------- targets
+
+
+def resolve_target(name: str) -> Target:
+    """A known target, a TPU topology name (``v5p:1x1x1``) or a GPU file."""
+    if name in TARGETS:
+        return TARGETS[name]
+    if Path(name).is_file():
+        return Target(Path(name).stem, "cuda", name)
+    if TOPOLOGY.match(name):
+        return Target(name.replace(":", "-"), "tpu", name)
+    raise Unavailable(
+        f"unknown target {name!r}: use one of {', '.join(TARGETS)}, a TPU "
+        f"topology name such as v5p:1x1x1, or a GPU target-config (.txtpb) path "
+        f"(the compilers: {EXTRA})"
+    )
+
+
+def devices(target: Target, chips: str | None = None):
+    """The target's devices (one chip, or the topology ``chips`` names)."""
+    from jax.experimental import topologies
+
+    try:
+        if target.platform == "tpu":
+            import libtpu  # noqa: F401
+
+            name = chips or target.spec
+            bounds = (1, 1, 1) if chips is None else None
+            kwargs = {"chips_per_host_bounds": bounds} if bounds else {}
+            topo = topologies.get_topology_desc(
+                topology_name=name, platform="tpu", **kwargs
+            )
+        else:
+            import jax_plugins.xla_cuda12  # noqa: F401
+
+            topo = topologies.get_topology_desc(
+                platform="cuda",
+                target_config=Path(target.spec).read_text(),
+                topology=chips or "1x1x1",
+            )
+    except ImportError as error:
+        message = f"{target.name}: {error.name} is missing; install {EXTRA}"
+        raise Unavailable(message) from None
+    except Exception as error:  # a message from the compiler's plugin
+        first = str(error).strip().splitlines()[0][:200]
+        message = f"{target.name}: no devices: {first} (the compilers: {EXTRA})"
+        raise Unavailable(message) from None
+    return topo.devices
+
+
+# --------------------------------------------------------------- programs
+
+
+def cross_entropy_programs(n, c, dtype):
+    """(name, f, argument shapes/dtypes, logits bytes) for jxent and optax."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jxent
+
+    def ours(x, t):
+        return jxent.cross_entropy(x, t)
+
+    def theirs(x, t):
+        return optax.softmax_cross_entropy_with_integer_labels(x, t).mean()
+
+    args = [((n, c), dtype), ((n,), jnp.int32)]
+    logits = n * c * jnp.dtype(dtype).itemsize
+    return [
+        ("jxent", jax.value_and_grad(ours), args, logits),
+        ("optax", jax.value_and_grad(theirs), args, logits),
+    ]
+
+
+def linear_programs(n, d, v, dtype):
+    """(name, f, argument shapes/dtypes, logits bytes) for jxent and naive."""
+    import jax
+    import jax.numpy as jnp
+
+    import jxent
+
+    def ours(x, w, t):
+        return jxent.linear_cross_entropy(x, w, t)
+
+    def naive(x, w, t):
+        return jxent.cross_entropy(x @ w, t)
+
+    args = [((n, d), dtype), ((d, v), dtype), ((n,), jnp.int32)]
+    logits = n * v * jnp.dtype(dtype).itemsize
+    grad = {"argnums": (0, 1)}
+    return [
+        ("jxent", jax.value_and_grad(ours, **grad), args, logits),
+        ("naive", jax.value_and_grad(naive, **grad), args, logits),
+    ]
+
+
+SHARDED_SHAPE = (2048, 32768)
+MESHES = [(2, 4), (4, 2)]
+EIGHT_CHIPS = {"tpu-v5e": "v5e:2x4", "h100": "1x1x8"}
+
+
+def sharded_programs(n, c):
+    """cross_entropy plain, weighted + smoothed, and optax (logits, target[, w])."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jxent
+
+    def plain(x, t):
+        return jxent.cross_entropy(x, t)
+
+    def weighted(x, t, w):
+        return jxent.cross_entropy(x, t, w, label_smoothing=0.1)
+
+    def theirs(x, t):
+        return optax.softmax_cross_entropy_with_integer_labels(x, t).mean()
+
+    two = [((n, c), jnp.float32), ((n,), jnp.int32)]
+    logits = n * c * 4
+    return [
+        ("jxent", jax.value_and_grad(plain), two, logits),
+        (
+            "jxent_weighted",
+            jax.value_and_grad(weighted),
+            [*two, ((c,), jnp.float32)],
+            logits,
+        ),
+        ("optax", jax.value_and_grad(theirs), two, logits),
+    ]
+
+
+def sharded_specs(devices_, mesh_shape, count):
+    """Logits over (rows, classes), targets over rows, weights replicated."""
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(devices_).reshape(mesh_shape), ("rows", "classes"))
+    specs = [P("rows", "classes"), P("rows"), P()]
+    return [NamedSharding(mesh, spec) for spec in specs[:count]]
+
+
+def run_sharded(target, devices_):
+    """Collectives of auto-sharded cross_entropy on 8 chips, both meshes."""
+    records = []
+    for mesh_shape in MESHES:
+        for name, f, args, logits in sharded_programs(*SHARDED_SHAPE):
+            specs = sharded_specs(devices_, mesh_shape, len(args))
+            record = {
+                "kind": "cross_entropy (8 chips)",
+                "shape": list(SHARDED_SHAPE),
+                "dtype": "float32",
+                "mesh": list(mesh_shape),
+                "program": name,
+                "target": target.name,
+            }
+            start = time.perf_counter()
+            compiled = compile_program(f, args, devices_, specs)
+            record.update(fits=True, **measure(compiled, logits / 8, target))
+            record["compile_s"] = round(time.perf_counter() - start, 1)
+            records.append(record)
+            print(_progress(record), record["collectives"], flush=True)
+    return records
+
+
+def compile_program(f, args, devices_, specs=None):
+    """``jax.jit(f).lower(...).compile()`` on ``devices_`` (a 1-D mesh)."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(devices_).reshape(-1), ("d",)) if specs is None else None
+    structs = []
+    for i, (shape, dtype) in enumerate(args):
+        if specs is None:
+            sharding = NamedSharding(mesh, PartitionSpec())
+        else:
+            sharding = specs[i]
+        structs.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
+    return jax.jit(f).lower(*structs).compile()
+
+
+# -------------------------------------------------------------- measuring
+
+
+def threshold(logits_bytes: float) -> float:
+    """The size from which an array's traffic counts (docs: 'Traffic')."""
+    return min(logits_bytes / 8, 4 * 2**20)
+
+
+def measure(compiled, logits_bytes: float, target: Target) -> dict:
+    """Memory, traffic, flops, collectives and roofline of one program."""
+    memory = compiled.memory_analysis()
+    stats = hlo_stats.program_stats(compiled.as_text(), threshold(logits_bytes))
+    record = {
+        "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "alias_bytes": memory.alias_size_in_bytes,
+        "logits_bytes": logits_bytes,
+        **stats.to_dict(),
+    }
+    record["passes"] = stats.traffic / logits_bytes
+    record["roofline_s"] = roofline(stats.flops, stats.traffic, target)
+    return record
+
+
+def roofline(flops: float, traffic: float, target: Target) -> float | None:
+    """Matmuls at peak plus the big arrays' bytes at HBM bandwidth."""
+    if not (target.peak_flops and target.hbm_bandwidth):
+        return None
+    return flops / target.peak_flops + traffic / target.hbm_bandwidth
+
+
+def run_one(kind, shape, dtype, name, f, args, logits, target, devices_):
+    """Compile and measure one program; a program that does not fit says so."""
+    import numpy as np
+
+    start = time.perf_counter()
+    record = {
+        "kind": kind,
+        "shape": list(shape),
+        "dtype": np.dtype(dtype).name,
+        "program": name,
+        "target": target.name,
+    }
+    try:
+        compiled = compile_program(f, args, devices_)
+    except Exception as error:  # XLA's RESOURCE_EXHAUSTED and the like
+        message = str(error).strip().splitlines()[0][:300]
+        if "PTX compilation provider" in message:  # no ptxas
+            raise Unavailable(f"{target.name}: {message}; install {EXTRA}") from None
+        record.update(fits=False, error=message)
+    else:
+        record.update(fits=True, **measure(compiled, logits, target))
+        del compiled
+    record["compile_s"] = round(time.perf_counter() - start, 1)
+    return record
+
+
+def max_batch(d, v, program, target, devices_, limit=2**20):
+    """Largest power-of-two N whose program compiles (fits) on one chip."""
+    import jax.numpy as jnp
+
+    best, n = None, 1024
+    while n <= limit:
+        programs = {p[0]: p for p in linear_programs(n, d, v, jnp.bfloat16)}
+        _, f, args, _ = programs[program]
+        try:
+            compile_program(f, args, devices_)
+        except Exception as error:
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            return best, n
+        best, n = n, 2 * n
+    return best, None
+
+
+# -------------------------------------------------------------- reporting
+
+
+def compare(records: list[dict]) -> list[dict]:
+    """jxent's rows next to their baseline's, with the ratios."""
+    rows = []
+    for ours in (r for r in records if r["program"] == "jxent"):
+        base = next(
+            r
+            for r in records
+            if r["program"] != "jxent"
+            and (r["kind"], r["shape"], r["dtype"], r["target"])
+            == (ours["kind"], ours["shape"], ours["dtype"], ours["target"])
+        )
+        rows.append({"ours": ours, "base": base, **_ratios(ours, base)})
+    return rows
+
+
+def _ratios(ours, base):
+    def ratio(key):
+        if not (ours.get("fits") and base.get("fits")) or not base.get(key):
+            return None
+        if key == "temp_bytes" and max(ours[key], base[key]) < 16 * 2**20:
+            return None  # a few KiB of scratch either way: no meaningful ratio
+        return ours[key] / base[key]
+
+    return {k: ratio(k) for k in ("temp_bytes", "traffic_bytes", "flops", "roofline_s")}
+
+
+def _gib(record):
+    if not record.get("fits"):
+        return "does not fit"
+    return f"{record['temp_bytes'] / GiB:.2f}"
+
+
+def _num(value, fmt="{:.2f}"):
+    return "–" if value is None else fmt.format(value)
+
+
+def _collectives(record):
+    if not record.get("fits"):
+        return "–"
+    return str(record["collective_count"])
+
+
+def markdown(rows: list[dict], batches: list[dict], meta: dict) -> str:
+    """The results table (docs/on_tpu_and_gpu.md includes it)."""
+    lines = [
+        f"Compiled deviceless with jax {meta['jax']}, libtpu {meta['libtpu']}, "
+        f"jax-cuda12-plugin {meta['cuda_plugin']} on {meta['date']}. "
+        "Temporaries in GiB; traffic in passes over the logits (bytes of the "
+        "big arrays moved / bytes of the N×V logits); ratios jxent / baseline "
+        "(optax for cross_entropy, naive `cross_entropy(x @ w)` for "
+        "linear_cross_entropy).",
+        "",
+        "| program | shape | dtype | target | temporaries (base) | traffic, "
+        "passes (base) | flops ratio | collectives (base) | roofline ms (base) "
+        "| roofline ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ours, base = row["ours"], row["base"]
+        lines.append(
+            (
+                "| {} " * 4 + "| {} ({}) " * 2 + "| {} " + "| {} ({}) " * 2 + "| {} |"
+            ).format(
+                ours["kind"],
+                "×".join(map(str, ours["shape"])),
+                ours["dtype"],
+                ours["target"],
+                _gib(ours),
+                _gib(base),
+                _num(ours.get("passes"), "{:.1f}"),
+                _num(base.get("passes"), "{:.1f}"),
+                _num(row["flops"]),
+                _collectives(ours),
+                _collectives(base),
+                _num(_ms(ours.get("roofline_s")), "{:.1f}"),
+                _num(_ms(base.get("roofline_s")), "{:.1f}"),
+                _num(row["roofline_s"]),
+            )
+        )
+    if batches:
+        lines += [
+            "",
+            "Largest token batch N (a power of two) whose linear_cross_entropy "
+            "value_and_grad program compiles on one chip:",
+            "",
+            "| (D, V) | target | jxent | naive | jxent / naive |",
+            "|---|---|---|---|---|",
+        ]
+        for b in batches:
+            lines.append(
+                f"| ({b['d']}, {b['v']}) | {b['target']} | {_batch(b, 'jxent')} "
+                f"| {_batch(b, 'naive')} | {_batch_ratio(b)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _batch(row, program):
+    """N, or "≥ N" where the search stopped at its limit without a failure."""
+    if row[program] is None:
+        return "none"
+    return f"{'≥ ' if row[f'{program}_fails_at'] is None else ''}{row[program]}"
+
+
+def _batch_ratio(row):
+    if not (row["jxent"] and row["naive"]):
+        return "–"
+    bound = "≥ " if row["jxent_fails_at"] is None else ""
+    return f"{bound}{row['jxent'] // row['naive']}×"
+
+
+def _ms(seconds):
+    return None if seconds is None else 1e3 * seconds
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """jxent / baseline ratios of temporaries, traffic and roofline time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        ("traffic_bytes", "traffic"),
+        ("temp_bytes", "temporaries"),
+        ("roofline_s", "roofline time"),
+    ]
+    labels = [
+        f"{r['ours']['kind'].replace('_cross_entropy', '')} "
+        f"{'×'.join(map(str, r['ours']['shape']))} {r['ours']['dtype']}\n"
+        f"{r['ours']['target']}"
+        for r in rows
+    ]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(max(8, 0.45 * len(rows)), 10))
+    for ax, (key, title) in zip(axes, keys, strict=True):
+        values = [r[key] if r[key] is not None else 0 for r in rows]
+        colors = ["tab:green" if v and v <= 1 else "tab:red" for v in values]
+        ax.bar(range(len(rows)), values, color=colors)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{title}\njxent / baseline")
+        ax.set_xticks(range(len(rows)), [] if ax is not axes[-1] else labels)
+    axes[-1].tick_params(axis="x", labelrotation=90, labelsize=6)
+    fig.suptitle("Compiled value_and_grad programs: jxent / baseline (< 1 is leaner)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def metadata() -> dict:
+    from importlib import metadata as md
+
+    import jax
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "jax": jax.__version__,
+        "libtpu": version("libtpu"),
+        "cuda_plugin": version("jax-cuda12-plugin"),
+        "optax": version("optax"),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+
+
+# ------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=list(TARGETS),
+        help="tpu-v5e, tpu-v6e, h100, a TPU topology name or a GPU .txtpb path",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny shapes only")
+    parser.add_argument("--no-max-batch", action="store_true")
+    parser.add_argument("--no-sharded", action="store_true")
+    parser.add_argument(
+        "--max-batch-native",
+        action="store_true",
+        help="also search the largest v5e batch traced as on the chip",
+    )
+    parser.add_argument(
+        "--native-path",
+        action="store_true",
+        help="also trace as a process on the chip would (jax.default_backend())",
+    )
+    parser.add_argument(
+        "--only-extras",
+        action="store_true",
+        help="keep the existing single-chip results; rerun the other parts asked for",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the table and the plot from the JSON, compiling nothing",
+    )
+    parser.add_argument("--out-dir", type=Path, default=OUT)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    try:
+        run(args)
+    except Unavailable as error:
+        print(f"bench_compiled: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args) -> None:
+    """Compile and measure everything asked for; write the results."""
+    if args.report_only:
+        saved = json.loads((args.out_dir / "compiled_results.json").read_text())
+        sharded = saved.get("sharded", [])
+        write(saved["records"], saved["max_batch"], args.out_dir, sharded)
+        return
+    targets = [resolve_target(name) for name in args.targets]
+    chips = {t.name: devices(t) for t in targets}
+    previous = {"records": [], "max_batch": [], "sharded": []}
+    if args.only_extras:  # keep what is not rerun
+        previous = json.loads((args.out_dir / "compiled_results.json").read_text())
+        records = previous["records"]
+        if args.native_path:
+            records = [r for r in records if not r["target"].endswith(" native")]
+    else:
+        records = [r for t in targets for r in run_targets(t, chips[t.name], args)]
+    batches = previous["max_batch"]
+    sharded = previous.get("sharded", [])
+    write(records, batches, args.out_dir, sharded)  # each part as it is done
+    if args.native_path:
+        records += [
+            r for t in targets for r in run_targets(t, chips[t.name], args, native=True)
+        ]
+        write(records, batches, args.out_dir, sharded)
+    searches = [] if args.no_max_batch else [False]
+    searches += [True] if args.max_batch_native else []
+    for native in searches if "tpu-v5e" in chips and not args.quick else []:
+        rows = run_max_batch(chips["tpu-v5e"], native)
+        labels = {r["target"] for r in rows}
+        batches = [b for b in batches if b["target"] not in labels] + rows
+        write(records, batches, args.out_dir, sharded)
+    if not (args.no_sharded or args.quick):
+        sharded = []
+        for target in (t for t in targets if t.name in EIGHT_CHIPS):
+            eight = devices(target, EIGHT_CHIPS[target.name])
+            sharded += run_sharded(target, eight)
+        write(records, batches, args.out_dir, sharded)
+
+
+@contextlib.contextmanager
+def traced_as_on(target: Target):
+    """``jax.default_backend()`` answers the target's platform while tracing.
+
+    jxent picks some code paths with ``jax.default_backend()`` at trace time,
+    so a program traced on a CPU host takes the CPU's path even when it is
+    compiled for a TPU or GPU (as with AOT compilation or ``jax.export``).
+    Under this, the program is the one a process running on the chip traces.
+    """
+    import jax
+
+    original = jax.default_backend
+    # jxent's inner jitted functions are traced once per process and cached:
+    # without clearing, they keep the path of the first trace.
+    jax.clear_caches()
+    jax.default_backend = lambda: "tpu" if target.platform == "tpu" else "gpu"
+    try:
+        yield
+    finally:
+        jax.default_backend = original
+        jax.clear_caches()
+
+
+def run_targets(target, devices_, args, native=False) -> list[dict]:
+    """Every single-chip program for one target.
+
+    ``native``: traced as on the chip (``traced_as_on``); the records' target
+    is then named ``<target> native``.
+    """
+    import jax.numpy as jnp
+
+    if native:
+        with traced_as_on(target):
+            named = dataclasses.replace(target, name=f"{target.name} native")
+            return run_targets(named, devices_, args)
+
+    ce_shapes = QUICK_CROSS_ENTROPY if args.quick else CROSS_ENTROPY_SHAPES
+    heads = QUICK_HEADS if args.quick else LINEAR_HEADS
+    jobs = [
+        ("cross_entropy", shape, dtype, cross_entropy_programs(*shape, dtype))
+        for shape in ce_shapes
+        for dtype in (jnp.float32, jnp.bfloat16)
+    ] + [
+        ("linear_cross_entropy", h, jnp.bfloat16, linear_programs(*h, jnp.bfloat16))
+        for h in heads
+    ]
+    records = []
+    for kind, shape, dtype, programs in jobs:
+        for name, f, arguments, logits in programs:
+            record = run_one(
+                kind, shape, dtype, name, f, arguments, logits, target, devices_
+            )
+            records.append(record)
+            print(_progress(record), flush=True)
+    return records
+
+
+def run_max_batch(devices_, native=False) -> list[dict]:
+    """The largest power-of-two token batch on one v5e, jxent and naive.
+
+    ``native``: traced as on the chip (``traced_as_on``), target "tpu-v5e
+    native".
+    """
+    if native:
+        with traced_as_on(TARGETS["tpu-v5e"]):
+            rows = run_max_batch(devices_)
+        return [r | {"target": "tpu-v5e native"} for r in rows]
+    rows = []
+    for d, v in MAX_BATCH_HEADS:
+        row = {"d": d, "v": v, "target": "tpu-v5e"}
+        for program in ("jxent", "naive"):
+            row[program], row[f"{program}_fails_at"] = max_batch(
+                d, v, program, TARGETS["tpu-v5e"], devices_
+            )
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def _progress(record):
+    head = f"{record['target']} {record['kind']} {record['shape']} {record['dtype']}"
+    if not record["fits"]:
+        return f"{head} {record['program']}: {record['error'][:120]}"
+    return (
+        f"{head} {record['program']}: temp {record['temp_bytes'] / GiB:.2f} GiB, "
+        f"{record['passes']:.2f} passes, {record['flops'] / 1e12:.2f} TFLOP, "
+        f"{record['compile_s']} s"
+    )
+
+
+def write(records, batches, out_dir: Path, sharded=()) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = metadata()
+    rows = compare(records)
+    results = {
+        "meta": meta,
+        "records": records,
+        "max_batch": batches,
+        "sharded": list(sharded),
+    }
+    (out_dir / "compiled_results.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = markdown(rows, batches, meta) + sharded_markdown(sharded)
+    (out_dir / "compiled_results.md").write_text(text)
+    plot(rows, out_dir / "compiled_results.png")
+
+
+def sharded_markdown(records) -> str:
+    """Collectives on the path that runs, 8 chips, per mesh."""
+    if not records:
+        return ""
+    lines = [
+        "",
+        f"Auto-sharded `cross_entropy` value_and_grad, {SHARDED_SHAPE[0]}×"
+        f"{SHARDED_SHAPE[1]} float32 logits sharded over (rows, classes) of an "
+        "8-chip mesh: collectives on the path that runs and the largest one's "
+        f"size (the logits are {SHARDED_SHAPE[0] * SHARDED_SHAPE[1] * 4 // 2**20} "
+        "MiB). `jxent_weighted`: class weights and "
+        "`label_smoothing=0.1`.",
+        "",
+        "| target | mesh | program | collectives | kinds | largest (KiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        kinds = ", ".join(f"{k} {v}" for k, v in r["collectives"].items()) or "–"
+        largest = r["max_collective_bytes"] / 1024
+        lines.append(
+            f"| {r['target']} | {r['mesh'][0]}×{r['mesh'][1]} | {r['program']} "
+            f"| {r['collective_count']} | {kinds} | {largest:g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The HLO reading behind benchmarks/bench_compiled.py, on small programs.
+
+Hand-written HLO in the TPU's and GPU's dialects (loop bounds in the
+condition or in ``known_trip_count``, conditionals by index or by predicate)
+and a CPU-compiled program: no TPU or GPU compiler needed.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+hlo_stats = _load("hlo_stats")
+
+MiB = 2**20
+# A (1024, 1024) float32 "logits" array is 4 MiB; a row vector is 4 KiB.
+THRESHOLD = 512 * 1024
+
+LOOP = """
+HloModule m, is_scheduled=true
+
+%fused_exp (p0: f32[1024,1024]) -> f32[1024,1024] {
+  %p0 = f32[1024,1024]{1,0} parameter(0)
+  ROOT %e = f32[1024,1024]{1,0} exponential(%p0)
+}
+
+%fused_dot (a: f32[1024,256], b: f32[256,1024]) -> f32[1024,1024] {
+  %a = f32[1024,256]{1,0} parameter(0)
+  %b = f32[256,1024]{1,0} parameter(1)
+  ROOT %d = f32[1024,1024]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (arg: (s32[], f32[1024,1024], f32[1024,256], f32[256,1024])) -> (s32[], f32[1024,1024], f32[1024,256], f32[256,1024]) {
+  %arg = (s32[], f32[1024,1024]{1,0}, f32[1024,256]{1,0}, /*index=3*/f32[256,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %x = f32[1024,1024]{1,0} get-tuple-element(%arg), index=1
+  %a = f32[1024,256]{1,0} get-tuple-element(%arg), index=2
+  %b = f32[256,1024]{1,0} get-tuple-element(%arg), index=3
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %e = f32[1024,1024]{1,0} fusion(%x), kind=kLoop, calls=%fused_exp
+  %d = f32[1024,1024]{1,0} fusion(%a, %b), kind=kOutput, calls=%fused_dot
+  ROOT %t = (s32[], f32[1024,1024]{1,0}, f32[1024,256]{1,0}, f32[256,1024]{1,0}) tuple(%next, %e, %a, %b)
+}
+
+%cond (arg: (s32[], f32[1024,1024], f32[1024,256], f32[256,1024])) -> pred[] {
+  %arg = (s32[], f32[1024,1024]{1,0}, f32[1024,256]{1,0}, f32[256,1024]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %n = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[1024,1024], a: f32[1024,256], b: f32[256,1024]) -> f32[1024,1024] {
+  %x = f32[1024,1024]{1,0} parameter(0)
+  %a = f32[1024,256]{1,0} parameter(1)
+  %b = f32[256,1024]{1,0} parameter(2)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[1024,1024]{1,0}, f32[1024,256]{1,0}, f32[256,1024]{1,0}) tuple(%zero, %x, %a, %b)
+  %w = (s32[], f32[1024,1024]{1,0}, f32[1024,256]{1,0}, f32[256,1024]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[1024,1024]{1,0} get-tuple-element(%w), index=1
+}
+"""  # noqa: E501
+
+# A GPU-style conditional: the fast branch (true) passes row vectors through,
+# the fallback (false) reads the logits again; a fusion only gathers.
+CONDITIONAL = """
+HloModule m, is_scheduled=true
+
+%fused_gather (p0: f32[1024,1024], p1: s32[1024,2]) -> f32[1024] {
+  %p0 = f32[1024,1024]{1,0} parameter(0)
+  %p1 = s32[1024,2]{1,0} parameter(1)
+  %sel = f32[1024,1024]{1,0} negate(%p0)
+  ROOT %g = f32[1024]{0} gather(%sel, %p1), offset_dims={}, collapsed_slice_dims={0,1}, start_index_map={0,1}, index_vector_dim=1, slice_sizes={1,1}
+}
+
+%fused_max (p0: f32[1024,1024]) -> f32[1024] {
+  %p0 = f32[1024,1024]{1,0} parameter(0)
+  %c = f32[] constant(-inf)
+  ROOT %m = f32[1024]{0} reduce(%p0, %c), dimensions={1}, to_apply=%max
+}
+
+%max (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %m = f32[] maximum(%a, %b)
+}
+
+%fast (arg: (f32[1024])) -> f32[1024] {
+  %arg = (f32[1024]{0}) parameter(0)
+  ROOT %v = f32[1024]{0} get-tuple-element(%arg), index=0
+}
+
+%fallback (arg: (f32[1024,1024])) -> f32[1024] {
+  %arg = (f32[1024,1024]{1,0}) parameter(0)
+  %x = f32[1024,1024]{1,0} get-tuple-element(%arg), index=0
+  ROOT %m = f32[1024]{0} fusion(%x), kind=kInput, calls=%fused_max
+}
+
+ENTRY %main (x: f32[1024,1024], idx: s32[1024,2], ok: pred[]) -> f32[1024] {
+  %x = f32[1024,1024]{1,0} parameter(0)
+  %idx = s32[1024,2]{1,0} parameter(1)
+  %ok = pred[] parameter(2)
+  %g = f32[1024]{0} fusion(%x, %idx), kind=kLoop, calls=%fused_gather
+  %t = (f32[1024]{0}) tuple(%g)
+  %f = (f32[1024,1024]{1,0}) tuple(%x)
+  ROOT %r = f32[1024]{0} conditional(%ok, %t, %f), true_computation=%fast, false_computation=%fallback
+}
+"""  # noqa: E501
+
+
+def test_parse_instruction_reads_tuples_comments_and_calls():
+    line = (
+        "  %w = (s32[], f32[8,4]{1,0:T(8,128)}, /*index=2*/bf16[4]{0}) "
+        "while(%init), condition=%c, body=%b, backend_config={}"
+    )
+    instruction = hlo_stats.parse_instruction(line)
+    assert (instruction.name, instruction.opcode) == ("w", "while")
+    assert instruction.operands == ["init"]
+    assert hlo_stats.array_sizes(instruction.type) == [4, 128, 8]
+    assert hlo_stats.called(instruction, "body") == ["b"]
+
+
+def test_on_chip_arrays_are_not_hbm_traffic():
+    assert hlo_stats.array_sizes("f32[1024]{0:T(1024)S(1)}", hbm=True) == [0.0]
+    assert hlo_stats.array_sizes("f32[1024]{0:T(1024)}", hbm=True) == [4096]
+
+
+def test_loop_body_counts_trip_count_times():
+    stats = hlo_stats.program_stats(LOOP, THRESHOLD)
+    assert stats.loops == [6]
+    # Per trip: the exp fusion reads and writes 4 MiB, the dot fusion reads
+    # 1 + 1 MiB and writes 4 MiB (all above the threshold).
+    assert stats.traffic == 6 * (8 + 6) * MiB
+    # 2·M·N·K per trip; XLA's cost_analysis would count one trip.
+    assert stats.flops == 6 * 2 * 1024 * 1024 * 256
+
+
+def test_known_trip_count_wins_over_the_condition():
+    text = LOOP.replace(
+        "condition=%cond, body=%body",
+        'condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}',
+    )
+    assert hlo_stats.program_stats(text, THRESHOLD).loops == [3]
+
+
+def test_bound_on_the_left_and_le():
+    text = LOOP.replace("(%i, %n), direction=LT", "(%n, %i), direction=GE")
+    assert hlo_stats.program_stats(text, THRESHOLD).loops == [7]
+
+
+def test_fallback_branch_is_not_counted_and_gathers_read_what_they_pick():
+    stats = hlo_stats.program_stats(CONDITIONAL, THRESHOLD)
+    # The gather fusion reads 1024 picked floats (not the 4 MiB logits, though
+    # an elementwise negate stands between); the fast branch moves nothing.
+    assert stats.traffic == 1024 * 4
+    # The fallback's row maximum would read the logits once more.
+    assert stats.worst_traffic == 1024 * 4 + 4 * MiB
+
+
+def test_threshold_leaves_small_arrays_out():
+    assert hlo_stats.program_stats(LOOP, 8 * MiB).traffic == 0
+
+
+def test_cpu_compiled_loop():
+    def f(x, w):
+        return jax.lax.fori_loop(0, 5, lambda i, a: a @ w + jnp.tanh(a), x).sum()
+
+    x = jnp.ones((64, 32))
+    text = jax.jit(f).lower(x, jnp.ones((32, 32))).compile().as_text()
+    stats = hlo_stats.program_stats(text, threshold=1)
+    assert stats.loops == [5]
+    assert stats.flops == 5 * 2 * 64 * 32 * 32
+    assert stats.collectives == {}
+
+
+def test_unknown_target_exits_2_naming_the_extra(capsys):
+    bench = _load("bench_compiled")
+    assert bench.main(["--targets", "no-such-chip"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "unknown target" in message
+    assert '".[aot]"' in message
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed"
+)
+def test_missing_compiler_exits_2_naming_the_extra(capsys):
+    bench = _load("bench_compiled")
+    assert bench.main(["--targets", "tpu-v5e", "--quick"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and '".[aot]"' in message
+
+
+def test_table_rows_pair_jxent_with_its_baseline():
+    bench = _load("bench_compiled")
+    common = {"kind": "cross_entropy", "shape": [8, 4], "dtype": "float32"}
+    common |= {"target": "tpu-v5e", "fits": True, "collective_count": 0}
+    ours = common | {"program": "jxent", "temp_bytes": 0, "passes": 5.0}
+    ours |= {"traffic_bytes": 5.0, "flops": 0.0, "roofline_s": 5e-3}
+    base = common | {"program": "optax", "temp_bytes": 0, "passes": 4.0}
+    base |= {"traffic_bytes": 4.0, "flops": 0.0, "roofline_s": 4e-3}
+    (row,) = bench.compare([ours, base])
+    assert row["traffic_bytes"] == 1.25 and row["temp_bytes"] is None
+    batches = [{"d": 4, "v": 8, "target": "tpu-v5e", "jxent": 64,
+                "jxent_fails_at": None, "naive": 8, "naive_fails_at": 16}]  # fmt: skip
+    meta = {"jax": "0", "libtpu": "0", "cuda_plugin": "0", "date": "today"}
+    table = bench.markdown([row], batches, meta)
+    assert "| 5.0 (4.0) |" in table and "| 1.25 |" in table
+    assert "| ≥ 64 | 8 | ≥ 8× |" in table
+
+
+# optax's gradient on a GPU: the one-hot term is a scatter-add into the
+# softmax, in place.
+SCATTER = """
+HloModule m, is_scheduled=true
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%fused_scatter (p0: f32[1024,1024], p1: s32[1024,2], p2: f32[1024]) -> f32[1024,1024] {
+  %p0 = f32[1024,1024]{1,0} parameter(0)
+  %p1 = s32[1024,2]{1,0} parameter(1)
+  %p2 = f32[1024]{0} parameter(2)
+  ROOT %s = f32[1024,1024]{1,0} scatter(%p0, %p1, %p2), update_window_dims={}, inserted_window_dims={0,1}, scatter_dims_to_operand_dims={0,1}, index_vector_dim=1, to_apply=%add
+}
+
+ENTRY %main (x: f32[1024,1024], idx: s32[1024,2], u: f32[1024]) -> f32[1024,1024] {
+  %x = f32[1024,1024]{1,0} parameter(0)
+  %idx = s32[1024,2]{1,0} parameter(1)
+  %u = f32[1024]{0} parameter(2)
+  ROOT %r = f32[1024,1024]{1,0} fusion(%x, %idx, %u), kind=kInput, calls=%fused_scatter
+}
+"""  # noqa: E501
+
+
+def test_in_place_scatter_moves_only_its_updates():
+    assert hlo_stats.program_stats(SCATTER, THRESHOLD).traffic == 1024 * 4

@@ -15,6 +15,8 @@ from jxent._modules import BCEWithLogitsLoss as BCEWithLogitsLoss
 from jxent._modules import CrossEntropyLoss as CrossEntropyLoss
 from jxent._modules import KLDivLoss as KLDivLoss
 from jxent._modules import NLLLoss as NLLLoss
+from jxent._rl import distillation_loss as distillation_loss
+from jxent._rl import log_probs as log_probs
 from jxent._runtime_checks import check_target as check_target
 from jxent._softmax import log_softmax as log_softmax
 from jxent._softmax import softmax as softmax
@@ -31,9 +33,11 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "check_target",
     "cross_entropy",
+    "distillation_loss",
     "entropy",
     "kl_div",
     "linear_cross_entropy",
+    "log_probs",
     "log_softmax",
     "nll_loss",
     "sigmoid_focal_loss",

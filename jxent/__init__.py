@@ -10,6 +10,7 @@ from jxent._classification import nll_loss as nll_loss
 from jxent._information import entropy as entropy
 from jxent._information import kl_div as kl_div
 from jxent._linear import linear_cross_entropy as linear_cross_entropy
+from jxent._linear_heads import linear_argmax as linear_argmax
 from jxent._modules import BCELoss as BCELoss
 from jxent._modules import BCEWithLogitsLoss as BCEWithLogitsLoss
 from jxent._modules import CrossEntropyLoss as CrossEntropyLoss
@@ -36,6 +37,7 @@ __all__ = [
     "distillation_loss",
     "entropy",
     "kl_div",
+    "linear_argmax",
     "linear_cross_entropy",
     "log_probs",
     "log_softmax",

@@ -25,6 +25,7 @@ EXPECTED_API = {
     "distillation_loss",
     "entropy",
     "kl_div",
+    "linear_argmax",
     "linear_cross_entropy",
     "log_probs",
     "log_softmax",

@@ -1,0 +1,68 @@
+"""The LM-head heads on 8 simulated CPU devices (sharded = unsharded).
+
+Run by tests/test_linear_heads.py in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jxent
+
+if jax.device_count() < 8:  # pragma: no cover - guarded by the runner
+    pytest.skip("needs 8 (simulated) devices", allow_module_level=True)
+
+MESHES = [((8,), ("model",)), ((2, 4), ("data", "model"))]
+N, D, V = 16, 4, 32
+RNG = np.random.default_rng(0)
+X = RNG.integers(-1, 2, size=(N, D)).astype(np.float32)  # exact logits: ties
+W = RNG.integers(-1, 2, size=(D, V)).astype(np.float32)
+W[:, 29] = W[:, 3]  # tied columns on different shards
+B = np.zeros(V, np.float32)
+MASK = np.ones(V, bool)
+MASK[[5, 20]] = False
+
+
+def _mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
+@pytest.mark.parametrize("masked", [False, True])
+def test_linear_argmax_shard_map(mesh_def, masked):
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+
+    def local(x, w, b, m):
+        return jxent.linear_argmax(
+            x, w, bias=b, where=m if masked else None, chunk_size=3,
+            vocab_chunk_size=3, class_axis_name="model", batch_axis_name=batch,
+        )  # fmt: skip
+
+    fn = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(batch), P(None, "model"), P("model"), P("model")),
+            out_specs=P(batch),
+        )  # fmt: skip
+    )
+    x = X.copy()
+    x[2] = 0.0  # every logit 0: a tie across all shards, index 0
+    got = fn(x, W, B, MASK)
+    z = np.where(MASK, x @ W, -np.inf) if masked else x @ W
+    np.testing.assert_array_equal(got, np.argmax(z, -1))
+    assert (np.sum(z == z.max(-1, keepdims=True), -1) > 1).sum() >= 3
+
+
+def test_linear_argmax_under_jit_with_named_shardings():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    x, w = put(X, P("data")), put(W, P(None, "model"))
+    got = jax.jit(lambda x, w: jxent.linear_argmax(x, w, chunk_size=4))(x, w)
+    np.testing.assert_array_equal(got, np.argmax(X @ W, -1))

@@ -91,9 +91,12 @@ def _beats(new: jax.Array, old: jax.Array) -> jax.Array:
 
 
 def _tile_argmax(x_c, w, bias, mask_c, soft_cap, block: int):
-    """``(max, first argmax)`` of one token chunk's logits, ``block`` classes
-    at a time (the last block shifted left to stay in bounds: the columns it
-    repeats keep their indices, so ties still go to the first)."""
+    """``(max, first argmax)`` of one token chunk's logits.
+
+    ``block`` classes at a time; the last block is shifted left to stay in
+    bounds (the columns it repeats keep their indices, so ties still go to the
+    first).
+    """
     vocab = w.shape[1]
 
     def block_max(start):

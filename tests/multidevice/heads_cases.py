@@ -50,7 +50,7 @@ def test_linear_argmax_shard_map(mesh_def, masked):
             mesh=mesh,
             in_specs=(P(batch), P(None, "model"), P("model"), P("model")),
             out_specs=P(batch),
-        )  # fmt: skip
+        )
     )
     x = X.copy()
     x[2] = 0.0  # every logit 0: a tie across all shards, index 0

@@ -21,6 +21,8 @@ from jxent._rl import log_probs as log_probs
 from jxent._runtime_checks import check_target as check_target
 from jxent._softmax import log_softmax as log_softmax
 from jxent._softmax import softmax as softmax
+from jxent._types import KLReduction as KLReduction
+from jxent._types import Reduction as Reduction
 
 __version__ = "0.1.0"
 
@@ -29,7 +31,9 @@ __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "KLDivLoss",
+    "KLReduction",
     "NLLLoss",
+    "Reduction",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "check_target",

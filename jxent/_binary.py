@@ -259,7 +259,7 @@ def binary_cross_entropy(
     torch's clamp at -100 makes ``p`` of exactly 0 or 1 give a finite loss;
     the gradient is torch's, ``w · (p - t) / max((1 - p) · p, 1e-12)``, also
     finite there. ``"mean"`` divides by the number of elements (the weights are
-    not in the denominator). Prefer :func:`binary_cross_entropy_with_logits`,
+    not in the denominator). Prefer [`jxent.binary_cross_entropy_with_logits`][],
     which is exact for any logit.
 
     Args:

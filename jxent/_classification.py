@@ -20,7 +20,7 @@ from jxent._kernels import (
     take_target,
 )
 from jxent._reduction import reduce_loss
-from jxent._safe_math import mass_times_gap
+from jxent._safe_math import mass_times_gap, poison, poison_gradients
 from jxent._sharding import (
     UNSHARDED,
     ClassShards,
@@ -84,6 +84,28 @@ def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
     return jnp.where(coef == 0, 0.0, coef * value)
 
 
+def invalid_options(
+    label_smoothing: jax.Array | float,
+    z_loss: jax.Array | float,
+    *,
+    smoothing: bool,
+    with_z_loss: bool,
+) -> jax.Array | bool:
+    """Whether a traced ``label_smoothing`` is outside [0, 1] or ``z_loss < 0``.
+
+    Concrete values are refused at trace time; traced ones make the loss and
+    its gradients NaN (see ``jxent._safe_math.poison``). NaN counts as
+    invalid.
+    """
+    invalid: jax.Array | bool = False
+    if smoothing:
+        eps = jnp.asarray(label_smoothing)
+        invalid = invalid | ~((eps >= 0) & (eps <= 1))
+    if with_z_loss:
+        invalid = invalid | ~(jnp.asarray(z_loss) >= 0)
+    return invalid
+
+
 def hard_target_loss(
     logits: jax.Array,
     target: jax.Array,
@@ -98,21 +120,34 @@ def hard_target_loss(
     smoothing: bool,
     with_z_loss: bool,
     shards: ClassShards = UNSHARDED,
+    poison_inputs: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-position cross-entropy for integer targets, before the reduction.
 
     Returns ``(loss, lse, target_weight)``: the loss (0 where ignored, NaN for
-    a bad target), the logsumexp and the per-position weight of the mean's
-    denominator, all in the accumulation dtype.
+    a bad target, with NaN derivatives), the logsumexp and the per-position
+    weight of the mean's denominator, all in the accumulation dtype. With
+    ``poison_inputs`` (for a sum or mean over the positions), any bad target
+    or option makes every derivative w.r.t. every floating input NaN.
     """
     dtype = compute_dtype(logits.dtype)
     num_classes = shards.num_classes(logits.shape[axis])
-    terms = target_terms(target, weight, num_classes, ignore_index, dtype, shards)
-    bad = terms.bad
+    checked = target_terms(target, None, num_classes, ignore_index, dtype, shards)
+    bad = checked.bad
     if where is not None:
-        local, here = shards.localise(terms.safe_target, logits.shape[axis])
+        local, here = shards.localise(checked.safe_target, logits.shape[axis])
         included = take_target(where, local, axis).astype(jnp.int32)
-        bad = bad | (terms.valid & (shards.pick(included, here) == 0))
+        bad = bad | (checked.valid & (shards.pick(included, here) == 0))
+    bad = bad | invalid_options(
+        label_smoothing, z_loss, smoothing=smoothing, with_z_loss=with_z_loss
+    )
+    if poison_inputs:
+        flag = jnp.any(bad)
+        logits, weight, label_smoothing, z_loss, soft_cap = (
+            None if v is None else poison_gradients(v, flag)
+            for v in (logits, weight, label_smoothing, z_loss, soft_cap)
+        )
+    terms = target_terms(target, weight, num_classes, ignore_index, dtype, shards)
     weight = None if weight is None else weight.astype(dtype)
     lse, nll, smooth = cross_entropy_stats(
         logits, terms.safe_target, terms.valid, weight, where, soft_cap,
@@ -135,8 +170,7 @@ def hard_target_loss(
         kept_lse = jnp.where(terms.valid, lse, 0.0)
         loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(kept_lse))
     loss = jnp.where(terms.valid, loss, 0.0)
-    loss = jnp.where(bad, jnp.nan, loss)
-    return loss, lse, terms.target_weight
+    return poison(loss, bad), lse, terms.target_weight
 
 
 def soft_target_loss(
@@ -185,7 +219,10 @@ def soft_target_loss(
     loss = shards.sum(jnp.sum(mass_times_gap(q, w, gap), axis=axis))
     if with_z_loss:
         loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(lse))
-    return loss, lse
+    bad = invalid_options(
+        label_smoothing, z_loss, smoothing=smoothing, with_z_loss=with_z_loss
+    )
+    return poison(loss, bad), lse
 
 
 def _reduce_hard(loss, target_weight, reduction, out_dtype, batch_axes=()):
@@ -197,10 +234,15 @@ def _reduce_hard(loss, target_weight, reduction, out_dtype, batch_axes=()):
 @functools.partial(jax.jit, static_argnames=("ignore_index", "reduction", "axis"))
 def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
     dtype = compute_dtype(log_probs.dtype)
+    if reduction != "none":  # a bad target: NaN derivatives everywhere
+        flag = jnp.any(target_terms(target, None, log_probs.shape[axis],
+                                    ignore_index, dtype).bad)  # fmt: skip
+        log_probs = poison_gradients(log_probs, flag)
+        weight = None if weight is None else poison_gradients(weight, flag)
     terms = target_terms(target, weight, log_probs.shape[axis], ignore_index, dtype)
     picked = take_target(log_probs, terms.safe_target, axis).astype(dtype)
     loss = jnp.where(terms.valid, _scaled(terms.target_weight, -picked), 0.0)
-    loss = jnp.where(terms.bad, jnp.nan, loss)
+    loss = poison(loss, terms.bad)
     return _reduce_hard(loss, terms.target_weight, reduction, log_probs.dtype)
 
 
@@ -224,7 +266,7 @@ def _hard_cross_entropy(
     loss, lse, target_weight = hard_target_loss(
         logits, target, weight, label_smoothing, z_loss, soft_cap, where,
         ignore_index=ignore_index, axis=axis, smoothing=smoothing,
-        with_z_loss=with_z_loss, shards=shards,
+        with_z_loss=with_z_loss, shards=shards, poison_inputs=reduction != "none",
     )  # fmt: skip
     loss = _reduce_hard(loss, target_weight, reduction, logits.dtype, batch_axes)
     return (loss, lse) if return_lse else loss
@@ -274,7 +316,8 @@ def nll_loss(
     Returns:
       The loss in the dtype of ``log_probs``: of the target's shape for
       ``"none"``, else a scalar. A target outside ``[0, C)`` that is not
-      ``ignore_index`` gives NaN under ``jit`` (never a wrapped index) and a
+      ``ignore_index`` gives NaN under ``jit`` (never a wrapped index), with
+      NaN gradients (all of them for ``"mean"``/``"sum"``), and a
       ``ValueError`` when the target is concrete.
 
     Raises:
@@ -441,10 +484,11 @@ def cross_entropy(
       ignore_index: integer target value that is ignored. Must be negative
         with probability targets (torch's rule: they have no ignored entries).
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
-      label_smoothing: ``ε`` in ``[0, 1]`` (traced; a concrete value is
-        range-checked, a traced one cannot be).
+      label_smoothing: ``ε`` in ``[0, 1]`` (traced; a concrete value outside
+        raises, a traced one makes the loss and its gradients NaN).
       axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
-      z_loss: coefficient ``>= 0`` of the auxiliary ``lse²`` term (traced).
+      z_loss: coefficient ``>= 0`` of the auxiliary ``lse²`` term (traced; a
+        traced negative value makes the loss and its gradients NaN).
       soft_cap: ``None`` or a cap ``> 0`` for ``cap · tanh(x / cap)``.
       where: optional boolean class mask broadcastable to the logits (a 1-D
         mask of length C lies along ``axis``). A target on an excluded class
@@ -456,6 +500,9 @@ def cross_entropy(
         ``where`` are this device's contiguous slice of the classes, targets
         are global class indices. Only O(N) values are all-reduced; label
         smoothing and z-loss stay exact, and every input keeps its gradient.
+        Several names split the class axis over those mesh axes in the order
+        given, the first the slowest (as in the ``PartitionSpec`` entry
+        ``(names...)``).
       batch_axis_name: inside ``jax.shard_map``, the mesh axis name (or names)
         over which the batch is split: ``"mean"`` and ``"sum"`` reduce over
         all batch shards (the mean divides by the global weight sum).
@@ -464,9 +511,10 @@ def cross_entropy(
       The loss in the logits' dtype: of the logits' shape without ``axis``
       for ``"none"``, else a scalar; with ``return_lse``, ``(loss, lse)``. An
       integer target outside ``[0, C)`` that is not ``ignore_index`` gives NaN
-      under ``jit`` (never a wrapped or clamped class) and a ``ValueError``
-      when the target is concrete; see :func:`jxent.check_target` for a check
-      under ``jit``.
+      under ``jit`` (never a wrapped or clamped class), with NaN gradients
+      (that position's for ``"none"``, all of them for ``"mean"``/``"sum"``),
+      and a ``ValueError`` when the target is concrete; see
+      [`jxent.check_target`][] for a check under ``jit``.
 
     Raises:
       TypeError: integer logits, a boolean/complex target, a non-boolean

@@ -10,7 +10,7 @@ from jax.typing import ArrayLike
 
 from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
-from jxent._safe_math import mass_times_gap, xlogx
+from jxent._safe_math import mass_times_gap, poison, xlogx
 from jxent._types import KLReduction
 from jxent._validation import as_float_array, check_reduction, normalize_axis
 
@@ -65,6 +65,7 @@ def _kl_div(input, target, *, reduction, log_target):
         # t · log t - t · log q, with 0 · log 0 = 0 and 0 · (-inf) = 0; a
         # negative t gives NaN (its log), as in torch.
         pointwise = xlogx(t) + mass_times_gap(t, jnp.ones((), dtype), -log_q)
+        pointwise = poison(pointwise, t < 0)  # NaN derivatives w.r.t. input too
     batch = input.shape[0] if input.ndim > 0 else 1
     denominator = batch if reduction == "batchmean" else pointwise.size
     out_dtype = jnp.result_type(input.dtype, target.dtype)

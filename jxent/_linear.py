@@ -39,11 +39,13 @@ from jxent._classification import (
     _as_int_target,
     _is_static_zero,
     hard_target_loss,
+    invalid_options,
     soft_target_loss,
     target_terms,
 )
 from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
+from jxent._safe_math import poison_gradients
 from jxent._sharding import UNSHARDED, ClassShards, as_axis_names
 from jxent._types import Reduction
 from jxent._validation import (
@@ -546,6 +548,29 @@ def _denominator(p: _Params, data: _Data, static: _Static, dtype):
     return jnp.sum(terms.target_weight)
 
 
+def _poisoned_inputs(p: _Params, data: _Data, static: _Static) -> _Params:
+    """``p`` whose derivatives are all NaN if a target or option is bad.
+
+    The sum or mean is NaN then; its gradient must be NaN everywhere too, also
+    for ignored tokens and class weights no target names (a target on a class
+    excluded by ``where`` is caught per tile: its token's derivatives are NaN).
+    """
+    bad = invalid_options(
+        p.label_smoothing,
+        p.z_loss,
+        smoothing=static.smoothing,
+        with_z_loss=static.with_z_loss,
+    )
+    if not static.soft:
+        num_classes = static.shards.num_classes(p.w.shape[1])
+        dtype = _accumulation_dtype(p)
+        terms = target_terms(
+            data.target, None, num_classes, static.ignore_index, dtype, static.shards
+        )
+        bad = bad | jnp.any(terms.bad)
+    return _Params(*(None if v is None else poison_gradients(v, bad) for v in p))
+
+
 @functools.partial(jax.jit, static_argnames=("static", "reduction", "return_lse"))
 def _linear_cross_entropy(p: _Params, data: _Data, *, static, reduction, return_lse):
     batch_shape = p.x.shape[:-1]
@@ -562,6 +587,8 @@ def _linear_cross_entropy(p: _Params, data: _Data, *, static, reduction, return_
     out_dtype = p.x.dtype
     acc = compute_dtype(out_dtype)
     options = dict(batch_axes=static.batch_axes)
+    if reduction != "none":
+        p = _poisoned_inputs(p, data, static)
     if reduction != "none" and not return_lse:
         total = _summed_loss(static, p, data)
         denominator = _denominator(p, data, static, acc)
@@ -770,7 +797,7 @@ def linear_cross_entropy(
     r"""``cross_entropy(x @ w + bias, target, ...)`` without the logits in memory.
 
     With logits ``z_n = x_n @ w + bias`` (float32 accumulation), the value is
-    exactly :func:`jxent.cross_entropy` on ``z`` with the same options: for an
+    exactly [`jxent.cross_entropy`][] on ``z`` with the same options: for an
     integer target ``y``, ``ℓ_n = (1-ε)·w[y_n]·(lse_n - z[n, y_n]) +
     (ε/C)·Σ_c w_c·(lse_n - z[n, c]) + z_loss·lse_n²`` (0 where
     ``y_n == ignore_index``), ``"mean"`` dividing by ``Σ_n w[y_n]``; for class
@@ -804,7 +831,8 @@ def linear_cross_entropy(
       ignore_index: integer target value that is ignored (must be negative
         with probability targets).
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
-      label_smoothing: ``ε`` in ``[0, 1]``.
+      label_smoothing: ``ε`` in ``[0, 1]`` (a traced value outside makes the
+        loss and its gradients NaN).
       z_loss: coefficient ``>= 0`` of ``lse²`` added per non-ignored token.
       soft_cap: ``None`` or a cap ``> 0``: logits become ``cap·tanh(z/cap)``.
       where: optional boolean mask broadcastable to ``(..., V)``; excluded
@@ -834,7 +862,9 @@ def linear_cross_entropy(
 
     Returns:
       The loss (scalar, or ``x.shape[:-1]`` for ``"none"``) in the dtype of
-      ``x @ w``; with ``return_lse``, ``(loss, lse)``.
+      ``x @ w``; with ``return_lse``, ``(loss, lse)``. A traced target
+      outside ``[0, V)`` that is not ``ignore_index`` gives NaN, with NaN
+      gradients (that token's for ``"none"``, all of them otherwise).
 
     Raises:
       TypeError: non-floating ``x``/``w``/``bias``, a target that is neither
@@ -842,7 +872,7 @@ def linear_cross_entropy(
       ValueError: mismatched shapes of ``x``, ``w``, ``bias``, ``target`` or
         ``where``, a ``chunk_size`` or ``vocab_chunk_size`` that is not a
         positive int, ``soft_cap <= 0``, ``z_loss < 0``, and every error
-        :func:`jxent.cross_entropy` raises.
+        [`jxent.cross_entropy`][] raises.
 
     Examples:
       >>> import jax

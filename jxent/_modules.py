@@ -1,20 +1,27 @@
 """Callable loss objects for code ported from ``torch.nn``.
 
-They are pytrees: ``weight`` and ``label_smoothing`` are leaves (traced when
-the object is passed into ``jit``, so new values never recompile), while
-``ignore_index``, ``reduction``, ``axis`` and ``log_target`` are static
-metadata (``pos_weight`` of ``BCEWithLogitsLoss`` is a leaf too). Options are
-validated when a user builds an object, never when JAX rebuilds one from its
-leaves: ``jax.tree.map`` with any leaves (None, bools,
+``weight``, ``label_smoothing`` and ``pos_weight`` are *buffers*, as in
+``torch.nn``, where they are never ``Parameter``s: a concrete value is static
+configuration (part of the pytree structure, compared and hashed by value,
+like ``reduction``), never a leaf. No optimiser, gradient filter or weight
+decay sees it: ``eqx.filter(model, eqx.is_inexact_array)`` and
+``nnx.Optimizer(..., wrt=nnx.Param)`` leave it bit-identical, and a flax nnx
+``Module`` may hold a loss object as a plain attribute. A value that is traced
+when the object is built (inside ``jit``, ``vmap`` or ``grad``) is a leaf, so
+losses built inside a transformed function stay traceable; the functional API
+(:func:`jxent.cross_entropy` and friends) differentiates every floating input.
+
+Options are validated when a user builds an object, never when JAX rebuilds
+one from its tree: ``jax.tree.map`` with any leaves (None, bools,
 ``ShapeDtypeStruct``), ``equinox.partition``/``combine``/``filter_grad`` and
 optimiser states over a model that holds a loss object all work. An object
-whose leaves are concrete is also hashable, so it can be a static argument.
+whose buffers are concrete is hashable, so it can be a static argument.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import dataclass_transform
+from typing import Any, dataclass_transform
 
 import jax
 import numpy as np
@@ -34,26 +41,50 @@ from jxent._validation import (
 )
 
 
-def _leaf_key(value: object) -> object:
-    """A hashable stand-in for a concrete leaf (arrays by value)."""
+def _value_key(value: object) -> object:
+    """A hashable stand-in for a concrete buffer (arrays by value)."""
     if value is None:
         return None
     if not is_concrete(value):
         raise TypeError(
-            "A loss object with traced `weight` or `label_smoothing` is not "
-            "hashable; pass it as a regular (pytree) argument instead."
+            "A loss object built from traced `weight`, `label_smoothing` or "
+            "`pos_weight` is not hashable; pass it as a regular (pytree) argument "
+            "instead, or build it from concrete values."
         )
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except Exception:  # a placeholder put there by jax.tree.map
+        return ("object", id(value))
     return (arr.shape, str(arr.dtype), arr.tobytes())
 
 
+class _Frozen:
+    """A concrete buffer in the pytree structure: equal and hashed by value."""
+
+    __slots__ = ("_hash", "key", "value")
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+        self.key = _value_key(value)
+        self._hash = hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Frozen) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"_Frozen({self.value!r})"
+
+
 class _LossModule:
-    """Shared equality and hashing by configuration (static fields and leaves)."""
+    """Shared equality and hashing by configuration (options and buffers)."""
 
     def _key(self) -> tuple:
         return tuple(
-            _leaf_key(getattr(self, f.name))
-            if f.metadata.get("leaf")
+            _value_key(getattr(self, f.name))
+            if f.metadata.get("buffer")
             else getattr(self, f.name)
             for f in dataclasses.fields(self)
         )
@@ -68,8 +99,8 @@ class _LossModule:
 def _check_label_smoothing_values(value: object) -> None:
     """Raises unless every concrete entry is in [0, 1].
 
-    A stacked module (for ``vmap``) may hold one value per member; traced
-    values cannot be checked.
+    A stacked module (built inside ``vmap``) may hold one value per member;
+    traced values cannot be checked.
     """
     if not is_concrete(value):
         return
@@ -84,36 +115,62 @@ def _check_label_smoothing_values(value: object) -> None:
         )
 
 
-_LEAF = {"leaf": True}
+_BUFFER = {"buffer": True}
 _STATIC = {"static": True}
+_TRACED = "traced"  # marks a buffer field whose value is a leaf
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
 def _loss_pytree(cls: type) -> type:
     """Makes ``cls`` a frozen dataclass and a pytree that unflattens unchecked.
 
-    Fields with ``metadata={"leaf": True}`` are the leaves; the others are
-    static (part of the tree structure). Unflattening sets the fields directly,
-    without ``__init__``/``__post_init__``, so JAX and equinox can put any
-    placeholder into a leaf; users' constructor calls still validate.
+    Fields with ``metadata={"buffer": True}`` are buffers: a concrete value is
+    kept in the tree structure (wrapped in :class:`_Frozen`), a traced one is a
+    leaf. The other fields are static options. Unflattening sets the fields
+    directly, without ``__init__``/``__post_init__``, so JAX and equinox can
+    put any placeholder into a leaf; users' constructor calls still validate.
     """
     cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
     fields = dataclasses.fields(cls)
-    leaves = tuple(f.name for f in fields if f.metadata.get("leaf"))
-    statics = tuple(f.name for f in fields if not f.metadata.get("leaf"))
+    buffers = tuple(f.name for f in fields if f.metadata.get("buffer"))
+    statics = tuple(f.name for f in fields if not f.metadata.get("buffer"))
+
+    def structure(obj: Any) -> tuple[tuple, list[str]]:
+        """``(aux, traced buffer names)``; the aux is cached on the object."""
+        cached = obj.__dict__.get("_pytree_aux")
+        if cached is None:
+            kinds = []
+            traced = []
+            for name in buffers:
+                value = getattr(obj, name)
+                if is_concrete(value):
+                    kinds.append(_Frozen(value))
+                else:
+                    kinds.append(_TRACED)
+                    traced.append(name)
+            aux = (tuple(getattr(obj, n) for n in statics), tuple(kinds))
+            cached = (aux, traced)
+            if not traced:  # tracers must not outlive their trace in a cache
+                object.__setattr__(obj, "_pytree_aux", cached)
+        return cached
 
     def flatten_with_keys(obj):
-        children = [(jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in leaves]
-        return children, tuple(getattr(obj, n) for n in statics)
+        aux, traced = structure(obj)
+        children = [(jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in traced]
+        return children, aux
 
     def flatten(obj):
-        children = [getattr(obj, n) for n in leaves]
-        return children, tuple(getattr(obj, n) for n in statics)
+        aux, traced = structure(obj)
+        return [getattr(obj, n) for n in traced], aux
 
     def unflatten(aux, children):
         obj = object.__new__(cls)
-        pairs = (*zip(statics, aux, strict=True), *zip(leaves, children, strict=True))
-        for name, value in pairs:
+        static_values, kinds = aux
+        for name, value in zip(statics, static_values, strict=True):
+            object.__setattr__(obj, name, value)
+        leaves = iter(children)
+        for name, kind in zip(buffers, kinds, strict=True):
+            value = next(leaves) if kind is _TRACED else kind.value
             object.__setattr__(obj, name, value)
         return obj
 
@@ -123,7 +180,18 @@ def _loss_pytree(cls: type) -> type:
 
 @_loss_pytree
 class NLLLoss(_LossModule):
-    """``torch.nn.NLLLoss``: calls :func:`jxent.nll_loss` with stored options.
+    """``torch.nn.NLLLoss``: calls [`jxent.nll_loss`][] with stored options.
+
+    ``weight`` is a buffer, as in ``torch.nn``: a concrete value is static
+    configuration (compared and hashed by value, never a pytree leaf, so no
+    optimizer trains it); a traced value given to the constructor stays a
+    traced leaf. Each argument is stored as the attribute of the same name.
+
+    Args:
+      weight: optional length-C class weights; a buffer (never trained).
+      ignore_index: target value that is ignored (contributes nothing).
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -133,7 +201,7 @@ class NLLLoss(_LossModule):
       Array(0.6931..., dtype=float32)
     """
 
-    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
+    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_BUFFER)
     _: dataclasses.KW_ONLY
     ignore_index: int = dataclasses.field(default=-100, metadata=_STATIC)
     reduction: Reduction = dataclasses.field(default="mean", metadata=_STATIC)
@@ -157,7 +225,20 @@ class NLLLoss(_LossModule):
 
 @_loss_pytree
 class CrossEntropyLoss(_LossModule):
-    """``torch.nn.CrossEntropyLoss``: calls :func:`jxent.cross_entropy`.
+    """``torch.nn.CrossEntropyLoss``: calls [`jxent.cross_entropy`][].
+
+    ``weight`` and ``label_smoothing`` are buffers, as in ``torch.nn``: a
+    concrete value is static configuration (compared and hashed by value,
+    never a pytree leaf, so no optimizer trains it); a traced value given to
+    the constructor stays a traced leaf. Each argument is stored as the
+    attribute of the same name.
+
+    Args:
+      weight: optional length-C class weights; a buffer (never trained).
+      ignore_index: integer target value that is ignored (contributes nothing).
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      label_smoothing: ``ε`` in ``[0, 1]``; a buffer (never trained).
+      axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -167,11 +248,11 @@ class CrossEntropyLoss(_LossModule):
       Array(0.3728..., dtype=float32)
     """
 
-    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
+    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_BUFFER)
     _: dataclasses.KW_ONLY
     ignore_index: int = dataclasses.field(default=-100, metadata=_STATIC)
     reduction: Reduction = dataclasses.field(default="mean", metadata=_STATIC)
-    label_smoothing: ArrayLike = dataclasses.field(default=0.0, metadata=_LEAF)
+    label_smoothing: ArrayLike = dataclasses.field(default=0.0, metadata=_BUFFER)
     axis: int = dataclasses.field(default=-1, metadata=_STATIC)
 
     def __post_init__(self) -> None:
@@ -194,7 +275,13 @@ class CrossEntropyLoss(_LossModule):
 
 @_loss_pytree
 class KLDivLoss(_LossModule):
-    """``torch.nn.KLDivLoss``: calls :func:`jxent.kl_div` with stored options.
+    """``torch.nn.KLDivLoss``: calls [`jxent.kl_div`][] with stored options.
+
+    Each argument is stored as the attribute of the same name.
+
+    Args:
+      reduction: ``"none"``, ``"batchmean"`` (the true KL), ``"sum"`` or ``"mean"``.
+      log_target: whether ``target`` is given in log space.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -221,7 +308,16 @@ class KLDivLoss(_LossModule):
 
 @_loss_pytree
 class BCELoss(_LossModule):
-    """``torch.nn.BCELoss``: calls :func:`jxent.binary_cross_entropy`.
+    """``torch.nn.BCELoss``: calls [`jxent.binary_cross_entropy`][].
+
+    ``weight`` is a buffer, as in ``torch.nn``: a concrete value is static
+    configuration (compared and hashed by value, never a pytree leaf, so no
+    optimizer trains it); a traced value given to the constructor stays a
+    traced leaf. Each argument is stored as the attribute of the same name.
+
+    Args:
+      weight: optional weights broadcastable to the input; a buffer.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -231,7 +327,7 @@ class BCELoss(_LossModule):
       Array(0.7985..., dtype=float32)
     """
 
-    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
+    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_BUFFER)
     _: dataclasses.KW_ONLY
     reduction: Reduction = dataclasses.field(default="mean", metadata=_STATIC)
 
@@ -247,7 +343,19 @@ class BCELoss(_LossModule):
 
 @_loss_pytree
 class BCEWithLogitsLoss(_LossModule):
-    """``torch.nn.BCEWithLogitsLoss``: calls ``binary_cross_entropy_with_logits``.
+    """``torch.nn.BCEWithLogitsLoss``: the logits loss with stored options.
+
+    Calls [`jxent.binary_cross_entropy_with_logits`][]. ``weight`` and
+    ``pos_weight`` are buffers, as in ``torch.nn``: a concrete value is static
+    configuration (compared and hashed by value, never a pytree leaf, so no
+    optimizer trains it); a traced value given to the constructor stays a
+    traced leaf. Each argument is stored as the attribute of the same name.
+
+    Args:
+      weight: optional weights broadcastable to the input; a buffer.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      pos_weight: optional weights of the positive term (length C weights each
+        class, the last axis); a buffer (never trained).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -257,10 +365,10 @@ class BCEWithLogitsLoss(_LossModule):
       Array(1.0397..., dtype=float32)
     """
 
-    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
+    weight: ArrayLike | None = dataclasses.field(default=None, metadata=_BUFFER)
     _: dataclasses.KW_ONLY
     reduction: Reduction = dataclasses.field(default="mean", metadata=_STATIC)
-    pos_weight: ArrayLike | None = dataclasses.field(default=None, metadata=_LEAF)
+    pos_weight: ArrayLike | None = dataclasses.field(default=None, metadata=_BUFFER)
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction)

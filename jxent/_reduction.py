@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
+from jxent._safe_math import poison
 from jxent._sharding import batch_sum
 
 
@@ -17,7 +19,9 @@ def safe_divide(numerator: jax.Array, denominator: ArrayLike) -> jax.Array:
     """
     denominator = jnp.asarray(denominator, numerator.dtype)
     is_zero = denominator == 0
-    return jnp.where(is_zero, 0.0, numerator / jnp.where(is_zero, 1.0, denominator))
+    # A NaN numerator (bad data) stays NaN, also over a zero denominator.
+    empty = jnp.where(jnp.isnan(numerator), numerator, 0.0)
+    return jnp.where(is_zero, empty, numerator / jnp.where(is_zero, 1.0, denominator))
 
 
 def dense_sum(x: jax.Array) -> jax.Array:
@@ -59,19 +63,23 @@ def reduce_loss(
       batch_axes: inside ``jax.shard_map``, mesh axes over which the batch is
         split: the sum and the denominator are all-reduced over them.
       elementwise: ``loss`` is a large element-wise loss (the input's shape):
-        summed with :func:`dense_sum`.
+        summed with ``dense_sum``.
 
     Returns:
-      The reduced loss, cast to ``out_dtype``.
+      The reduced loss, cast to ``out_dtype``. A NaN sum or mean (bad data
+      somewhere in the batch) has NaN derivatives w.r.t. everything it
+      depends on, not only the bad positions' inputs.
     """
     out_dtype = loss.dtype if out_dtype is None else out_dtype
     if reduction == "none":
         return loss.astype(out_dtype)
     total = dense_sum(loss) if elementwise else jnp.sum(loss)
     total = batch_sum(total, batch_axes)
-    if reduction == "sum":
-        return total.astype(out_dtype)
-    if denominator is None:
-        denominator = loss.size
-    denominator = batch_sum(jnp.asarray(denominator, total.dtype), batch_axes)
-    return safe_divide(total, denominator).astype(out_dtype)
+    if reduction != "sum":
+        if denominator is None:
+            denominator = loss.size
+        denominator = batch_sum(jnp.asarray(denominator, total.dtype), batch_axes)
+        total = safe_divide(total, denominator)
+    # After the all-reduce: every batch shard sees the same NaN.
+    total = poison(total, jnp.isnan(lax.stop_gradient(total)))
+    return total.astype(out_dtype)

@@ -18,7 +18,7 @@ def check_target(
     ``cross_entropy`` and ``nll_loss`` raise for a bad concrete target, but
     under ``jit`` the values are unknown at trace time: there a bad index
     yields NaN. To get an error instead, pass the target through this function
-    and wrap the computation in :func:`jax.experimental.checkify.checkify`,
+    and wrap the computation in ``jax.experimental.checkify.checkify``,
     then call ``err.throw()``. Without ``checkify`` this function raises at
     trace time under ``jit`` (a checkify requirement), which is why the check
     is opt-in and not built into the losses.

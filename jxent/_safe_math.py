@@ -66,3 +66,38 @@ def xlogx(p: jax.Array) -> jax.Array:
 def _xlogx_jvp(primals, tangents):
     (p,), (t_p,) = primals, tangents
     return xlogx(p), (1.0 + jnp.log(p)) * t_p
+
+
+def poison(value: jax.Array, bad: jax.Array) -> jax.Array:
+    """``value``, and NaN where ``bad`` with NaN derivatives there too.
+
+    Bad data (an out-of-range target, an option outside its range) must make
+    the gradients as unusable as the loss, so that finite-checks on gradients
+    (``optax.apply_if_finite``) reject the step: ``value · NaN`` carries NaN
+    into every tangent and cotangent of ``value``, where ``where(bad, NaN,
+    value)`` would give finite derivatives from the other branch.
+    """
+    return value * jnp.where(bad, jnp.nan, 1.0).astype(value.dtype)
+
+
+@jax.custom_jvp
+def poison_gradients(x: jax.Array, flag: jax.Array) -> jax.Array:
+    """``x`` itself, whose derivatives are NaN when ``flag`` is set.
+
+    For ``"mean"``/``"sum"`` over bad data (``flag``: any bad position or
+    option): every entry of the gradient w.r.t. ``x`` is NaN, also those that
+    the loss reaches through a gather or not at all (ignored positions, the
+    weights of classes no target names), where multiplying the loss by NaN
+    would leave zeros. Costs nothing in the forward pass.
+    """
+    del flag
+    return x
+
+
+@functools.partial(poison_gradients.defjvp, symbolic_zeros=True)
+def _poison_gradients_jvp(primals, tangents):
+    x, flag = primals
+    t_x, _ = tangents
+    if isinstance(t_x, SymbolicZero):  # not differentiated: stays skipped
+        return x, t_x
+    return x, t_x * jnp.where(flag, jnp.nan, 1.0).astype(t_x.dtype)

@@ -40,9 +40,12 @@ def as_float_array(x: ArrayLike, name: str) -> jax.Array:
     """Converts ``x`` to an array; ``TypeError`` unless its dtype is floating."""
     arr = jnp.asarray(x)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
+        # The dtype the caller passed (a NumPy int64 array, not the int32 that
+        # jnp.asarray turns it into without x64).
+        passed = getattr(x, "dtype", arr.dtype)
         raise TypeError(
             f"`{name}` must have a floating dtype (float16, bfloat16, float32 or "
-            f"float64), got {arr.dtype}."
+            f"float64), got {passed}."
         )
     return arr
 

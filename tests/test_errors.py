@@ -462,6 +462,28 @@ def test_trace_time_error(fn, args, exc, regex, jit_mode):
         maybe_jit(fn, jit_mode)(*args)
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8, np.bool_])
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("logits", lambda x: ce(x, np.zeros(4, np.int64))),
+        ("log_probs", lambda x: nll(x, np.zeros(4, np.int64))),
+        ("logits", lambda x: jxent.binary_cross_entropy_with_logits(x, PROBS)),
+        ("x", lambda x: jxent.log_softmax(x)),
+        ("input", lambda x: jxent.kl_div(x, PROBS)),
+    ],
+    ids=["cross_entropy", "nll_loss", "bce_with_logits", "log_softmax", "kl_div"],
+)
+def test_integer_numpy_input_reports_the_dtype_passed(name, call, dtype):
+    """A NumPy int64 array is named int64, not the int32 jnp.asarray makes of it
+    (x64 off)."""
+    x = np.zeros((4, C), dtype)
+    with pytest.raises(TypeError, match=rf"`{name}` must have a floating dtype"):
+        call(x)
+    with pytest.raises(TypeError, match=rf"got {np.dtype(dtype).name}\.$"):
+        call(x)
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -477,10 +499,12 @@ def test_constructor_rejects_bad_reduction_before_any_call(make):
         make()
 
 
-def test_traced_label_smoothing_is_not_range_checked_but_concrete_is():
-    """A traced value cannot be inspected; the concrete one must be."""
+def test_traced_label_smoothing_gives_nan_outside_and_concrete_raises():
+    """A traced value cannot raise: outside [0, 1] the loss is NaN."""
     f = jax.jit(lambda x, t, eps: ce(x, t, label_smoothing=eps))
     assert np.isfinite(f(LOGITS, TARGET, 0.5))
+    assert np.isnan(f(LOGITS, TARGET, 1.5))
+    assert np.isnan(f(LOGITS, TARGET, -0.5))
     with pytest.raises(ValueError, match=r"`label_smoothing`.*-0\.5"):
         ce(LOGITS, TARGET, label_smoothing=-0.5)
 
@@ -902,3 +926,25 @@ def test_target_shape_message_without_a_likely_fix_gives_no_hint():
     assert "class axis 1" not in message and "axis=-1" in message
     for hint in ("pass `axis", "squeeze", "argmax"):
         assert hint not in message
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 4), (2, 3, 3), (2, 3, 3, 3), (2, 3, 3, 4), (2, 3, 4, 3)]
+)
+def test_forgotten_axis_1_is_caught_iff_a_spatial_size_differs_from_c(shape):
+    """docs/porting.md: torch-layout logits (N, C, d1, ...) without `axis=1`.
+
+    Class indices: a ValueError unless every spatial size equals C (then the
+    default axis computes another loss, silently). Class probabilities: never
+    caught.
+    """
+    _, c, *spatial = shape
+    x = jax.random.normal(jax.random.key(0), shape)
+    t = jax.random.randint(jax.random.key(1), (shape[0], *spatial), 0, c)
+    if any(d != c for d in spatial):
+        with pytest.raises(ValueError, match=r"pass `axis=1`"):
+            ce(x, t)
+    else:
+        assert not np.isclose(ce(x, t), ce(x, t, axis=1))
+    q = jax.nn.softmax(jax.random.normal(jax.random.key(2), shape), axis=1)
+    assert not np.isclose(ce(x, q), ce(x, q, axis=1))

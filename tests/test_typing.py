@@ -20,6 +20,12 @@ def test_reduction_literals_are_the_accepted_values():
     assert set(typing.get_args(KLReduction)) == set(KL_REDUCTIONS)
 
 
+def test_reduction_types_are_public():
+    assert jxent.Reduction is Reduction
+    assert jxent.KLReduction is KLReduction
+    assert {"Reduction", "KLReduction"} <= set(jxent.__all__)
+
+
 def test_typed_user_script_runs(capsys):
     typing_user_script.main()
     assert "loss" in capsys.readouterr().out

@@ -1,12 +1,15 @@
 """A user's training script: CI checks it with ``mypy --strict`` (0 errors).
 
 It is written the way the README and the guides use jxent (``jax.jit``,
-``jax.grad``, ``return_lse``, the loss modules, ``linear_cross_entropy``), with
+``jax.grad``, ``return_lse``, the loss modules, ``linear_cross_entropy``, a
+configuration typed with ``jxent.Reduction``), with
 the annotations a strictly typed project would write and no casts or
 ``type: ignore``. tests/test_typing.py also runs it, so it stays a working script.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +61,31 @@ def per_example(logits: jax.Array, y: jax.Array) -> jax.Array:
     return losses.mean()
 
 
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """A typed training configuration: its reductions are the public aliases."""
+
+    reduction: jxent.Reduction = "sum"
+    kl_reduction: jxent.KLReduction = "batchmean"
+    label_smoothing: float = 0.1
+
+
+def configured_losses(
+    config: LossConfig, logits: jax.Array, y: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Losses whose ``reduction`` comes from a typed configuration object."""
+    ce = jxent.cross_entropy(
+        logits,
+        y,
+        reduction=config.reduction,
+        label_smoothing=config.label_smoothing,
+    )
+    module = jxent.CrossEntropyLoss(reduction=config.reduction)
+    log_q = jax.nn.log_softmax(logits)
+    kl = jxent.kl_div(log_q, jax.nn.softmax(logits), reduction=config.kl_reduction)
+    return ce, module(logits, y), kl
+
+
 def module_losses(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The torch-style modules: a weighted cross-entropy and an NLL."""
     weight = jnp.linspace(0.5, 1.5, logits.shape[-1])
@@ -98,8 +126,9 @@ def main() -> None:
     loss, z = loss_and_z_loss(logits, y)
     ce, nll = module_losses(logits, y)
     first, rest = lm_head_loss(x, params["w"].T, y)
+    configured = configured_losses(LossConfig(), logits, y)
     values = [loss, z, float(per_example(logits, y)), float(ce), float(nll)]
-    values += [first, float(rest)]
+    values += [first, float(rest), *(float(v) for v in configured)]
     assert all(jnp.isfinite(jnp.asarray(values))), values
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 

@@ -486,3 +486,76 @@ def test_linear_cross_entropy_two_dw_passes_shard_map(mesh_def, monkeypatch):
         assert g.dtype == jnp.bfloat16
         g = np.asarray(g, np.float32)
         np.testing.assert_allclose(g, r, rtol=2e-2, atol=1e-2 * np.abs(r).max())
+
+
+# A class axis split over two mesh axes: shard i of the (2, 4) mesh's 8 holds
+# classes [i·C/8, (i+1)·C/8), i row-major over the axes in the order the spec
+# (and class_axis_name) names them. Against torch float64 on the full logits.
+TWO_AXIS_ORDERS = [("a", "b"), ("b", "a")]
+
+
+def _torch_ce(logits, weight, label_smoothing, reduction, cotangent=None):
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.tensor(np.asarray(logits, np.float64), requires_grad=True)
+    loss = F.cross_entropy(
+        x, torch.tensor(TARGET), torch.tensor(np.asarray(weight, np.float64)),
+        label_smoothing=label_smoothing, reduction=reduction,
+    )  # fmt: skip
+    ct = torch.ones(()) if cotangent is None else torch.tensor(cotangent)
+    (loss * ct.to(torch.float64)).sum().backward()
+    return loss.detach().numpy(), x
+
+
+@pytest.mark.parametrize(
+    ("order", "reduction"),
+    [(("a", "b"), "none"), (("b", "a"), "none"), (("a", "b"), "mean")],
+    ids=["ab-none", "ba-none", "ab-mean"],
+)
+def test_class_axis_split_over_two_mesh_axes(order, reduction):
+    mesh = _mesh((2, 4), ("a", "b"))
+    fn = jax.shard_map(
+        lambda x, t, w: jxent.cross_entropy(
+            x, t, w, reduction=reduction, label_smoothing=0.1, class_axis_name=order
+        ),
+        mesh=mesh, in_specs=(P(None, order), P(), P(order)),
+        out_specs=P(),
+    )  # fmt: skip
+    ct = np.arange(1.0, N + 1.0) if reduction == "none" else np.ones(())
+
+    def total(x):
+        loss = fn(x, TARGET, WEIGHT)
+        return jnp.sum(loss * ct.astype(np.float32)), loss
+
+    (_, loss), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(LOGITS)
+    want, x = _torch_ce(LOGITS, WEIGHT, 0.1, reduction, ct)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", TWO_AXIS_ORDERS, ids="".join)
+def test_linear_cross_entropy_class_axis_split_over_two_mesh_axes(order):
+    import torch
+    import torch.nn.functional as F
+
+    mesh = _mesh((2, 4), ("a", "b"))
+    fn = jax.shard_map(
+        lambda x, w, t, weight: jxent.linear_cross_entropy(
+            x, w, t, weight, label_smoothing=0.1, chunk_size=5, class_axis_name=order
+        ),
+        mesh=mesh, in_specs=(P(), P(None, order), P(), P(order)), out_specs=P(),
+    )  # fmt: skip
+    loss, (gx, gw) = jax.jit(
+        jax.value_and_grad(lambda x, w: fn(x, w, TARGET, WEIGHT), argnums=(0, 1))
+    )(X, W)
+    xt = torch.tensor(X.astype(np.float64), requires_grad=True)
+    wt = torch.tensor(W.astype(np.float64), requires_grad=True)
+    want = F.cross_entropy(
+        xt @ wt, torch.tensor(TARGET), torch.tensor(WEIGHT.astype(np.float64)),
+        label_smoothing=0.1,
+    )  # fmt: skip
+    want.backward()
+    np.testing.assert_allclose(loss, want.item(), rtol=1e-5)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gw, wt.grad.numpy(), rtol=1e-5, atol=1e-6)

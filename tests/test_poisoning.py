@@ -1,0 +1,214 @@
+"""Bad data poisons the loss *and* its gradients, in both modes.
+
+Under ``jit`` a bad value cannot raise, so the loss is NaN; its gradients
+must be NaN too, or ``optax.apply_if_finite`` and every finite-check on
+gradients would let the step through with the bad row silently dropped:
+the gradients w.r.t. every floating input are NaN for ``"mean"`` and
+``"sum"``, and the bad position's for ``"none"``, in reverse and forward mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jxent
+
+RNG = np.random.default_rng(16)
+N, C, D = 6, 5, 4
+LOGITS = jnp.asarray(RNG.normal(size=(N, C)), jnp.float32)
+X = jnp.asarray(RNG.normal(size=(N, D)), jnp.float32)
+W = jnp.asarray(RNG.normal(size=(D, C)), jnp.float32)
+TARGET = jnp.array([0, 1, 2, 3, 4, 1])
+BAD_ROW = 3
+CLASS_WEIGHT = jnp.asarray([1.0, 2.0, 0.5, 1.5, 1.0])
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _bad_target(value=7):
+    return TARGET.at[BAD_ROW].set(value)
+
+
+def _assert_poisoned(reduction, values, grads, tangent, rows, dense_rows):
+    """NaN loss; NaN gradients (all of them, or the bad rows'); NaN tangent."""
+    values = np.asarray(values)
+    if reduction == "none":
+        for row in rows:  # an element-wise loss: NaN at the bad element
+            assert np.isnan(values[row]).any(), values
+        good = np.setdiff1d(np.arange(values.shape[0]), rows)
+        assert np.isfinite(values[good]).all(), values
+    else:
+        assert np.isnan(values), values
+    for g in grads:
+        g = np.asarray(g)
+        if reduction == "none" and g.ndim and g.shape[0] == N:
+            # Each bad row's gradient is NaN where its loss reaches (an
+            # element-wise loss's bad element; not a class excluded by where).
+            for row in rows:
+                assert np.isnan(g[row]).any(), g
+            if dense_rows:
+                assert np.isnan(g[list(rows)]).all(), g
+        elif reduction == "none":
+            assert np.isnan(g).any(), g  # shared parameters reached by the row
+        else:
+            assert np.isnan(g).all(), g
+    tangent = np.asarray(tangent)
+    if reduction == "none":
+        for row in rows:
+            assert np.isnan(tangent[row]).any(), tangent
+    else:
+        assert np.isnan(tangent), tangent
+
+
+def _check(fn, args, reduction, rows=(BAD_ROW,), data=(), dense_rows=False):
+    """Values, reverse-mode gradients of the sum w.r.t. every arg, a JVP.
+
+    ``args`` are the floating inputs (differentiated), ``data`` the integer
+    ones; all are traced, so nothing can be checked at trace time.
+    """
+    values = jax.jit(fn)(*args, *data)
+    argnums = tuple(range(len(args)))
+    total = lambda *a: jnp.sum(fn(*a))
+    grads = jax.jit(jax.grad(total, argnums=argnums))(*args, *data)
+    tangents = tuple(jnp.ones_like(a) for a in args)
+
+    def jvp(args, data):
+        return jax.jvp(lambda *a: fn(*a, *data), args, tangents)
+
+    _, tangent = jax.jit(jvp)(args, data)
+    _assert_poisoned(reduction, values, grads, tangent, rows, dense_rows)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bad", [7, 5, -1, -7])
+def test_cross_entropy_out_of_range_target(reduction, bad):
+    fn = lambda x, w, t: jxent.cross_entropy(x, t, w, reduction=reduction)
+    _check(
+        fn, (LOGITS, CLASS_WEIGHT), reduction, data=(_bad_target(bad),), dense_rows=True
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_target_on_an_excluded_class(reduction):
+    where = jnp.array([True, True, True, False, True])  # only row 3 targets 3
+    fn = lambda x, e, t: jxent.cross_entropy(
+        x, t, where=where, label_smoothing=e, reduction=reduction
+    )
+    _check(fn, (LOGITS, jnp.float32(0.1)), reduction, data=(TARGET,))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("eps", [1.5, -0.25, float("nan")])
+@pytest.mark.parametrize("soft", [False, True], ids=["int", "probs"])
+def test_cross_entropy_traced_label_smoothing_outside_unit_interval(
+    reduction, eps, soft
+):
+    target = jax.nn.softmax(LOGITS[::-1]) if soft else TARGET
+    fn = lambda x, e: jxent.cross_entropy(
+        x, target, label_smoothing=e, reduction=reduction
+    )
+    _check(fn, (LOGITS, jnp.float32(eps)), reduction, rows=tuple(range(N)))
+    # Inside [0, 1] the same program is finite (1 is allowed, as in torch).
+    for good in (0.0, 1.0, 0.5):
+        value, grads = jax.value_and_grad(
+            lambda x, e: jnp.sum(fn(x, e)), argnums=(0, 1)
+        )(LOGITS, jnp.float32(good))
+        assert np.isfinite(value)
+        assert all(np.isfinite(g).all() for g in grads)
+
+
+def test_issue_example_traced_label_smoothing():
+    # The issue's report: 2.28 for ε = 1.5; now NaN with NaN gradients.
+    fn = jax.jit(lambda e: jxent.cross_entropy(LOGITS, TARGET, label_smoothing=e))
+    assert np.isnan(fn(1.5))
+    assert np.isnan(jax.grad(fn)(1.5))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_traced_negative_z_loss(reduction):
+    fn = lambda x, z: jxent.cross_entropy(x, TARGET, z_loss=z, reduction=reduction)
+    _check(fn, (LOGITS, jnp.float32(-1e-3)), reduction, rows=tuple(range(N)))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nll_loss_out_of_range_target(reduction):
+    fn = lambda lp, w, t: jxent.nll_loss(lp, t, w, reduction=reduction)
+    log_probs = jax.nn.log_softmax(LOGITS)
+    _check(fn, (log_probs, CLASS_WEIGHT), reduction, data=(_bad_target(9),))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_out_of_range_target(reduction):
+    fn = lambda x, w, b, t: jxent.linear_cross_entropy(
+        x, w, t, bias=b, reduction=reduction, chunk_size=2
+    )
+    _check(fn, (X, W, jnp.zeros(C)), reduction, data=(_bad_target(7),), dense_rows=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_traced_label_smoothing(reduction):
+    fn = lambda x, w, e: jxent.linear_cross_entropy(
+        x, w, TARGET, label_smoothing=e, reduction=reduction, chunk_size=4
+    )
+    _check(fn, (X, W, jnp.float32(1.5)), reduction, rows=tuple(range(N)))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_binary_cross_entropy_probability_outside_unit_interval(reduction):
+    probs = jax.nn.sigmoid(LOGITS).at[BAD_ROW, 2].set(1.25)
+    target = (LOGITS > 0).astype(jnp.float32)
+    fn = lambda p, t: jxent.binary_cross_entropy(p, t, reduction=reduction)
+    with pytest.raises(ValueError, match="probs"):
+        fn(probs, target)  # concrete: refused
+    _check(fn, (probs, target), reduction)
+
+
+@pytest.mark.parametrize("reduction", ["none", "batchmean", "sum", "mean"])
+def test_kl_div_negative_target(reduction):
+    target = jax.nn.softmax(LOGITS[::-1]).at[BAD_ROW, 1].set(-0.1)
+    fn = lambda lp, t: jxent.kl_div(lp, t, reduction=reduction)
+    _check(fn, (jax.nn.log_softmax(LOGITS), target), reduction)
+
+
+def test_entropy_negative_probability():
+    probs = jax.nn.softmax(LOGITS).at[BAD_ROW, 1].set(-0.1)
+    _check(jxent.entropy, (probs,), "none")
+
+
+def test_module_built_with_a_traced_bad_label_smoothing():
+    def fn(x, e):
+        return jxent.CrossEntropyLoss(CLASS_WEIGHT, label_smoothing=e)(x, TARGET)
+
+    _check(fn, (LOGITS, jnp.float32(2.0)), "mean", rows=tuple(range(N)))
+
+
+@functools.cache
+def _guarded_step():
+    optimizer = optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=5)
+
+    def loss(params, target):
+        return jxent.linear_cross_entropy(X, params["w"], target, chunk_size=2)
+
+    @jax.jit
+    def step(params, state, target):
+        grads = jax.grad(loss)(params, target)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return optimizer, step
+
+
+def test_apply_if_finite_skips_a_step_with_a_bad_target():
+    optimizer, step = _guarded_step()
+    params = {"w": W}
+    state = optimizer.init(params)
+    skipped, state = step(params, state, _bad_target(7))
+    np.testing.assert_array_equal(skipped["w"], W)
+    assert int(state.notfinite_count) == 1
+    taken, _ = step(params, state, TARGET)
+    assert not np.array_equal(taken["w"], W)

@@ -9,8 +9,9 @@ Nothing non-finite is ever formed and masked afterwards: excluded classes
 (``where`` False or a ``-inf`` logit) and ignored positions have their logits
 replaced by 0 before any arithmetic, and every sum skips them by mask. Bad
 values seen only under ``jit`` (a target out of range, ``temperature <= 0``,
-``beta`` outside [0, 1]) multiply the result by NaN, which reaches the
-gradients as well (a select would give them zeros).
+``beta`` outside [0, 1]) multiply the result by NaN (``poison``), which
+reaches the gradients as well (a select would give them zeros); a NaN sum or
+mean has NaN gradients w.r.t. every input (``poison_gradients``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jax.typing import ArrayLike
 from jxent._classification import _as_int_target
 from jxent._kernels import compute_dtype, take_target
 from jxent._reduction import reduce_loss
+from jxent._safe_math import poison, poison_gradients
 from jxent._sharding import UNSHARDED, ClassShards
 from jxent._types import Reduction
 from jxent._validation import (
@@ -59,11 +61,6 @@ def sanitised(value: jax.Array, bad: jax.Array, safe: float) -> jax.Array:
     w.r.t. ``value`` too (a select would give it a zero gradient there).
     """
     return value + lax.stop_gradient(jnp.where(bad, safe - value, 0.0))
-
-
-def nan_where(bad: jax.Array, dtype) -> jax.Array:
-    """The factor ``NaN`` where ``bad``, else 1 (multiplies values and tangents)."""
-    return jnp.where(bad, jnp.nan, 1.0).astype(dtype)
 
 
 class SoftmaxParts(NamedTuple):
@@ -232,12 +229,10 @@ def _log_probs(logits, target, temperature, where, *, axis, ignore_index,
     lp = target_log_prob(parts, safe_target, axis)
     # A target whose logit is -inf has log-probability -inf (not NaN).
     lp = jnp.where(valid & pick_flag(impossible, safe_target, axis), -jnp.inf, lp)
-    factor = nan_where(bad, dtype)
-    lp = jnp.where(valid, lp, 0.0) * factor
+    lp = poison(jnp.where(valid, lp, 0.0), bad)
     if not return_entropy:
         return lp
-    ent = jnp.where(valid, parts.entropy(axis, UNSHARDED), 0.0) * factor
-    return lp, ent
+    return lp, poison(jnp.where(valid, parts.entropy(axis, UNSHARDED), 0.0), bad)
 
 
 def check_target_for(target, shape, axis, name, ignore_index):
@@ -418,11 +413,18 @@ def _distillation_loss(student, teacher, target, temperature, beta, *, axis,
     else:
         valid = target != ignore_index
         bad = valid & ~((target >= 0) & (target < student.shape[axis]))
+    if reduction != "none":
+        # A NaN sum or mean has NaN derivatives w.r.t. every input (also the
+        # ignored positions'), as jxent's other losses.
+        flag = jnp.any(bad) | bad_t | bad_beta
+        student, teacher, temperature, beta = (
+            poison_gradients(v, flag) for v in (student, teacher, temperature, beta)
+        )
     loss = distillation_terms(
         student.astype(dtype), teacher.astype(dtype), valid, temperature, beta,
         mode=mode, axis=axis,
     )  # fmt: skip
-    loss = loss * nan_where(bad | bad_t | bad_beta, dtype)
+    loss = poison(loss, bad | bad_t | bad_beta)
     denominator = jnp.sum(valid.astype(dtype))
     return reduce_loss(loss, reduction, denominator, dtype)
 
@@ -493,7 +495,8 @@ def distillation_loss(
       logits): a scalar, or the logits' shape without ``axis`` for
       ``"none"``. Under ``jit`` a target outside ``[0, C)`` (not
       ``ignore_index``) gives NaN at its position, and ``temperature <= 0`` or
-      ``beta`` outside ``[0, 1]`` NaN everywhere, values and gradients.
+      ``beta`` outside ``[0, 1]`` NaN everywhere, values and gradients; a NaN
+      ``"mean"`` or ``"sum"`` has NaN gradients w.r.t. every input.
 
     Raises:
       TypeError: integer logits or a non-integer ``target``.

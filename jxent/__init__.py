@@ -11,6 +11,10 @@ from jxent._information import entropy as entropy
 from jxent._information import kl_div as kl_div
 from jxent._linear import linear_cross_entropy as linear_cross_entropy
 from jxent._linear_heads import linear_argmax as linear_argmax
+from jxent._linear_heads import (
+    linear_distillation_loss as linear_distillation_loss,
+)
+from jxent._linear_heads import linear_log_probs as linear_log_probs
 from jxent._modules import BCELoss as BCELoss
 from jxent._modules import BCEWithLogitsLoss as BCEWithLogitsLoss
 from jxent._modules import CrossEntropyLoss as CrossEntropyLoss
@@ -43,6 +47,8 @@ __all__ = [
     "kl_div",
     "linear_argmax",
     "linear_cross_entropy",
+    "linear_distillation_loss",
+    "linear_log_probs",
     "log_probs",
     "log_softmax",
     "nll_loss",

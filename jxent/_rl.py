@@ -203,19 +203,32 @@ def _expand(v: jax.Array, axis: int) -> jax.Array:
     return jnp.expand_dims(v, axis)
 
 
-def _safe_temperature(temperature, dtype):
+def safe_temperature(temperature, dtype):
     t = jnp.asarray(temperature, dtype)
     bad = ~(t > 0)
     return sanitised(t, bad, 1.0), bad
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "return_entropy"))
-def _log_probs(logits, target, temperature, where, *, axis, ignore_index,
-               return_entropy):  # fmt: skip
-    dtype = compute_dtype(logits.dtype)
-    x = logits.astype(dtype)
-    num_classes = x.shape[axis]
-    temperature, bad_t = _safe_temperature(temperature, dtype)
+def token_log_probs(
+    x: jax.Array,
+    target: jax.Array,
+    temperature: ArrayLike,
+    where: jax.Array | None,
+    *,
+    axis: int,
+    ignore_index: int,
+    with_entropy: bool,
+    shards: ClassShards = UNSHARDED,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Per position ``(log p[target], entropy or None)`` of ``softmax(x / T)``.
+
+    ``x`` is in the accumulation dtype, classes on ``axis`` (with class
+    shards, this device's slice; ``target`` holds global indices); ``where``
+    has ``x``'s shape. Ignored positions give 0 with zero derivatives; a bad
+    target (out of range, on an excluded class) or temperature gives NaN.
+    """
+    num_classes = shards.num_classes(x.shape[axis])
+    temperature, bad_t = safe_temperature(temperature, x.dtype)
     valid = target != ignore_index
     in_range = (target >= 0) & (target < num_classes)
     safe_target = jnp.where(valid & in_range, target, 0).astype(jnp.int32)
@@ -224,15 +237,26 @@ def _log_probs(logits, target, temperature, where, *, axis, ignore_index,
     bad = bad_t | (valid & ~in_range)
     if where is not None:
         excluded = excluded | ~where
-        bad = bad | (valid & ~pick_flag(where, safe_target, axis))
-    parts = softmax_parts(x, excluded, temperature, axis)
-    lp = target_log_prob(parts, safe_target, axis)
+        bad = bad | (valid & ~pick_flag(where, safe_target, axis, shards))
+    parts = softmax_parts(x, excluded, temperature, axis, shards)
+    lp = target_log_prob(parts, safe_target, axis, shards)
     # A target whose logit is -inf has log-probability -inf (not NaN).
-    lp = jnp.where(valid & pick_flag(impossible, safe_target, axis), -jnp.inf, lp)
+    impossible_target = pick_flag(impossible, safe_target, axis, shards)
+    lp = jnp.where(valid & impossible_target, -jnp.inf, lp)
     lp = poison(jnp.where(valid, lp, 0.0), bad)
-    if not return_entropy:
-        return lp
-    return lp, poison(jnp.where(valid, parts.entropy(axis, UNSHARDED), 0.0), bad)
+    if not with_entropy:
+        return lp, None
+    return lp, poison(jnp.where(valid, parts.entropy(axis, shards), 0.0), bad)
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "return_entropy"))
+def _log_probs(logits, target, temperature, where, *, axis, ignore_index,
+               return_entropy):  # fmt: skip
+    lp, ent = token_log_probs(
+        logits.astype(compute_dtype(logits.dtype)), target, temperature, where,
+        axis=axis, ignore_index=ignore_index, with_entropy=return_entropy,
+    )  # fmt: skip
+    return (lp, ent) if return_entropy else lp
 
 
 def check_target_for(target, shape, axis, name, ignore_index):
@@ -404,7 +428,7 @@ def distillation_terms(
 def _distillation_loss(student, teacher, target, temperature, beta, *, axis,
                        ignore_index, reduction, mode):  # fmt: skip
     dtype = compute_dtype(jnp.result_type(student.dtype, teacher.dtype))
-    temperature, bad_t = _safe_temperature(temperature, dtype)
+    temperature, bad_t = safe_temperature(temperature, dtype)
     beta, bad_beta = safe_beta(beta, dtype)
     batch_shape = student.shape[:axis] + student.shape[axis + 1 :]
     if target is None:

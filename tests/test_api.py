@@ -29,6 +29,8 @@ EXPECTED_API = {
     "kl_div",
     "linear_argmax",
     "linear_cross_entropy",
+    "linear_distillation_loss",
+    "linear_log_probs",
     "log_probs",
     "log_softmax",
     "nll_loss",

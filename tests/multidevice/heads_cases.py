@@ -7,6 +7,7 @@ Run by tests/test_linear_heads.py in a subprocess with
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
@@ -66,3 +67,55 @@ def test_linear_argmax_under_jit_with_named_shardings():
     x, w = put(X, P("data")), put(W, P(None, "model"))
     got = jax.jit(lambda x, w: jxent.linear_argmax(x, w, chunk_size=4))(x, w)
     np.testing.assert_array_equal(got, np.argmax(X @ W, -1))
+
+
+XF = RNG.normal(size=(N, D)).astype(np.float32)
+WF = RNG.normal(size=(D, V)).astype(np.float32)
+BF = RNG.normal(size=V).astype(np.float32)
+TARGET = RNG.integers(0, V, size=N)
+TARGET[[1, 6]] = -100
+TARGET = np.where(np.isin(TARGET, [5, 20]), 0, TARGET)
+
+
+@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
+def test_linear_log_probs_shard_map(mesh_def):
+    """Values and gradients w.r.t. x, w, bias, temperature and soft_cap."""
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+    ct = np.arange(1.0, N + 1.0, dtype=np.float32)
+    kw = dict(where=MASK, return_entropy=True, chunk_size=3)
+
+    def local(x, w, b, t, m, temperature, cap):
+        return jxent.linear_log_probs(
+            x, w, t, bias=b, temperature=temperature, soft_cap=cap,
+            where=m, return_entropy=True, chunk_size=3,
+            class_axis_name="model", batch_axis_name=batch,
+        )  # fmt: skip
+
+    sharded = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(batch), P(None, "model"), P("model"), P(batch), P("model"),
+                  P(), P()),
+        out_specs=(P(batch), P(batch)),
+    )  # fmt: skip
+
+    def total(f):
+        def g(x, w, b, temperature, cap):
+            lp, ent = f(x, w, b, temperature, cap)
+            return jnp.sum(lp * ct) + jnp.sum(ent), (lp, ent)
+
+        grads = jax.value_and_grad(g, argnums=(0, 1, 2, 3, 4), has_aux=True)
+        return jax.jit(grads)(XF, WF, BF, 0.7, 3.0)
+
+    (_, got), got_grads = total(
+        lambda x, w, b, temp, cap: sharded(x, w, b, TARGET, MASK, temp, cap)
+    )
+    (_, want), want_grads = total(
+        lambda x, w, b, temp, cap: jxent.linear_log_probs(
+            x, w, TARGET, bias=b, temperature=temp, soft_cap=cap, **kw
+        )
+    )
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

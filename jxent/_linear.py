@@ -132,6 +132,17 @@ class _Params(NamedTuple):
 # Inputs whose slices of the class axis live on this device (with class shards
 # their contributions to a tangent are summed over the shards).
 _CLASS_SLICED = ("w", "bias", "probs", "weight", "teacher_w", "teacher_bias")
+
+
+def _class_sliced(static: _Static) -> tuple[str, ...]:
+    """The inputs sliced over the class shards (their tangent terms are summed).
+
+    A head names its own: its token input may be replicated over the class
+    shards, and the gradient w.r.t. it then already summed.
+    """
+    return _CLASS_SLICED if static.head is None else static.head.class_sliced
+
+
 # Inputs used whole by every chunk: their gradients are accumulated over chunks.
 _SMALL = ("weight", "label_smoothing", "z_loss", "soft_cap", "temperature", "beta",
           "teacher_w", "teacher_bias")  # fmt: skip
@@ -459,7 +470,7 @@ def _contract(grads: dict, tangents: _Params, static: _Static, dtype):
             )
         else:
             term = jnp.sum(g.astype(dtype) * t.astype(dtype))
-        (sliced if name in _CLASS_SLICED else local).append(term)
+        (sliced if name in _class_sliced(static) else local).append(term)
     total = jnp.zeros((), dtype)
     if sliced:
         total = total + static.shards.sum(functools.reduce(jnp.add, sliced))

@@ -45,7 +45,7 @@ from jxent._rl import (
     token_log_probs,
 )
 from jxent._safe_math import poison, poison_gradients
-from jxent._sharding import UNSHARDED, ClassShards, as_axis_names
+from jxent._sharding import UNSHARDED, ClassShards, as_axis_names, batch_sum
 from jxent._types import Reduction
 from jxent._validation import (
     as_float_array,
@@ -275,6 +275,7 @@ class _LogProbsHead(NamedTuple):
     """Per-tile ``(log p[target], entropy)`` (hashable: a static option)."""
 
     with_entropy: bool
+    class_sliced: tuple[str, ...] = ("w", "bias")
 
     def __call__(self, logits, probs_c, target_c, mask_c, small, static: _Static):
         del probs_c
@@ -501,6 +502,9 @@ class _DistillationHead(NamedTuple):
     """
 
     mode: str
+    # The teacher's hidden states are replicated over class shards: the
+    # gradient of the tile w.r.t. them is already summed over the shards.
+    class_sliced: tuple[str, ...] = ("w", "bias", "teacher_w", "teacher_bias")
 
     def __call__(self, logits, teacher_x_c, target_c, mask_c, small, static):
         del mask_c
@@ -540,6 +544,7 @@ def _linear_distillation_loss(p: _Params, data: _Data, *, static, reduction):
     bad = jnp.any(valid & ~((target >= 0) & (target < num_classes)))
     bad = bad | safe_temperature(p.temperature, acc)[1]
     bad = bad | safe_beta(p.beta, acc)[1]
+    bad = batch_sum(bad.astype(jnp.int32), static.batch_axes) > 0  # one flag
     p = _Params(*(None if v is None else poison_gradients(v, bad) for v in p))
     total = _summed_loss(static, p, data)
     denominator = jnp.sum(valid.astype(acc))

@@ -319,22 +319,23 @@ def test_linear_distillation_matches_float64_reference(reduction):
                 np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5, err_msg=str(i))
 
 
-def test_linear_distillation_check_grads_order_2_both_modes():
+def test_linear_distillation_check_grads_both_modes():
+    """Every floating input, first order (the issue's requirement; order 2
+    passes as well but takes a minute on 2 cores); the "mean" path, whose
+    gradients are formed with the loss (the per-token path is
+    linear_log_probs's, checked to order 2)."""
     with x64():
-        args = tuple(a[:5] if a.shape[0] == N else a for a in DISTILL_ARGS)
+        args = tuple(a[:3] if a.shape[0] == N else a[..., :6] for a in DISTILL_ARGS)
         args = tuple(a.astype(np.float64) for a in args)
 
         def f(x, w, b, tx, tw, tb, temperature, beta):
-            kw = dict(bias=b, teacher_bias=tb, temperature=temperature, chunk_size=2)
-            total = jxent.linear_distillation_loss(x, w, tx, tw, TARGET[:5],
-                                                   beta=beta, **kw)  # fmt: skip
-            per_token = jxent.linear_distillation_loss(
-                x, w, tx, tw, beta=0.0, reduction="none", **kw
-            )
-            return total + jnp.sum(per_token * jnp.arange(1.0, 6.0))
+            return jxent.linear_distillation_loss(
+                x, w, tx, tw, TARGET[:3], bias=b, teacher_bias=tb, beta=beta,
+                temperature=temperature, chunk_size=2,
+            )  # fmt: skip
 
-        check_grads(jax.jit(f), (*args, 1.2, 0.4), order=2, modes=("fwd", "rev"),
-                    atol=1e-5, rtol=1e-5)  # fmt: skip
+        check_grads(jax.jit(f), (*args, 1.2, 0.4), order=1, modes=("fwd", "rev"),
+                    atol=1e-6, rtol=1e-6)  # fmt: skip
 
 
 def test_linear_distillation_bad_input():

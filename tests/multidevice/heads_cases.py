@@ -119,3 +119,50 @@ def test_linear_log_probs_shard_map(mesh_def):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
     for a, b in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+TX = RNG.normal(size=(N, 3)).astype(np.float32)  # the teacher's hidden size: 3
+TW = RNG.normal(size=(3, V)).astype(np.float32)
+TB = RNG.normal(size=V).astype(np.float32)
+
+
+@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_distillation_loss_shard_map(mesh_def, reduction):
+    """Values and gradients w.r.t. every floating input, beta traced."""
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+    ct = np.arange(1.0, N + 1.0, dtype=np.float32) if reduction == "none" else 1.0
+
+    def local(x, w, b, tx, tw, tb, t, temperature, beta):
+        return jxent.linear_distillation_loss(
+            x, w, tx, tw, t, bias=b, teacher_bias=tb, beta=beta,
+            temperature=temperature, reduction=reduction, chunk_size=3,
+            class_axis_name="model", batch_axis_name=batch,
+        )  # fmt: skip
+
+    vocab = P(None, "model")
+    sharded = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(batch), vocab, P("model"), P(batch), vocab, P("model"),
+                  P(batch), P(), P()),
+        out_specs=P(batch) if reduction == "none" else P(),
+    )  # fmt: skip
+
+    def total(f):
+        def g(*args):
+            return jnp.sum(f(*args) * ct)
+
+        grads = jax.value_and_grad(g, argnums=tuple(range(8)))
+        return jax.jit(grads)(XF, WF, BF, TX, TW, TB, 1.3, 0.3)
+
+    got = total(lambda *a: sharded(*a[:6], TARGET, *a[6:]))
+    want = total(
+        lambda x, w, b, tx, tw, tb, temperature, beta: jxent.linear_distillation_loss(
+            x, w, tx, tw, TARGET, bias=b, teacher_bias=tb, beta=beta,
+            temperature=temperature, reduction=reduction, chunk_size=3,
+        )
+    )  # fmt: skip
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for a, b in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

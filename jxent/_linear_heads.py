@@ -67,10 +67,13 @@ class _HeadStatic(NamedTuple):
     shards: ClassShards = UNSHARDED
 
 
-def check_head_inputs(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None):
+def check_head_inputs(
+    x: ArrayLike, w: ArrayLike, bias: ArrayLike | None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``(x, w, bias)`` as arrays of one floating dtype, shapes checked."""
     x = as_float_array(x, "x")
     w = as_float_array(w, "w")
+    b = None if bias is None else as_float_array(bias, "bias")
     if x.ndim < 1:
         raise ValueError(f"`x` must have shape (..., D), got a scalar {x.shape}.")
     if w.ndim != 2 or w.shape[0] != x.shape[-1] or w.shape[1] == 0:
@@ -79,13 +82,11 @@ def check_head_inputs(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None):
             f"V >= 1, got w.shape={w.shape} (x.shape={x.shape})."
         )
     dtype = jnp.result_type(x.dtype, w.dtype)
-    if bias is not None:
-        bias = as_float_array(bias, "bias")
-        if bias.shape != (w.shape[1],):
-            raise ValueError(
-                f"`bias` must have shape (V,) = ({w.shape[1]},), got {bias.shape}."
-            )
-    return x.astype(dtype), w.astype(dtype), bias
+    if b is not None and b.shape != (w.shape[1],):
+        raise ValueError(
+            f"`bias` must have shape (V,) = ({w.shape[1]},), got {b.shape}."
+        )
+    return x.astype(dtype), w.astype(dtype), b
 
 
 def head_chunks(x, vocab, chunk_size, vocab_chunk_size, *, where: bool):

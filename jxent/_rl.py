@@ -203,7 +203,7 @@ def _expand(v: jax.Array, axis: int) -> jax.Array:
     return jnp.expand_dims(v, axis)
 
 
-def safe_temperature(temperature, dtype):
+def safe_temperature(temperature: ArrayLike, dtype) -> tuple[jax.Array, jax.Array]:
     t = jnp.asarray(temperature, dtype)
     bad = ~(t > 0)
     return sanitised(t, bad, 1.0), bad
@@ -390,7 +390,7 @@ def log_probs(
 # --- distillation_loss ------------------------------------------------------------
 
 
-def safe_beta(beta, dtype):
+def safe_beta(beta: ArrayLike, dtype) -> tuple[jax.Array, jax.Array]:
     """``(beta, bad)``: beta sanitised to 0.5 where it is outside [0, 1]."""
     b = jnp.asarray(beta, dtype)
     bad = ~((b >= 0) & (b <= 1))

@@ -369,6 +369,22 @@ def test_linear_distillation_bad_input():
         assert all(np.all(np.isnan(g)) for g in grads)
 
 
+def test_vmap_of_the_heads():
+    x, t, tx = X[:10].reshape(2, 5, D), TARGET[:10].reshape(2, 5), TX[:10]
+    tx = tx.reshape(2, 5, DT)
+    lp = jax.vmap(lambda x, t: jxent.linear_log_probs(x, W, t, chunk_size=2))(x, t)
+    np.testing.assert_allclose(lp, jxent.linear_log_probs(x, W, t), rtol=1e-6)
+
+    def grad(loss):
+        return jax.vmap(jax.grad(loss, argnums=(0, 1)))(x, tx)
+
+    fused = grad(lambda x, tx: jxent.linear_distillation_loss(
+        x, W, tx, TW, beta=0.5, chunk_size=2))  # fmt: skip
+    plain = grad(lambda x, tx: jxent.distillation_loss(x @ W, tx @ TW, beta=0.5))
+    for a, b in zip(fused, plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 CASES = Path(__file__).parent / "multidevice" / "heads_cases.py"
 
 

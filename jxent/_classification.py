@@ -84,6 +84,24 @@ def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
     return jnp.where(coef == 0, 0.0, coef * value)
 
 
+def _poisoned_inputs(
+    logits: jax.Array, weight: jax.Array | None, flag: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
+    """Logits and class weights whose derivatives are all NaN if ``flag``.
+
+    For a sum or mean over bad data, where the NaN cotangent alone would
+    leave zeros at what the loss reaches through a gather or not at all
+    (ignored rows, classes no target names). The weights are multiplied by
+    NaN then (the loss is NaN anyway): unlike a ``custom_jvp``, a product
+    keeps unbatched weights unbatched under ``vmap`` and lets them vary over
+    fewer ``shard_map`` axes than the flag.
+    """
+    logits = poison_gradients(logits, flag)
+    if weight is not None:
+        weight = weight * jnp.where(flag, jnp.nan, 1.0).astype(weight.dtype)
+    return logits, weight
+
+
 def invalid_options(
     label_smoothing: jax.Array | float,
     z_loss: jax.Array | float,
@@ -142,11 +160,7 @@ def hard_target_loss(
         label_smoothing, z_loss, smoothing=smoothing, with_z_loss=with_z_loss
     )
     if poison_inputs:
-        flag = jnp.any(bad)
-        logits, weight, label_smoothing, z_loss, soft_cap = (
-            None if v is None else poison_gradients(v, flag)
-            for v in (logits, weight, label_smoothing, z_loss, soft_cap)
-        )
+        logits, weight = _poisoned_inputs(logits, weight, jnp.any(bad))
     terms = target_terms(target, weight, num_classes, ignore_index, dtype, shards)
     weight = None if weight is None else weight.astype(dtype)
     lse, nll, smooth = cross_entropy_stats(
@@ -235,10 +249,8 @@ def _reduce_hard(loss, target_weight, reduction, out_dtype, batch_axes=()):
 def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
     dtype = compute_dtype(log_probs.dtype)
     if reduction != "none":  # a bad target: NaN derivatives everywhere
-        flag = jnp.any(target_terms(target, None, log_probs.shape[axis],
-                                    ignore_index, dtype).bad)  # fmt: skip
-        log_probs = poison_gradients(log_probs, flag)
-        weight = None if weight is None else poison_gradients(weight, flag)
+        checked = target_terms(target, None, log_probs.shape[axis], ignore_index, dtype)
+        log_probs, weight = _poisoned_inputs(log_probs, weight, jnp.any(checked.bad))
     terms = target_terms(target, weight, log_probs.shape[axis], ignore_index, dtype)
     picked = take_target(log_probs, terms.safe_target, axis).astype(dtype)
     loss = jnp.where(terms.valid, _scaled(terms.target_weight, -picked), 0.0)

@@ -40,13 +40,11 @@ from jxent._classification import (
     _as_int_target,
     _is_static_zero,
     hard_target_loss,
-    invalid_options,
     soft_target_loss,
     target_terms,
 )
 from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
-from jxent._safe_math import poison_gradients
 from jxent._sharding import UNSHARDED, ClassShards, as_axis_names
 from jxent._types import Reduction
 from jxent._validation import (
@@ -573,29 +571,6 @@ def _denominator(p: _Params, data: _Data, static: _Static, dtype):
     return jnp.sum(terms.target_weight)
 
 
-def _poisoned_inputs(p: _Params, data: _Data, static: _Static) -> _Params:
-    """``p`` whose derivatives are all NaN if a target or option is bad.
-
-    The sum or mean is NaN then; its gradient must be NaN everywhere too, also
-    for ignored tokens and class weights no target names (a target on a class
-    excluded by ``where`` is caught per tile: its token's derivatives are NaN).
-    """
-    bad = invalid_options(
-        p.label_smoothing,
-        p.z_loss,
-        smoothing=static.smoothing,
-        with_z_loss=static.with_z_loss,
-    )
-    if not static.soft:
-        num_classes = static.shards.num_classes(p.w.shape[1])
-        dtype = _accumulation_dtype(p)
-        terms = target_terms(
-            data.target, None, num_classes, static.ignore_index, dtype, static.shards
-        )
-        bad = bad | jnp.any(terms.bad)
-    return _Params(*(None if v is None else poison_gradients(v, bad) for v in p))
-
-
 @functools.partial(jax.jit, static_argnames=("static", "reduction", "return_lse"))
 def _linear_cross_entropy(p: _Params, data: _Data, *, static, reduction, return_lse):
     batch_shape = p.x.shape[:-1]
@@ -612,8 +587,6 @@ def _linear_cross_entropy(p: _Params, data: _Data, *, static, reduction, return_
     out_dtype = p.x.dtype
     acc = compute_dtype(out_dtype)
     options = dict(batch_axes=static.batch_axes)
-    if reduction != "none":
-        p = _poisoned_inputs(p, data, static)
     if reduction != "none" and not return_lse:
         total = _summed_loss(static, p, data)
         denominator = _denominator(p, data, static, acc)

@@ -9,7 +9,7 @@ decay sees it: ``eqx.filter(model, eqx.is_inexact_array)`` and
 ``Module`` may hold a loss object as a plain attribute. A value that is traced
 when the object is built (inside ``jit``, ``vmap`` or ``grad``) is a leaf, so
 losses built inside a transformed function stay traceable; the functional API
-(:func:`jxent.cross_entropy` and friends) differentiates every floating input.
+(``jxent.cross_entropy`` and friends) differentiates every floating input.
 
 Options are validated when a user builds an object, never when JAX rebuilds
 one from its tree: ``jax.tree.map`` with any leaves (None, bools,
@@ -182,10 +182,8 @@ def _loss_pytree(cls: type) -> type:
 class NLLLoss(_LossModule):
     """``torch.nn.NLLLoss``: calls [`jxent.nll_loss`][] with stored options.
 
-    ``weight`` is a buffer, as in ``torch.nn``: a concrete value is static
-    configuration (compared and hashed by value, never a pytree leaf, so no
-    optimizer trains it); a traced value given to the constructor stays a
-    traced leaf. Each argument is stored as the attribute of the same name.
+    ``weight`` is a buffer, never trained (as ``CrossEntropyLoss``'s). Each
+    argument is stored as the attribute of the same name.
 
     Args:
       weight: optional length-C class weights; a buffer (never trained).
@@ -310,10 +308,8 @@ class KLDivLoss(_LossModule):
 class BCELoss(_LossModule):
     """``torch.nn.BCELoss``: calls [`jxent.binary_cross_entropy`][].
 
-    ``weight`` is a buffer, as in ``torch.nn``: a concrete value is static
-    configuration (compared and hashed by value, never a pytree leaf, so no
-    optimizer trains it); a traced value given to the constructor stays a
-    traced leaf. Each argument is stored as the attribute of the same name.
+    ``weight`` is a buffer, never trained (as ``CrossEntropyLoss``'s). Each
+    argument is stored as the attribute of the same name.
 
     Args:
       weight: optional weights broadcastable to the input; a buffer.
@@ -346,10 +342,8 @@ class BCEWithLogitsLoss(_LossModule):
     """``torch.nn.BCEWithLogitsLoss``: the logits loss with stored options.
 
     Calls [`jxent.binary_cross_entropy_with_logits`][]. ``weight`` and
-    ``pos_weight`` are buffers, as in ``torch.nn``: a concrete value is static
-    configuration (compared and hashed by value, never a pytree leaf, so no
-    optimizer trains it); a traced value given to the constructor stays a
-    traced leaf. Each argument is stored as the attribute of the same name.
+    ``pos_weight`` are buffers, never trained (as ``CrossEntropyLoss``'s).
+    Each argument is stored as the attribute of the same name.
 
     Args:
       weight: optional weights broadcastable to the input; a buffer.

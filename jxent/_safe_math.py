@@ -80,15 +80,23 @@ def poison(value: jax.Array, bad: jax.Array) -> jax.Array:
     return value * jnp.where(bad, jnp.nan, 1.0).astype(value.dtype)
 
 
+def _varying(a: jax.Array) -> frozenset:
+    """The shard_map axes over which ``a`` varies (empty outside shard_map)."""
+    kind = getattr(jax.typeof(a), "manual_axis_type", None)
+    return frozenset(getattr(kind, "varying", frozenset()))
+
+
 @jax.custom_jvp
 def poison_gradients(x: jax.Array, flag: jax.Array) -> jax.Array:
     """``x`` itself, whose derivatives are NaN when ``flag`` is set.
 
     For ``"mean"``/``"sum"`` over bad data (``flag``: any bad position or
-    option): every entry of the gradient w.r.t. ``x`` is NaN, also those that
-    the loss reaches through a gather or not at all (ignored positions, the
-    weights of classes no target names), where multiplying the loss by NaN
-    would leave zeros. Costs nothing in the forward pass.
+    option), every entry of the gradient w.r.t. ``x`` is NaN, also where the
+    loss reaches ``x`` through a gather or not at all (ignored positions),
+    where a NaN cotangent would leave zeros. Costs nothing in the forward
+    pass. For per-position inputs (logits), whose batch axes include the
+    flag's; elsewhere (a flag that varies over more shard_map axes than
+    ``x``) it leaves ``x``'s derivatives to the NaN cotangent.
     """
     del flag
     return x
@@ -98,6 +106,6 @@ def poison_gradients(x: jax.Array, flag: jax.Array) -> jax.Array:
 def _poison_gradients_jvp(primals, tangents):
     x, flag = primals
     t_x, _ = tangents
-    if isinstance(t_x, SymbolicZero):  # not differentiated: stays skipped
+    if isinstance(t_x, SymbolicZero) or not _varying(flag) <= _varying(t_x):
         return x, t_x
     return x, t_x * jnp.where(flag, jnp.nan, 1.0).astype(t_x.dtype)

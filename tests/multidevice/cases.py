@@ -559,3 +559,34 @@ def test_linear_cross_entropy_class_axis_split_over_two_mesh_axes(order):
     np.testing.assert_allclose(loss, want.item(), rtol=1e-5)
     np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gw, wt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize(
+    "mesh_def", MESHES[1:2], ids=lambda m: "x".join(map(str, m[0]))
+)
+def test_bad_target_in_one_batch_shard_poisons_every_gradient(mesh_def, loss):
+    # One out-of-range target on one batch shard: the mean is NaN on every
+    # device and so is every gradient of every input, on every shard.
+    mesh = _mesh(*mesh_def)
+    bad = np.asarray(TARGET).copy()
+    bad[2] = C + 5
+    kw = dict(label_smoothing=0.1, reduction="mean", class_axis_name="model",
+              batch_axis_name="data")  # fmt: skip
+    if loss == "cross_entropy":
+        local = lambda x, weight, t: jxent.cross_entropy(x, t, weight, **kw)
+        args, specs = (LOGITS, WEIGHT), (P("data", "model"), P("model"))
+    else:
+        local = lambda x, w, weight, t: jxent.linear_cross_entropy(
+            x, w, t, weight, chunk_size=3, **kw
+        )
+        args, specs = (X, W, WEIGHT), (P("data"), P(None, "model"), P("model"))
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(*specs, P("data")), out_specs=P())
+    argnums = tuple(range(len(args)))
+    value, grads = jax.jit(jax.value_and_grad(fn, argnums=argnums))(*args, bad)
+    assert np.isnan(value)
+    for g in grads:
+        assert np.isnan(np.asarray(g)).all()
+    value, grads = jax.jit(jax.value_and_grad(fn, argnums=argnums))(*args, TARGET)
+    assert np.isfinite(value)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)

@@ -225,7 +225,7 @@ def linear_argmax(
       where: optional boolean mask broadcastable to ``(..., V)``: False
         excludes a class.
       chunk_size: tokens per chunk; default (None) that of
-        :func:`jxent.linear_cross_entropy`.
+        [`jxent.linear_cross_entropy`][].
       vocab_chunk_size: classes per block of a chunk's logits; default (None)
         the whole (local) vocabulary.
       class_axis_name: inside ``jax.shard_map``, the mesh axis name(s) over
@@ -379,9 +379,9 @@ def linear_log_probs(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Token log-probabilities (and entropy) from hidden states, for RL.
 
-    :func:`jxent.log_probs` of the logits ``z = soft_cap(x @ w + bias) / T``
+    [`jxent.log_probs`][] of the logits ``z = soft_cap(x @ w + bias) / T``
     without ever holding them: with ``z`` formed with float32 accumulation,
-    soft-capped as in :func:`jxent.linear_cross_entropy` (``cap · tanh(z /
+    soft-capped as in [`jxent.linear_cross_entropy`][] (``cap · tanh(z /
     cap)``) and then divided by the temperature ``T``, and the classes that
     ``where`` excludes left out, per position ``n``:
 
@@ -411,9 +411,9 @@ def linear_log_probs(
       ignore_index: target value whose positions give 0.
       return_entropy: also return the entropy.
       chunk_size: tokens per chunk; default (None) that of
-        :func:`jxent.linear_cross_entropy`.
+        [`jxent.linear_cross_entropy`][].
       vocab_chunk_size: accepted for symmetry with
-        :func:`jxent.linear_cross_entropy` (its ``dw`` blocks); the per-token
+        [`jxent.linear_cross_entropy`][] (its ``dw`` blocks); the per-token
         derivatives here come from each chunk's tangent map, so it has no
         effect.
       class_axis_name: inside ``jax.shard_map``, the mesh axis name(s) over
@@ -572,7 +572,7 @@ def linear_distillation_loss(
 ) -> jax.Array:
     r"""Distillation from a teacher's hidden states, without either's logits.
 
-    :func:`jxent.distillation_loss` of the student's logits ``x @ w + bias``
+    [`jxent.distillation_loss`][] of the student's logits ``x @ w + bias``
     and the teacher's ``teacher_x @ teacher_w + teacher_bias`` (both formed
     with float32 accumulation), without holding either ``(N, V)`` array: per
     position, with ``p = softmax(student / T)`` and ``q = softmax(teacher /
@@ -610,9 +610,9 @@ def linear_distillation_loss(
       ignore_index: the target value of excluded positions.
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
       chunk_size: tokens per chunk; default (None) that of
-        :func:`jxent.linear_cross_entropy` with room for two logits tiles.
+        [`jxent.linear_cross_entropy`][] with room for two logits tiles.
       vocab_chunk_size: classes per block of the student's ``dw`` update (as
-        in :func:`jxent.linear_cross_entropy`).
+        in [`jxent.linear_cross_entropy`][]).
       class_axis_name: inside ``jax.shard_map``, the mesh axis name(s) over
         which the vocabulary is split: ``w``, ``bias``, ``teacher_w`` and
         ``teacher_bias`` are this device's slice. Only O(N) values (and the

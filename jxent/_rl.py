@@ -1,7 +1,7 @@
 """Token log-probabilities, entropy and distillation divergences of logits.
 
-The per-position math lives in :func:`softmax_parts`, :func:`target_log_prob`
-and :func:`divergence`, written for any class axis and for classes split over
+The per-position math lives in ``softmax_parts``, ``target_log_prob``
+and ``divergence``, written for any class axis and for classes split over
 devices (``shards``), so that the fused LM-head versions (``_linear_heads``)
 apply the same math to each tile of logits.
 

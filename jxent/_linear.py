@@ -27,6 +27,7 @@ pass for the second half of ``dw``'s columns (see ``_DW_SPLIT_BYTES``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Literal, NamedTuple, overload
 
 import jax
@@ -101,6 +102,9 @@ class _Static(NamedTuple):
     shards: ClassShards = UNSHARDED  # vocabulary split over mesh axes
     batch_axes: tuple[str, ...] = ()  # tokens split over mesh axes
     dw_passes: int = 1  # passes over the chunks, one per column range of dw
+    # Another head's per-tile math in place of the cross-entropy's (see
+    # _linear_heads): a hashable callable with _tile_loss's signature.
+    head: Callable | None = None
 
 
 class _Params(NamedTuple):
@@ -109,18 +113,37 @@ class _Params(NamedTuple):
     x: jax.Array  # (N, D)
     w: jax.Array  # (D, V)
     bias: jax.Array | None  # (V,)
-    probs: jax.Array | None  # (N, V) probability targets
+    probs: jax.Array | None  # (N, V) probability targets, or a head's other
+    # per-token input (the distillation head: the teacher's (N, D') states)
     weight: jax.Array | None  # (V,) class weights
     label_smoothing: jax.Array
     z_loss: jax.Array
     soft_cap: jax.Array | None
+    # The heads' options (see _linear_heads): sampling temperature, the
+    # divergence's beta and the teacher's LM head (sliced like w and bias).
+    temperature: jax.Array | None = None
+    beta: jax.Array | None = None
+    teacher_w: jax.Array | None = None
+    teacher_bias: jax.Array | None = None
 
 
 # Inputs whose slices of the class axis live on this device (with class shards
 # their contributions to a tangent are summed over the shards).
-_CLASS_SLICED = ("w", "bias", "probs", "weight")
+_CLASS_SLICED = ("w", "bias", "probs", "weight", "teacher_w", "teacher_bias")
+
+
+def _class_sliced(static: _Static) -> tuple[str, ...]:
+    """The inputs sliced over the class shards (their tangent terms are summed).
+
+    A head names its own: its token input may be replicated over the class
+    shards, and the gradient w.r.t. it then already summed.
+    """
+    return _CLASS_SLICED if static.head is None else static.head.class_sliced
+
+
 # Inputs used whole by every chunk: their gradients are accumulated over chunks.
-_SMALL = ("weight", "label_smoothing", "z_loss", "soft_cap")
+_SMALL = ("weight", "label_smoothing", "z_loss", "soft_cap", "temperature", "beta",
+          "teacher_w", "teacher_bias")  # fmt: skip
 
 
 class _Data(NamedTuple):
@@ -146,9 +169,11 @@ def _tile_logits(x_c, w, bias):
 def _tile_loss(logits, probs_c, target_c, mask_c, small, static: _Static):
     """Per-token ``(loss, lse)`` of one tile of logits (classes last).
 
-    ``small`` holds (weight, label_smoothing, z_loss, soft_cap).
+    ``small`` holds the inputs named in ``_SMALL``.
     """
-    weight, label_smoothing, z_loss, soft_cap = small
+    if static.head is not None:
+        return static.head(logits, probs_c, target_c, mask_c, small, static)
+    weight, label_smoothing, z_loss, soft_cap = small[:4]
     mask = None if mask_c is None else jnp.broadcast_to(mask_c, logits.shape)
     options = dict(
         axis=1,
@@ -443,7 +468,7 @@ def _contract(grads: dict, tangents: _Params, static: _Static, dtype):
             )
         else:
             term = jnp.sum(g.astype(dtype) * t.astype(dtype))
-        (sliced if name in _CLASS_SLICED else local).append(term)
+        (sliced if name in _class_sliced(static) else local).append(term)
     total = jnp.zeros((), dtype)
     if sliced:
         total = total + static.shards.sum(functools.reduce(jnp.add, sliced))

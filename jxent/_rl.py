@@ -1,0 +1,556 @@
+"""Token log-probabilities, entropy and distillation divergences of logits.
+
+The per-position math lives in ``softmax_parts``, ``target_log_prob``
+and ``divergence``, written for any class axis and for classes split over
+devices (``shards``), so that the fused LM-head versions (``_linear_heads``)
+apply the same math to each tile of logits.
+
+Nothing non-finite is ever formed and masked afterwards: excluded classes
+(``where`` False or a ``-inf`` logit) and ignored positions have their logits
+replaced by 0 before any arithmetic, and every sum skips them by mask. Bad
+values seen only under ``jit`` (a target out of range, ``temperature <= 0``,
+``beta`` outside [0, 1]) multiply the result by NaN (``poison``), which
+reaches the gradients as well (a select would give them zeros); a NaN sum or
+mean has NaN gradients w.r.t. every input (``poison_gradients``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, NamedTuple, overload
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jxent._classification import _as_int_target
+from jxent._kernels import compute_dtype, take_target
+from jxent._reduction import reduce_loss
+from jxent._safe_math import poison, poison_gradients
+from jxent._sharding import UNSHARDED, ClassShards
+from jxent._types import Reduction
+from jxent._validation import (
+    _check_scalar_option,
+    as_float_array,
+    check_bool,
+    check_class_mask,
+    check_concrete_target_range,
+    check_ignore_index,
+    check_int_target_shape,
+    check_reduction,
+    check_unit_interval,
+    is_concrete,
+    normalize_axis,
+)
+
+# --- per-position math (shared with the fused heads) ----------------------------
+
+
+def check_temperature(temperature: ArrayLike) -> ArrayLike:
+    """``temperature`` is a scalar > 0 (checked when concrete)."""
+    return _check_scalar_option(temperature, "temperature", lambda v: v > 0.0, "> 0")
+
+
+def sanitised(value: jax.Array, bad: jax.Array, safe: float) -> jax.Array:
+    """``value`` where not ``bad``, else ``safe``, with derivative 1 everywhere.
+
+    The replacement is added behind ``stop_gradient``: the caller multiplies
+    its result by NaN where ``bad``, and that NaN then reaches the gradient
+    w.r.t. ``value`` too (a select would give it a zero gradient there).
+    """
+    return value + lax.stop_gradient(jnp.where(bad, safe - value, 0.0))
+
+
+class SoftmaxParts(NamedTuple):
+    """``log_softmax`` of ``z = logits / T`` over the included classes."""
+
+    shifted: jax.Array  # z - max z (0 at excluded classes), classes kept
+    probs: jax.Array  # softmax (0 at excluded classes)
+    log_sum: jax.Array  # log Σ exp(z - max z), class axis kept (size 1)
+
+    def log_probs(self) -> jax.Array:
+        """``log p`` (finite; meaningless at excluded classes)."""
+        return self.shifted - self.log_sum
+
+    def entropy(self, axis: int, shards: ClassShards) -> jax.Array:
+        """``-Σ p log p = log_sum - Σ p (z - max z)``: two terms >= 0."""
+        spread = shards.sum(jnp.sum(self.probs * self.shifted, axis=axis))
+        return jnp.squeeze(self.log_sum, axis) - spread
+
+
+def softmax_parts(
+    logits: jax.Array,
+    excluded: jax.Array,
+    temperature: jax.Array,
+    axis: int,
+    shards: ClassShards = UNSHARDED,
+) -> SoftmaxParts:
+    """The softmax of ``logits / temperature`` without its excluded classes.
+
+    ``logits`` is in the accumulation dtype; ``excluded`` (broadcast against
+    it) marks classes that take no part (their logits are replaced by 0
+    before anything, so they get exactly zero derivatives). A row with no
+    included class gives zeros. ``temperature`` must be > 0 (sanitised).
+    """
+    z = jnp.where(excluded, 0.0, logits) / temperature
+    top = jnp.max(jnp.where(excluded, -jnp.inf, lax.stop_gradient(z)), axis=axis,
+                  keepdims=True)  # fmt: skip
+    top = shards.max(top)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    shifted = jnp.where(excluded, 0.0, z - top)
+    exp = jnp.where(excluded, 0.0, jnp.exp(shifted))
+    total = shards.sum(jnp.sum(exp, axis=axis, keepdims=True))
+    total = jnp.where(total > 0, total, 1.0)
+    return SoftmaxParts(shifted, exp / total, jnp.log(total))
+
+
+def target_log_prob(
+    parts: SoftmaxParts,
+    target: jax.Array,
+    axis: int,
+    shards: ClassShards = UNSHARDED,
+) -> jax.Array:
+    """``log p[target]`` per position (``target`` in range, global indices)."""
+    local, here = shards.localise(target, parts.shifted.shape[axis])
+    picked = shards.pick(take_target(parts.shifted, local, axis), here)
+    return picked - jnp.squeeze(parts.log_sum, axis)
+
+
+def pick_flag(
+    flags: jax.Array, target: jax.Array, axis: int, shards: ClassShards = UNSHARDED
+) -> jax.Array:
+    """``flags[target]`` per position, for a boolean array with classes on axis."""
+    local, here = shards.localise(target, flags.shape[axis])
+    picked = take_target(flags, local, axis).astype(jnp.int32)
+    return shards.pick(picked, here) > 0
+
+
+# The divergence by beta: the endpoints are the two KL divergences (the
+# generalised Jensen-Shannon divergence tends to 0 there). "any": beta is
+# traced, all three are computed and one selected per value.
+Mode = Literal["forward", "reverse", "jsd", "any"]
+
+
+def divergence_mode(beta: ArrayLike) -> Mode:
+    """The static mode for ``beta`` (``"any"`` when it is traced)."""
+    if not is_concrete(beta):
+        return "any"
+    value = float(np.asarray(beta))
+    if value == 0.0:
+        return "forward"
+    if value == 1.0:
+        return "reverse"
+    return "jsd"
+
+
+def _kl(a: SoftmaxParts, a_ex, b: SoftmaxParts, b_ex, axis, shards):
+    """``KL(a ‖ b) = Σ a (log a - log b)``: +inf where ``a`` has mass ``b`` lacks."""
+    terms = a.probs * (a.log_probs() - b.log_probs())
+    value = shards.sum(jnp.sum(terms, axis=axis))
+    missing = shards.sum(jnp.sum((~a_ex & b_ex).astype(jnp.int32), axis=axis)) > 0
+    return jnp.where(missing, jnp.inf, value)
+
+
+def _jsd(p: SoftmaxParts, p_ex, q: SoftmaxParts, q_ex, beta, axis, shards):
+    """``β KL(q ‖ m) + (1-β) KL(p ‖ m)``, ``m = β q + (1-β) p``, 0 < β < 1.
+
+    ``log m`` is formed in the log domain (no underflow of small masses).
+    """
+    lp, lq = p.log_probs(), q.log_probs()
+    from_q = jnp.log(beta) + lq
+    from_p = jnp.log1p(-beta) + lp
+    both = jnp.logaddexp(from_q, from_p)
+    log_m = jnp.where(q_ex, from_p, jnp.where(p_ex, from_q, both))
+    terms = beta * q.probs * (lq - log_m) + (1.0 - beta) * p.probs * (lp - log_m)
+    return shards.sum(jnp.sum(terms, axis=axis))
+
+
+def divergence(
+    p: SoftmaxParts,
+    p_ex: jax.Array,
+    q: SoftmaxParts,
+    q_ex: jax.Array,
+    beta: jax.Array,
+    mode: Mode,
+    axis: int,
+    shards: ClassShards = UNSHARDED,
+) -> jax.Array:
+    """Student ``p``, teacher ``q``: the divergence per position for ``beta``.
+
+    ``beta`` must be in [0, 1] (sanitised); ``p_ex``/``q_ex`` mark the classes
+    without mass (of the parts' shape).
+    """
+    if mode == "forward":
+        return _kl(q, q_ex, p, p_ex, axis, shards)
+    if mode == "reverse":
+        return _kl(p, p_ex, q, q_ex, axis, shards)
+    if mode == "jsd":
+        return _jsd(p, p_ex, q, q_ex, beta, axis, shards)
+    at_zero, at_one = beta == 0.0, beta == 1.0
+    inner = jnp.where(at_zero | at_one, 0.5, beta)  # no log 0 in the JSD
+    forward = _kl(q, q_ex, p, p_ex, axis, shards)
+    reverse = _kl(p, p_ex, q, q_ex, axis, shards)
+    jsd = _jsd(p, p_ex, q, q_ex, inner, axis, shards)
+    return jnp.where(at_zero, forward, jnp.where(at_one, reverse, jsd))
+
+
+# --- log_probs ------------------------------------------------------------------
+
+
+def _expand(v: jax.Array, axis: int) -> jax.Array:
+    return jnp.expand_dims(v, axis)
+
+
+def safe_temperature(temperature: ArrayLike, dtype) -> tuple[jax.Array, jax.Array]:
+    t = jnp.asarray(temperature, dtype)
+    bad = ~(t > 0)
+    return sanitised(t, bad, 1.0), bad
+
+
+def token_log_probs(
+    x: jax.Array,
+    target: jax.Array,
+    temperature: ArrayLike,
+    where: jax.Array | None,
+    *,
+    axis: int,
+    ignore_index: int,
+    with_entropy: bool,
+    shards: ClassShards = UNSHARDED,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Per position ``(log p[target], entropy or None)`` of ``softmax(x / T)``.
+
+    ``x`` is in the accumulation dtype, classes on ``axis`` (with class
+    shards, this device's slice; ``target`` holds global indices); ``where``
+    has ``x``'s shape. Ignored positions give 0 with zero derivatives; a bad
+    target (out of range, on an excluded class) or temperature gives NaN.
+    """
+    num_classes = shards.num_classes(x.shape[axis])
+    temperature, bad_t = safe_temperature(temperature, x.dtype)
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < num_classes)
+    safe_target = jnp.where(valid & in_range, target, 0).astype(jnp.int32)
+    impossible = x == -jnp.inf
+    excluded = impossible | ~_expand(valid, axis)
+    bad = bad_t | (valid & ~in_range)
+    if where is not None:
+        excluded = excluded | ~where
+        bad = bad | (valid & ~pick_flag(where, safe_target, axis, shards))
+    parts = softmax_parts(x, excluded, temperature, axis, shards)
+    lp = target_log_prob(parts, safe_target, axis, shards)
+    # A target whose logit is -inf has log-probability -inf (not NaN).
+    impossible_target = pick_flag(impossible, safe_target, axis, shards)
+    lp = jnp.where(valid & impossible_target, -jnp.inf, lp)
+    lp = poison(jnp.where(valid, lp, 0.0), bad)
+    if not with_entropy:
+        return lp, None
+    return lp, poison(jnp.where(valid, parts.entropy(axis, shards), 0.0), bad)
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "return_entropy"))
+def _log_probs(logits, target, temperature, where, *, axis, ignore_index,
+               return_entropy):  # fmt: skip
+    lp, ent = token_log_probs(
+        logits.astype(compute_dtype(logits.dtype)), target, temperature, where,
+        axis=axis, ignore_index=ignore_index, with_entropy=return_entropy,
+    )  # fmt: skip
+    return (lp, ent) if return_entropy else lp
+
+
+def check_target_for(target, shape, axis, name, ignore_index):
+    """An integer target of ``shape`` without ``axis``, concrete values in range."""
+    target = _as_int_target(target)
+    check_int_target_shape(target.shape, shape, axis, name)
+    check_concrete_target_range(target, shape[axis], ignore_index)
+    return target
+
+
+@overload
+def log_probs(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    temperature: ArrayLike = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    ignore_index: int = -100,
+    return_entropy: Literal[False] = False,
+) -> jax.Array: ...
+
+
+@overload
+def log_probs(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    temperature: ArrayLike = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    ignore_index: int = -100,
+    return_entropy: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+@overload
+def log_probs(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    temperature: ArrayLike = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
+def log_probs(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    temperature: ArrayLike = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Log-probability of each target token (and the entropy), as for RL.
+
+    With ``z = logits / T`` (``T = temperature``) and the classes that
+    ``where`` excludes left out of the softmax, per position ``n``:
+
+    ``log_probs_n = z[n, y_n] - log Σ_c exp(z[n, c])``
+
+    and, with ``return_entropy=True``, also the entropy of the same
+    distribution ``p = softmax(z)``:
+
+    ``entropy_n = -Σ_c p_c log p_c = log Σ_c exp(z_c) - Σ_c p_c z_c``.
+
+    This is what PPO and GRPO need per sampled token: the log-probability of
+    the sampled token under the current policy at the sampling temperature,
+    and an entropy bonus. Positions whose target is ``ignore_index`` give 0
+    for both, with zero gradients (whatever their logits). Both are computed
+    stably (maximum subtracted; the entropy as a sum of two terms >= 0), in
+    float32 for 16-bit logits. A ``-inf`` logit is a class with zero
+    probability (it adds 0 to the entropy; as the target its log-probability
+    is ``-inf``). Differentiable w.r.t. ``logits`` and ``temperature``, in
+    forward and reverse mode, to any order.
+
+    Args:
+      logits: floating array of unnormalised scores, classes on ``axis``.
+      target: integer class indices (the sampled tokens), ``logits.shape``
+        without ``axis``.
+      temperature: ``T > 0`` (traced: changing it does not recompile).
+      axis: the class axis.
+      where: optional boolean class mask broadcastable to the logits (a 1-D
+        mask of length C lies along ``axis``): False excludes a class from
+        the softmax. A target on an excluded class gives NaN.
+      ignore_index: target value whose positions give 0.
+      return_entropy: also return the entropy.
+
+    Returns:
+      ``log_probs`` of the target's shape in the accumulation dtype (float32,
+      float64 for float64 logits); with ``return_entropy``,
+      ``(log_probs, entropy)``. Under ``jit`` a target outside ``[0, C)``
+      (not ``ignore_index``) gives NaN at its position and ``temperature <=
+      0`` NaN everywhere, values and gradients.
+
+    Raises:
+      TypeError: integer ``logits``, a non-integer ``target``, a non-boolean
+        ``where``.
+      ValueError: a target shape that does not match, a concrete target out of
+        range, a concrete ``temperature <= 0``, a bad ``axis`` or ``where``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, -1.0]])
+      >>> lp, ent = jxent.log_probs(logits, jnp.array([0, 2]), temperature=0.7,
+      ...                           return_entropy=True)
+      >>> lp
+      Array([-0.2668..., -5.0621...], dtype=float32)
+      >>> ent
+      Array([0.6667..., 0.2480...], dtype=float32)
+    """
+    ignore_index = check_ignore_index(ignore_index)
+    return_entropy = check_bool(return_entropy, "return_entropy")
+    logits = as_float_array(logits, "logits")
+    axis = normalize_axis(axis, logits.ndim, "logits")
+    target = check_target_for(target, logits.shape, axis, "logits", ignore_index)
+    temperature = check_temperature(temperature)
+    where = check_class_mask(where, logits.shape, axis)
+    return _log_probs(
+        logits, target, temperature, where, axis=axis, ignore_index=ignore_index,
+        return_entropy=return_entropy,
+    )  # fmt: skip
+
+
+# --- distillation_loss ------------------------------------------------------------
+
+
+def safe_beta(beta: ArrayLike, dtype) -> tuple[jax.Array, jax.Array]:
+    """``(beta, bad)``: beta sanitised to 0.5 where it is outside [0, 1]."""
+    b = jnp.asarray(beta, dtype)
+    bad = ~((b >= 0) & (b <= 1))
+    return sanitised(b, bad, 0.5), bad
+
+
+def distillation_terms(
+    student: jax.Array,
+    teacher: jax.Array,
+    valid: jax.Array,
+    temperature: jax.Array,
+    beta: jax.Array,
+    *,
+    mode: Mode,
+    axis: int,
+    shards: ClassShards = UNSHARDED,
+) -> jax.Array:
+    """Per-position divergence of two logits arrays (accumulation dtype).
+
+    ``temperature`` and ``beta`` are sanitised; ``valid`` is False at ignored
+    positions, which give 0 with zero derivatives.
+    """
+    row = ~_expand(valid, axis)
+    s_ex = (student == -jnp.inf) | row
+    t_ex = (teacher == -jnp.inf) | row
+    p = softmax_parts(student, s_ex, temperature, axis, shards)
+    q = softmax_parts(teacher, t_ex, temperature, axis, shards)
+    value = divergence(p, s_ex, q, t_ex, beta, mode, axis, shards)
+    return jnp.where(valid, value, 0.0)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("axis", "ignore_index", "reduction", "mode")
+)
+def _distillation_loss(student, teacher, target, temperature, beta, *, axis,
+                       ignore_index, reduction, mode):  # fmt: skip
+    dtype = compute_dtype(jnp.result_type(student.dtype, teacher.dtype))
+    temperature, bad_t = safe_temperature(temperature, dtype)
+    beta, bad_beta = safe_beta(beta, dtype)
+    batch_shape = student.shape[:axis] + student.shape[axis + 1 :]
+    if target is None:
+        valid = jnp.ones(batch_shape, bool)
+        bad = jnp.zeros(batch_shape, bool)
+    else:
+        valid = target != ignore_index
+        bad = valid & ~((target >= 0) & (target < student.shape[axis]))
+    if reduction != "none":
+        # A NaN sum or mean has NaN derivatives w.r.t. every input (also the
+        # ignored positions'), as jxent's other losses.
+        flag = jnp.any(bad) | bad_t | bad_beta
+        student, teacher, temperature, beta = (
+            poison_gradients(v, flag) for v in (student, teacher, temperature, beta)
+        )
+    loss = distillation_terms(
+        student.astype(dtype), teacher.astype(dtype), valid, temperature, beta,
+        mode=mode, axis=axis,
+    )  # fmt: skip
+    loss = poison(loss, bad | bad_t | bad_beta)
+    denominator = jnp.sum(valid.astype(dtype))
+    return reduce_loss(loss, reduction, denominator, dtype)
+
+
+def check_same_logits_shapes(
+    student_shape, teacher_shape, student_name: str, teacher_name: str
+) -> None:
+    """Student and teacher need the same positions and vocabulary."""
+    if tuple(student_shape) != tuple(teacher_shape):
+        raise ValueError(
+            f"`{student_name}` and `{teacher_name}` must have the same shape (the "
+            f"same positions and vocabulary): `{student_name}`.shape="
+            f"{tuple(student_shape)}, `{teacher_name}`.shape={tuple(teacher_shape)}."
+        )
+
+
+def distillation_loss(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    target: ArrayLike | None = None,
+    *,
+    beta: ArrayLike = 0.0,
+    temperature: ArrayLike = 1.0,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    axis: int = -1,
+) -> jax.Array:
+    r"""Distillation divergence between a student's and a teacher's logits.
+
+    Per position, with the student's ``p = softmax(logits / T)`` and the
+    teacher's ``q = softmax(teacher_logits / T)``:
+
+    * ``beta = 0``: the forward KL, ``KL(q ‖ p) = Σ_c q_c (log q_c - log p_c)``
+      (the usual distillation loss);
+    * ``beta = 1``: the reverse KL, ``KL(p ‖ q)``;
+    * ``0 < beta < 1``: the generalised Jensen-Shannon divergence
+      ``beta · KL(q ‖ m) + (1 - beta) · KL(p ‖ m)`` with
+      ``m = beta · q + (1 - beta) · p`` (``beta = 0.5``: the JSD).
+
+    Classes with zero probability (``-inf`` logits) add 0; a class where the
+    first distribution of a KL has mass and the second none gives ``+inf``.
+    Positions whose ``target`` is ``ignore_index`` are excluded (0, zero
+    gradients); ``target`` is used for nothing else. ``"mean"`` divides the sum
+    by the number of included positions (0 when there are none), ``"sum"``
+    sums, ``"none"`` keeps each position. There is no ``T²`` factor (Hinton
+    et al. scale the loss by ``T²`` to keep gradient magnitudes across
+    temperatures): multiply the result by ``temperature**2`` for that.
+
+    Both logits are computed on in float32 for 16-bit inputs. Differentiable
+    w.r.t. both logits, ``temperature`` and ``beta`` (between the endpoints),
+    in forward and reverse mode, to any order.
+
+    Args:
+      logits: the student's floating logits, classes on ``axis``.
+      teacher_logits: the teacher's logits, of the same shape (wrap them in
+        ``jax.lax.stop_gradient`` to keep the teacher fixed).
+      target: optional integer class indices, the logits' shape without
+        ``axis``: positions equal to ``ignore_index`` are excluded.
+      beta: in ``[0, 1]``, see above (traced; a concrete value selects the
+        formula when tracing).
+      temperature: ``T > 0`` (traced).
+      ignore_index: the target value of excluded positions.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      axis: the class axis.
+
+    Returns:
+      The loss in the accumulation dtype (float32, float64 for float64
+      logits): a scalar, or the logits' shape without ``axis`` for
+      ``"none"``. Under ``jit`` a target outside ``[0, C)`` (not
+      ``ignore_index``) gives NaN at its position, and ``temperature <= 0`` or
+      ``beta`` outside ``[0, 1]`` NaN everywhere, values and gradients; a NaN
+      ``"mean"`` or ``"sum"`` has NaN gradients w.r.t. every input.
+
+    Raises:
+      TypeError: integer logits or a non-integer ``target``.
+      ValueError: student and teacher shapes that differ, a bad target shape,
+        a concrete target out of range, a concrete ``temperature <= 0`` or
+        ``beta`` outside ``[0, 1]``, a bad ``reduction`` or ``axis``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jxent
+      >>> student = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, -1.0]])
+      >>> teacher = jnp.array([[1.5, 1.5, 0.0], [0.0, 3.0, -2.0]])
+      >>> jxent.distillation_loss(student, teacher)  # KL(teacher ‖ student)
+      Array(0.0747..., dtype=float32)
+      >>> jxent.distillation_loss(student, teacher, beta=0.5, temperature=2.0)
+      Array(0.0075..., dtype=float32)
+    """
+    check_reduction(reduction)
+    ignore_index = check_ignore_index(ignore_index)
+    logits = as_float_array(logits, "logits")
+    teacher_logits = as_float_array(teacher_logits, "teacher_logits")
+    check_same_logits_shapes(
+        logits.shape, teacher_logits.shape, "logits", "teacher_logits"
+    )
+    axis = normalize_axis(axis, logits.ndim, "logits")
+    if target is not None:
+        target = check_target_for(target, logits.shape, axis, "logits", ignore_index)
+    temperature = check_temperature(temperature)
+    beta = check_unit_interval(beta, "beta")
+    return _distillation_loss(
+        logits, teacher_logits, target, temperature, beta, axis=axis,
+        ignore_index=ignore_index, reduction=reduction, mode=divergence_mode(beta),
+    )  # fmt: skip

@@ -1,0 +1,168 @@
+"""The LM-head heads on 8 simulated CPU devices (sharded = unsharded).
+
+Run by tests/test_linear_heads.py in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jxent
+
+if jax.device_count() < 8:  # pragma: no cover - guarded by the runner
+    pytest.skip("needs 8 (simulated) devices", allow_module_level=True)
+
+MESHES = [((8,), ("model",)), ((2, 4), ("data", "model"))]
+N, D, V = 16, 4, 32
+RNG = np.random.default_rng(0)
+X = RNG.integers(-1, 2, size=(N, D)).astype(np.float32)  # exact logits: ties
+W = RNG.integers(-1, 2, size=(D, V)).astype(np.float32)
+W[:, 29] = W[:, 3]  # tied columns on different shards
+B = np.zeros(V, np.float32)
+MASK = np.ones(V, bool)
+MASK[[5, 20]] = False
+
+
+def _mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
+@pytest.mark.parametrize("masked", [False, True])
+def test_linear_argmax_shard_map(mesh_def, masked):
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+
+    def local(x, w, b, m):
+        return jxent.linear_argmax(
+            x, w, bias=b, where=m if masked else None, chunk_size=3,
+            vocab_chunk_size=3, class_axis_name="model", batch_axis_name=batch,
+        )  # fmt: skip
+
+    fn = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(batch), P(None, "model"), P("model"), P("model")),
+            out_specs=P(batch),
+        )
+    )
+    x = X.copy()
+    x[2] = 0.0  # every logit 0: a tie across all shards, index 0
+    got = fn(x, W, B, MASK)
+    z = np.where(MASK, x @ W, -np.inf) if masked else x @ W
+    np.testing.assert_array_equal(got, np.argmax(z, -1))
+    assert (np.sum(z == z.max(-1, keepdims=True), -1) > 1).sum() >= 3
+
+
+def test_linear_argmax_under_jit_with_named_shardings():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    x, w = put(X, P("data")), put(W, P(None, "model"))
+    got = jax.jit(lambda x, w: jxent.linear_argmax(x, w, chunk_size=4))(x, w)
+    np.testing.assert_array_equal(got, np.argmax(X @ W, -1))
+
+
+XF = RNG.normal(size=(N, D)).astype(np.float32)
+WF = RNG.normal(size=(D, V)).astype(np.float32)
+BF = RNG.normal(size=V).astype(np.float32)
+TARGET = RNG.integers(0, V, size=N)
+TARGET[[1, 6]] = -100
+TARGET = np.where(np.isin(TARGET, [5, 20]), 0, TARGET)
+
+
+@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
+def test_linear_log_probs_shard_map(mesh_def):
+    """Values and gradients w.r.t. x, w, bias, temperature and soft_cap."""
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+    ct = np.arange(1.0, N + 1.0, dtype=np.float32)
+    kw = dict(where=MASK, return_entropy=True, chunk_size=3)
+
+    def local(x, w, b, t, m, temperature, cap):
+        return jxent.linear_log_probs(
+            x, w, t, bias=b, temperature=temperature, soft_cap=cap,
+            where=m, return_entropy=True, chunk_size=3,
+            class_axis_name="model", batch_axis_name=batch,
+        )  # fmt: skip
+
+    sharded = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(batch), P(None, "model"), P("model"), P(batch), P("model"),
+                  P(), P()),
+        out_specs=(P(batch), P(batch)),
+    )  # fmt: skip
+
+    def total(f):
+        def g(x, w, b, temperature, cap):
+            lp, ent = f(x, w, b, temperature, cap)
+            return jnp.sum(lp * ct) + jnp.sum(ent), (lp, ent)
+
+        grads = jax.value_and_grad(g, argnums=(0, 1, 2, 3, 4), has_aux=True)
+        return jax.jit(grads)(XF, WF, BF, 0.7, 3.0)
+
+    (_, got), got_grads = total(
+        lambda x, w, b, temp, cap: sharded(x, w, b, TARGET, MASK, temp, cap)
+    )
+    (_, want), want_grads = total(
+        lambda x, w, b, temp, cap: jxent.linear_log_probs(
+            x, w, TARGET, bias=b, temperature=temp, soft_cap=cap, **kw
+        )
+    )
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+TX = RNG.normal(size=(N, 3)).astype(np.float32)  # the teacher's hidden size: 3
+TW = RNG.normal(size=(3, V)).astype(np.float32)
+TB = RNG.normal(size=V).astype(np.float32)
+
+
+@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_distillation_loss_shard_map(mesh_def, reduction):
+    """Values and gradients w.r.t. every floating input, beta traced."""
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+    ct = np.arange(1.0, N + 1.0, dtype=np.float32) if reduction == "none" else 1.0
+
+    def local(x, w, b, tx, tw, tb, t, temperature, beta):
+        return jxent.linear_distillation_loss(
+            x, w, tx, tw, t, bias=b, teacher_bias=tb, beta=beta,
+            temperature=temperature, reduction=reduction, chunk_size=3,
+            class_axis_name="model", batch_axis_name=batch,
+        )  # fmt: skip
+
+    vocab = P(None, "model")
+    sharded = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(batch), vocab, P("model"), P(batch), vocab, P("model"),
+                  P(batch), P(), P()),
+        out_specs=P(batch) if reduction == "none" else P(),
+    )  # fmt: skip
+
+    def total(f):
+        def g(*args):
+            return jnp.sum(f(*args) * ct)
+
+        grads = jax.value_and_grad(g, argnums=tuple(range(8)))
+        return jax.jit(grads)(XF, WF, BF, TX, TW, TB, 1.3, 0.3)
+
+    got = total(lambda *a: sharded(*a[:6], TARGET, *a[6:]))
+    want = total(
+        lambda x, w, b, tx, tw, tb, temperature, beta: jxent.linear_distillation_loss(
+            x, w, tx, tw, TARGET, bias=b, teacher_bias=tb, beta=beta,
+            temperature=temperature, reduction=reduction, chunk_size=3,
+        )
+    )  # fmt: skip
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for a, b in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

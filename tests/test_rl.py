@@ -1,0 +1,477 @@
+"""log_probs and distillation_loss against float64 references and torch."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import x64
+from jax.test_util import check_grads
+from oracles import torch
+
+import jxent
+
+RNG = np.random.default_rng(18)
+C = 7
+# Finite stand-in for -inf in the float64 references: exp(-1e30 - m) is 0.
+SENTINEL = -1e30
+
+
+# --- float64 references of the formulas (JAX, plain, no tricks) ---------------
+
+
+def ref_parts(logits, temperature, mask, axis):
+    """(log p, p) in float64, excluded classes (mask False) with p = 0."""
+    z = jnp.where(mask, logits / temperature, SENTINEL)
+    lp = jax.nn.log_softmax(z, axis=axis)
+    return lp, jnp.exp(lp)
+
+
+def ref_log_probs(logits, target, temperature, mask, axis, ignore_index=-100):
+    lp, p = ref_parts(logits, temperature, mask, axis)
+    valid = target != ignore_index
+    t = jnp.expand_dims(jnp.where(valid, target, 0), axis)
+    picked = jnp.squeeze(jnp.take_along_axis(lp, t, axis=axis), axis)
+    ent = -jnp.sum(jnp.where(mask, p * lp, 0.0), axis=axis)
+    return jnp.where(valid, picked, 0.0), jnp.where(valid, ent, 0.0)
+
+
+def ref_divergence(student, teacher, temperature, beta, axis, mask):
+    lp, p = ref_parts(student, temperature, mask, axis)
+    lq, q = ref_parts(teacher, temperature, mask, axis)
+
+    def kl(a, la, lb):
+        return jnp.sum(jnp.where(mask, a * (la - lb), 0.0), axis=axis)
+
+    if beta == 0:
+        return kl(q, lq, lp)
+    if beta == 1:
+        return kl(p, lp, lq)
+    # log(beta q + (1-beta) p), in the log domain (no 0 · log 0 from underflow)
+    log_m = jnp.logaddexp(jnp.log(beta) + lq, jnp.log1p(-beta) + lp)
+    log_m = jnp.where(mask, log_m, 0.0)
+    return beta * kl(q, lq, log_m) + (1 - beta) * kl(p, lp, log_m)
+
+
+def ref_distillation(student, teacher, target, temperature, beta, axis,
+                     reduction, mask=True, ignore_index=-100):  # fmt: skip
+    loss = ref_divergence(student, teacher, temperature, beta, axis, mask)
+    valid = jnp.ones(loss.shape, bool) if target is None else target != ignore_index
+    loss = jnp.where(valid, loss, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return jnp.sum(loss)
+    count = jnp.sum(valid)
+    return jnp.where(count > 0, jnp.sum(loss) / jnp.maximum(count, 1), 0.0)
+
+
+def _case(shape, axis, seed=0):
+    """Logits, teacher logits, targets (two ignored) and a class mask."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=shape) * 2.0
+    teacher = rng.normal(size=shape) * 2.0
+    axis %= len(shape)
+    batch = shape[:axis] + shape[axis + 1 :]
+    target = rng.integers(0, C, size=batch)
+    flat = target.reshape(-1)
+    if flat.size > 1:
+        flat[[1, -1]] = -100
+    mask1d = np.ones(C, bool)
+    mask1d[[2, 5]] = False
+    flat[np.isin(flat, [2, 5])] = 0
+    return logits, teacher, flat.reshape(batch), mask1d
+
+
+LAYOUTS = [((6, C), -1), ((2, C, 3), 1), ((3, 2, C), -1), ((C,), 0)]
+
+
+# --- log_probs -----------------------------------------------------------------
+
+
+def _log_probs_vjp(fn, logits, target, temperature, mask, axis, cts):
+    """Values and the vjp (w.r.t. logits and T) with and without the mask."""
+    out = []
+    for m in (None, mask):
+        values, vjp = jax.vjp(
+            lambda x, t, m=m: fn(x, target, t, m, axis), logits, temperature
+        )
+        out.append((values, vjp(cts)))
+    return out
+
+
+def _jxent_log_probs(x, target, t, mask, axis):
+    return jxent.log_probs(x, target, temperature=t, axis=axis, where=mask,
+                           return_entropy=True)  # fmt: skip
+
+
+def _ref_log_probs(x, target, t, mask, axis):
+    mask = jnp.ones(x.shape, bool) if mask is None else mask
+    return ref_log_probs(x, target, t, mask, axis)
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
+def test_log_probs_matches_float64_reference(shape, axis):
+    """float64, float32 and bfloat16 (against the reference on its rounded
+    values), with and without a class mask: one program per dtype."""
+    logits, _, target, mask1d = _case(shape, axis)
+    norm = axis % len(shape)
+    mask = mask1d.reshape([C if a == norm else 1 for a in range(len(shape))])
+    mask = np.broadcast_to(mask, shape)
+    cts = tuple(np.random.default_rng(1).normal(size=(2, *target.shape)))
+    run = jax.jit(_log_probs_vjp, static_argnums=(0, 5))
+    for dtype in ("float64", "float32", "bfloat16"):
+        rounded = np.asarray(logits.astype(dtype).astype(np.float64))
+        with x64():
+            ref = run(_ref_log_probs, rounded, target, 0.8, mask, axis, cts)
+            ref = jax.device_get(ref)
+            if dtype == "float64":
+                out = run(_jxent_log_probs, logits, target, 0.8, mask, axis, cts)
+                tol = dict(rtol=1e-12, atol=1e-12)
+        if dtype != "float64":
+            args = (jnp.asarray(logits, dtype), target, np.float32(0.8), mask, axis,
+                    tuple(c.astype(np.float32) for c in cts))  # fmt: skip
+            out = run(_jxent_log_probs, *args)
+            # bfloat16: values to float32 rounding; the logits' gradient is
+            # rounded to bfloat16.
+            tol = dict(rtol=2e-5, atol=2e-5)
+        for (values, grads), (ref_values, ref_grads) in zip(out, ref, strict=True):
+            for a, r in zip(values, ref_values, strict=True):
+                assert a.dtype == (jnp.float64 if dtype == "float64" else jnp.float32)
+                np.testing.assert_allclose(a, r, **tol)
+            gtol = dict(rtol=1e-2, atol=1e-2) if dtype == "bfloat16" else tol
+            np.testing.assert_allclose(np.float64(grads[0]), ref_grads[0], **gtol)
+            np.testing.assert_allclose(grads[1], ref_grads[1], **tol)
+
+
+def test_log_probs_ignored_positions_are_zero_with_zero_gradients():
+    logits = RNG.normal(size=(4, C)).astype(np.float32)
+    logits[1] = np.nan  # garbage at an ignored (padding) position
+    logits[3, 2] = np.inf
+    target = np.array([0, -100, 3, -1])
+
+    def f(x, t):
+        lp, ent = jxent.log_probs(x, target, temperature=t, ignore_index=-1,
+                                  return_entropy=True)  # fmt: skip
+        return jnp.sum(lp * jnp.arange(1.0, 5.0)) + jnp.sum(ent), (lp, ent)
+
+    target = np.where(target == -100, -1, target)
+    grads, (lp, ent) = jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(logits, 1.3)
+    assert lp[1] == 0 and ent[1] == 0 and lp[3] == 0 and ent[3] == 0
+    assert np.all(grads[0][1] == 0) and np.all(grads[0][3] == 0)
+    assert np.all(np.isfinite(grads[0])) and np.isfinite(grads[1])
+
+
+def test_log_probs_extreme_and_impossible_logits():
+    """Logits of ±1e4 in float32 and -inf classes: exact, finite gradients."""
+    x = np.array([[1e4, -1e4, 1e4 - 1.0, 0.0], [3.0, -np.inf, 1.0, -np.inf],
+                  [-1e4, -1e4 + 2.0, -np.inf, -1e4 + 0.5]])  # fmt: skip
+    target = np.array([2, 0, 3])
+    grads, (lp, ent) = jax.jit(
+        jax.grad(
+            lambda x: (lambda o: (jnp.sum(o[0]) + jnp.sum(o[1]), o))(
+                jxent.log_probs(x, target, return_entropy=True)
+            ),
+            has_aux=True,
+        )
+    )(x.astype(np.float32))
+    with x64():
+        finite = np.isfinite(x)
+        ref_lp, ref_ent = ref_log_probs(jnp.asarray(np.where(finite, x, 0.0)),
+                                        target, 1.0, finite, -1)  # fmt: skip
+        ref_grad = jax.grad(
+            lambda y: sum(map(jnp.sum, ref_log_probs(y, target, 1.0, finite, -1)))
+        )(jnp.asarray(np.where(finite, x, 0.0)))
+    np.testing.assert_allclose(lp, ref_lp, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ent, ref_ent, rtol=1e-6, atol=1e-6)
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_allclose(grads, ref_grad, rtol=1e-6, atol=1e-6)
+    assert np.all(grads[~finite] == 0)
+    # The log-probability of an impossible token is -inf, not NaN.
+    lp = jxent.log_probs(x.astype(np.float32), np.array([0, 1, 0]))
+    assert lp[1] == -np.inf and np.isfinite(lp[0]) and np.isfinite(lp[2])
+
+
+def test_log_probs_check_grads_order_2_both_modes():
+    logits, _, target, mask1d = _case((3, 2, C), -1, seed=3)
+    with x64():
+
+        def f(x, t):
+            return jxent.log_probs(x, target, temperature=t, where=mask1d,
+                                   return_entropy=True)  # fmt: skip
+
+        check_grads(jax.jit(f), (logits, 0.9), order=2, modes=("fwd", "rev"),
+                    atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+# --- distillation_loss ------------------------------------------------------------
+
+
+BETAS = [0.0, 0.3, 0.5, 1.0]
+
+
+def _distill_vjp(student, teacher, target, temperature, beta, axis, ct):
+    """Per-position values and the vjp (w.r.t. both logits and T) for one beta."""
+
+    def f(s, t, temp):
+        return jxent.distillation_loss(s, t, target, beta=beta, temperature=temp,
+                                       axis=axis, reduction="none")  # fmt: skip
+
+    value, vjp = jax.vjp(f, student, teacher, temperature)
+    return value, vjp(ct)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _ref_distill_vjp(student, teacher, target, temperature, betas, axis, ct):
+    out = []
+    for beta in betas:
+        value, vjp = jax.vjp(
+            lambda s, t, temp, beta=beta: ref_distillation(
+                s, t, target, temp, beta, axis, "none"
+            ),
+            student, teacher, temperature,
+        )  # fmt: skip
+        out.append((value, vjp(ct)))
+    return jax.tree.map(lambda *a: jnp.stack(a), *out)
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS[:2])
+def test_distillation_matches_float64_reference(shape, axis):
+    """Every beta (traced, one vmapped program), in float64 and float32."""
+    student, teacher, target, _ = _case(shape, axis, seed=7)
+    ct = np.random.default_rng(2).normal(size=target.shape)
+    run = jax.jit(
+        jax.vmap(_distill_vjp, in_axes=(None, None, None, None, 0, None, None)),
+        static_argnums=(5,),
+    )
+    with x64():
+        args = (student, teacher, target, 1.7)
+        ref_values, ref_grads = jax.device_get(
+            _ref_distill_vjp(*args, tuple(BETAS), axis, ct)
+        )
+        values, grads = run(*args, np.array(BETAS), axis, ct)
+        assert values.dtype == jnp.float64
+    np.testing.assert_allclose(values, ref_values, rtol=1e-12, atol=1e-13)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+    f32 = (np.float32(student), np.float32(teacher), target, np.float32(1.7),
+           np.float32(BETAS), axis, np.float32(ct))  # fmt: skip
+    values, grads = run(*f32)
+    assert values.dtype == jnp.float32
+    np.testing.assert_allclose(values, ref_values, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_distillation_static_beta_equals_traced(beta):
+    student, teacher, target, _ = _case((5, C), -1, seed=4)
+    static = jxent.distillation_loss(student, teacher, target, beta=beta,
+                                     reduction="none")  # fmt: skip
+    traced = jax.jit(lambda b: jxent.distillation_loss(
+        student, teacher, target, beta=b, reduction="none"))(beta)  # fmt: skip
+    np.testing.assert_allclose(static, traced, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_distillation_matches_torch_kl_div(beta):
+    """beta 0 and 1 at T = 1: torch.nn.functional.kl_div on log-softmaxes."""
+    F = torch.nn.functional
+    student, teacher, _, _ = _case((6, C), -1, seed=5)
+    s = torch.tensor(student, requires_grad=True)
+    t = torch.tensor(teacher, requires_grad=True)
+    ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    # kl_div(input, target) = Σ target · (log target - input): KL(target ‖ .)
+    inp, tgt = (ls, lt) if beta == 0.0 else (lt, ls)
+    loss = F.kl_div(inp, tgt, reduction="sum", log_target=True) / s.shape[0]
+    loss.backward()
+    expected = (loss.item(), s.grad.numpy(), t.grad.numpy())
+    for dtype in ("float32", "float64"):
+        with x64():
+            args = (a.astype(dtype) for a in (student, teacher))
+            out, grads = jax.value_and_grad(
+                lambda a, b: jxent.distillation_loss(a, b, beta=beta), (0, 1)
+            )(*args)
+        tol = 1e-12 if dtype == "float64" else 2e-6
+        np.testing.assert_allclose(out, expected[0], rtol=tol)
+        np.testing.assert_allclose(grads[0], expected[1], rtol=tol * 10, atol=tol)
+        np.testing.assert_allclose(grads[1], expected[2], rtol=tol * 10, atol=tol)
+
+
+def test_distillation_check_grads_order_2_both_modes():
+    """The forward KL, the reverse KL (static beta) and the JSD (traced beta,
+    differentiated too) in one function."""
+    student, teacher, target, _ = _case((2, C, 3), 1, seed=6)
+    with x64():
+
+        def f(s, t, temp, b):
+            def loss(beta, reduction):
+                return jxent.distillation_loss(s, t, target, beta=beta,
+                                               temperature=temp, axis=1,
+                                               reduction=reduction)  # fmt: skip
+
+            per_token = loss(0.0, "none") + 2.0 * loss(1.0, "none")
+            return jnp.sum(per_token * jnp.arange(1.0, 7.0).reshape(2, 3)) + loss(
+                b, "mean"
+            )
+
+        check_grads(jax.jit(f), (student, teacher, 1.3, 0.35), order=2,
+                    modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_distillation_masked_classes_and_extreme_logits():
+    """-inf classes shared by both give 0 terms; ±1e4 logits stay exact."""
+    s = np.array([[1e4, -1e4, 1e4 - 2.0, -np.inf], [0.5, -np.inf, 2.0, 1.0]])
+    t = np.array([[1e4 - 1.0, 0.0, 1e4, -np.inf], [1.0, -np.inf, 0.0, 3.0]])
+    finite = np.isfinite(s)
+    for beta in (0.0, 0.5, 1.0):
+        f = jax.jit(jax.value_and_grad(
+            lambda a, b, beta=beta: jxent.distillation_loss(a, b, beta=beta),
+            (0, 1)))  # fmt: skip
+        out, grads = f(s.astype(np.float32), t.astype(np.float32))
+        with x64():
+            ref, ref_grads = jax.value_and_grad(
+                lambda a, b, beta=beta: ref_distillation(
+                    a, b, None, 1.0, beta, -1, "mean", mask=finite
+                ),
+                (0, 1),
+            )(
+                jnp.asarray(np.where(finite, s, 0.0)),
+                jnp.asarray(np.where(finite, t, 0.0)),
+            )
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+        for g, r in zip(grads, ref_grads, strict=True):
+            assert np.all(np.isfinite(g)) and np.all(g[~finite] == 0)
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_support_mismatch_is_inf():
+    s = np.array([[0.0, 1.0, -np.inf]], np.float32)
+    t = np.array([[0.0, 1.0, 2.0]], np.float32)
+    assert jxent.distillation_loss(s, t, beta=0.0) == np.inf  # q has mass p lacks
+    assert np.isfinite(jxent.distillation_loss(s, t, beta=1.0))
+    assert jxent.distillation_loss(t, s, beta=1.0) == np.inf
+    assert np.isfinite(jxent.distillation_loss(s, t, beta=0.5))
+
+
+def test_distillation_mean_over_included_positions():
+    student, teacher, _, _ = _case((4, C), -1, seed=8)
+    target = np.array([1, -100, 2, -100])
+    none = jxent.distillation_loss(student, teacher, target, reduction="none")
+    assert none[1] == 0 and none[3] == 0
+    mean = jxent.distillation_loss(student, teacher, target)
+    np.testing.assert_allclose(mean, (none[0] + none[2]) / 2, rtol=1e-6)
+    total = jxent.distillation_loss(student, teacher, target, reduction="sum")
+    np.testing.assert_allclose(total, none[0] + none[2], rtol=1e-6)
+    # Without a target every position counts.
+    every = np.asarray(jxent.distillation_loss(student, teacher, reduction="none"))
+    np.testing.assert_allclose(every[[0, 2]], np.asarray(none)[[0, 2]], rtol=1e-6)
+    np.testing.assert_allclose(
+        jxent.distillation_loss(student, teacher), every.mean(), rtol=1e-6
+    )
+    everything_ignored = np.full(4, -100)
+    f = jax.value_and_grad(
+        lambda s: jxent.distillation_loss(s, teacher, everything_ignored)
+    )
+    value, grad = f(student.astype(np.float32))
+    assert value == 0 and np.all(grad == 0)
+
+
+def test_identical_distributions_give_zero():
+    x = RNG.normal(size=(3, C)).astype(np.float32)
+    for beta in BETAS:
+        np.testing.assert_allclose(
+            jxent.distillation_loss(x, x + 5.0, beta=beta), 0.0, atol=1e-6
+        )
+
+
+# --- bad input ------------------------------------------------------------------
+
+
+def test_bad_input_raises_when_concrete():
+    x = np.zeros((2, C), np.float32)
+    t = np.array([0, 1])
+    with pytest.raises(TypeError, match="`logits`"):
+        jxent.log_probs(np.zeros((2, C), np.int32), t)
+    with pytest.raises(TypeError, match="`teacher_logits`"):
+        jxent.distillation_loss(x, np.zeros((2, C), np.int32))
+    with pytest.raises(ValueError, match="class index 7"):
+        jxent.log_probs(x, np.array([0, 7]))
+    with pytest.raises(ValueError, match="class index -3"):
+        jxent.distillation_loss(x, x, np.array([0, -3]))
+    for temperature in (0.0, -1.0):
+        with pytest.raises(ValueError, match="`temperature` must be > 0"):
+            jxent.log_probs(x, t, temperature=temperature)
+        with pytest.raises(ValueError, match="`temperature` must be > 0"):
+            jxent.distillation_loss(x, x, temperature=temperature)
+    for beta in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"`beta` must be in \[0, 1\]"):
+            jxent.distillation_loss(x, x, beta=beta)
+    message = re.escape("`logits`.shape=(2, 7), `teacher_logits`.shape=(3, 7)")
+    with pytest.raises(ValueError, match=message):
+        jxent.distillation_loss(x, np.zeros((3, C), np.float32))
+    with pytest.raises(ValueError, match="`target` of integer class indices"):
+        jxent.log_probs(x, np.array([0, 1, 2]))
+
+
+def _nan_everywhere(tree):
+    return all(np.all(np.isnan(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def test_bad_values_under_jit_give_nan_values_and_gradients():
+    x = RNG.normal(size=(3, C)).astype(np.float32)
+    good_t = np.array([0, 1, 2])
+
+    def lp_fn(x, t, temperature):
+        lp, ent = jxent.log_probs(x, t, temperature=temperature,
+                                  return_entropy=True)  # fmt: skip
+        return jnp.sum(lp + ent)
+
+    grad = jax.jit(jax.value_and_grad(lp_fn, argnums=(0, 2)))
+    value, (gx, gt) = grad(x, np.array([0, 9, 2]), 1.0)  # target out of range
+    assert np.isnan(value) and np.all(np.isnan(gx[1])) and np.isnan(gt)
+    assert np.all(np.isfinite(np.asarray(gx)[[0, 2]]))
+    for temperature in (0.0, -2.0):
+        assert _nan_everywhere(grad(x, good_t, temperature))
+    # Forward mode carries the NaN too.
+    _, tangent = jax.jit(lambda t: jax.jvp(lambda s: lp_fn(x, good_t, s), (t,),
+                                           (1.0,)))(0.0)  # fmt: skip
+    assert np.isnan(tangent)
+
+    def kd(s, teacher, target, temperature, beta):
+        return jxent.distillation_loss(s, teacher, target, beta=beta,
+                                       temperature=temperature)  # fmt: skip
+
+    grad = jax.jit(jax.value_and_grad(kd, argnums=(0, 1, 3, 4)))
+    for args in ((good_t, 1.0, 1.5), (good_t, 1.0, -0.5), (good_t, 0.0, 0.5),
+                 (np.array([0, 1, 7]), 1.0, 0.0)):  # fmt: skip
+        value, grads = grad(x, x[::-1], *args)
+        assert np.isnan(value) and _nan_everywhere(grads)
+    # A target on a class excluded by `where` is NaN as well.
+    mask = np.ones(C, bool)
+    mask[3] = False
+    lp = jax.jit(lambda t: jxent.log_probs(x, t, where=mask))(np.array([0, 3, 1]))
+    assert np.isnan(lp[1]) and np.all(np.isfinite(np.asarray(lp)[[0, 2]]))
+
+
+def test_vmap_and_16_bit_inputs():
+    x = RNG.normal(size=(4, 3, C)).astype(np.float32)
+    teacher = RNG.normal(size=(4, 3, C)).astype(np.float32)
+    t = RNG.integers(0, C, size=(4, 3))
+    per_row = jax.vmap(lambda a, b: jxent.log_probs(a, b))(x, t)
+    np.testing.assert_allclose(per_row, jxent.log_probs(x, t), rtol=1e-6)
+    kd = jax.vmap(lambda a, b: jxent.distillation_loss(a, b, reduction="sum"))
+    np.testing.assert_allclose(
+        kd(x, teacher),
+        jxent.distillation_loss(x, teacher, reduction="none").sum(-1),
+        rtol=1e-5,
+    )
+    for dtype in (jnp.float16, jnp.bfloat16):
+        lp = jxent.log_probs(x.astype(dtype), t)
+        d = jxent.distillation_loss(x.astype(dtype), teacher.astype(dtype))
+        assert lp.dtype == jnp.float32 and d.dtype == jnp.float32

@@ -43,6 +43,11 @@ LINEAR_HEADS = [(8192, 4096, 131072), (8192, 2304, 256000), (32768, 4096, 131072
 MAX_BATCH_HEADS = [(4096, 131072), (2304, 256000)]
 QUICK_CROSS_ENTROPY = [(512, 4096)]
 QUICK_HEADS = [(1024, 256, 8192)]
+# The LM-head heads (issue 18's memory target): compiled for the chips at
+# these shapes (bfloat16), and for this CPU at CPU_HEADS (float32, bfloat16).
+HEADS_SHAPES = [(8192, 4096, 131072), (8192, 2304, 256000)]
+CPU_HEADS = [(2048, 1024, 131072)]
+QUICK_HEADS_SHAPES = [(1024, 256, 8192)]
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,9 @@ TARGETS = {
 }
 
 
+CPU = Target("cpu", "cpu", "this host")
+
+
 class Unavailable(Exception):
     """A compiler package is missing or a target name is unknown."""
 
@@ -78,6 +86,8 @@ def resolve_target(name: str) -> Target:
     """A known target, a TPU topology name (``v5p:1x1x1``) or a GPU file."""
     if name in TARGETS:
         return TARGETS[name]
+    if name == "cpu":
+        return CPU
     if Path(name).is_file():
         return Target(Path(name).stem, "cuda", name)
     if TOPOLOGY.match(name):
@@ -92,6 +102,11 @@ def resolve_target(name: str) -> Target:
 def devices(target: Target, chips: str | None = None):
     """The target's devices (one chip, or the topology ``chips`` names)."""
     from jax.experimental import topologies
+
+    if target.platform == "cpu":
+        import jax
+
+        return jax.devices("cpu")[:1]
 
     try:
         if target.platform == "tpu":
@@ -166,6 +181,71 @@ def linear_programs(n, d, v, dtype):
         ("jxent", jax.value_and_grad(ours, **grad), args, logits),
         ("naive", jax.value_and_grad(naive, **grad), args, logits),
     ]
+
+
+def head_programs(n, d, v, dtype):
+    """(kind, name, f, argument shapes/dtypes, logits bytes): the LM heads.
+
+    Each fused head against the same formulas on materialised logits, as
+    ``value_and_grad`` w.r.t. the student's ``x`` and ``w`` (the teacher is
+    an input, not differentiated); ``linear_argmax`` is forward only, against
+    ``jnp.argmax(x @ w)``; ``linear_cross_entropy`` (whose budget the heads
+    are held to) for reference.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import jxent
+
+    def logits(x, w):
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    def log_probs(x, w, t):
+        lp, ent = jxent.linear_log_probs(x, w, t, temperature=0.9, return_entropy=True)
+        return jnp.sum(lp) + 0.01 * jnp.sum(ent)
+
+    def log_probs_naive(x, w, t):
+        lp, ent = jxent.log_probs(logits(x, w), t, temperature=0.9, return_entropy=True)
+        return jnp.sum(lp) + 0.01 * jnp.sum(ent)
+
+    def distill(x, w, tx, tw, t):
+        return jxent.linear_distillation_loss(x, w, tx, tw, t)
+
+    def distill_naive(x, w, tx, tw, t):
+        return jxent.distillation_loss(logits(x, w), logits(tx, tw), t)
+
+    def argmax(x, w):
+        return jxent.linear_argmax(x, w)
+
+    def cross_entropy(x, w, t):
+        return jxent.linear_cross_entropy(x, w, t)
+
+    def cross_entropy_naive(x, w, t):
+        return jxent.cross_entropy(logits(x, w), t)
+
+    def argmax_naive(x, w):
+        return jnp.argmax(logits(x, w), axis=-1).astype(jnp.int32)
+
+    x, w, t = ((n, d), dtype), ((d, v), dtype), ((n,), jnp.int32)
+    size = n * v * jnp.dtype(dtype).itemsize
+    grad = {"argnums": (0, 1)}
+    return [
+        ("linear_log_probs", "jxent", jax.value_and_grad(log_probs, **grad),
+         [x, w, t], size),
+        ("linear_log_probs", "naive", jax.value_and_grad(log_probs_naive, **grad),
+         [x, w, t], size),
+        ("linear_distillation_loss", "jxent", jax.value_and_grad(distill, **grad),
+         [x, w, x, w, t], size),
+        ("linear_distillation_loss", "naive",
+         jax.value_and_grad(distill_naive, **grad), [x, w, x, w, t], size),
+        ("linear_argmax", "jxent", argmax, [x, w], size),
+        ("linear_argmax", "naive", argmax_naive, [x, w], size),
+        # The budget's owner, for reference.
+        ("linear_cross_entropy", "jxent", jax.value_and_grad(cross_entropy, **grad),
+         [x, w, t], size),
+        ("linear_cross_entropy", "naive",
+         jax.value_and_grad(cross_entropy_naive, **grad), [x, w, t], size),
+    ]  # fmt: skip
 
 
 SHARDED_SHAPE = (2048, 32768)
@@ -502,6 +582,203 @@ def metadata() -> dict:
     }
 
 
+# ------------------------------------------------------------------ heads
+
+
+def head_budget(n, d, v) -> int:
+    """``linear_cross_entropy``'s memory budget: 1.5 x (dx + dw in float32)
+    + 64 MiB (benchmarks/bench_linear_cross_entropy.py, README "Performance")."""
+    return int(1.5 * 4 * (n * d + d * v)) + 64 * 2**20
+
+
+def measure_head(compiled, arguments, logits_bytes, n, v) -> dict:
+    """``measure``'s memory and traffic, and the largest array in the program
+    against N·V: of all, and of those not shaped as an argument (x, w)."""
+    text = compiled.as_text()
+    memory = compiled.memory_analysis()
+    record = {
+        "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "logits_bytes": logits_bytes,
+    }
+    try:
+        stats = hlo_stats.program_stats(text, threshold(logits_bytes))
+    except (ValueError, KeyError, StopIteration) as error:  # an unread loop
+        record["stats_error"] = str(error)[:200]
+    else:
+        record.update(stats.to_dict(), passes=stats.traffic / logits_bytes)
+    elements, type_ = hlo_stats.largest_array(text)
+    shapes = [shape for shape, _ in arguments]
+    other, other_type = hlo_stats.largest_array(text, exclude=shapes)
+    record.update(
+        largest_elements=elements,
+        largest_type=type_,
+        largest_over_nv=elements / (n * v),
+        largest_other_type=other_type,
+        largest_other_over_nv=other / (n * v),
+    )
+    return record
+
+
+def run_heads_target(target, devices_, args, out_dir) -> list[dict]:
+    """The heads' programs for one target, each written as soon as measured.
+
+    The chips' programs are traced as on the chip (``traced_as_on``): the
+    program a process there would compile.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    if target.platform == "cpu":
+        shapes = QUICK_HEADS_SHAPES if args.quick else CPU_HEADS
+        jobs = [(s, dt) for s in shapes for dt in (jnp.float32, jnp.bfloat16)]
+        context = contextlib.nullcontext()
+    else:
+        shapes = QUICK_HEADS_SHAPES if args.quick else HEADS_SHAPES
+        jobs = [(s, jnp.bfloat16) for s in shapes]
+        context = traced_as_on(target)
+    records = []
+    with context:
+        for shape, dtype in jobs:
+            for kind, name, f, arguments, logits in head_programs(*shape, dtype):
+                record = {
+                    "kind": kind,
+                    "shape": list(shape),
+                    "dtype": np.dtype(dtype).name,
+                    "program": name,
+                    "target": target.name,
+                    "budget_bytes": head_budget(*shape),
+                }
+                start = time.perf_counter()
+                try:
+                    compiled = compile_program(f, arguments, devices_)
+                except Exception as error:  # RESOURCE_EXHAUSTED and the like
+                    message = str(error).strip().splitlines()[0][:300]
+                    record.update(fits=False, error=message)
+                else:
+                    n, _, v = shape
+                    measured = measure_head(compiled, arguments, logits, n, v)
+                    record.update(fits=True, **measured)
+                    del compiled
+                record["compile_s"] = round(time.perf_counter() - start, 1)
+                records.append(record)
+                write_heads(records, out_dir)
+                print(_head_progress(record), flush=True)
+    return records
+
+
+def _head_progress(record):
+    head = f"{record['target']} {record['kind']} {record['shape']} {record['dtype']}"
+    if not record["fits"]:
+        return f"{head} {record['program']}: {record['error'][:120]}"
+    return (
+        f"{head} {record['program']}: temp {record['temp_bytes'] / GiB:.3f} GiB, "
+        f"largest {record['largest_type']} ({record['largest_over_nv']:.3f} N·V), "
+        f"{record['compile_s']} s"
+    )
+
+
+def _head_key(record):
+    return tuple(
+        str(record[k]) for k in ("kind", "shape", "dtype", "program", "target")
+    )
+
+
+def write_heads(records, out_dir: Path) -> None:
+    """Merge ``records`` into heads_results.json (replacing the same
+    programs); rewrite heads_results.md from all of it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "heads_results.json"
+    saved = json.loads(path.read_text())["records"] if path.exists() else []
+    fresh = {_head_key(r) for r in records}
+    merged = [r for r in saved if _head_key(r) not in fresh] + list(records)
+    meta = metadata()
+    path.write_text(json.dumps({"meta": meta, "records": merged}, indent=1) + "\n")
+    (out_dir / "heads_results.md").write_text(heads_markdown(merged, meta))
+
+
+def head_rows(records) -> list[dict]:
+    """Each jxent head next to its naive program, with the ratios."""
+    rows = []
+    for ours in (r for r in records if r["program"] == "jxent"):
+        base = next(
+            (
+                r
+                for r in records
+                if r["program"] == "naive"
+                and _head_key(r)[:3] + _head_key(r)[4:]
+                == _head_key(ours)[:3] + _head_key(ours)[4:]
+            ),
+            None,
+        )
+        row = {"ours": ours, "base": base, "temp_ratio": None}
+        if base and ours.get("fits") and base.get("fits") and base["temp_bytes"]:
+            row["temp_ratio"] = ours["temp_bytes"] / base["temp_bytes"]
+        if ours.get("fits"):
+            row["temp_over_budget"] = ours["temp_bytes"] / ours["budget_bytes"]
+            extra = ours["temp_bytes"] + ours["output_bytes"]
+            row["extra_over_budget"] = extra / ours["budget_bytes"]
+        rows.append(row)
+    order = {"cpu": 0, "tpu-v5e": 1, "h100": 2}
+    rows.sort(key=lambda r: (order.get(r["ours"]["target"], 9), r["ours"]["shape"]))
+    return rows
+
+
+def _mib(record, key="temp_bytes"):
+    if record is None:
+        return "–"
+    if not record.get("fits"):
+        return "does not fit"
+    return f"{record[key] / 2**20:,.0f}"
+
+
+def _largest(record, other=False):
+    if record is None or not record.get("fits"):
+        return "–"
+    key = "largest_other" if other else "largest"
+    return f"{record[f'{key}_type']} ({record[f'{key}_over_nv']:.2f})"
+
+
+def heads_markdown(records, meta) -> str:
+    """The table of docs/rl_distillation.md's "Memory" section."""
+    lines = [
+        f"Compiled with jax {meta['jax']}, libtpu {meta['libtpu']}, "
+        f"jax-cuda12-plugin {meta['cuda_plugin']} on {meta['date']} (nothing "
+        "runs; the chips' programs traced as on the chip). value_and_grad "
+        "w.r.t. the student's x and w (`linear_argmax`: forward only). "
+        "Temporaries: XLA's `memory_analysis().temp_size_in_bytes`, MiB. "
+        "Largest array: the largest array of any instruction in the optimized "
+        "HLO, with its elements / N·V in parentheses (< 1: no (N, V) array); "
+        "besides x, w: the largest not shaped as an argument (the logits tile). "
+        "Budget: `linear_cross_entropy`'s, 1.5 × (dx + dw in float32) + 64 MiB; "
+        "+ outputs: temporaries plus the program's outputs (the gradients).",
+        "",
+        "| head | (N, D, V) | dtype | target | temporaries (naive) | jxent / "
+        "naive | / budget | + outputs / budget | largest array, jxent (naive) | "
+        "largest besides x, w, jxent |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in head_rows(records):
+        ours, base = row["ours"], row["base"]
+        lines.append(
+            f"| {ours['kind']} | ({', '.join(map(str, ours['shape']))}) "
+            f"| {ours['dtype']} | {ours['target']} | {_mib(ours)} ({_mib(base)}) "
+            f"| {_num(row['temp_ratio'], '{:.3f}')} "
+            f"| {_num(row.get('temp_over_budget'))} "
+            f"| {_num(row.get('extra_over_budget'))} "
+            f"| {_largest(ours)} ({_largest(base)}) | {_largest(ours, other=True)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_heads(args) -> None:
+    """``--heads``: the LM heads on each target (``cpu`` for this host)."""
+    for name in args.targets:
+        target = resolve_target(name)
+        run_heads_target(target, devices(target), args, args.out_dir)
+
+
 # ------------------------------------------------------------------- main
 
 
@@ -536,6 +813,13 @@ def parse_args(argv=None):
         action="store_true",
         help="rewrite the table and the plot from the JSON, compiling nothing",
     )
+    parser.add_argument(
+        "--heads",
+        action="store_true",
+        help="only the LM heads (linear_log_probs, linear_distillation_loss, "
+        "linear_argmax) against the naive formulas; --targets may name cpu; "
+        "results merged into heads_results.{json,md}",
+    )
     parser.add_argument("--out-dir", type=Path, default=OUT)
     return parser.parse_args(argv)
 
@@ -553,6 +837,12 @@ def main(argv=None) -> int:
 
 def run(args) -> None:
     """Compile and measure everything asked for; write the results."""
+    if args.heads:
+        if args.report_only:
+            write_heads([], args.out_dir)
+            return
+        run_heads(args)
+        return
     if args.report_only:
         saved = json.loads((args.out_dir / "compiled_results.json").read_text())
         sharded = saved.get("sharded", [])

@@ -481,3 +481,27 @@ def program_stats(hlo_text: str, threshold: float) -> Stats:
     computations = parse_module(hlo_text)
     entry = next(c.name for c in computations.values() if c.entry)
     return computation_stats(entry, computations, threshold)
+
+
+# ---------------------------------------------------------- largest array
+
+
+def largest_array(hlo_text: str, exclude=()) -> tuple[int, str]:
+    """The most elements of any one array in the module, and its type.
+
+    Every instruction of every computation counts (parameters, loop carries,
+    fused intermediates, the arrays in a tuple), whether or not it runs: a
+    program holds no ``(N, V)`` array when this is below ``N·V``. Arrays
+    whose dimensions are in ``exclude`` (tuples: the arguments' shapes, say)
+    are left out.
+    """
+    skip = {tuple(shape) for shape in exclude}
+    best, where = 0, ""
+    for computation in parse_module(hlo_text).values():
+        for instruction in computation.instructions:
+            for dtype, dims, _ in ARRAY.findall(instruction.type):
+                shape = tuple(int(d) for d in dims.split(",") if d)
+                count = math.prod(shape)
+                if count > best and shape not in skip:
+                    best, where = count, f"{dtype}[{dims}]"
+    return best, where

@@ -252,3 +252,39 @@ ENTRY %main (x: f32[1024,1024], idx: s32[1024,2], u: f32[1024]) -> f32[1024,1024
 
 def test_in_place_scatter_moves_only_its_updates():
     assert hlo_stats.program_stats(SCATTER, THRESHOLD).traffic == 1024 * 4
+
+
+def test_largest_array_looks_in_loops_fusions_and_tuples():
+    # LOOP's largest arrays are the f32[1024,1024] carries and fused results.
+    assert hlo_stats.largest_array(LOOP) == (1024 * 1024, "f32[1024,1024]")
+    # A bigger array only inside a tuple type still counts.
+    text = LOOP.replace(
+        "%w = (s32[], f32[1024,1024]{1,0},", "%w = (s32[], f32[2048,1024]{1,0},"
+    )
+    assert hlo_stats.largest_array(text) == (2048 * 1024, "f32[2048,1024]")
+    # Leaving the arguments' shapes out: the (1024, 256) and (256, 1024) only.
+    shapes = [(2048, 1024), (1024, 1024)]
+    assert hlo_stats.largest_array(LOOP, exclude=shapes) == (
+        256 * 1024,
+        "f32[1024,256]",
+    )
+
+
+def test_cpu_compiled_heads_hold_no_logits_sized_array(tmp_path):
+    # The fused heads' programs hold at most a chunk of the logits; the naive
+    # ones the whole (N, V) array (bench_compiled.py --heads, on the CPU).
+    bench = _load("bench_compiled")
+    n, d, v = 1024, 32, 8192  # the default chunk: 512 tokens (a 16 MiB tile)
+    records = []
+    for kind, name, f, args, logits in bench.head_programs(n, d, v, jnp.float32):
+        compiled = bench.compile_program(f, args, jax.devices("cpu")[:1])
+        record = {"kind": kind, "program": name, "fits": True}
+        record |= bench.measure_head(compiled, args, logits, n, v)
+        records.append(record)
+        assert (record["largest_over_nv"] < 1) == (name == "jxent"), record
+    rows = [dict(r, shape=[n, d, v], dtype="float32", target="cpu") for r in records]
+    for row in rows:
+        row["budget_bytes"] = bench.head_budget(n, d, v)
+    bench.write_heads(rows, tmp_path)
+    table = (tmp_path / "heads_results.md").read_text()
+    assert table.count("| (1024, 32, 8192) | float32 | cpu |") == 4

@@ -288,3 +288,14 @@ def test_cpu_compiled_heads_hold_no_logits_sized_array(tmp_path):
     bench.write_heads(rows, tmp_path)
     table = (tmp_path / "heads_results.md").read_text()
     assert table.count("| (1024, 32, 8192) | float32 | cpu |") == 4
+
+
+def test_needed_temporaries_of_a_program_that_does_not_fit():
+    bench = _load("bench_compiled")
+    error = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+        "for HLO temporaries (19.85G) exceeds available HBM"
+    )
+    assert bench.needed_temp_bytes({"fits": False, "error": error}) == 19.85 * 2**30
+    assert bench.needed_temp_bytes({"fits": False, "error": "other"}) is None
+    assert bench.needed_temp_bytes({"fits": True, "temp_bytes": 5}) == 5

@@ -186,7 +186,8 @@ def linear_programs(n, d, v, dtype):
 def head_programs(n, d, v, dtype):
     """(kind, name, f, argument shapes/dtypes, logits bytes): the LM heads.
 
-    Each fused head against the same formulas on materialised logits, as
+    Each fused head (log-probabilities with and without the entropy; the
+    forward KL and the JSD) against the same formulas on materialised logits, as
     ``value_and_grad`` w.r.t. the student's ``x`` and ``w`` (the teacher is
     an input, not differentiated); ``linear_argmax`` is forward only, against
     ``jnp.argmax(x @ w)``; ``linear_cross_entropy`` (whose budget the heads
@@ -207,6 +208,18 @@ def head_programs(n, d, v, dtype):
     def log_probs_naive(x, w, t):
         lp, ent = jxent.log_probs(logits(x, w), t, temperature=0.9, return_entropy=True)
         return jnp.sum(lp) + 0.01 * jnp.sum(ent)
+
+    def log_probs_alone(x, w, t):
+        return jnp.sum(jxent.linear_log_probs(x, w, t, temperature=0.9))
+
+    def log_probs_alone_naive(x, w, t):
+        return jnp.sum(jxent.log_probs(logits(x, w), t, temperature=0.9))
+
+    def jsd(x, w, tx, tw, t):
+        return jxent.linear_distillation_loss(x, w, tx, tw, t, beta=0.5)
+
+    def jsd_naive(x, w, tx, tw, t):
+        return jxent.distillation_loss(logits(x, w), logits(tx, tw), t, beta=0.5)
 
     def distill(x, w, tx, tw, t):
         return jxent.linear_distillation_loss(x, w, tx, tw, t)
@@ -238,6 +251,14 @@ def head_programs(n, d, v, dtype):
          [x, w, x, w, t], size),
         ("linear_distillation_loss", "naive",
          jax.value_and_grad(distill_naive, **grad), [x, w, x, w, t], size),
+        ("linear_log_probs (no entropy)", "jxent",
+         jax.value_and_grad(log_probs_alone, **grad), [x, w, t], size),
+        ("linear_log_probs (no entropy)", "naive",
+         jax.value_and_grad(log_probs_alone_naive, **grad), [x, w, t], size),
+        ("linear_distillation_loss (JSD, beta 0.5)", "jxent",
+         jax.value_and_grad(jsd, **grad), [x, w, x, w, t], size),
+        ("linear_distillation_loss (JSD, beta 0.5)", "naive",
+         jax.value_and_grad(jsd_naive, **grad), [x, w, x, w, t], size),
         ("linear_argmax", "jxent", argmax, [x, w], size),
         ("linear_argmax", "naive", argmax_naive, [x, w], size),
         # The budget's owner, for reference.
@@ -745,7 +766,22 @@ def head_rows(records) -> list[dict]:
             row["extra_over_budget"] = extra / ours["budget_bytes"]
         rows.append(row)
     order = {"cpu": 0, "tpu-v5e": 1, "h100": 2}
-    rows.sort(key=lambda r: (order.get(r["ours"]["target"], 9), r["ours"]["shape"]))
+    kinds = [
+        "linear_log_probs",
+        "linear_log_probs (no entropy)",
+        "linear_distillation_loss",
+        "linear_distillation_loss (JSD, beta 0.5)",
+        "linear_argmax",
+        "linear_cross_entropy",
+    ]
+    rows.sort(
+        key=lambda r: (
+            order.get(r["ours"]["target"], 9),
+            r["ours"]["shape"],
+            r["ours"]["dtype"] != "float32",
+            kinds.index(r["ours"]["kind"]) if r["ours"]["kind"] in kinds else 9,
+        )
+    )
     return rows
 
 

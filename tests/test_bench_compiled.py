@@ -287,7 +287,7 @@ def test_cpu_compiled_heads_hold_no_logits_sized_array(tmp_path):
         row["budget_bytes"] = bench.head_budget(n, d, v)
     bench.write_heads(rows, tmp_path)
     table = (tmp_path / "heads_results.md").read_text()
-    assert table.count("| (1024, 32, 8192) | float32 | cpu |") == 4
+    assert table.count("| (1024, 32, 8192) | float32 | cpu |") == 6
 
 
 def test_needed_temporaries_of_a_program_that_does_not_fit():

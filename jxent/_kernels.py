@@ -565,6 +565,7 @@ def _tangent_map(
     # Ignored rows with non-finite logits are differentiated at zeros: the
     # loss discards them, and their zero cotangents then give exact zeros.
     dead = ~live & ~jnp.isfinite(lse)
+    raw = logits
     logits = jnp.where(expand(dead), jnp.zeros((), logits.dtype), logits)
     lse = jnp.where(dead, 0.0, lse)
     # lse - x_c as (x_t - x_c) + nll: a large lse is rounded in float32 (to
@@ -573,7 +574,11 @@ def _tangent_map(
     # 0 and 1). With class shards x_t is on one shard only: lse is used.
     ref, rel = lse, jnp.zeros_like(lse)
     if not shards.sharded:
-        x_t = capped_logits(take_target(logits, target, axis), soft_cap)
+        # Gathered from the raw logits and zeroed here (the same values): a
+        # gather from the zeroed logits makes the TPU compiler store them.
+        raw_t = take_target(raw, target, axis)
+        raw_t = jnp.where(dead, jnp.zeros((), raw_t.dtype), raw_t)
+        x_t = capped_logits(raw_t, soft_cap)
         if class_mask is not None:
             included = take_target(class_mask, target, axis)
             x_t = jnp.where(included, x_t, -jnp.inf)

@@ -865,7 +865,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--native-path",
         action="store_true",
-        help="also trace as a process on the chip would (jax.default_backend())",
+        help="also trace with jax.default_backend() answering the target's platform",
     )
     parser.add_argument(
         "--only-extras",
@@ -949,10 +949,12 @@ def run(args) -> None:
 def traced_as_on(target: Target):
     """``jax.default_backend()`` answers the target's platform while tracing.
 
-    jxent picks some code paths with ``jax.default_backend()`` at trace time,
-    so a program traced on a CPU host takes the CPU's path even when it is
-    compiled for a TPU or GPU (as with AOT compilation or ``jax.export``).
-    Under this, the program is the one a process running on the chip traces.
+    jxent picks its code paths for the platform a program is lowered for
+    (``lax.platform_dependent``), so a program traced on a CPU host and
+    compiled for a TPU or GPU is already the chip's. Under this, the program
+    is traced as a process running on the chip traces it: the "native" rows
+    check that nothing depends on the backend at trace time (they equal the
+    others). Before jxent chose with ``jax.default_backend()``, they differed.
     """
     import jax
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +34,8 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jxent._sharding import UNSHARDED, ClassShards
+
+T = TypeVar("T")
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -136,6 +140,19 @@ def _partitioned_by_xla(x: jax.Array) -> bool:
     )
 
 
+def on_cpu(cpu: Callable[[], T], other: Callable[[], T]) -> T:
+    """``cpu()`` in a program compiled for the CPU, ``other()`` elsewhere.
+
+    Chosen when the program is lowered for a platform (``lax.platform_dependent``),
+    not by ``jax.default_backend()`` at trace time: a program traced on a CPU
+    host and compiled for a TPU or GPU (ahead of time, ``jax.export``, or a
+    process whose default backend is another) gets that platform's code. Only
+    the chosen branch reaches the compiler. Both must return the same types;
+    they read the caller's arrays by closure.
+    """
+    return lax.platform_dependent(cpu=cpu, default=other)
+
+
 def _sum_exp_shifted(make_x, shift, axis, shape, partitioned):
     """``Σ exp(x - shift)`` over ``axis`` (``shift`` has the kept axis).
 
@@ -149,17 +166,20 @@ def _sum_exp_shifted(make_x, shift, axis, shape, partitioned):
     lost again).
     """
     split = _row_split(math.prod(shape) // max(shape[axis], 1), shape[axis])
-    if (
-        axis != len(shape) - 1
-        or split == 1
-        or jax.default_backend() != "cpu"
-        or partitioned
-    ):
+
+    def whole_rows():
         return jnp.sum(jnp.exp(make_x() - shift), axis=axis)
-    rows = make_x((-1, shape[-1] // split))
-    row_shift = jnp.repeat(shift.reshape(-1), split).reshape(-1, 1)
-    partial_sums = jnp.sum(jnp.exp(rows - row_shift), axis=-1)
-    return jnp.sum(partial_sums.reshape(*shape[:-1], split), axis=-1)
+
+    if axis != len(shape) - 1 or split == 1 or partitioned:
+        return whole_rows()
+
+    def split_rows():
+        rows = make_x((-1, shape[-1] // split))
+        row_shift = jnp.repeat(shift.reshape(-1), split).reshape(-1, 1)
+        partial_sums = jnp.sum(jnp.exp(rows - row_shift), axis=-1)
+        return jnp.sum(partial_sums.reshape(*shape[:-1], split), axis=-1)
+
+    return on_cpu(split_rows, whole_rows)
 
 
 def _scaled_log(weight_sum, log_sum):
@@ -280,24 +300,21 @@ def _bfloat16_class_dot(logits: jax.Array, w: jax.Array, axis: int) -> jax.Array
     return jnp.sum(by_part, axis=-1)
 
 
-# None: chosen by backend and size (below). Tests set it.
+# None: chosen by platform and size (below). Tests set it.
 _ONE_PASS: bool | None = None
 _ONE_PASS_MAX_ELEMENTS = 1 << 24
 
 
-def _use_one_pass(num_elements: int, smoothing: bool) -> bool:
-    """Whether the forward takes the one-pass reduction.
+def _one_pass_off_cpu(num_elements: int, smoothing: bool) -> bool:
+    """Whether the forward takes the one-pass reduction on accelerators.
 
-    Never on the CPU, where XLA runs variadic reductions several times slower.
-    On accelerators (measured on an H200): with smoothing (one pass instead of
-    two) and for small arrays, where the host round trip of the overflow
-    branch costs more than the pass; large plain arrays are faster with the
-    shifted sums, which take one exp per element.
+    Never on the CPU, where XLA runs variadic reductions several times slower
+    (``_forward`` picks per platform with ``on_cpu``). On accelerators
+    (measured on an H200): with smoothing (one pass instead of two) and for
+    small arrays, where the host round trip of the overflow branch costs more
+    than the pass; large plain arrays are faster with the shifted sums, which
+    take one exp per element.
     """
-    if _ONE_PASS is not None:
-        return _ONE_PASS
-    if jax.default_backend() == "cpu":
-        return False
     return smoothing or num_elements <= _ONE_PASS_MAX_ELEMENTS
 
 
@@ -390,7 +407,7 @@ def _forward(
     def again(rows=None, shield=False):
         return transformed(_shield(shielded, 2) if shield else shielded, rows)
 
-    if _use_one_pass(logits.size, smoothing):
+    def one_pass():
         w = None
         if smoothing:
             w = _smoothing_weights(
@@ -405,6 +422,24 @@ def _forward(
         smooth = gaps + _scaled_log(total_weight, log_sum) if smoothing else gaps
         return lse, nll, smooth
 
+    def shifted():
+        return _shifted_stats(
+            logits, class_weight, class_mask, soft_cap, axis, smoothing, shards,
+            transformed, again, x_target,
+        )  # fmt: skip
+
+    if _ONE_PASS is not None:
+        return one_pass() if _ONE_PASS else shifted()
+    if not _one_pass_off_cpu(logits.size, smoothing):
+        return shifted()
+    return on_cpu(shifted, one_pass)
+
+
+def _shifted_stats(
+    logits, class_weight, class_mask, soft_cap, axis, smoothing, shards,
+    transformed, again, x_target,
+):  # fmt: skip
+    """The forward's statistics from shifted sums (the CPU's path)."""
     shift, log_sum = _shift_and_log_sum(
         lambda rows=None: transformed(logits, rows),
         again,
@@ -530,6 +565,7 @@ def _tangent_map(
     # Ignored rows with non-finite logits are differentiated at zeros: the
     # loss discards them, and their zero cotangents then give exact zeros.
     dead = ~live & ~jnp.isfinite(lse)
+    raw = logits
     logits = jnp.where(expand(dead), jnp.zeros((), logits.dtype), logits)
     lse = jnp.where(dead, 0.0, lse)
     # lse - x_c as (x_t - x_c) + nll: a large lse is rounded in float32 (to
@@ -538,7 +574,11 @@ def _tangent_map(
     # 0 and 1). With class shards x_t is on one shard only: lse is used.
     ref, rel = lse, jnp.zeros_like(lse)
     if not shards.sharded:
-        x_t = capped_logits(take_target(logits, target, axis), soft_cap)
+        # Gathered from the raw logits and zeroed here (the same values): a
+        # gather from the zeroed logits makes the TPU compiler store them.
+        raw_t = take_target(raw, target, axis)
+        raw_t = jnp.where(dead, jnp.zeros((), raw_t.dtype), raw_t)
+        x_t = capped_logits(raw_t, soft_cap)
         if class_mask is not None:
             included = take_target(class_mask, target, axis)
             x_t = jnp.where(included, x_t, -jnp.inf)

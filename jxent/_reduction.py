@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from jxent._kernels import on_cpu
 from jxent._safe_math import poison
 from jxent._sharding import batch_sum
 
@@ -32,13 +33,18 @@ def dense_sum(x: jax.Array) -> jax.Array:
     separate N×C array (5 loop fusions for ``binary_cross_entropy_with_logits``).
     A matrix-vector product with ones makes the whole element-wise expression
     one loop feeding the product: measured 1.6× faster forward and forward +
-    backward at (8192, 1024) float32. Other backends fuse reductions anyway.
+    backward at (8192, 1024) float32. Other backends fuse reductions anyway
+    (chosen per platform when the program is lowered: ``on_cpu``).
     """
-    if jax.default_backend() != "cpu" or x.ndim == 0 or x.shape[-1] < 64:
+    if x.ndim == 0 or x.shape[-1] < 64:
         return jnp.sum(x)
-    rows = x.reshape(-1, x.shape[-1])
-    ones = jnp.ones((x.shape[-1],), x.dtype)
-    return jnp.sum(jnp.dot(rows, ones, precision=jax.lax.Precision.HIGHEST))
+
+    def by_product():
+        rows = x.reshape(-1, x.shape[-1])
+        ones = jnp.ones((x.shape[-1],), x.dtype)
+        return jnp.sum(jnp.dot(rows, ones, precision=jax.lax.Precision.HIGHEST))
+
+    return on_cpu(by_product, lambda: jnp.sum(x))
 
 
 def reduce_loss(

@@ -690,11 +690,11 @@ def run_heads_target(target, devices_, args, out_dir) -> list[dict]:
 
 
 def _head_progress(record):
-    head = f"{record['target']} {record['kind']} {record['shape']} {record['dtype']}"
+    head = _progress_head(record)
     if not record["fits"]:
-        return f"{head} {record['program']}: {record['error'][:120]}"
+        return head + record["error"][:120]
     return (
-        f"{head} {record['program']}: temp {record['temp_bytes'] / 2**20:.1f} MiB, "
+        f"{head}temp {record['temp_bytes'] / 2**20:.1f} MiB, "
         f"largest {record['largest_type']} ({record['largest_over_nv']:.3f} N·V), "
         f"{record['compile_s']} s"
     )
@@ -1026,12 +1026,20 @@ def run_max_batch(devices_, native=False) -> list[dict]:
     return rows
 
 
-def _progress(record):
-    head = f"{record['target']} {record['kind']} {record['shape']} {record['dtype']}"
-    if not record["fits"]:
-        return f"{head} {record['program']}: {record['error'][:120]}"
+def _progress_head(record):
+    """``target kind shape dtype program: `` of a progress line."""
     return (
-        f"{head} {record['program']}: temp {record['temp_bytes'] / GiB:.2f} GiB, "
+        f"{record['target']} {record['kind']} {record['shape']} {record['dtype']} "
+        f"{record['program']}: "
+    )
+
+
+def _progress(record):
+    head = _progress_head(record)
+    if not record["fits"]:
+        return head + record["error"][:120]
+    return (
+        f"{head}temp {record['temp_bytes'] / GiB:.2f} GiB, "
         f"{record['passes']:.2f} passes, {record['flops'] / 1e12:.2f} TFLOP, "
         f"{record['compile_s']} s"
     )

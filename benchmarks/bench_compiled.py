@@ -388,18 +388,24 @@ def roofline(flops: float, traffic: float, target: Target) -> float | None:
     return flops / target.peak_flops + traffic / target.hbm_bandwidth
 
 
-def run_one(kind, shape, dtype, name, f, args, logits, target, devices_):
-    """Compile and measure one program; a program that does not fit says so."""
+def new_record(kind, shape, dtype, name, target) -> dict:
+    """The fields that name one compiled program in the results."""
     import numpy as np
 
-    start = time.perf_counter()
-    record = {
+    return {
         "kind": kind,
         "shape": list(shape),
         "dtype": np.dtype(dtype).name,
         "program": name,
         "target": target.name,
     }
+
+
+def run_one(kind, shape, dtype, name, f, args, logits, target, devices_):
+    """Compile and measure one program; a program that does not fit says so."""
+
+    start = time.perf_counter()
+    record = new_record(kind, shape, dtype, name, target)
     try:
         compiled = compile_program(f, args, devices_)
     except Exception as error:  # XLA's RESOURCE_EXHAUSTED and the like
@@ -649,7 +655,6 @@ def run_heads_target(target, devices_, args, out_dir) -> list[dict]:
     program a process there would compile.
     """
     import jax.numpy as jnp
-    import numpy as np
 
     if target.platform == "cpu":
         shapes = QUICK_HEADS_SHAPES if args.quick else CPU_HEADS
@@ -663,14 +668,8 @@ def run_heads_target(target, devices_, args, out_dir) -> list[dict]:
     with context:
         for shape, dtype in jobs:
             for kind, name, f, arguments, logits in head_programs(*shape, dtype):
-                record = {
-                    "kind": kind,
-                    "shape": list(shape),
-                    "dtype": np.dtype(dtype).name,
-                    "program": name,
-                    "target": target.name,
-                    "budget_bytes": head_budget(*shape),
-                }
+                record = new_record(kind, shape, dtype, name, target)
+                record["budget_bytes"] = head_budget(*shape)
                 start = time.perf_counter()
                 try:
                     compiled = compile_program(f, arguments, devices_)
@@ -690,14 +689,7 @@ def run_heads_target(target, devices_, args, out_dir) -> list[dict]:
 
 
 def _head_progress(record):
-    head = _progress_head(record)
-    if not record["fits"]:
-        return head + record["error"][:120]
-    return (
-        f"{head}temp {record['temp_bytes'] / 2**20:.1f} MiB, "
-        f"largest {record['largest_type']} ({record['largest_over_nv']:.3f} N·V), "
-        f"{record['compile_s']} s"
-    )
+    return _progress(record, heads=True)
 
 
 def _head_key(record):
@@ -1034,15 +1026,21 @@ def _progress_head(record):
     )
 
 
-def _progress(record):
+def _progress(record, heads=False):
     head = _progress_head(record)
     if not record["fits"]:
         return head + record["error"][:120]
-    return (
-        f"{head}temp {record['temp_bytes'] / GiB:.2f} GiB, "
-        f"{record['passes']:.2f} passes, {record['flops'] / 1e12:.2f} TFLOP, "
-        f"{record['compile_s']} s"
-    )
+    if heads:
+        middle = (
+            f"temp {record['temp_bytes'] / 2**20:.1f} MiB, largest "
+            f"{record['largest_type']} ({record['largest_over_nv']:.3f} N·V)"
+        )
+    else:
+        middle = (
+            f"temp {record['temp_bytes'] / GiB:.2f} GiB, "
+            f"{record['passes']:.2f} passes, {record['flops'] / 1e12:.2f} TFLOP"
+        )
+    return f"{head}{middle}, {record['compile_s']} s"
 
 
 def write(records, batches, out_dir: Path, sharded=()) -> None:

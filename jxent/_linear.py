@@ -678,6 +678,33 @@ def _class_mask_for_tokens(where, batch_shape, vocab):
     return jnp.broadcast_to(mask, shape), True
 
 
+def check_lm_head(
+    x: ArrayLike, w: ArrayLike, bias: ArrayLike | None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(x, w, bias)`` of an LM head as floating arrays, shapes checked.
+
+    ``x`` is ``(..., D)``, ``w`` ``(D, V)`` and ``bias`` ``(V,)``; ``x`` and
+    ``w`` are cast to their common dtype.
+    """
+    x = as_float_array(x, "x")
+    w = as_float_array(w, "w")
+    if x.ndim < 1:
+        raise ValueError(f"`x` must have shape (..., D), got a scalar {x.shape}.")
+    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"`w` must have shape (D, V) with D = x.shape[-1] = {x.shape[-1]}, got "
+            f"w.shape={w.shape} (x.shape={x.shape})."
+        )
+    dtype = jnp.result_type(x.dtype, w.dtype)
+    if bias is not None:
+        bias = as_float_array(bias, "bias")
+        if bias.shape != (w.shape[1],):
+            raise ValueError(
+                f"`bias` must have shape (V,) = ({w.shape[1]},), got {bias.shape}."
+            )
+    return x.astype(dtype), w.astype(dtype), bias
+
+
 def _check_target(target, x, vocab: int, ignore_index: int):
     """Returns ``(target, probs)``: integer indices or class probabilities."""
     target = jnp.asarray(target)
@@ -890,24 +917,8 @@ def linear_cross_entropy(
     check_reduction(reduction)
     ignore_index = check_ignore_index(ignore_index)
     return_lse = check_bool(return_lse, "return_lse")
-    x = as_float_array(x, "x")
-    w = as_float_array(w, "w")
-    if x.ndim < 1:
-        raise ValueError(f"`x` must have shape (..., D), got a scalar {x.shape}.")
-    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"`w` must have shape (D, V) with D = x.shape[-1] = {x.shape[-1]}, got "
-            f"w.shape={w.shape} (x.shape={x.shape})."
-        )
-    dtype = jnp.result_type(x.dtype, w.dtype)
-    x, w = x.astype(dtype), w.astype(dtype)
-    vocab = w.shape[1]
-    if bias is not None:
-        bias = as_float_array(bias, "bias")
-        if bias.shape != (vocab,):
-            raise ValueError(
-                f"`bias` must have shape (V,) = ({vocab},), got {bias.shape}."
-            )
+    x, w, bias = check_lm_head(x, w, bias)
+    dtype, vocab = x.dtype, w.shape[1]
     target, probs = _check_target(target, x, vocab, ignore_index)
     batch_shape = x.shape[:-1]
     weight = check_weight(weight, vocab)

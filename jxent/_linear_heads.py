@@ -33,6 +33,7 @@ from jxent._linear import (
     _Static,
     _summed_loss,
     _tile_logits,
+    check_lm_head,
 )
 from jxent._reduction import reduce_loss
 from jxent._rl import (
@@ -70,23 +71,13 @@ class _HeadStatic(NamedTuple):
 def check_head_inputs(
     x: ArrayLike, w: ArrayLike, bias: ArrayLike | None
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """``(x, w, bias)`` as arrays of one floating dtype, shapes checked."""
-    x = as_float_array(x, "x")
-    w = as_float_array(w, "w")
-    b = None if bias is None else as_float_array(bias, "bias")
-    if x.ndim < 1:
-        raise ValueError(f"`x` must have shape (..., D), got a scalar {x.shape}.")
-    if w.ndim != 2 or w.shape[0] != x.shape[-1] or w.shape[1] == 0:
+    """``linear_cross_entropy``'s checks of ``(x, w, bias)``, and ``V >= 1``."""
+    x, w, bias = check_lm_head(x, w, bias)
+    if w.shape[1] == 0:
         raise ValueError(
-            f"`w` must have shape (D, V) with D = x.shape[-1] = {x.shape[-1]} and "
-            f"V >= 1, got w.shape={w.shape} (x.shape={x.shape})."
+            f"`w` must have shape (D, V) with V >= 1 classes, got w.shape={w.shape}."
         )
-    dtype = jnp.result_type(x.dtype, w.dtype)
-    if b is not None and b.shape != (w.shape[1],):
-        raise ValueError(
-            f"`bias` must have shape (V,) = ({w.shape[1]},), got {b.shape}."
-        )
-    return x.astype(dtype), w.astype(dtype), b
+    return x, w, bias
 
 
 def head_chunks(x, vocab, chunk_size, vocab_chunk_size, *, where: bool):

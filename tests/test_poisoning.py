@@ -212,3 +212,23 @@ def test_apply_if_finite_skips_a_step_with_a_bad_target():
     assert int(state.notfinite_count) == 1
     taken, _ = step(params, state, TARGET)
     assert not np.array_equal(taken["w"], W)
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss", "linear"])
+def test_bad_target_with_a_zero_mean_denominator_is_still_nan(name):
+    # All-zero class weights make the mean's denominator 0 (a good batch gives
+    # 0.0 with zero gradients); a bad target must not vanish into that 0.
+    if name == "linear":
+        loss = lambda x, w, t: jxent.linear_cross_entropy(X, x, t, w, chunk_size=4)
+        first = W
+    else:
+        fn = jxent.cross_entropy if name == "cross_entropy" else jxent.nll_loss
+        loss = lambda x, w, t: fn(x, t, w)
+        first = LOGITS
+    zeros = jnp.zeros(C)
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
+        first, zeros, TARGET
+    )
+    assert value == 0.0
+    assert all(np.all(np.asarray(g) == 0.0) for g in grads[:1])
+    _check(loss, (first, zeros), "mean", data=(_bad_target(7),))

@@ -150,15 +150,10 @@ def hard_target_loss(
     """
     dtype = compute_dtype(logits.dtype)
     num_classes = shards.num_classes(logits.shape[axis])
-    checked = target_terms(target, None, num_classes, ignore_index, dtype, shards)
-    bad = checked.bad
-    if where is not None:
-        local, here = shards.localise(checked.safe_target, logits.shape[axis])
-        included = take_target(where, local, axis).astype(jnp.int32)
-        bad = bad | (checked.valid & (shards.pick(included, here) == 0))
-    bad = bad | invalid_options(
-        label_smoothing, z_loss, smoothing=smoothing, with_z_loss=with_z_loss
-    )
+    bad = _bad_rows(
+        target, where, label_smoothing, z_loss, num_classes, ignore_index, axis,
+        smoothing, with_z_loss, shards,
+    )  # fmt: skip
     if poison_inputs:
         logits, weight = _poisoned_inputs(logits, weight, jnp.any(bad))
     terms = target_terms(target, weight, num_classes, ignore_index, dtype, shards)
@@ -167,13 +162,58 @@ def hard_target_loss(
         logits, terms.safe_target, terms.valid, weight, where, soft_cap,
         axis, smoothing, shards,
     )  # fmt: skip
+    loss = _loss_from_stats(
+        lse, nll, smooth, terms, label_smoothing, z_loss,
+        _num_included(where, num_classes, axis, dtype, shards) if smoothing else None,
+        smoothing=smoothing, with_z_loss=with_z_loss,
+    )  # fmt: skip
+    return poison(loss, bad), lse, terms.target_weight
+
+
+def _bad_rows(
+    target, where, label_smoothing, z_loss, num_classes, ignore_index, axis,
+    smoothing, with_z_loss, shards,
+):  # fmt: skip
+    """Positions whose loss is NaN (with NaN derivatives).
+
+    A target out of range or on an excluded class; every position when an
+    option is invalid.
+    """
+    checked = target_terms(target, None, num_classes, ignore_index, jnp.float32, shards)
+    bad = checked.bad
+    if where is not None:
+        local, here = shards.localise(checked.safe_target, where.shape[axis])
+        if where.ndim == 2 and where.shape[0] == 1 < local.shape[0]:
+            included = where[0][local]  # one (1, C) class mask for every row
+        else:
+            included = take_target(where, local, axis)
+        included = included.astype(jnp.int32)
+        bad = bad | (checked.valid & (shards.pick(included, here) == 0))
+    return bad | invalid_options(
+        label_smoothing, z_loss, smoothing=smoothing, with_z_loss=with_z_loss
+    )
+
+
+def _num_included(where, num_classes: int, axis: int, dtype, shards):
+    """Classes the smoothing spreads over: all, or per position with a mask."""
+    if where is None:
+        return num_classes
+    count = shards.sum(jnp.sum(where, axis=axis))
+    return jnp.maximum(count, 1).astype(dtype)
+
+
+def _loss_from_stats(
+    lse, nll, smooth, terms: TargetTerms, label_smoothing, z_loss, num_included,
+    *, smoothing: bool, with_z_loss: bool,
+):  # fmt: skip
+    """Per-position loss from ``cross_entropy_stats``' ``(lse, nll, s)``.
+
+    ``(1-ε)·w_y·nll + (ε/K)·s + z_loss·lse²``, 0 where ignored (before the
+    bad positions are poisoned).
+    """
+    dtype = lse.dtype
     if smoothing:
         eps = jnp.asarray(label_smoothing, dtype)
-        if where is None:
-            num_included = num_classes
-        else:
-            count = shards.sum(jnp.sum(where, axis=axis))
-            num_included = jnp.maximum(count, 1).astype(dtype)
         loss = _scaled((1.0 - eps) * terms.target_weight, nll) + _scaled(
             eps / num_included, smooth
         )
@@ -183,8 +223,51 @@ def hard_target_loss(
         # Ignored positions' lse (possibly not finite) is discarded before use.
         kept_lse = jnp.where(terms.valid, lse, 0.0)
         loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(kept_lse))
-    loss = jnp.where(terms.valid, loss, 0.0)
-    return poison(loss, bad), lse, terms.target_weight
+    return jnp.where(terms.valid, loss, 0.0)
+
+
+def hard_target_row_cotangents(
+    lse: jax.Array,
+    target: jax.Array,
+    weight: jax.Array | None,
+    label_smoothing: jax.Array | float,
+    z_loss: jax.Array | float,
+    where: jax.Array | None,
+    *,
+    num_classes: int,
+    ignore_index: int,
+    smoothing: bool,
+    with_z_loss: bool,
+    shards: ClassShards = UNSHARDED,
+) -> tuple[TargetTerms, tuple[jax.Array, jax.Array, jax.Array]]:
+    """The derivatives of ``hard_target_loss`` w.r.t. ``(lse, nll, s)``.
+
+    Per position (classes last, ``where`` a (1, C) or (N, C) mask, ``weight``
+    and ``where`` this device's slice of the classes): what the cotangents
+    of the statistics are when the loss's own cotangent is 1 (NaN at bad
+    positions, 0 where ignored). With them, ``cross_entropy_stats``' tangent
+    map transposes into the gradient w.r.t. any block of a position's logits.
+    Returns ``(terms, (d lse, d nll, d s))``.
+    """
+    dtype = lse.dtype
+    bad = _bad_rows(
+        target, where, label_smoothing, z_loss, num_classes, ignore_index, -1,
+        smoothing, with_z_loss, shards,
+    )  # fmt: skip
+    terms = target_terms(target, weight, num_classes, ignore_index, dtype, shards)
+    count = _num_included(where, num_classes, -1, dtype, shards) if smoothing else None
+
+    def loss(lse, nll, smooth):
+        value = _loss_from_stats(
+            lse, nll, smooth, terms, label_smoothing, z_loss, count,
+            smoothing=smoothing, with_z_loss=with_z_loss,
+        )  # fmt: skip
+        return poison(value, bad)
+
+    # The loss is linear in nll and s: their value does not matter here.
+    zeros = jnp.zeros_like(lse)
+    _, vjp = jax.vjp(loss, lse, zeros, zeros)
+    return terms, vjp(jnp.ones_like(lse))
 
 
 def soft_target_loss(

@@ -544,9 +544,13 @@ def _one_hot(target: jax.Array, shape: tuple[int, ...], axis: int, dtype) -> jax
 
 def _tangent_map(
     logits, target, live, class_weight, class_mask, soft_cap, lse, nll,
-    t_logits, t_weight, t_cap, *, axis, smoothing, shards,
+    t_logits, t_weight, t_cap, *, axis, smoothing, shards, total_weight=None,
 ):  # fmt: skip
     """The tangents ``(dlse, dnll, ds)`` (see ``cross_entropy_stats``).
+
+    ``total_weight`` (``Σ_c w_c`` over included classes) is computed from
+    the class weights and mask when not given (a caller holding only a block
+    of the classes passes the whole sum).
 
     ``t_logits``, ``t_weight`` and ``t_cap`` are None where the tangent is a
     symbolic zero, so that no term is formed for an input that is not being
@@ -615,7 +619,8 @@ def _tangent_map(
     if smoothing:
         w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, dtype)
         if t_x is not None:
-            total_weight = _total_weight(class_weight, class_mask, x, axis, shards)
+            if total_weight is None:
+                total_weight = _total_weight(class_weight, class_mask, x, axis, shards)
             weighted = t_x if w is None else w * t_x
             t_smooth = total_weight * t_lse - shards.sum(jnp.sum(weighted, axis=axis))
         if t_weight is not None:

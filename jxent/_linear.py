@@ -40,10 +40,11 @@ from jxent._classification import (
     _as_int_target,
     _is_static_zero,
     hard_target_loss,
+    hard_target_row_cotangents,
     soft_target_loss,
     target_terms,
 )
-from jxent._kernels import compute_dtype
+from jxent._kernels import _tangent_map, _total_weight, compute_dtype, on_cpu
 from jxent._reduction import reduce_loss
 from jxent._sharding import UNSHARDED, ClassShards, as_axis_names
 from jxent._types import Reduction
@@ -80,6 +81,15 @@ _MAX_TILE_BYTES = 512 * 2**20
 # most this many bytes (one x_c^T dz over the whole vocabulary would first
 # write a (D, V) temporary as large as dw itself).
 _DW_BLOCK_BYTES = 16 * 2**20
+# The vocabulary-outer gradients (off the CPU): the forward's whole-row float32
+# tiles and the class blocks' tiles take at most _BLOCK_TILE_BYTES, a block's
+# float32 dw at most _BLOCK_DW_BYTES. The TPU compiler keeps about five tiles
+# alive; dx (float32) lives through the whole pass.
+_BLOCK_TILE_BYTES = 32 * 2**20
+_BLOCK_DW_BYTES = 64 * 2**20
+# Tests force the vocabulary-outer order (True) or the token-outer one (False)
+# on any platform; None: chosen for the platform compiled for.
+_VOCAB_OUTER: bool | None = None
 # 16-bit inputs whose float32 dw takes at least this many bytes accumulate it
 # in two column halves, one pass over the chunks each (every chunk's logits
 # computed twice: four matmuls instead of three): the float32 accumulator and
@@ -102,6 +112,13 @@ class _Static(NamedTuple):
     shards: ClassShards = UNSHARDED  # vocabulary split over mesh axes
     batch_axes: tuple[str, ...] = ()  # tokens split over mesh axes
     dw_passes: int = 1  # passes over the chunks, one per column range of dw
+    # The vocabulary-outer gradients (TPU and GPU): whole-row tokens per chunk
+    # of the forward, tokens per chunk of the class blocks; None: chosen for
+    # the platform compiled for, True/False: forced (tests).
+    row_chunk: int = 1
+    block_tokens: int = 1
+    block_classes: int = 1
+    vocab_outer: bool | None = None
     # Another head's per-tile math in place of the cross-entropy's (see
     # _linear_heads): a hashable callable with _tile_loss's signature.
     head: Callable | None = None
@@ -423,6 +440,183 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
     return out["loss"], grads
 
 
+class _VocabBlock(NamedTuple):
+    """Classes ``[start, start + size)`` of every position, differentiated alone.
+
+    Stands in for ``ClassShards`` in ``cross_entropy_stats``' tangent map:
+    targets are localised to the block and the tangent sums stay the block's
+    own share, whose transpose is the gradient w.r.t. the block's logits.
+    """
+
+    start: jax.Array  # global index of the block's first class
+
+    @property
+    def sharded(self) -> bool:
+        return True
+
+    def localise(self, target: jax.Array, local: int):
+        local_target = target - self.start
+        here = (local_target >= 0) & (local_target < local)
+        return jnp.where(here, local_target, 0), here
+
+    def sum(self, x):
+        return x
+
+
+def _vocab_outer_eligible(static: _Static, need: dict) -> bool:
+    """Whether the vocabulary-outer gradients apply.
+
+    Integer targets and the cross-entropy's own tile math, gradients w.r.t.
+    ``x``, ``w`` and ``bias`` only.
+    """
+    others = (name for name in _Params._fields if name not in ("x", "w", "bias"))
+    return (
+        static.head is None
+        and not static.soft
+        and not any(need[name] for name in others)
+        and (need["x"] or need["w"] or need["bias"])
+    )
+
+
+def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict):
+    """``_loss_and_gradients`` with ``dw`` accumulated one class block at a time.
+
+    First the per-token losses and logsumexps, token chunk by token chunk
+    (whole rows of ``static.row_chunk`` tokens). Then, for each block of
+    ``static.vocab_chunk_size`` classes, a pass over token chunks of
+    ``static.block_tokens``: the block's logits are recomputed, transposed
+    through ``cross_entropy_stats``' tangent map with the per-token
+    cotangents of its statistics, and the block's ``dw`` is accumulated in
+    float32 and written once, rounded to ``w``'s dtype; ``dx`` (float32) and
+    ``dbias`` gather every block's share. No float32 array of ``dw``'s size
+    exists, nor any tile wider than a block: four matmuls in all.
+    """
+    acc = _accumulation_dtype(p)
+    num_tokens, depth = p.x.shape
+    vocab = p.w.shape[1]
+    shards = static.shards
+    weight, label_smoothing, z_loss, soft_cap = _small(p)[:4]
+    forward = static._replace(chunk_size=static.row_chunk)
+    loss, lse = _per_token_values(forward, p, data)
+    terms, cts = hard_target_row_cotangents(
+        lse, data.target, weight, label_smoothing, z_loss, data.mask,
+        num_classes=shards.num_classes(vocab), ignore_index=static.ignore_index,
+        smoothing=static.smoothing, with_z_loss=static.with_z_loss, shards=shards,
+    )  # fmt: skip
+    total_weight = jnp.zeros((num_tokens,), acc)
+    if static.smoothing:
+        shape = jax.ShapeDtypeStruct((1, vocab), acc)
+        total = _total_weight(weight, data.mask, shape, 1, shards)
+        total_weight = jnp.broadcast_to(jnp.reshape(total, (-1,)), (num_tokens,))
+    row_mask = data.mask if static.row_mask else None
+    rows = (
+        p.x, terms.safe_target, terms.valid, lse, cts, total_weight,
+        jnp.arange(num_tokens, dtype=jnp.int32),
+    )  # fmt: skip
+    rows = _vary_like(rows, p.x)
+    offset = 0 if not shards.sharded else shards.index() * vocab
+    tangent_map = functools.partial(_tangent_map, axis=1, smoothing=static.smoothing)
+
+    def block_pass(carry, lo: int, hi: int):
+        """One column range's ``dw`` (float32 per block), and dx, dbias."""
+        block = min(static.block_classes, hi - lo)
+        num_blocks = -(-(hi - lo) // block)
+        dw_range = jnp.zeros((depth, hi - lo), p.w.dtype) if need["w"] else None
+
+        def over_blocks(j, state):
+            dw_range, dx, dbias = state
+            # The last block is shifted left to stay in bounds; the columns it
+            # shares with the previous block are zeroed and kept as they were.
+            start = lo + jnp.minimum(j * block, hi - lo - block)
+            column = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
+            fresh = column >= lo + j * block
+            w_j = lax.dynamic_slice_in_dim(p.w, start, block, axis=1)
+            bias_j = None
+            if p.bias is not None:
+                bias_j = lax.dynamic_slice_in_dim(p.bias, start, block)
+            weight_j = None
+            if weight is not None and static.smoothing:
+                weight_j = lax.dynamic_slice_in_dim(weight, start, block)
+            class_mask = None
+            if data.mask is not None and not static.row_mask:
+                class_mask = lax.dynamic_slice_in_dim(data.mask, start, block, axis=1)
+            where_block = _VocabBlock(offset + start)
+
+            def over_tokens(state, tokens):
+                dw_j, dx, dbias_j = state
+                x_c, target_c, live_c, lse_c, cts_c, total_c, index = tokens
+                mask_c = class_mask
+                if row_mask is not None:
+                    mask_c = lax.dynamic_slice(
+                        row_mask, (index[0], start), (x_c.shape[0], block)
+                    )
+                logits = _tile_logits(x_c, w_j, bias_j)
+                tangents = functools.partial(
+                    tangent_map, logits, target_c, live_c, weight_j, mask_c,
+                    soft_cap, lse_c, lse_c, t_weight=None, t_cap=None,
+                    shards=where_block, total_weight=total_c,
+                )  # fmt: skip
+                _, transpose = jax.vjp(tangents, jnp.zeros_like(logits))
+                (d_logits,) = transpose(cts_c)
+                d_logits = jnp.where(fresh, d_logits, 0.0)
+                d_in = d_logits.astype(p.w.dtype)
+                if need["w"]:
+                    dw_j = dw_j + lax.dot_general(
+                        x_c, d_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
+                    )
+                if need["x"]:
+                    part = lax.dot_general(
+                        d_in, w_j, (((1,), (1,)), ((), ())), preferred_element_type=acc
+                    )
+                    rows_c = lax.dynamic_slice_in_dim(dx, index[0], x_c.shape[0])
+                    dx = lax.dynamic_update_slice_in_dim(dx, rows_c + part, index[0], 0)
+                if need["bias"]:
+                    dbias_j = dbias_j + jnp.sum(d_logits, axis=0)
+                return (dw_j, dx, dbias_j), None
+
+            init = (
+                jnp.zeros((depth, block), acc) if need["w"] else None,
+                dx,
+                jnp.zeros((block,), acc) if need["bias"] else None,
+            )
+            (dw_j, dx, dbias_j), _ = _over_chunks(
+                over_tokens, _vary_like(init, p.x), rows, static.block_tokens
+            )
+            if need["w"]:
+                old = lax.dynamic_slice_in_dim(dw_range, start - lo, block, axis=1)
+                new = jnp.where(fresh, dw_j.astype(p.w.dtype), old)
+                dw_range = lax.dynamic_update_slice_in_dim(dw_range, new, start - lo, 1)
+            if need["bias"]:
+                old = lax.dynamic_slice_in_dim(dbias, start, block)
+                new = jnp.where(fresh[0], dbias_j, old)
+                dbias = lax.dynamic_update_slice_in_dim(dbias, new, start, 0)
+            return dw_range, dx, dbias
+
+        dx, dbias = carry
+        state = _vary_like((dw_range, dx, dbias), p.x)
+        dw_range, dx, dbias = lax.fori_loop(0, num_blocks, over_blocks, state)
+        return (dx, dbias), dw_range
+
+    carry = (
+        jnp.zeros((num_tokens, depth), acc) if need["x"] else None,
+        jnp.zeros((vocab,), acc) if need["bias"] else None,
+    )
+    ranges = _dw_column_ranges(vocab, static.dw_passes if need["w"] else 1)
+    parts = []
+    for lo, hi in ranges:
+        carry, dw_range = block_pass(carry, lo, hi)
+        parts.append(dw_range)
+    dx, dbias = carry
+    grads = {}
+    if need["x"]:
+        grads["x"] = shards.sum(dx).astype(p.x.dtype)
+    if need["w"]:
+        grads["w"] = parts[0] if len(parts) == 1 else tuple(parts)
+    if need["bias"]:
+        grads["bias"] = dbias.astype(p.bias.dtype)
+    return loss, grads
+
+
 def _unhoisted(f):
     """``f`` as one opaque call for JAX's partial evaluation (same values).
 
@@ -489,11 +683,21 @@ def _summed_loss_jvp(static, primals, tangents):
     p, data = primals
     tp, _ = tangents
     need = _needed(tp)
-    loss, grads = _unhoisted(functools.partial(_loss_and_gradients, static, need=need))(
-        p, data
-    )
-    total = jnp.sum(loss)
-    return total, _vary_like(_contract(grads, tp, static, total.dtype), total)
+
+    def value_and_tangent(gradients, static):
+        loss, grads = _unhoisted(functools.partial(gradients, static, need=need))(
+            p, data
+        )
+        total = jnp.sum(loss)
+        return total, _vary_like(_contract(grads, tp, static, total.dtype), total)
+
+    token_outer = functools.partial(value_and_tangent, _loss_and_gradients, static)
+    if not _vocab_outer_eligible(static, need) or static.vocab_outer is False:
+        return token_outer()
+    # dw's float32 accumulator is one block: no second pass for 16-bit w.
+    blocked = static._replace(dw_passes=1)
+    vocab_outer = functools.partial(value_and_tangent, _vocab_outer_gradients, blocked)
+    return vocab_outer() if static.vocab_outer else on_cpu(token_outer, vocab_outer)
 
 
 # --- per token ("none" or return_lse): tangents through recomputed chunks ------
@@ -642,6 +846,38 @@ def _default_chunk_size(
     tile = min(_MAX_TILE_BYTES, max(_MIN_TILE_BYTES, int(tile)))
     rows = _power_of_two_at_most(tile // (4 * max(vocab, 1)))
     return max(1, min(rows, num_tokens))
+
+
+def _even_block(vocab: int, most: int) -> int:
+    """Classes per block: ``most``, or a divisor of ``vocab`` close to it.
+
+    The largest multiple of 128 between ``most / 2`` and ``most`` that
+    divides ``vocab``, if any: a shifted last block would recompute part of a
+    block (0.8% more matmul flops at V = 256000).
+    """
+    if vocab % most == 0 or vocab <= most:
+        return most
+    for size in range(most - most % 128, most // 2 - 1, -128):
+        if size and vocab % size == 0:
+            return size
+    return most
+
+
+def _block_sizes(
+    num_tokens: int, depth: int, vocab: int, chunk: int | None, vocab_chunk: int | None
+) -> tuple[int, int, int]:
+    """(row_chunk, block_tokens, block_classes) of the vocabulary-outer order.
+
+    The user's ``chunk_size`` and ``vocab_chunk_size`` when given; else the
+    most (powers of two) whose float32 tiles and dw block fit their budgets.
+    """
+    classes = vocab_chunk or _even_block(
+        vocab, _power_of_two_at_most(_BLOCK_DW_BYTES // (4 * depth))
+    )
+    classes = max(1, min(classes, vocab))
+    rows = chunk or _power_of_two_at_most(_BLOCK_TILE_BYTES // (4 * vocab))
+    tokens = chunk or _power_of_two_at_most(_BLOCK_TILE_BYTES // (4 * classes))
+    return max(1, min(rows, num_tokens)), max(1, min(tokens, num_tokens)), classes
 
 
 def _dw_passes(depth: int, vocab: int, dtype) -> int:
@@ -945,6 +1181,9 @@ def linear_cross_entropy(
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
     if target is not None and not shards.sharded:
         check_concrete_target_range(target, vocab, ignore_index)
+    row_chunk, block_tokens, block_classes = _block_sizes(
+        num_tokens, x.shape[-1], vocab, chunk_size, vocab_chunk_size
+    )
     static = _Static(
         ignore_index=ignore_index,
         smoothing=not _is_static_zero(label_smoothing),
@@ -956,6 +1195,10 @@ def linear_cross_entropy(
         shards=shards,
         batch_axes=batch_axes,
         dw_passes=_dw_passes(x.shape[-1], vocab, dtype),
+        row_chunk=row_chunk,
+        block_tokens=block_tokens,
+        block_classes=block_classes,
+        vocab_outer=_VOCAB_OUTER,
     )
     acc = compute_dtype(dtype)
     params = _Params(

@@ -1,0 +1,260 @@
+"""linear_cross_entropy's vocabulary-outer gradients (its TPU and GPU program).
+
+Off the CPU, "mean"/"sum" gradients w.r.t. x, w and bias accumulate dw one
+class block at a time. Here that order is forced on the CPU
+(``jxent._linear._VOCAB_OUTER = True``) and checked against float64 oracles
+(torch on the materialised logits, and a one-hot float64 definition for the
+options torch lacks), with ragged token chunks and ragged class blocks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import x64
+from jax.test_util import check_grads
+from oracles import reference_cross_entropy, torch, torch_cross_entropy
+
+import jxent
+import jxent._linear
+
+RNG = np.random.default_rng(17)
+N, D, V = 11, 6, 13  # 11 tokens in chunks of 4; 13 classes in blocks of 4 or 5
+X = RNG.normal(size=(N, D))
+W = RNG.normal(size=(D, V)) * 0.7
+BIAS = RNG.normal(size=V)
+TARGET = RNG.integers(0, V, size=N)
+TARGET[[2, 7]] = -100
+WEIGHT = RNG.uniform(0.3, 2.0, size=V)
+CLASS_MASK = np.ones(V, bool)
+CLASS_MASK[[4, 9]] = False
+TARGET = np.where(np.isin(TARGET, [4, 9]), 0, TARGET)
+ROW_MASK = np.ones((N, V), bool)
+ROW_MASK[3, [1, 2]] = False
+ROW_MASK[5, 11] = False
+TARGET[3], TARGET[5] = 0, 3
+
+OPTIONS = [
+    {},
+    {"weight": WEIGHT, "label_smoothing": 0.1},
+    {"z_loss": 1e-2, "soft_cap": 2.0},
+    {"where": CLASS_MASK, "label_smoothing": 0.2, "weight": WEIGHT},
+    {"where": ROW_MASK, "z_loss": 1e-3, "label_smoothing": 0.1},
+    {"weight": WEIGHT, "label_smoothing": 0.3, "z_loss": 1e-2, "soft_cap": 3.0,
+     "where": CLASS_MASK},
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def vocab_outer(monkeypatch):
+    monkeypatch.setattr(jxent._linear, "_VOCAB_OUTER", True)
+
+
+def _float64_reference(kw, reduction, with_bias):
+    """Value and (dx, dw, dbias) of the one-hot float64 definition."""
+    with x64():
+
+        def loss(x, w, b):
+            logits = x @ w + (b[None, :] if with_bias else 0.0)
+            return reference_cross_entropy(logits, TARGET, reduction=reduction, **kw)[0]
+
+        args = (X, W, BIAS)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(*args)
+
+
+def _fused(kw, reduction, with_bias, chunks):
+    """Value and gradients of the fused loss for every (chunk, block) pair."""
+
+    @jax.jit
+    def run(x, w, b):
+        out = []
+        for chunk, block in chunks:
+
+            def loss(x, w, b, chunk=chunk, block=block):
+                return jxent.linear_cross_entropy(
+                    x, w, TARGET, bias=b if with_bias else None, reduction=reduction,
+                    chunk_size=chunk, vocab_chunk_size=block, **kw,
+                )  # fmt: skip
+
+            out.append(jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b))
+        return out
+
+    return run(*(jnp.asarray(a, jnp.float32) for a in (X, W, BIAS)))
+
+
+# Ragged chunks and blocks (4 tokens, 5 classes: the last block shifted), a
+# block dividing nothing, whole rows, and the defaults.
+CHUNKS = ((4, 5), (3, 4), (11, 13), (None, None))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("option", range(len(OPTIONS)))
+def test_matches_float64_definition(option, reduction):
+    kw = OPTIONS[option]
+    with_bias = option % 2 == 0
+    kw32 = {k: np.float32(v) if isinstance(v, float) else v for k, v in kw.items()}
+    if "weight" in kw32:
+        kw32["weight"] = kw32["weight"].astype(np.float32)
+    ref_value, ref_grads = _float64_reference(kw, reduction, with_bias)
+    for (chunk, block), (value, grads) in zip(
+        CHUNKS, _fused(kw32, reduction, with_bias, CHUNKS), strict=True
+    ):
+        msg = f"chunk {chunk}, block {block}"
+        np.testing.assert_allclose(value, ref_value, rtol=2e-6, err_msg=msg)
+        for name, g, r in zip(("dx", "dw", "dbias"), grads, ref_grads, strict=True):
+            if name == "dbias" and not with_bias:
+                continue
+            scale = np.max(np.abs(r))
+            np.testing.assert_allclose(
+                g, r, rtol=1e-5, atol=1e-6 * scale, err_msg=f"{name}, {msg}"
+            )
+
+
+@pytest.mark.skipif(torch is None, reason="torch oracle not installed")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_matches_torch(dtype, reduction):
+    """torch F.cross_entropy on the float64 logits of the rounded inputs;
+    dx = g wᵀ and dw = xᵀ g from torch's logits gradient g."""
+    x = jnp.asarray(X, dtype)
+    w = jnp.asarray(W, dtype)
+    kw = {"weight": WEIGHT.astype(np.float32), "label_smoothing": 0.1}
+
+    def loss(x, w):
+        return jxent.linear_cross_entropy(
+            x, w, TARGET, reduction=reduction, chunk_size=4, vocab_chunk_size=5,
+            **kw,
+        )  # fmt: skip
+
+    value, (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+    assert dx.dtype == dtype and dw.dtype == dtype
+    x64_, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    ref, g = torch_cross_entropy(
+        x64_ @ w64, TARGET, WEIGHT.astype(np.float32).astype(np.float64),
+        reduction=reduction, label_smoothing=0.1,
+    )  # fmt: skip
+    rtol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(float(value), ref, rtol=rtol)
+    for got, want in ((dx, g @ w64.T), (dw, x64_.T @ g)):
+        got = np.asarray(got, np.float64)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+def test_bfloat16_dw_is_accumulated_in_float32():
+    """Each block's dw is summed over all 64 token chunks in float32 and
+    rounded once: within one bfloat16 ulp of the float64 gradient. Coherent
+    sums (positive x, targets among four classes) keep every entry far from
+    0; a bfloat16 running sum is off by about 5 ulp here."""
+    rng = np.random.default_rng(1024)
+    n, d, v = 1024, 16, 32
+    x = jnp.asarray(np.abs(rng.normal(size=(n, d))), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.3, jnp.bfloat16)
+    t = rng.integers(0, 4, size=n)
+
+    def loss(w):
+        return jxent.linear_cross_entropy(x, w, t, chunk_size=16, vocab_chunk_size=8)
+
+    dw = jax.jit(jax.grad(loss))(w)
+    assert dw.dtype == jnp.bfloat16
+    x64_, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    _, g = torch_cross_entropy(x64_ @ w64, t)
+    want = x64_.T @ g
+    ulp = 2.0 ** (np.floor(np.log2(np.abs(want))) - 7)  # bfloat16's at |want|
+    assert (np.abs(np.asarray(dw, np.float64) - want) / ulp).max() <= 1.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_check_grads_forward_and_reverse_order_2(reduction):
+    with x64():
+        kw = {"weight": WEIGHT, "label_smoothing": 0.2, "z_loss": 1e-2,
+              "soft_cap": 3.0, "where": CLASS_MASK}  # fmt: skip
+
+        def loss(x, w, b):
+            return jxent.linear_cross_entropy(
+                x, w, TARGET, bias=b, reduction=reduction, chunk_size=4,
+                vocab_chunk_size=5, **kw,
+            )  # fmt: skip
+
+        check_grads(
+            jax.jit(loss), (X, W, BIAS), order=2, modes=("fwd", "rev"),
+            atol=1e-5, rtol=1e-5,
+        )  # fmt: skip
+
+
+def test_batched_tokens_and_vmap():
+    x = jnp.asarray(X[:10].reshape(2, 5, D), jnp.float32)
+    w = jnp.asarray(W, jnp.float32)
+    t = TARGET[:10].reshape(2, 5)
+
+    def fused(x, w, t):
+        return jxent.linear_cross_entropy(x, w, t, chunk_size=3, vocab_chunk_size=4)
+
+    per_example = jax.jit(jax.vmap(jax.grad(fused, argnums=(0, 1)), (0, None, 0)))
+    dx, dw = per_example(x, w, t)
+    with x64():
+        for i in range(2):
+            ref = jax.grad(
+                lambda x, w, i=i: reference_cross_entropy(x @ w, t[i])[0],
+                argnums=(0, 1),
+            )(np.asarray(x[i], np.float64), np.asarray(w, np.float64))
+            np.testing.assert_allclose(dx[i], ref[0], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(dw[i], ref[1], rtol=1e-5, atol=1e-7)
+    whole = jax.jit(jax.grad(fused, argnums=(0, 1)))(x, w, t)
+    with x64():
+        ref = jax.grad(
+            lambda x, w: reference_cross_entropy(x @ w, t.reshape(-1))[0],
+            argnums=(0, 1),
+        )(np.asarray(x, np.float64).reshape(-1, D), np.asarray(w, np.float64))
+    np.testing.assert_allclose(whole[0].reshape(-1, D), ref[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(whole[1], ref[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [V, -1])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_bad_target_poisons_loss_and_every_gradient(bad, reduction):
+    t = jnp.asarray(TARGET).at[4].set(bad)
+
+    def loss(x, w, b, t):
+        return jxent.linear_cross_entropy(
+            x, w, t, bias=b, reduction=reduction, chunk_size=4, vocab_chunk_size=5
+        )
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
+        *(jnp.asarray(a, jnp.float32) for a in (X, W, BIAS)), t
+    )
+    assert np.isnan(value)
+    for g in grads:
+        assert np.all(np.isnan(g))
+
+
+def test_gradients_of_the_options_take_the_token_outer_order():
+    """d/d label_smoothing (or weight, z_loss, soft_cap) is not a block-wise
+    sum: those gradients come from the other order, and are still exact."""
+    with x64():
+
+        def loss(eps, x, w):
+            return jxent.linear_cross_entropy(
+                x, w, TARGET, label_smoothing=eps, chunk_size=4, vocab_chunk_size=5
+            )
+
+        def ref(eps, x, w):
+            return reference_cross_entropy(x @ w, TARGET, label_smoothing=eps)[0]
+
+        got = jax.grad(loss, argnums=(0, 1, 2))(0.2, X, W)
+        want = jax.grad(ref, argnums=(0, 1, 2))(0.2, X, W)
+        for g, r in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_block_sizes():
+    sizes = jxent._linear._block_sizes
+    # (row chunk, block tokens, block classes): 32 MiB float32 tiles, a 64 MiB
+    # float32 dw block, a block that divides V when a multiple of 128 does.
+    assert sizes(8192, 4096, 131072, None, None) == (64, 2048, 4096)
+    assert sizes(8192, 2304, 256000, None, None) == (32, 2048, 3200)
+    assert sizes(8192, 8192, 131072, None, None) == (64, 4096, 2048)
+    assert sizes(8192, 4096, 50257, None, None)[2] == 4096  # shifted last block
+    assert sizes(100, 64, 1000, None, None) == (100, 100, 1000)
+    assert sizes(8192, 4096, 131072, 512, 1000) == (512, 512, 1000)

@@ -557,7 +557,7 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
                     shards=where_block, total_weight=total_c,
                 )  # fmt: skip
                 _, transpose = jax.vjp(tangents, jnp.zeros_like(logits))
-                (d_logits,) = transpose(cts_c)
+                (d_logits,) = transpose(_vary_like(cts_c, logits))
                 d_logits = jnp.where(fresh, d_logits, 0.0)
                 d_in = d_logits.astype(p.w.dtype)
                 if need["w"]:
@@ -580,7 +580,10 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
                 jnp.zeros((block,), acc) if need["bias"] else None,
             )
             (dw_j, dx, dbias_j), _ = _over_chunks(
-                over_tokens, _vary_like(init, p.x), rows, static.block_tokens
+                over_tokens,
+                _vary_like(_vary_like(init, p.x), p.w),
+                rows,
+                static.block_tokens,
             )
             if need["w"]:
                 old = lax.dynamic_slice_in_dim(dw_range, start - lo, block, axis=1)
@@ -593,7 +596,8 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
             return dw_range, dx, dbias
 
         dx, dbias = carry
-        state = _vary_like((dw_range, dx, dbias), p.x)
+        # Varying like the tokens and like w's class shards.
+        state = _vary_like(_vary_like((dw_range, dx, dbias), p.x), p.w)
         dw_range, dx, dbias = lax.fori_loop(0, num_blocks, over_blocks, state)
         return (dx, dbias), dw_range
 

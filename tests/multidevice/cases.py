@@ -590,3 +590,51 @@ def test_bad_target_in_one_batch_shard_poisons_every_gradient(mesh_def, loss):
     value, grads = jax.jit(jax.value_and_grad(fn, argnums=argnums))(*args, TARGET)
     assert np.isfinite(value)
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_vocab_outer_shard_map(mesh_def, reduction, monkeypatch):
+    """The TPU/GPU gradients (class blocks, forced here) inside shard_map,
+    vocabulary split over "model" and tokens over "data": float64 oracle."""
+    from oracles import reference_cross_entropy
+
+    import jxent._linear
+
+    monkeypatch.setattr(jxent._linear, "_VOCAB_OUTER", True)
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+    mask = np.arange(C) % 5 != 2
+    target = np.where(TARGET % 5 == 2, 0, TARGET)
+    kw = dict(label_smoothing=0.1, z_loss=1e-2, soft_cap=4.0)
+
+    def local(x, w, b, t, weight, where):
+        return jxent.linear_cross_entropy(
+            x, w, t, weight, bias=b, reduction=reduction, class_axis_name="model",
+            batch_axis_name=batch, where=where, chunk_size=3, vocab_chunk_size=3,
+            **kw,
+        )  # fmt: skip
+
+    fn = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(batch), P(None, "model"), P("model"), P(batch), P("model"),
+                  P("model")),
+        out_specs=P(),
+    )  # fmt: skip
+    got = jax.jit(
+        jax.value_and_grad(
+            lambda x, w, b: fn(x, w, b, target, WEIGHT, mask), argnums=(0, 1, 2)
+        )
+    )(X, W, B)
+    with jax.enable_x64(True):
+        args = tuple(np.asarray(a, np.float64) for a in (X, W, B))
+        want = jax.value_and_grad(
+            lambda x, w, b: reference_cross_entropy(
+                x @ w + b[None, :], target, WEIGHT.astype(np.float64),
+                reduction=reduction, where=mask, **kw,
+            )[0],
+            argnums=(0, 1, 2),
+        )(*args)  # fmt: skip
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for g, r in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())

@@ -21,12 +21,13 @@ A while loop's body counts times its trip count (the
 ``known_trip_count`` the GPU compiler records, else the constant that the
 condition compares the counter with, from 0 in steps of 1; XLA's own
 ``cost_analysis`` counts a body once). A conditional counts its cheapest
-branch, the one with the least traffic: in these programs every conditional
-is a check with a fallback (jxent's "a logit overflowed, redo the batch with
-the row maximum" and "the fast smoothing sum lost digits, sum term by term"),
-and the fallback is the branch that reads the logits again. The dearest
-branch is kept as ``worst_traffic`` so that a reader can see what was left
-out.
+branch, the one with the least traffic (on a tie, the fewest collectives:
+on sharded logits neither branch may move a large array): in these programs
+every conditional is a check with a fallback (jxent's "a logit overflowed,
+redo the batch with the row maximum" and "the fast smoothing sum lost digits,
+sum term by term"), and the fallback is the branch that reads the logits
+again. The dearest branch is kept as ``worst_traffic`` so that a reader can
+see what was left out.
 
 Pure text processing: no jax import, so the tests run without any compiler.
 """
@@ -444,7 +445,12 @@ def computation_stats(name: str, computations: dict, threshold: float) -> Stats:
                 + called(instruction, "false_computation")
             )
             options = [computation_stats(b, computations, threshold) for b in branches]
-            cheapest = min(options, key=lambda s: s.traffic)
+            # Ties (branches that move no large array) go to the branch with
+            # fewer collectives: the fast path passes values through, the
+            # fallback recomputes them.
+            cheapest = min(
+                options, key=lambda s: (s.traffic, sum(s.collectives.values()))
+            )
             worst = max(s.worst_traffic for s in options)
             stats.add(cheapest)
             stats.worst_traffic += worst - cheapest.worst_traffic

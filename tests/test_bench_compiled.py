@@ -171,6 +171,27 @@ def test_fallback_branch_is_not_counted_and_gathers_read_what_they_pick():
     assert stats.worst_traffic == 1024 * 4 + 4 * MiB
 
 
+def test_a_tie_between_branches_goes_to_the_one_with_fewer_collectives():
+    """On sharded logits no branch may move a large array (each device's part
+    is under the threshold): the fallback's all-reduces are still left out."""
+    text = CONDITIONAL.replace(
+        "  ROOT %m = f32[1024]{0} fusion(%x), kind=kInput, calls=%fused_max\n}",
+        "  %l = f32[1024]{0} fusion(%x), kind=kInput, calls=%fused_max\n"
+        "  ROOT %m = f32[1024]{0} all-reduce(%l), replica_groups={}, to_apply=%max\n}",
+    )
+    # By index, the fallback first (as jax lowers lax.cond).
+    text = text.replace(
+        "%ok = pred[] parameter(2)", "%ok = s32[] parameter(2)"
+    ).replace(
+        "true_computation=%fast, false_computation=%fallback",
+        "branch_computations={%fallback, %fast}",
+    )
+    assert "all-reduce" in text and "branch_computations" in text
+    stats = hlo_stats.program_stats(text, 8 * MiB)
+    assert stats.traffic == 0
+    assert stats.collectives == {}
+
+
 def test_threshold_leaves_small_arrays_out():
     assert hlo_stats.program_stats(LOOP, 8 * MiB).traffic == 0
 

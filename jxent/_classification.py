@@ -84,6 +84,15 @@ def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
     return jnp.where(coef == 0, 0.0, coef * value)
 
 
+def _any(flags: jax.Array) -> jax.Array:
+    """``jnp.any(flags)`` as a count.
+
+    On a sharded batch its all-reduce is then a sum, which XLA can combine
+    with the loss's own (an ``or`` stays apart: one collective more).
+    """
+    return jnp.sum(flags, dtype=jnp.float32) > 0
+
+
 def _poisoned_inputs(
     logits: jax.Array, weight: jax.Array | None, flag: jax.Array
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -155,7 +164,7 @@ def hard_target_loss(
         smoothing, with_z_loss, shards,
     )  # fmt: skip
     if poison_inputs:
-        logits, weight = _poisoned_inputs(logits, weight, jnp.any(bad))
+        logits, weight = _poisoned_inputs(logits, weight, _any(bad))
     terms = target_terms(target, weight, num_classes, ignore_index, dtype, shards)
     weight = None if weight is None else weight.astype(dtype)
     lse, nll, smooth = cross_entropy_stats(
@@ -333,7 +342,7 @@ def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
     dtype = compute_dtype(log_probs.dtype)
     if reduction != "none":  # a bad target: NaN derivatives everywhere
         checked = target_terms(target, None, log_probs.shape[axis], ignore_index, dtype)
-        log_probs, weight = _poisoned_inputs(log_probs, weight, jnp.any(checked.bad))
+        log_probs, weight = _poisoned_inputs(log_probs, weight, _any(checked.bad))
     terms = target_terms(target, weight, log_probs.shape[axis], ignore_index, dtype)
     picked = take_target(log_probs, terms.safe_target, axis).astype(dtype)
     loss = jnp.where(terms.valid, _scaled(terms.target_weight, -picked), 0.0)

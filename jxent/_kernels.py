@@ -194,7 +194,7 @@ def _row_max(x, axis, shards):
 
 
 def _shift_and_log_sum(
-    make_x, make_x_again, x_target, axis, shards, shape, partitioned
+    make_x, make_x_again, x_target, axis, shards, shape, partitioned, extra=None
 ):
     """A per-position shift ``s`` and ``log Σ_c exp(x_c - s)`` (sum: the lse).
 
@@ -206,6 +206,11 @@ def _shift_and_log_sum(
     first pass and the fallback, so that XLA fuses the transform into each
     reduction instead of storing it. With class shards the sums are all-reduced
     (so every device takes the same branch).
+
+    ``extra``: optional ``(fast, fallback)``; ``fast(s, log_sum)`` returns a
+    value and whether each position trusts it, ``fallback(s, log_sum)`` the
+    value computed the slow way. One check (one all-reduce on a sharded batch)
+    then decides both, and ``(s, log_sum, value)`` is returned.
     """
     shift = jnp.expand_dims(x_target, axis)
     sum_exp = _sum_exp_shifted(make_x, shift, axis, shape, partitioned)
@@ -215,54 +220,31 @@ def _shift_and_log_sum(
         m = _row_max(make_x_again(shield=True), axis, shards)
         sum_exp = _sum_exp_shifted(make_x_again, m, axis, shape, partitioned)
         log_sum = jnp.log(shards.sum(sum_exp))
-        return jnp.squeeze(m, axis), log_sum
+        m = jnp.squeeze(m, axis)
+        return (m, log_sum) if extra is None else (m, log_sum, extra[1](m, log_sum))
 
     # One sum instead of all(isfinite): it is finite iff every entry is (the
     # entries are at most ~88 + log C each).
-    return lax.cond(
-        jnp.isfinite(jnp.sum(log_sum)), lambda: (x_target, log_sum), with_row_max
-    )
+    checked, fast = log_sum, (x_target, log_sum)
+    if extra is not None:
+        value, trusted = extra[0](x_target, log_sum)
+        checked = jnp.where(trusted, log_sum, jnp.inf)
+        fast = (*fast, value)
+    return lax.cond(jnp.isfinite(jnp.sum(checked)), lambda: fast, with_row_max)
 
 
-def _smoothing_sum(
-    class_dot, num_classes, make_x_again, shift, log_sum,
-    class_weight, class_mask, total_weight, axis, shards,
-):  # fmt: skip
-    """``Σ_c w_c (lse - x_c)`` over included classes, ``lse = shift + log_sum``.
+def _fast_smoothing(
+    class_dot, num_classes, shift, log_sum, class_weight, total_weight, shards
+):
+    """``(Σ_c w_c) · lse - x · w`` and whether each position trusts it.
 
-    Fast: ``(Σ_c w_c) · lse - x · w``, with ``x · w = class_dot(w)`` one
-    matrix-vector product. Every term is >= 0, so the result is at least
-    ``Σw · log C``; the fast form is used unless it is not finite (0 · inf
-    from a zero weight on a ``-inf`` logit) or ``|lse| · Σ|w|`` is so large
-    against the result that cancellation could cost digits. Otherwise the
-    terms are summed one by one, from the row maximum so that none is
-    negative, and ``lse - max`` is formed as ``(shift - max) + log_sum``: the
-    rounding of a large ``lse`` costs no digits either.
+    ``x · w = class_dot(w)`` is one matrix-vector product. Every term of the
+    sum is >= 0, so the result is at least ``Σw · log C``; a position does
+    not trust the fast form if it is not finite (0 · inf from a zero weight
+    on a ``-inf`` logit) or ``|lse| · Σ|w|`` is so large against it that
+    cancellation could cost digits.
     """
     lse = shift + log_sum
-
-    def exact():
-        x = make_x_again()
-        w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
-        m = _row_max(make_x_again(shield=True), axis, shards)
-        gap = m - x
-        if w is None:
-            weighted_gap = shards.sum(jnp.sum(gap, axis=axis))
-        else:
-            # A zero weight on an impossible (-inf) class adds 0, not 0 * inf:
-            # gaps are clamped to the largest finite value (a select here would
-            # make XLA store the products), and a sum that large means +inf.
-            big = jnp.finfo(x.dtype).max
-            weighted_gap = jnp.sum(w * jnp.minimum(gap, big), axis=axis)
-            weighted_gap = shards.sum(weighted_gap)
-            weighted_gap = jnp.where(
-                jnp.abs(weighted_gap) >= big / 16, jnp.inf, weighted_gap
-            )
-        lse_above_max = (shift - jnp.squeeze(m, axis)) + log_sum
-        return weighted_gap + total_weight * lse_above_max
-
-    if class_mask is not None:
-        return exact()
     if class_weight is None:
         w = jnp.ones((num_classes,), lse.dtype)
     else:
@@ -271,8 +253,36 @@ def _smoothing_sum(
     weighted_x, abs_weight = shards.sum((weighted_x, jnp.sum(jnp.abs(w))))
     fast = total_weight * lse - weighted_x
     scale = jnp.abs(lse) * abs_weight
-    trusted = jnp.all(jnp.isfinite(fast) & (scale <= 64.0 * jnp.abs(fast)))
-    return lax.cond(trusted, lambda: fast, exact)
+    return fast, jnp.isfinite(fast) & (scale <= 64.0 * jnp.abs(fast))
+
+
+def _exact_smoothing(
+    make_x_again, shift, log_sum, *, class_weight, class_mask, total_weight, axis,
+    shards,
+):  # fmt: skip
+    """The smoothing sum term by term, from the row maximum (none negative).
+
+    ``lse - max`` is formed as ``(shift - max) + log_sum``: the rounding of a
+    large ``lse`` costs no digits either.
+    """
+    x = make_x_again()
+    w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
+    m = _row_max(make_x_again(shield=True), axis, shards)
+    gap = m - x
+    if w is None:
+        weighted_gap = shards.sum(jnp.sum(gap, axis=axis))
+    else:
+        # A zero weight on an impossible (-inf) class adds 0, not 0 * inf:
+        # gaps are clamped to the largest finite value (a select here would
+        # make XLA store the products), and a sum that large means +inf.
+        big = jnp.finfo(x.dtype).max
+        weighted_gap = jnp.sum(w * jnp.minimum(gap, big), axis=axis)
+        weighted_gap = shards.sum(weighted_gap)
+        weighted_gap = jnp.where(
+            jnp.abs(weighted_gap) >= big / 16, jnp.inf, weighted_gap
+        )
+    lse_above_max = (shift - jnp.squeeze(m, axis)) + log_sum
+    return weighted_gap + total_weight * lse_above_max
 
 
 def _bfloat16_class_dot(logits: jax.Array, w: jax.Array, axis: int) -> jax.Array:
@@ -432,6 +442,11 @@ def _forward(
         return one_pass() if _ONE_PASS else shifted()
     if not _one_pass_off_cpu(logits.size, smoothing):
         return shifted()
+    if _partitioned_by_xla(logits):
+        # The TPU's partitioner splits a variadic reduction over a sharded
+        # class axis with an all-gather per operand (four with smoothing):
+        # there sharded logits take the shifted sums' all-reduces.
+        return lax.platform_dependent(cpu=shifted, tpu=shifted, default=one_pass)
     return on_cpu(shifted, one_pass)
 
 
@@ -439,24 +454,15 @@ def _shifted_stats(
     logits, class_weight, class_mask, soft_cap, axis, smoothing, shards,
     transformed, again, x_target,
 ):  # fmt: skip
-    """The forward's statistics from shifted sums (the CPU's path)."""
-    shift, log_sum = _shift_and_log_sum(
-        lambda rows=None: transformed(logits, rows),
-        again,
-        x_target,
-        axis,
-        shards,
-        logits.shape,
-        _partitioned_by_xla(logits),
-    )
-    lse = shift + log_sum
-    # (s - x_t) + log Σ exp(x - s) keeps the digits that lse - x_t would lose
-    # to rounding when the logits are large.
-    nll = (shift - x_target) + log_sum
-    if not smoothing:
-        return lse, nll, jnp.zeros_like(lse)
-    shape = jax.ShapeDtypeStruct(logits.shape, lse.dtype)
-    total_weight = _total_weight(class_weight, class_mask, shape, axis, shards)
+    """The forward's statistics from shifted sums (the CPU's path).
+
+    With smoothing and no class mask, the overflow check and the fast
+    smoothing sum's check are one (one all-reduce on a sharded batch): a
+    batch that fails either is redone with the row maximum and the exact
+    smoothing sum.
+    """
+    shape = jax.ShapeDtypeStruct(logits.shape, compute_dtype(logits.dtype))
+    num_classes = logits.shape[axis]
 
     def class_dot(w):
         if soft_cap is None and logits.dtype == jnp.bfloat16:
@@ -464,12 +470,39 @@ def _shifted_stats(
         x = transformed(_shield(logits, 3))
         return jnp.tensordot(x, w, axes=([axis], [0]))
 
-    smooth = _smoothing_sum(
-        class_dot, logits.shape[axis], again, shift, log_sum,
-        class_weight, class_mask,
-        total_weight, axis, shards,
-    )  # fmt: skip
-    return lse, nll, smooth
+    extra = None
+    if smoothing:
+        total_weight = _total_weight(class_weight, class_mask, shape, axis, shards)
+        exact = functools.partial(
+            _exact_smoothing, again, class_weight=class_weight,
+            class_mask=class_mask, total_weight=total_weight, axis=axis,
+            shards=shards,
+        )  # fmt: skip
+        if class_mask is None:
+            fast = functools.partial(
+                _fast_smoothing, class_dot, num_classes,
+                class_weight=class_weight, total_weight=total_weight, shards=shards,
+            )  # fmt: skip
+            extra = (fast, exact)
+    shift, log_sum, *smooth = _shift_and_log_sum(
+        lambda rows=None: transformed(logits, rows),
+        again,
+        x_target,
+        axis,
+        shards,
+        logits.shape,
+        _partitioned_by_xla(logits),
+        extra,
+    )
+    lse = shift + log_sum
+    # (s - x_t) + log Σ exp(x - s) keeps the digits that lse - x_t would lose
+    # to rounding when the logits are large.
+    nll = (shift - x_target) + log_sum
+    if not smoothing:
+        return lse, nll, jnp.zeros_like(lse)
+    if class_mask is not None:
+        return lse, nll, exact(shift, log_sum)
+    return lse, nll, smooth[0]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8))

@@ -44,7 +44,13 @@ from jxent._classification import (
     soft_target_loss,
     target_terms,
 )
-from jxent._kernels import _tangent_map, _total_weight, compute_dtype, on_cpu
+from jxent._kernels import (
+    _partitioned_by_xla,
+    _tangent_map,
+    _total_weight,
+    compute_dtype,
+    on_cpu,
+)
 from jxent._reduction import reduce_loss
 from jxent._sharding import UNSHARDED, ClassShards, as_axis_names
 from jxent._types import Reduction
@@ -119,6 +125,8 @@ class _Static(NamedTuple):
     block_tokens: int = 1
     block_classes: int = 1
     vocab_outer: bool | None = None
+    # Tokens split over devices by XLA's partitioner: chunks are strided.
+    strided: bool = False
     # Another head's per-tile math in place of the cross-entropy's (see
     # _linear_heads): a hashable callable with _tile_loss's signature.
     head: Callable | None = None
@@ -210,22 +218,41 @@ def _tile_loss(logits, probs_c, target_c, mask_c, small, static: _Static):
     return loss, lse
 
 
-def _over_chunks(body, carry, tokens, chunk: int):
+def _over_chunks(body, carry, tokens, chunk: int, strided: bool = False):
     """``lax.scan`` of ``body`` over full chunks of ``tokens``, then the rest.
 
     ``tokens`` is a pytree of arrays with the tokens first; the ragged last
     chunk runs as its own smaller tile (nothing is padded, so no padded token
     can add to a loss). Returns the carry and the outputs, tokens first.
+
+    ``strided``: chunk ``c`` of ``k`` holds tokens ``c, c + k, c + 2k, ...``
+    instead of a contiguous run, so that tokens split over devices (by XLA's
+    partitioner) split every chunk alike: each device computes its own
+    tokens' share of every chunk, instead of all-gathering each chunk.
     """
     n = jax.tree.leaves(tokens)[0].shape[0]
     full = n - n % chunk
     outs = []
     if full:
-        split = jax.tree.map(
-            lambda a: a[:full].reshape(full // chunk, chunk, *a.shape[1:]), tokens
-        )
-        carry, out = lax.scan(body, carry, split)
-        outs.append(jax.tree.map(lambda o: o.reshape(full, *o.shape[2:]), out))
+        num = full // chunk
+        if strided:
+
+            def split(a):
+                a = a[:full].reshape(chunk, num, *a.shape[1:])
+                return jnp.swapaxes(a, 0, 1)
+
+            def merge(o):
+                return jnp.swapaxes(o, 0, 1).reshape(full, *o.shape[2:])
+        else:
+
+            def split(a):
+                return a[:full].reshape(num, chunk, *a.shape[1:])
+
+            def merge(o):
+                return o.reshape(full, *o.shape[2:])
+
+        carry, out = lax.scan(body, carry, jax.tree.map(split, tokens))
+        outs.append(jax.tree.map(merge, out))
     if n > full or not full:
         carry, out = body(carry, jax.tree.map(lambda a: a[full:], tokens))
         outs.append(out)
@@ -284,7 +311,7 @@ def _per_token_values(static: _Static, p: _Params, data: _Data):
         return carry, _tile_loss(logits, probs_c, target_c, mask_c, small, static)
 
     _, (loss, lse) = _over_chunks(
-        body, None, _token_inputs(p, data, static), static.chunk_size
+        body, None, _token_inputs(p, data, static), static.chunk_size, static.strided
     )
     return loss, lse
 
@@ -421,12 +448,12 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
         zero = jnp.where(jnp.isfinite(last), last, 0.0) * 0.0
         init = jax.tree.map(lambda z: z + zero.astype(z.dtype), dw_carry(lo, hi))
         (_, dw), _ = _over_chunks(
-            body, _vary_like(init, p.x), tokens, static.chunk_size
+            body, _vary_like(init, p.x), tokens, static.chunk_size, static.strided
         )
         return dw
 
     tokens = _token_inputs(p, data, static)
-    carry, out = _over_chunks(body, carry, tokens, static.chunk_size)
+    carry, out = _over_chunks(body, carry, tokens, static.chunk_size, static.strided)
     grads = {**carry, **{k: v for k, v in out.items() if k != "loss"}}
     if split and need["w"]:
         done = (grads["w"][1],)
@@ -509,10 +536,7 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
         total = _total_weight(weight, data.mask, shape, 1, shards)
         total_weight = jnp.broadcast_to(jnp.reshape(total, (-1,)), (num_tokens,))
     row_mask = data.mask if static.row_mask else None
-    rows = (
-        p.x, terms.safe_target, terms.valid, lse, cts, total_weight,
-        jnp.arange(num_tokens, dtype=jnp.int32),
-    )  # fmt: skip
+    rows = (p.x, terms.safe_target, terms.valid, lse, cts, total_weight)
     rows = _vary_like(rows, p.x)
     offset = 0 if not shards.sharded else shards.index() * vocab
     tangent_map = functools.partial(_tangent_map, axis=1, smoothing=static.smoothing)
@@ -543,13 +567,10 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
             where_block = _VocabBlock(offset + start)
 
             def over_tokens(state, tokens):
-                dw_j, dx, dbias_j = state
-                x_c, target_c, live_c, lse_c, cts_c, total_c, index = tokens
-                mask_c = class_mask
-                if row_mask is not None:
-                    mask_c = lax.dynamic_slice(
-                        row_mask, (index[0], start), (x_c.shape[0], block)
-                    )
+                dw_j, dbias_j = state
+                x_c, target_c, live_c, lse_c, cts_c, total_c, mask_c = tokens
+                if mask_c is None:
+                    mask_c = class_mask
                 logits = _tile_logits(x_c, w_j, bias_j)
                 tangents = functools.partial(
                     tangent_map, logits, target_c, live_c, weight_j, mask_c,
@@ -560,31 +581,35 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
                 (d_logits,) = transpose(_vary_like(cts_c, logits))
                 d_logits = jnp.where(fresh, d_logits, 0.0)
                 d_in = d_logits.astype(p.w.dtype)
+                dx_c = None
                 if need["w"]:
                     dw_j = dw_j + lax.dot_general(
                         x_c, d_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
                     )
                 if need["x"]:
-                    part = lax.dot_general(
+                    dx_c = lax.dot_general(
                         d_in, w_j, (((1,), (1,)), ((), ())), preferred_element_type=acc
                     )
-                    rows_c = lax.dynamic_slice_in_dim(dx, index[0], x_c.shape[0])
-                    dx = lax.dynamic_update_slice_in_dim(dx, rows_c + part, index[0], 0)
                 if need["bias"]:
                     dbias_j = dbias_j + jnp.sum(d_logits, axis=0)
-                return (dw_j, dx, dbias_j), None
+                return (dw_j, dbias_j), dx_c
 
             init = (
                 jnp.zeros((depth, block), acc) if need["w"] else None,
-                dx,
                 jnp.zeros((block,), acc) if need["bias"] else None,
             )
-            (dw_j, dx, dbias_j), _ = _over_chunks(
+            mask_rows = None
+            if row_mask is not None:
+                mask_rows = lax.dynamic_slice_in_dim(row_mask, start, block, axis=1)
+            (dw_j, dbias_j), dx_block = _over_chunks(
                 over_tokens,
                 _vary_like(_vary_like(init, p.x), p.w),
-                rows,
+                (*rows, mask_rows),
                 static.block_tokens,
+                static.strided,
             )
+            if need["x"]:
+                dx = dx + dx_block
             if need["w"]:
                 old = lax.dynamic_slice_in_dim(dw_range, start - lo, block, axis=1)
                 new = jnp.where(fresh, dw_j.astype(p.w.dtype), old)
@@ -761,7 +786,9 @@ def _per_token_loss_jvp(static, primals, tangents):
         return carry, tile(x_c, probs_c, target_c, mask_c, t_x_c, t_probs_c)
 
     tokens = (*_token_inputs(p, data, static), t_x, t_probs)
-    _, (values, tangents_out) = _over_chunks(body, None, tokens, static.chunk_size)
+    _, (values, tangents_out) = _over_chunks(
+        body, None, tokens, static.chunk_size, static.strided
+    )
     return values, tangents_out
 
 
@@ -1203,6 +1230,7 @@ def linear_cross_entropy(
         block_tokens=block_tokens,
         block_classes=block_classes,
         vocab_outer=_VOCAB_OUTER,
+        strided=_partitioned_by_xla(x),
     )
     acc = compute_dtype(dtype)
     params = _Params(

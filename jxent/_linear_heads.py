@@ -21,7 +21,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jxent._classification import _as_int_target
-from jxent._kernels import capped_logits, compute_dtype
+from jxent._kernels import _partitioned_by_xla, capped_logits, compute_dtype
 from jxent._linear import (
     _class_mask_for_tokens,
     _Data,
@@ -66,6 +66,7 @@ class _HeadStatic(NamedTuple):
     vocab_chunk_size: int
     row_mask: bool  # `where` varies per token (else one (1, V) class mask)
     shards: ClassShards = UNSHARDED
+    strided: bool = False  # tokens split by XLA's partitioner (_over_chunks)
 
 
 def check_head_inputs(
@@ -174,7 +175,7 @@ def _linear_argmax(x, w, bias, soft_cap, mask, *, static: _HeadStatic):
         return carry, (value, index + offset)
 
     _, (value, index) = _over_chunks(
-        body, None, (tokens_x, row_mask), static.chunk_size
+        body, None, (tokens_x, row_mask), static.chunk_size, static.strided
     )
     return _across_shards(value, index, static.shards).reshape(batch_shape)
 
@@ -256,7 +257,7 @@ def linear_argmax(
     )
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     as_axis_names(batch_axis_name, "batch_axis_name")
-    static = _HeadStatic(chunk, block, row_mask, shards)
+    static = _HeadStatic(chunk, block, row_mask, shards, _partitioned_by_xla(x))
     return _linear_argmax(x, w, bias, soft_cap, mask, static=static)
 
 
@@ -469,6 +470,7 @@ def linear_log_probs(
         ignore_index=ignore_index, smoothing=False, with_z_loss=False,
         chunk_size=chunk, vocab_chunk_size=block, soft=False, row_mask=row_mask,
         shards=shards, batch_axes=batch_axes, head=_LogProbsHead(return_entropy),
+        strided=_partitioned_by_xla(x),
     )  # fmt: skip
     acc = compute_dtype(x.dtype)
     params = _Params(
@@ -681,6 +683,7 @@ def linear_distillation_loss(
         chunk_size=chunk, vocab_chunk_size=block, soft=False, row_mask=False,
         shards=shards, batch_axes=batch_axes,
         head=_DistillationHead(divergence_mode(beta)),
+        strided=_partitioned_by_xla(x),
     )  # fmt: skip
     acc = compute_dtype(jnp.result_type(x.dtype, teacher_x.dtype))
     params = _Params(

@@ -468,22 +468,26 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
 
 
 class _VocabBlock(NamedTuple):
-    """Classes ``[start, start + size)`` of every position, differentiated alone.
+    """A block of every position's classes, differentiated alone.
 
-    Stands in for ``ClassShards`` in ``cross_entropy_stats``' tangent map:
-    targets are localised to the block and the tangent sums stay the block's
-    own share, whose transpose is the gradient w.r.t. the block's logits.
+    The classes ``start + k · stride`` for ``k < size``: a contiguous run
+    (``stride`` 1) or every ``stride``-th class. Stands in for
+    ``ClassShards`` in ``cross_entropy_stats``' tangent map: targets are
+    localised to the block and the tangent sums stay the block's own share,
+    whose transpose is the gradient w.r.t. the block's logits.
     """
 
     start: jax.Array  # global index of the block's first class
+    stride: int = 1
 
     @property
     def sharded(self) -> bool:
         return True
 
     def localise(self, target: jax.Array, local: int):
-        local_target = target - self.start
-        here = (local_target >= 0) & (local_target < local)
+        gap = target - self.start
+        local_target = gap // self.stride
+        here = (gap >= 0) & (gap % self.stride == 0) & (local_target < local)
         return jnp.where(here, local_target, 0), here
 
     def sum(self, x):
@@ -542,29 +546,62 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
     tangent_map = functools.partial(_tangent_map, axis=1, smoothing=static.smoothing)
 
     def block_pass(carry, lo: int, hi: int):
-        """One column range's ``dw`` (float32 per block), and dx, dbias."""
+        """One column range's ``dw`` (float32 per block), and dx, dbias.
+
+        Blocks are contiguous runs of classes; when XLA's partitioner may
+        split the classes over devices and the blocks divide them, block
+        ``j`` of ``k`` holds every ``k``-th class from ``j`` instead, so that
+        each device holds its share of every block (a contiguous block would
+        make XLA all-gather ``w``).
+        """
         block = min(static.block_classes, hi - lo)
         num_blocks = -(-(hi - lo) // block)
+        strided = (
+            static.strided and num_blocks > 1 and (lo, hi) == (0, vocab)
+            and vocab % block == 0
+        )  # fmt: skip
         dw_range = jnp.zeros((depth, hi - lo), p.w.dtype) if need["w"] else None
+
+        def take(a, j, start):
+            """Block ``j`` of the columns ``[lo, hi)`` of ``a`` (classes last)."""
+            if strided:
+                a = lax.slice_in_dim(a, lo, hi, axis=a.ndim - 1)
+                a = a.reshape(*a.shape[:-1], block, num_blocks)
+                return lax.dynamic_index_in_dim(a, j, a.ndim - 1, keepdims=False)
+            return lax.dynamic_slice_in_dim(a, start, block, axis=a.ndim - 1)
+
+        def put(a, new, j, start, fresh, offset=0):
+            """``a`` (classes ``[lo, hi)`` last) with block ``j`` set to ``new``."""
+            if strided:
+                shape = a.shape
+                a = a.reshape(*shape[:-1], block, num_blocks)
+                index = (0,) * (a.ndim - 1) + (j,)
+                return lax.dynamic_update_slice(a, new[..., None], index).reshape(shape)
+            old = lax.dynamic_slice_in_dim(a, start - offset, block, axis=a.ndim - 1)
+            new = jnp.where(fresh.reshape(fresh.shape[-1:]), new, old)
+            return lax.dynamic_update_slice_in_dim(a, new, start - offset, a.ndim - 1)
 
         def over_blocks(j, state):
             dw_range, dx, dbias = state
-            # The last block is shifted left to stay in bounds; the columns it
-            # shares with the previous block are zeroed and kept as they were.
-            start = lo + jnp.minimum(j * block, hi - lo - block)
-            column = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
-            fresh = column >= lo + j * block
-            w_j = lax.dynamic_slice_in_dim(p.w, start, block, axis=1)
-            bias_j = None
-            if p.bias is not None:
-                bias_j = lax.dynamic_slice_in_dim(p.bias, start, block)
+            if strided:
+                start, fresh = lo + j, None
+                where_block = _VocabBlock(offset + start, num_blocks)
+            else:
+                # The last block is shifted left to stay in bounds; the columns
+                # it shares with the previous block are zeroed and kept as they
+                # were.
+                start = lo + jnp.minimum(j * block, hi - lo - block)
+                column = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
+                fresh = column >= lo + j * block
+                where_block = _VocabBlock(offset + start)
+            w_j = take(p.w, j, start)
+            bias_j = None if p.bias is None else take(p.bias, j, start)
             weight_j = None
             if weight is not None and static.smoothing:
-                weight_j = lax.dynamic_slice_in_dim(weight, start, block)
+                weight_j = take(weight, j, start)
             class_mask = None
             if data.mask is not None and not static.row_mask:
-                class_mask = lax.dynamic_slice_in_dim(data.mask, start, block, axis=1)
-            where_block = _VocabBlock(offset + start)
+                class_mask = take(data.mask, j, start)
 
             def over_tokens(state, tokens):
                 dw_j, dbias_j = state
@@ -579,7 +616,8 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
                 )  # fmt: skip
                 _, transpose = jax.vjp(tangents, jnp.zeros_like(logits))
                 (d_logits,) = transpose(_vary_like(cts_c, logits))
-                d_logits = jnp.where(fresh, d_logits, 0.0)
+                if fresh is not None:
+                    d_logits = jnp.where(fresh, d_logits, 0.0)
                 d_in = d_logits.astype(p.w.dtype)
                 dx_c = None
                 if need["w"]:
@@ -598,9 +636,7 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
                 jnp.zeros((depth, block), acc) if need["w"] else None,
                 jnp.zeros((block,), acc) if need["bias"] else None,
             )
-            mask_rows = None
-            if row_mask is not None:
-                mask_rows = lax.dynamic_slice_in_dim(row_mask, start, block, axis=1)
+            mask_rows = None if row_mask is None else take(row_mask, j, start)
             (dw_j, dbias_j), dx_block = _over_chunks(
                 over_tokens,
                 _vary_like(_vary_like(init, p.x), p.w),
@@ -611,13 +647,9 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
             if need["x"]:
                 dx = dx + dx_block
             if need["w"]:
-                old = lax.dynamic_slice_in_dim(dw_range, start - lo, block, axis=1)
-                new = jnp.where(fresh, dw_j.astype(p.w.dtype), old)
-                dw_range = lax.dynamic_update_slice_in_dim(dw_range, new, start - lo, 1)
+                dw_range = put(dw_range, dw_j.astype(p.w.dtype), j, start, fresh, lo)
             if need["bias"]:
-                old = lax.dynamic_slice_in_dim(dbias, start, block)
-                new = jnp.where(fresh[0], dbias_j, old)
-                dbias = lax.dynamic_update_slice_in_dim(dbias, new, start, 0)
+                dbias = put(dbias, dbias_j, j, start, fresh)
             return dw_range, dx, dbias
 
         dx, dbias = carry

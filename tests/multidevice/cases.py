@@ -677,3 +677,41 @@ def test_linear_cross_entropy_data_parallel_jit_splits_the_work(
     np.testing.assert_allclose(value, want[0], rtol=2e-6)
     np.testing.assert_allclose(dx, want[1][0], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(dw, want[1][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_def", MESHES[1:], ids=lambda m: "x".join(map(str, m[0])))
+def test_linear_cross_entropy_vocab_outer_jit_tensor_parallel(mesh_def, monkeypatch):
+    """Tokens over "data", w's classes over "model", under jit (the TPU/GPU
+    gradients forced): class blocks are strided (every k-th class), so no
+    device gathers w or a chunk of tokens. Float64 oracle, weight, smoothing,
+    z-loss and bias included."""
+    from oracles import reference_cross_entropy
+
+    import jxent._linear
+
+    monkeypatch.setattr(jxent._linear, "_VOCAB_OUTER", True)
+    mesh = _mesh(*mesh_def)
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    x = put(X, P("data"))
+    w, b = put(W, P(None, "model")), put(B, P("model"))
+    t = put(TARGET, P("data"))
+    kw = dict(label_smoothing=0.1, z_loss=1e-2)
+
+    def loss(x, w, b, t):
+        return jxent.linear_cross_entropy(
+            x, w, t, WEIGHT, bias=b, chunk_size=4, vocab_chunk_size=8, **kw
+        )
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    assert "all-gather" not in f.lower(x, w, b, t).compile().as_text()
+    got = f(x, w, b, t)
+    with jax.enable_x64(True):
+        want = jax.value_and_grad(
+            lambda x, w, b: reference_cross_entropy(
+                x @ w + b[None, :], TARGET, WEIGHT.astype(np.float64), **kw
+            )[0],
+            argnums=(0, 1, 2),
+        )(*(np.asarray(a, np.float64) for a in (X, W, B)))
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for g, r in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())

@@ -22,6 +22,10 @@ Accumulators (logsumexp, loss, dx, dw, dbias and the O(V) class-weight
 gradient) are float32 for 16- and 32-bit inputs, float64 for float64 inputs.
 For 16-bit inputs with a large ``dw`` the "mean"/"sum" rule makes a second
 pass for the second half of ``dw``'s columns (see ``_DW_SPLIT_BYTES``).
+
+Off the CPU the "mean"/"sum" gradients w.r.t. x, w and bias are accumulated
+in the vocabulary-outer order (``_vocab_outer_gradients``): per-token
+statistics first, then one class block at a time over all token chunks.
 """
 
 from __future__ import annotations
@@ -1137,11 +1141,16 @@ def linear_cross_entropy(
     ``dw`` takes 512 MiB or more, ``dw`` is accumulated in two column halves,
     a second pass over the chunks recomputing their logits (four matmuls), so
     that one float32 half at a time lives beside the 16-bit gradient; the
-    numbers are the same. ``"none"`` and ``return_lse``
-    recompute each chunk in the backward pass. Every floating input gets its
-    true gradient (``x``, ``w``, ``bias``, ``weight``, ``label_smoothing``,
-    ``z_loss``, ``soft_cap`` and probability targets), in reverse and forward
-    mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` work).
+    numbers are the same. On TPUs and GPUs the ``"mean"``/``"sum"``
+    gradients w.r.t. ``x``, ``w`` and ``bias`` are accumulated one block of
+    classes at a time instead (each block's float32 ``dw`` summed over all
+    tokens and written once; a fourth matmul recomputes the blocks' logits),
+    so that no float32 array of ``dw``'s size exists. ``"none"`` and
+    ``return_lse`` recompute each chunk in the backward pass. Every floating
+    input gets its true gradient (``x``, ``w``, ``bias``, ``weight``,
+    ``label_smoothing``, ``z_loss``, ``soft_cap`` and probability targets), in
+    reverse and forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``
+    work).
 
     Args:
       x: floating array ``(..., D)`` of hidden states.

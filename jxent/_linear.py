@@ -56,7 +56,13 @@ from jxent._kernels import (
     on_cpu,
 )
 from jxent._reduction import reduce_loss
-from jxent._sharding import UNSHARDED, ClassShards, as_axis_names
+from jxent._sharding import (
+    UNSHARDED,
+    ClassShards,
+    as_axis_names,
+    axes_of,
+    explicit_layout,
+)
 from jxent._types import Reduction
 from jxent._validation import (
     as_float_array,
@@ -1008,6 +1014,118 @@ def check_lm_head(
     return x.astype(dtype), w.astype(dtype), bias
 
 
+class LMHeadLayout(NamedTuple):
+    """How Explicit mesh axes split an LM head's inputs."""
+
+    mesh: jax.sharding.Mesh
+    batch: tuple  # PartitionSpec entries of x's token axes
+    classes: tuple[str, ...]  # mesh axes splitting w's vocabulary
+
+
+def explicit_lm_head_layout(x: jax.Array, w: jax.Array) -> LMHeadLayout | None:
+    """For ``x`` or ``w`` sharded over Explicit mesh axes: the layout to run in.
+
+    The tokens stay split as ``x``'s token axes are, the vocabulary as ``w``'s
+    columns are; ``D`` is never split (``x`` or ``w`` split on it are
+    resharded), nor are the tokens over an axis that splits the vocabulary.
+    None for unsharded inputs and for Auto or Manual axes.
+    """
+    layouts = [explicit_layout(a, a.ndim - 1) for a in (x, w)]
+    found = [layout for layout in layouts if layout is not None]
+    if not found:
+        return None
+    mesh = found[0][0]
+    w_spec = layouts[1][1] if layouts[1] is not None else (None, None)
+    classes = axes_of([w_spec[1]])
+    x_spec = layouts[0][1] if layouts[0] is not None else (None,) * x.ndim
+    batch = []
+    for entry in x_spec[:-1]:
+        kept = tuple(name for name in axes_of([entry]) if name not in classes)
+        batch.append(kept[0] if len(kept) == 1 else kept or None)
+    return LMHeadLayout(mesh, tuple(batch), classes)
+
+
+def run_explicit_lm_head(
+    fn, layout: LMHeadLayout, x, w, per_token: dict, per_class: dict,
+    scalars: dict, where, options: dict, outs: tuple[str, ...],
+):  # fmt: skip
+    """``fn(x, w, ...)`` under ``jax.shard_map`` on Explicit-sharded inputs.
+
+    ``fn`` is called with ``class_axis_name`` and ``batch_axis_name`` set from
+    ``layout`` (each device then holds its tokens and its slice of the
+    vocabulary; only O(N·D) and O(N) values cross devices). ``per_token``
+    arrays (tokens first, optionally classes last), ``per_class`` (V,)
+    vectors, ``where`` and ``x``/``w`` are resharded to match. ``outs``
+    names each output's layout: ``"tokens"`` (``x.shape[:-1]``) or
+    ``"scalar"``. ``scalars`` (replicated options) are closed over.
+    """
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh, batch, classes = layout
+    num_shards = 1
+    for name in classes:
+        num_shards *= mesh.shape[name]
+    if w.shape[1] % num_shards:
+        raise ValueError(
+            f"The vocabulary of `w` (V = {w.shape[1]}) is split over mesh axes "
+            f"{classes} of {num_shards} devices, which do not divide it: pad it "
+            "to a multiple and exclude the padding with `where`."
+        )
+    class_entry = (classes[0] if len(classes) == 1 else classes) if classes else None
+    batch_axes = axes_of(batch)
+
+    def spec_of(a, token_dims: int):
+        if a is None:
+            return None
+        a = jnp.asarray(a)
+        if a.ndim == 0:
+            return P()
+        lead = batch[:token_dims] if token_dims else ()
+        middle = (None,) * (a.ndim - len(lead) - 1)
+        last = class_entry if a.shape[-1] == w.shape[1] else None
+        if token_dims and a.ndim == len(batch):  # integer targets: tokens only
+            return P(*batch)
+        return P(*lead, *middle, last)
+
+    def reshard(a, spec):
+        return (
+            None
+            if a is None
+            else jax.reshard(jnp.asarray(a), NamedSharding(mesh, spec))
+        )
+
+    x_spec = P(*batch, None)
+    w_spec = P(None, class_entry)
+    token_specs = {k: spec_of(v, len(batch)) for k, v in per_token.items()}
+    class_specs = {k: spec_of(v, 0) for k, v in per_class.items()}
+    where_spec = None
+    if where is not None:
+        where = jnp.asarray(where)
+        tokens = len(batch) if where.ndim == x.ndim else 0
+        where_spec = spec_of(where, tokens)
+    args = (
+        reshard(x, x_spec), reshard(w, w_spec),
+        {k: reshard(v, token_specs[k]) for k, v in per_token.items()},
+        {k: reshard(v, class_specs[k]) for k, v in per_class.items()},
+        reshard(where, where_spec),
+    )  # fmt: skip
+    in_specs = (x_spec, w_spec, token_specs, class_specs, where_spec)
+
+    # The scalar options by closure: concrete ones stay static.
+    def local(x, w, per_token, per_class, where):
+        return fn(
+            x, w, **per_token, **per_class, **scalars, where=where, **options,
+            class_axis_name=classes or None, batch_axis_name=batch_axes or None,
+        )  # fmt: skip
+
+    out_specs = tuple(P(*batch) if kind == "tokens" else P() for kind in outs)
+    out_specs = out_specs[0] if len(out_specs) == 1 else out_specs
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(
+        *args
+    )
+
+
 def _check_target(target, x, vocab: int, ignore_index: int):
     """Returns ``(target, probs)``: integer indices or class probabilities."""
     target = jnp.asarray(target)
@@ -1228,6 +1346,23 @@ def linear_cross_entropy(
     x, w, bias = check_lm_head(x, w, bias)
     dtype, vocab = x.dtype, w.shape[1]
     target, probs = _check_target(target, x, vocab, ignore_index)
+    layout = None
+    if class_axis_name is None and batch_axis_name is None:
+        layout = explicit_lm_head_layout(x, w)
+    if layout is not None:
+        options = dict(
+            ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size, return_lse=return_lse,
+        )  # fmt: skip
+        per_token = {"target": target if probs is None else probs}
+        per_class = {"weight": weight, "bias": bias}
+        scalars = {"label_smoothing": label_smoothing, "z_loss": z_loss,
+                   "soft_cap": soft_cap}  # fmt: skip
+        out = ("tokens" if reduction == "none" else "scalar",)
+        return run_explicit_lm_head(
+            linear_cross_entropy, layout, x, w, per_token, per_class, scalars,
+            where, options, out + (("tokens",) if return_lse else ()),
+        )  # fmt: skip
     batch_shape = x.shape[:-1]
     weight = check_weight(weight, vocab)
     label_smoothing = check_unit_interval(label_smoothing, "label_smoothing")

@@ -1048,14 +1048,16 @@ def explicit_lm_head_layout(x: jax.Array, w: jax.Array) -> LMHeadLayout | None:
 def run_explicit_lm_head(
     fn, layout: LMHeadLayout, x, w, per_token: dict, per_class: dict,
     scalars: dict, where, options: dict, outs: tuple[str, ...],
+    token_classes: tuple[str, ...] = (),
 ):  # fmt: skip
     """``fn(x, w, ...)`` under ``jax.shard_map`` on Explicit-sharded inputs.
 
     ``fn`` is called with ``class_axis_name`` and ``batch_axis_name`` set from
     ``layout`` (each device then holds its tokens and its slice of the
     vocabulary; only O(N·D) and O(N) values cross devices). ``per_token``
-    arrays (tokens first, optionally classes last), ``per_class`` (V,)
-    vectors, ``where`` and ``x``/``w`` are resharded to match. ``outs``
+    arrays (tokens first; the vocabulary last for those named in
+    ``token_classes``), ``per_class`` arrays (the vocabulary last), ``where``
+    and ``x``/``w`` are resharded to match. ``outs``
     names each output's layout: ``"tokens"`` (``x.shape[:-1]``) or
     ``"scalar"``. ``scalars`` (replicated options) are closed over.
     """
@@ -1075,18 +1077,15 @@ def run_explicit_lm_head(
     class_entry = (classes[0] if len(classes) == 1 else classes) if classes else None
     batch_axes = axes_of(batch)
 
-    def spec_of(a, token_dims: int):
+    def spec_of(a, token_dims: int, classes_last: bool):
         if a is None:
             return None
         a = jnp.asarray(a)
-        if a.ndim == 0:
-            return P()
-        lead = batch[:token_dims] if token_dims else ()
-        middle = (None,) * (a.ndim - len(lead) - 1)
-        last = class_entry if a.shape[-1] == w.shape[1] else None
-        if token_dims and a.ndim == len(batch):  # integer targets: tokens only
+        if token_dims and a.ndim == token_dims:  # integer targets: tokens only
             return P(*batch)
-        return P(*lead, *middle, last)
+        lead = batch[:token_dims]
+        middle = (None,) * (a.ndim - len(lead) - 1)
+        return P(*lead, *middle, class_entry if classes_last else None)
 
     def reshard(a, spec):
         return (
@@ -1097,13 +1096,16 @@ def run_explicit_lm_head(
 
     x_spec = P(*batch, None)
     w_spec = P(None, class_entry)
-    token_specs = {k: spec_of(v, len(batch)) for k, v in per_token.items()}
-    class_specs = {k: spec_of(v, 0) for k, v in per_class.items()}
+    vocab = w.shape[1]
+    token_specs = {
+        k: spec_of(v, len(batch), k in token_classes) for k, v in per_token.items()
+    }
+    class_specs = {k: spec_of(v, 0, True) for k, v in per_class.items()}
     where_spec = None
     if where is not None:
         where = jnp.asarray(where)
         tokens = len(batch) if where.ndim == x.ndim else 0
-        where_spec = spec_of(where, tokens)
+        where_spec = spec_of(where, tokens, where.shape[-1] == vocab)
     args = (
         reshard(x, x_spec), reshard(w, w_spec),
         {k: reshard(v, token_specs[k]) for k, v in per_token.items()},
@@ -1114,8 +1116,9 @@ def run_explicit_lm_head(
 
     # The scalar options by closure: concrete ones stay static.
     def local(x, w, per_token, per_class, where):
+        masks = {} if where is None else {"where": where}
         return fn(
-            x, w, **per_token, **per_class, **scalars, where=where, **options,
+            x, w, **per_token, **per_class, **scalars, **masks, **options,
             class_axis_name=classes or None, batch_axis_name=batch_axes or None,
         )  # fmt: skip
 
@@ -1362,6 +1365,7 @@ def linear_cross_entropy(
         return run_explicit_lm_head(
             linear_cross_entropy, layout, x, w, per_token, per_class, scalars,
             where, options, out + (("tokens",) if return_lse else ()),
+            token_classes=("target",),
         )  # fmt: skip
     batch_shape = x.shape[:-1]
     weight = check_weight(weight, vocab)

@@ -34,6 +34,8 @@ from jxent._linear import (
     _summed_loss,
     _tile_logits,
     check_lm_head,
+    explicit_lm_head_layout,
+    run_explicit_lm_head,
 )
 from jxent._reduction import reduce_loss
 from jxent._rl import (
@@ -67,6 +69,13 @@ class _HeadStatic(NamedTuple):
     row_mask: bool  # `where` varies per token (else one (1, V) class mask)
     shards: ClassShards = UNSHARDED
     strided: bool = False  # tokens split by XLA's partitioner (_over_chunks)
+
+
+def _explicit_layout(x, w, class_axis_name, batch_axis_name):
+    """The Explicit-sharding layout to run a head in (None: run as is)."""
+    if class_axis_name is not None or batch_axis_name is not None:
+        return None
+    return explicit_lm_head_layout(x, w)
 
 
 def check_head_inputs(
@@ -250,6 +259,14 @@ def linear_argmax(
     """
     x, w, bias = check_head_inputs(x, w, bias)
     soft_cap = check_soft_cap(soft_cap)
+    layout = _explicit_layout(x, w, class_axis_name, batch_axis_name)
+    if layout is not None:
+        return run_explicit_lm_head(
+            linear_argmax, layout, x, w, {}, {"bias": bias},
+            {"soft_cap": soft_cap}, where,
+            {"chunk_size": chunk_size, "vocab_chunk_size": vocab_chunk_size},
+            ("tokens",),
+        )  # fmt: skip
     vocab = w.shape[1]
     mask, row_mask = _class_mask_for_tokens(where, x.shape[:-1], vocab)
     chunk, block = head_chunks(
@@ -458,6 +475,18 @@ def linear_log_probs(
         )
     temperature = check_temperature(temperature)
     soft_cap = check_soft_cap(soft_cap)
+    layout = _explicit_layout(x, w, class_axis_name, batch_axis_name)
+    if layout is not None:
+        options = dict(
+            ignore_index=ignore_index, return_entropy=return_entropy,
+            chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+        )  # fmt: skip
+        scalars = {"temperature": temperature, "soft_cap": soft_cap}
+        outs = ("tokens", "tokens") if return_entropy else ("tokens",)
+        return run_explicit_lm_head(
+            linear_log_probs, layout, x, w, {"target": target}, {"bias": bias},
+            scalars, where, options, outs,
+        )  # fmt: skip
     mask, row_mask = _class_mask_for_tokens(where, x.shape[:-1], vocab)
     chunk, block = head_chunks(
         x, vocab, chunk_size, vocab_chunk_size, where=mask is not None
@@ -677,6 +706,19 @@ def linear_distillation_loss(
             check_concrete_target_range(target, vocab, ignore_index)
     temperature = check_temperature(temperature)
     beta = check_unit_interval(beta, "beta")
+    layout = _explicit_layout(x, w, class_axis_name, batch_axis_name)
+    if layout is not None:
+        options = dict(
+            ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+        )  # fmt: skip
+        return run_explicit_lm_head(
+            linear_distillation_loss, layout, x, w,
+            {"teacher_x": teacher_x, "target": target},
+            {"teacher_w": teacher_w, "bias": bias, "teacher_bias": teacher_bias},
+            {"beta": beta, "temperature": temperature}, None, options,
+            ("tokens" if reduction == "none" else "scalar",),
+        )  # fmt: skip
     chunk, block = head_chunks(x, vocab, chunk_size, vocab_chunk_size, where=True)
     static = _Static(
         ignore_index=ignore_index, smoothing=False, with_z_loss=False,

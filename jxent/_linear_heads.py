@@ -26,6 +26,8 @@ from jxent._linear import (
     _class_mask_for_tokens,
     _Data,
     _default_chunk_size,
+    _default_vocab_chunk_size,
+    _dw_passes,
     _over_chunks,
     _Params,
     _per_token_loss,
@@ -93,8 +95,9 @@ def check_head_inputs(
 def head_chunks(x, vocab, chunk_size, vocab_chunk_size, *, where: bool):
     """``(chunk, vocab_chunk)``: the token chunk and the vocabulary block.
 
-    The token chunk defaults to ``linear_cross_entropy``'s; the block to the
-    whole (local) vocabulary.
+    Both default to ``linear_cross_entropy``'s: the block of the ``dw``
+    update is a float32 ``(D, block)`` product of at most 16 MiB (a whole
+    vocabulary row would form a ``(D, V)`` temporary per chunk).
     """
     num_tokens = max(1, x[..., 0].size)
     chunk = _positive_int_or_none(chunk_size, "chunk_size", "tokens per chunk")
@@ -103,7 +106,9 @@ def head_chunks(x, vocab, chunk_size, vocab_chunk_size, *, where: bool):
     block = _positive_int_or_none(
         vocab_chunk_size, "vocab_chunk_size", "classes per block"
     )
-    return min(chunk, num_tokens), min(block or vocab, vocab)
+    if block is None:
+        block = _default_vocab_chunk_size(x.shape[-1], vocab)
+    return min(chunk, num_tokens), min(block, vocab)
 
 
 # --- argmax ---------------------------------------------------------------------
@@ -488,9 +493,9 @@ def linear_log_probs(
             scalars, where, options, outs,
         )  # fmt: skip
     mask, row_mask = _class_mask_for_tokens(where, x.shape[:-1], vocab)
-    chunk, block = head_chunks(
-        x, vocab, chunk_size, vocab_chunk_size, where=mask is not None
-    )
+    # The log-probabilities' tile math keeps about three float32 tiles alive
+    # (XLA's temporaries on the CPU), as `where` does for the cross-entropy.
+    chunk, block = head_chunks(x, vocab, chunk_size, vocab_chunk_size, where=True)
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
     if not shards.sharded:
@@ -726,12 +731,17 @@ def linear_distillation_loss(
         shards=shards, batch_axes=batch_axes,
         head=_DistillationHead(divergence_mode(beta)),
         strided=_partitioned_by_xla(x),
+        dw_passes=_dw_passes(x.shape[-1], vocab, x.dtype),
     )  # fmt: skip
     acc = compute_dtype(jnp.result_type(x.dtype, teacher_x.dtype))
+    # The teacher's head in its own dtype (its tiles accumulate in float32): a
+    # float32 copy of a 16-bit teacher_w would take twice its memory.
+    teacher_dtype = jnp.result_type(teacher_x.dtype, teacher_w.dtype)
     params = _Params(
-        x=x, w=w, bias=bias, probs=teacher_x, weight=None, label_smoothing=None,
+        x=x, w=w, bias=bias, probs=teacher_x.astype(teacher_dtype), weight=None,
+        label_smoothing=None,
         z_loss=None, soft_cap=None, temperature=jnp.asarray(temperature, acc),
-        beta=jnp.asarray(beta, acc), teacher_w=teacher_w.astype(acc),
+        beta=jnp.asarray(beta, acc), teacher_w=teacher_w.astype(teacher_dtype),
         teacher_bias=None if teacher_bias is None else teacher_bias.astype(acc),
     )  # fmt: skip
     return _linear_distillation_loss(

@@ -619,8 +619,10 @@ def linear_distillation_loss(
     ``w``, ``bias``, ``teacher_x``, ``teacher_w``, ``teacher_bias``,
     ``temperature`` and ``beta``), in reverse and forward mode; wrap the
     teacher's inputs in ``jax.lax.stop_gradient`` (or do not differentiate
-    w.r.t. them) to keep it fixed. 16-bit ``teacher_w`` is held in float32
-    for the loop (one float32 copy).
+    w.r.t. them) to keep it fixed. The teacher's head stays in its dtype
+    (its tiles accumulate in float32); for 16-bit inputs whose float32 ``dw``
+    takes 512 MiB or more, ``dw`` is accumulated in two column halves, as by
+    [`jxent.linear_cross_entropy`][].
 
     Args:
       x: the student's floating hidden states ``(..., D)``.

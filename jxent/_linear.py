@@ -507,33 +507,36 @@ class _VocabBlock(NamedTuple):
 def _vocab_outer_eligible(static: _Static, need: dict) -> bool:
     """Whether the vocabulary-outer gradients apply.
 
-    Integer targets and the cross-entropy's own tile math, gradients w.r.t.
-    ``x``, ``w`` and ``bias`` only.
+    Integer targets (or a head's tile math), gradients w.r.t. ``x``, ``w``
+    and ``bias`` only.
     """
     others = (name for name in _Params._fields if name not in ("x", "w", "bias"))
     return (
-        static.head is None
-        and not static.soft
+        (static.head is not None or not static.soft)
         and not any(need[name] for name in others)
         and (need["x"] or need["w"] or need["bias"])
     )
+
+
+class _Block(NamedTuple):
+    """One block of classes inside the vocabulary-outer pass."""
+
+    take: Callable  # block of an array whose last axis is the (local) classes
+    where: _VocabBlock  # the block's classes, for the tile math
+    fresh: jax.Array | None  # (1, block): columns this block owns (None: all)
 
 
 def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict):
     """``_loss_and_gradients`` with ``dw`` accumulated one class block at a time.
 
     First the per-token losses and logsumexps, token chunk by token chunk
-    (whole rows of ``static.row_chunk`` tokens). Then, for each block of
-    ``static.vocab_chunk_size`` classes, a pass over token chunks of
-    ``static.block_tokens``: the block's logits are recomputed, transposed
-    through ``cross_entropy_stats``' tangent map with the per-token
-    cotangents of its statistics, and the block's ``dw`` is accumulated in
-    float32 and written once, rounded to ``w``'s dtype; ``dx`` (float32) and
-    ``dbias`` gather every block's share. No float32 array of ``dw``'s size
-    exists, nor any tile wider than a block: four matmuls in all.
+    (whole rows of ``static.row_chunk`` tokens). Then (``_block_gradients``)
+    each block's logits are recomputed and transposed through
+    ``cross_entropy_stats``' tangent map with the per-token cotangents of its
+    statistics.
     """
     acc = _accumulation_dtype(p)
-    num_tokens, depth = p.x.shape
+    num_tokens = p.x.shape[0]
     vocab = p.w.shape[1]
     shards = static.shards
     weight, label_smoothing, z_loss, soft_cap = _small(p)[:4]
@@ -549,11 +552,189 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
         shape = jax.ShapeDtypeStruct((1, vocab), acc)
         total = _total_weight(weight, data.mask, shape, 1, shards)
         total_weight = jnp.broadcast_to(jnp.reshape(total, (-1,)), (num_tokens,))
-    row_mask = data.mask if static.row_mask else None
-    rows = (p.x, terms.safe_target, terms.valid, lse, cts, total_weight)
-    rows = _vary_like(rows, p.x)
-    offset = 0 if not shards.sharded else shards.index() * vocab
+    rows = (terms.safe_target, terms.valid, lse, cts, total_weight)
     tangent_map = functools.partial(_tangent_map, axis=1, smoothing=static.smoothing)
+
+    def d_logits(logits, rows_c, mask_c, block: _Block):
+        target_c, live_c, lse_c, cts_c, total_c = rows_c
+        weight_j = None
+        if weight is not None and static.smoothing:
+            weight_j = block.take(weight)
+        tangents = functools.partial(
+            tangent_map, logits, target_c, live_c, weight_j, mask_c, soft_cap,
+            lse_c, lse_c, t_weight=None, t_cap=None, shards=block.where,
+            total_weight=total_c,
+        )  # fmt: skip
+        _, transpose = jax.vjp(tangents, jnp.zeros_like(logits))
+        return transpose(_vary_like(cts_c, logits))[0]
+
+    return loss, _block_gradients(static, p, data, need, rows, d_logits)
+
+
+class _Tapped:
+    """Class-axis reductions of a head's tile math, kept and tapped.
+
+    Stands in for ``ClassShards`` over whole rows: each sum, maximum and pick
+    is the real one (over the class shards, if any); its results are kept in
+    call order (``values``), and a zero ``tap`` is added to each floating one
+    so that a vjp w.r.t. the taps gives the cotangent of every reduction.
+    """
+
+    sharded = True
+
+    def __init__(self, shards: ClassShards, vocab: int, taps=None):
+        self.shards, self.vocab, self.taps, self.values = shards, vocab, taps, []
+
+    def num_classes(self, local: int) -> int:
+        return self.shards.num_classes(self.vocab)
+
+    def localise(self, target, local):
+        if self.shards.sharded:
+            return self.shards.localise(target, local)
+        return target, (target >= 0) & (target < local)
+
+    def _keep(self, value):
+        def keep(leaf):
+            tap = None if self.taps is None else self.taps[len(self.values)]
+            self.values.append(leaf)
+            return leaf if tap is None else leaf + tap
+
+        return jax.tree.map(keep, value)
+
+    def sum(self, x):
+        return self._keep(self.shards.sum(x))
+
+    def max(self, x):
+        return self._keep(self.shards.max(x))
+
+    def pick(self, values, here):
+        return self.sum(jnp.where(here, values, jnp.zeros_like(values)))
+
+
+class _BlockShares:
+    """The tapped reductions again, for one block of the classes.
+
+    Each reduction returns its kept whole-row value (a constant) and keeps
+    the block's own share: ``Σ_k <ct_k, share_k>`` then has the gradient of
+    the whole rows' loss w.r.t. the block's logits (every path from a logit
+    to the loss goes through some reduction).
+    """
+
+    sharded = True
+
+    def __init__(self, values, block: _VocabBlock, num_classes: int):
+        self.values, self.shares = list(values), []
+        self.block, self.global_classes = block, num_classes
+
+    def num_classes(self, local: int) -> int:
+        return self.global_classes
+
+    def localise(self, target, local):
+        return self.block.localise(target, local)
+
+    def _whole(self, local):
+        def replace(share):
+            self.shares.append(share)
+            # Closed over: a constant for the block's gradient, still a
+            # function of the inputs for higher derivatives.
+            whole = self.values[len(self.shares) - 1]
+            return whole.reshape(share.shape).astype(share.dtype)
+
+        return jax.tree.map(replace, local)
+
+    def sum(self, x):
+        return self._whole(x)
+
+    def max(self, x):
+        return self._whole(x)
+
+    def pick(self, values, here):
+        return self.sum(jnp.where(here, values, jnp.zeros_like(values)))
+
+
+def _head_vocab_outer_gradients(static, p: _Params, data: _Data, need: dict):
+    """The vocabulary-outer gradients for a head's "mean"/"sum" (any head).
+
+    The forward pass (whole rows) keeps the class-axis reductions of the
+    head's tile math and their cotangents (``_Tapped``); each block's tile
+    math then forms its shares of the same reductions (``_BlockShares``),
+    whose products with those cotangents have the block's gradient.
+    """
+    vocab = p.w.shape[1]
+    small = _small(p)
+    class_mask = _class_mask(data, static)
+    num_classes = static.shards.num_classes(vocab)
+
+    def floating(a):
+        return jnp.issubdtype(a.dtype, jnp.floating)
+
+    def body(carry, tokens):
+        x_c, probs_c, target_c, mask_c = tokens
+        mask_c = class_mask if mask_c is None else mask_c
+        logits = _tile_logits(x_c, p.w, p.bias)
+
+        def tile(taps):
+            tapped = _Tapped(static.shards, vocab, taps)
+            loss, _ = _tile_loss(
+                logits, probs_c, target_c, mask_c, small,
+                static._replace(shards=tapped),
+            )  # fmt: skip
+            return loss, tapped.values
+
+        _, values = tile(None)
+        taps = [jnp.zeros_like(v) if floating(v) else None for v in values]
+        loss, vjp, values = jax.vjp(tile, taps, has_aux=True)
+        (cts,) = vjp(_vary_like(jnp.ones_like(loss), loss))
+        return carry, (loss, tuple(values), tuple(cts))
+
+    _, (loss, values, cts) = _over_chunks(
+        body, None, _token_inputs(p, data, static), static.row_chunk, static.strided
+    )
+    sliced = _class_sliced(static)
+    rows = (p.probs, data.target, values, cts)
+
+    def d_logits(logits, rows_c, mask_c, block: _Block):
+        probs_c, target_c, values_c, cts_c = rows_c
+        small_j = tuple(
+            block.take(v) if v is not None and name in sliced else v
+            for name, v in zip(_SMALL, small, strict=True)
+        )
+
+        def objective(z):
+            shares = _BlockShares(values_c, block.where, num_classes)
+            _tile_loss(
+                z, probs_c, target_c, mask_c, small_j,
+                static._replace(shards=shares),
+            )  # fmt: skip
+            total = jnp.zeros((), logits.dtype)
+            for share, ct in zip(shares.shares, cts_c, strict=True):
+                if ct is not None:
+                    total = total + jnp.sum(share * ct.reshape(share.shape))
+            return total
+
+        return jax.grad(objective)(logits)
+
+    return loss, _block_gradients(static, p, data, need, rows, d_logits)
+
+
+def _block_gradients(static, p: _Params, data: _Data, need: dict, rows, d_logits):
+    """dx, dw and dbias from the class blocks, given each tile's gradient.
+
+    For each block of ``static.block_classes`` classes, a pass over token
+    chunks of ``static.block_tokens``: the block's logits are recomputed,
+    ``d_logits(logits, rows_c, mask_c, block)`` gives their gradient (``rows``
+    are per-token inputs, tokens first), and the block's ``dw`` is
+    accumulated in float32 and written once, rounded to ``w``'s dtype; ``dx``
+    (float32) and ``dbias`` gather every block's share. No float32 array of
+    ``dw``'s size exists, nor any tile wider than a block.
+    """
+    acc = _accumulation_dtype(p)
+    num_tokens, depth = p.x.shape
+    vocab = p.w.shape[1]
+    shards = static.shards
+    row_mask = data.mask if static.row_mask else None
+    rows = _vary_like((p.x, rows), p.x)
+    offset = 0 if not shards.sharded else shards.index() * vocab
 
     def block_pass(carry, lo: int, hi: int):
         """One column range's ``dw`` (float32 per block), and dx, dbias.
@@ -604,31 +785,23 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
                 column = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
                 fresh = column >= lo + j * block
                 where_block = _VocabBlock(offset + start)
+            info = _Block(functools.partial(take, j=j, start=start), where_block, fresh)
             w_j = take(p.w, j, start)
             bias_j = None if p.bias is None else take(p.bias, j, start)
-            weight_j = None
-            if weight is not None and static.smoothing:
-                weight_j = take(weight, j, start)
             class_mask = None
             if data.mask is not None and not static.row_mask:
                 class_mask = take(data.mask, j, start)
 
             def over_tokens(state, tokens):
                 dw_j, dbias_j = state
-                x_c, target_c, live_c, lse_c, cts_c, total_c, mask_c = tokens
+                (x_c, rows_c), mask_c = tokens
                 if mask_c is None:
                     mask_c = class_mask
                 logits = _tile_logits(x_c, w_j, bias_j)
-                tangents = functools.partial(
-                    tangent_map, logits, target_c, live_c, weight_j, mask_c,
-                    soft_cap, lse_c, lse_c, t_weight=None, t_cap=None,
-                    shards=where_block, total_weight=total_c,
-                )  # fmt: skip
-                _, transpose = jax.vjp(tangents, jnp.zeros_like(logits))
-                (d_logits,) = transpose(_vary_like(cts_c, logits))
+                grad = d_logits(logits, rows_c, mask_c, info)
                 if fresh is not None:
-                    d_logits = jnp.where(fresh, d_logits, 0.0)
-                d_in = d_logits.astype(p.w.dtype)
+                    grad = jnp.where(fresh, grad, 0.0)
+                d_in = grad.astype(p.w.dtype)
                 dx_c = None
                 if need["w"]:
                     dw_j = dw_j + lax.dot_general(
@@ -639,7 +812,7 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
                         d_in, w_j, (((1,), (1,)), ((), ())), preferred_element_type=acc
                     )
                 if need["bias"]:
-                    dbias_j = dbias_j + jnp.sum(d_logits, axis=0)
+                    dbias_j = dbias_j + jnp.sum(grad, axis=0)
                 return (dw_j, dbias_j), dx_c
 
             init = (
@@ -650,7 +823,7 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
             (dw_j, dbias_j), dx_block = _over_chunks(
                 over_tokens,
                 _vary_like(_vary_like(init, p.x), p.w),
-                (*rows, mask_rows),
+                (rows, mask_rows),
                 static.block_tokens,
                 static.strided,
             )
@@ -685,7 +858,7 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
         grads["w"] = parts[0] if len(parts) == 1 else tuple(parts)
     if need["bias"]:
         grads["bias"] = dbias.astype(p.bias.dtype)
-    return loss, grads
+    return grads
 
 
 def _unhoisted(f):
@@ -767,7 +940,10 @@ def _summed_loss_jvp(static, primals, tangents):
         return token_outer()
     # dw's float32 accumulator is one block: no second pass for 16-bit w.
     blocked = static._replace(dw_passes=1)
-    vocab_outer = functools.partial(value_and_tangent, _vocab_outer_gradients, blocked)
+    gradients = _vocab_outer_gradients
+    if static.head is not None:
+        gradients = _head_vocab_outer_gradients
+    vocab_outer = functools.partial(value_and_tangent, gradients, blocked)
     return vocab_outer() if static.vocab_outer else on_cpu(token_outer, vocab_outer)
 
 

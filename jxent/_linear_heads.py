@@ -20,9 +20,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from jxent import _linear as linear_module
 from jxent._classification import _as_int_target
 from jxent._kernels import _partitioned_by_xla, capped_logits, compute_dtype
 from jxent._linear import (
+    _block_sizes,
     _class_mask_for_tokens,
     _Data,
     _default_chunk_size,
@@ -727,6 +729,9 @@ def linear_distillation_loss(
             ("tokens" if reduction == "none" else "scalar",),
         )  # fmt: skip
     chunk, block = head_chunks(x, vocab, chunk_size, vocab_chunk_size, where=True)
+    row_chunk, block_tokens, block_classes = _block_sizes(
+        max(1, x[..., 0].size), x.shape[-1], vocab, chunk_size, vocab_chunk_size
+    )
     static = _Static(
         ignore_index=ignore_index, smoothing=False, with_z_loss=False,
         chunk_size=chunk, vocab_chunk_size=block, soft=False, row_mask=False,
@@ -734,6 +739,8 @@ def linear_distillation_loss(
         head=_DistillationHead(divergence_mode(beta)),
         strided=_partitioned_by_xla(x),
         dw_passes=_dw_passes(x.shape[-1], vocab, x.dtype),
+        row_chunk=row_chunk, block_tokens=block_tokens,
+        block_classes=block_classes, vocab_outer=linear_module._VOCAB_OUTER,
     )  # fmt: skip
     acc = compute_dtype(jnp.result_type(x.dtype, teacher_x.dtype))
     # The teacher's head in its own dtype (its tiles accumulate in float32): a

@@ -258,3 +258,66 @@ def test_block_sizes():
     assert sizes(8192, 4096, 50257, None, None)[2] == 4096  # shifted last block
     assert sizes(100, 64, 1000, None, None) == (100, 100, 1000)
     assert sizes(8192, 4096, 131072, 512, 1000) == (512, 512, 1000)
+
+
+# linear_distillation_loss: the heads' tile math, class blocks by its
+# reductions' cotangents (jxent._linear._head_vocab_outer_gradients).
+TX = RNG.normal(size=(N, 5))  # the teacher's own hidden size
+TW = RNG.normal(size=(5, V))
+TB = RNG.normal(size=V)
+
+
+def _distillation(beta, reduction, x, w, b, fused=True):
+    if fused:
+        return jxent.linear_distillation_loss(
+            x, w, TX, TW, TARGET, bias=b, teacher_bias=TB, beta=beta,
+            temperature=1.7, reduction=reduction, chunk_size=4, vocab_chunk_size=5,
+        )  # fmt: skip
+    return jxent.distillation_loss(
+        x @ w + b[None, :], TX @ TW + TB[None, :], TARGET, beta=beta,
+        temperature=1.7, reduction=reduction,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.4])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_distillation_matches_float64_materialised(beta, reduction):
+    """Against distillation_loss on float64 logits (itself checked against
+    torch's kl_div and a float64 definition in tests/test_rl.py)."""
+    with x64():
+        want = jax.value_and_grad(
+            lambda x, w, b: _distillation(beta, reduction, x, w, b, fused=False),
+            argnums=(0, 1, 2),
+        )(X, W, BIAS)
+    got = jax.jit(
+        jax.value_and_grad(
+            lambda x, w, b: _distillation(beta, reduction, x, w, b), argnums=(0, 1, 2)
+        )
+    )(*(jnp.asarray(a, jnp.float32) for a in (X, W, BIAS)))
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for g, r in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
+
+
+def test_distillation_check_grads_order_2():
+    with x64():
+        check_grads(
+            jax.jit(lambda x, w, b: _distillation(0.4, "mean", x, w, b)),
+            (X, W, BIAS), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5,
+        )  # fmt: skip
+
+
+def test_distillation_bad_target_poisons_every_gradient():
+    t = jnp.asarray(TARGET).at[3].set(V)  # traced: NaN, not an error
+
+    def loss(x, w, t):
+        return jxent.linear_distillation_loss(
+            x, w, TX, TW, t, chunk_size=4, vocab_chunk_size=5
+        )
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
+        jnp.asarray(X, jnp.float32), jnp.asarray(W, jnp.float32), t
+    )
+    assert np.isnan(value)
+    for g in grads:
+        assert np.all(np.isnan(g))

@@ -218,3 +218,47 @@ def test_heads_with_explicit_sharded_inputs(x_spec, w_spec):
         put(X, x_spec), put(W, w_spec)
     )
     np.testing.assert_array_equal(greedy, np.argmax(X @ W, -1))
+
+
+@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_distillation_vocab_outer_shard_map(mesh_def, beta, monkeypatch):
+    """The TPU/GPU gradients of linear_distillation_loss (class blocks,
+    forced) inside shard_map, vocabulary over "model", tokens over "data":
+    against the materialised loss in float64."""
+    import jxent._linear
+
+    monkeypatch.setattr(jxent._linear, "_VOCAB_OUTER", True)
+    mesh = _mesh(*mesh_def)
+    batch = "data" if "data" in mesh_def[1] else None
+
+    def local(x, w, b, tx, tw, tb, t):
+        return jxent.linear_distillation_loss(
+            x, w, tx, tw, t, bias=b, teacher_bias=tb, beta=beta, temperature=1.3,
+            chunk_size=3, vocab_chunk_size=3, class_axis_name="model",
+            batch_axis_name=batch,
+        )  # fmt: skip
+
+    vocab = P(None, "model")
+    fn = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(batch), vocab, P("model"), P(batch), vocab, P("model"),
+                  P(batch)),
+        out_specs=P(),
+    )  # fmt: skip
+    got = jax.jit(
+        jax.value_and_grad(
+            lambda x, w, b: fn(x, w, b, TX, TW, TB, TARGET), argnums=(0, 1, 2)
+        )
+    )(XF, WF, BF)
+    with jax.enable_x64(True):
+        want = jax.value_and_grad(
+            lambda x, w, b: jxent.distillation_loss(
+                x @ w + b[None, :], TX @ TW + TB[None, :], TARGET, beta=beta,
+                temperature=1.3,
+            ),
+            argnums=(0, 1, 2),
+        )(*(np.asarray(a, np.float64) for a in (XF, WF, BF)))  # fmt: skip
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for a, r in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())

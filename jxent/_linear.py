@@ -733,8 +733,30 @@ def _block_gradients(static, p: _Params, data: _Data, need: dict, rows, d_logits
     vocab = p.w.shape[1]
     shards = static.shards
     row_mask = data.mask if static.row_mask else None
-    rows = _vary_like((p.x, rows), p.x)
+    position = jnp.arange(num_tokens, dtype=jnp.int32)
+    rows = _vary_like((p.x, position, rows), p.x)
     offset = 0 if not shards.sharded else shards.index() * vocab
+    chunk = static.block_tokens
+    num_full = num_tokens // chunk
+
+    def add_rows(dx, part, first):
+        """``dx`` plus ``part`` at a chunk's rows (``first``: its first row).
+
+        A full strided chunk holds rows ``first + k · num_full``; otherwise the
+        rows are contiguous. Added in place, so that no second (N, D) array
+        exists.
+        """
+        if static.strided and part.shape[0] == chunk and num_full > 1:
+            whole = num_full * chunk == num_tokens
+            view = (dx if whole else dx[: num_full * chunk]).reshape(
+                chunk, num_full, depth
+            )
+            old = lax.dynamic_index_in_dim(view, first, axis=1)
+            view = lax.dynamic_update_index_in_dim(view, old + part[:, None], first, 1)
+            view = view.reshape(-1, depth)
+            return view if whole else jnp.concatenate([view, dx[num_full * chunk :]])
+        old = lax.dynamic_slice_in_dim(dx, first, part.shape[0])
+        return lax.dynamic_update_slice_in_dim(dx, old + part, first, 0)
 
     def block_pass(carry, lo: int, hi: int):
         """One column range's ``dw`` (float32 per block), and dx, dbias.
@@ -793,8 +815,8 @@ def _block_gradients(static, p: _Params, data: _Data, need: dict, rows, d_logits
                 class_mask = take(data.mask, j, start)
 
             def over_tokens(state, tokens):
-                dw_j, dbias_j = state
-                (x_c, rows_c), mask_c = tokens
+                dw_j, dx, dbias_j = state
+                (x_c, position_c, rows_c), mask_c = tokens
                 if mask_c is None:
                     mask_c = class_mask
                 logits = _tile_logits(x_c, w_j, bias_j)
@@ -802,33 +824,32 @@ def _block_gradients(static, p: _Params, data: _Data, need: dict, rows, d_logits
                 if fresh is not None:
                     grad = jnp.where(fresh, grad, 0.0)
                 d_in = grad.astype(p.w.dtype)
-                dx_c = None
                 if need["w"]:
                     dw_j = dw_j + lax.dot_general(
                         x_c, d_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
                     )
                 if need["x"]:
-                    dx_c = lax.dot_general(
+                    part = lax.dot_general(
                         d_in, w_j, (((1,), (1,)), ((), ())), preferred_element_type=acc
                     )
+                    dx = add_rows(dx, part, position_c[0])
                 if need["bias"]:
                     dbias_j = dbias_j + jnp.sum(grad, axis=0)
-                return (dw_j, dbias_j), dx_c
+                return (dw_j, dx, dbias_j), None
 
             init = (
                 jnp.zeros((depth, block), acc) if need["w"] else None,
+                dx,
                 jnp.zeros((block,), acc) if need["bias"] else None,
             )
             mask_rows = None if row_mask is None else take(row_mask, j, start)
-            (dw_j, dbias_j), dx_block = _over_chunks(
+            (dw_j, dx, dbias_j), _ = _over_chunks(
                 over_tokens,
                 _vary_like(_vary_like(init, p.x), p.w),
                 (rows, mask_rows),
                 static.block_tokens,
                 static.strided,
             )
-            if need["x"]:
-                dx = dx + dx_block
             if need["w"]:
                 dw_range = put(dw_range, dw_j.astype(p.w.dtype), j, start, fresh, lo)
             if need["bias"]:

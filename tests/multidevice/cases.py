@@ -640,9 +640,10 @@ def test_linear_cross_entropy_vocab_outer_shard_map(mesh_def, reduction, monkeyp
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
 
 
+@pytest.mark.parametrize("n", [64, 72])  # 72: a ragged last chunk of 8 rows
 @pytest.mark.parametrize("vocab_outer", [False, True])
 def test_linear_cross_entropy_data_parallel_jit_splits_the_work(
-    vocab_outer, monkeypatch
+    vocab_outer, n, monkeypatch
 ):
     """Tokens split over 8 devices by jit, w replicated: every device works on
     its own tokens' share of every chunk (strided chunks), so the compiled
@@ -655,9 +656,8 @@ def test_linear_cross_entropy_data_parallel_jit_splits_the_work(
 
     monkeypatch.setattr(jxent._linear, "_VOCAB_OUTER", vocab_outer)
     mesh = _mesh((8,), ("data",))
-    n = 64
-    x_np = np.tile(X, (n // N, 1))
-    t_np = np.tile(TARGET, n // N)
+    x_np = np.tile(X, (-(-n // N), 1))[:n]
+    t_np = np.tile(TARGET, -(-n // N))[:n]
     put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
     x, w, t = put(x_np, P("data")), put(W, P()), put(t_np, P("data"))
 
@@ -667,8 +667,8 @@ def test_linear_cross_entropy_data_parallel_jit_splits_the_work(
         )
 
     f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    text = f.lower(x, w, t).compile().as_text()
-    assert "all-gather" not in text
+    if n % 16 == 0:
+        assert "all-gather" not in f.lower(x, w, t).compile().as_text()
     value, (dx, dw) = f(x, w, t)
     with jax.enable_x64(True):
         want = jax.value_and_grad(

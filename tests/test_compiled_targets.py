@@ -18,27 +18,30 @@ that page reports to bounds, in ratio form:
   chip's logits shard: per-row and per-class vectors only, never a logits
   tile.
 
-Each compile runs on the CPU (``JAX_PLATFORMS=cpu`` or not); the module skips
-a target whose compiler is not installed (the ``aot`` extra: libtpu, the CUDA
-12 plugin, ptxas). Only one process at a time may load libtpu normally, so
-the module's tests take a file lock (two runs of the module compile one after
-the other) and libtpu is loaded with ``ALLOW_MULTIPLE_LIBTPU_LOAD`` set, so
-that a suite still running in another process does not keep it from loading.
+The compiles run in one child process with ``JAX_PLATFORMS=cpu``, whatever
+the test process's own platforms: there the CUDA plugin registers without a
+CUDA runtime (with jax's default platforms and no GPU it does not, and the
+H100 has no devices), and libtpu loads with ``ALLOW_MULTIPLE_LIBTPU_LOAD``
+(a test process that probed for a TPU, or another suite, may hold its
+one-process lock file; nothing here uses a TPU). The module skips a target
+whose compiler is not installed (the ``aot`` extra: libtpu, the CUDA 12
+plugin, ptxas), and takes a file lock, so that two runs of it compile one
+after the other. ``python tests/test_compiled_targets.py tpu-v5e h100``
+prints the measurements as JSON.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import functools
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -50,12 +53,29 @@ CROSS_ENTROPY_SHAPE = (2048, 32768)  # 256 MiB of float32 logits
 LINEAR_SHAPE = (2048, 4096, 131072)
 SHARDED_SHAPE = (2048, 32768)
 MESHES = [(2, 4), (4, 2)]
+SHARDED_PROGRAMS = ["jxent", "jxent_weighted"]
 
 COMPILERS = {
     "tpu-v5e": ("libtpu", "libtpu"),
     "h100": ("jax_plugins.xla_cuda12", "the CUDA 12 plugin"),
 }
 TARGETS = list(COMPILERS)
+
+
+def _installed(target_name: str) -> bool:
+    try:
+        return importlib.util.find_spec(COMPILERS[target_name][0]) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _require(target_name: str) -> None:
+    if not _installed(target_name):
+        what = COMPILERS[target_name][1]
+        pytest.skip(f"{what} is not installed: the aot extra (pip install -e '.[aot]')")
+
+
+# ------------------------------------------------ the child process's side
 
 
 def _load_bench():
@@ -68,12 +88,60 @@ def _load_bench():
     return module
 
 
-bench = _load_bench()
+def _summary(record: dict) -> dict:
+    keys = ("temp_bytes", "traffic_bytes", "passes", "flops", "collectives")
+    keys += ("collective_count", "max_collective_bytes", "logits_bytes")
+    return {key: record[key] for key in keys}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_run_at_a_time():
-    """Two runs of this module (two pytest processes) compile in turn."""
+def measure(target_names: list[str]) -> dict:
+    """{target: {case: {program: figures}}} of bench_compiled's programs."""
+    import jax.numpy as jnp
+
+    bench = _load_bench()
+    results = {}
+    for name in target_names:
+        target = bench.TARGETS[name]
+        one = bench.devices(target)
+        cases = {}
+        jobs = [
+            (f"cross_entropy {dtype}", bench.cross_entropy_programs,
+             (*CROSS_ENTROPY_SHAPE, jnp.dtype(dtype)))
+            for dtype in ("float32", "bfloat16")
+        ] + [("linear bfloat16", bench.linear_programs,
+              (*LINEAR_SHAPE, jnp.bfloat16))]  # fmt: skip
+        for case, programs, args in jobs:
+            cases[case] = {}
+            for program, f, arguments, logits in programs(*args):
+                compiled = bench.compile_program(f, arguments, one)
+                cases[case][program] = _summary(bench.measure(compiled, logits, target))
+        eight = bench.devices(target, bench.EIGHT_CHIPS[name])
+        for mesh in MESHES:
+            case = f"sharded {mesh[0]}x{mesh[1]}"
+            cases[case] = {}
+            for program, f, arguments, logits in bench.sharded_programs(*SHARDED_SHAPE):
+                if program not in SHARDED_PROGRAMS:
+                    continue
+                specs = bench.sharded_specs(eight, mesh, len(arguments))
+                compiled = bench.compile_program(f, arguments, eight, specs)
+                record = bench.measure(compiled, logits / 8, target)
+                cases[case][program] = _summary(record)
+        results[name] = cases
+    return results
+
+
+# ------------------------------------------------------- the tests' side
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """The figures of every installed target, from one child process.
+
+    Two runs of this module (two pytest processes) compile in turn.
+    """
+    targets = [name for name in TARGETS if _installed(name)]
+    if not targets:
+        return {}
     path = Path(tempfile.gettempdir()) / "jxent-test_compiled_targets.lock"
     with open(path, "w") as lock:
         deadline = time.monotonic() + 600
@@ -86,59 +154,39 @@ def _one_run_at_a_time():
                     pytest.fail(f"{path} held by another run for 10 minutes")
                 time.sleep(1)
         try:
-            yield
+            return _run_child(targets)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _require(target_name: str) -> None:
-    module, what = COMPILERS[target_name]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        pytest.skip(f"{what} is not installed: the aot extra (pip install -e '.[aot]')")
+def _run_child(targets: list[str]) -> dict:
+    import jxent
 
-
-@contextlib.contextmanager
-def _multiple_libtpu_loads():
-    """libtpu, loaded in here, does not take its one-process lock file."""
-    key = "ALLOW_MULTIPLE_LIBTPU_LOAD"
-    saved = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = saved
-
-
-@functools.cache
-def _devices(target_name: str, chips: str | None = None):
-    with _multiple_libtpu_loads():
-        return bench.devices(bench.TARGETS[target_name], chips)
-
-
-@functools.cache
-def _measured(target_name: str, kind: str, shape: tuple, dtype: str) -> dict:
-    """{program: measure()'s record} of bench_compiled's programs."""
-    target = bench.TARGETS[target_name]
-    programs = getattr(bench, f"{kind}_programs")(*shape, jnp.dtype(dtype))
-    records = {}
-    for name, f, args, logits in programs:
-        compiled = bench.compile_program(f, args, _devices(target_name))
-        records[name] = bench.measure(compiled, logits, target)
-    return records
+    # The child imports the jxent this process tests.
+    source = str(Path(jxent.__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+        "PYTHONPATH": pythonpath,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "measured.json"
+        command = [sys.executable, __file__, "--out", str(out), *targets]
+        result = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=600,
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("target", TARGETS)
-def test_cross_entropy_moves_less_than_optax(target, dtype):
+def test_cross_entropy_moves_less_than_optax(measured, target, dtype):
     _require(target)
-    records = _measured(target, "cross_entropy", CROSS_ENTROPY_SHAPE, dtype)
+    records = measured[target][f"cross_entropy {dtype}"]
     ours, optax = records["jxent"], records["optax"]
     assert ours["traffic_bytes"] <= 0.8 * optax["traffic_bytes"], (
         ours["passes"],
@@ -148,9 +196,9 @@ def test_cross_entropy_moves_less_than_optax(target, dtype):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_linear_cross_entropy_holds_a_quarter_of_the_naive_memory(target):
+def test_linear_cross_entropy_holds_a_quarter_of_the_naive_memory(measured, target):
     _require(target)
-    records = _measured(target, "linear", LINEAR_SHAPE, "bfloat16")
+    records = measured[target]["linear bfloat16"]
     ours, naive = records["jxent"], records["naive"]
     # The ratio means something: the naive program holds the logits.
     n, _, v = LINEAR_SHAPE
@@ -162,23 +210,34 @@ def test_linear_cross_entropy_holds_a_quarter_of_the_naive_memory(target):
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
-@pytest.mark.parametrize("program", ["jxent", "jxent_weighted"])
+@pytest.mark.parametrize("program", SHARDED_PROGRAMS)
 @pytest.mark.parametrize("target", TARGETS)
-def test_sharded_cross_entropy_has_no_logits_sized_collective(target, program, mesh):
+def test_sharded_cross_entropy_has_no_logits_sized_collective(
+    measured, target, program, mesh
+):
     _require(target)
-    eight = _devices(target, bench.EIGHT_CHIPS[target])
-    (f, args, logits), *_ = (
-        (f, args, logits)
-        for name, f, args, logits in bench.sharded_programs(*SHARDED_SHAPE)
-        if name == program
-    )
-    specs = bench.sharded_specs(eight, mesh, len(args))
-    compiled = bench.compile_program(f, args, eight, specs)
-    record = bench.measure(compiled, logits / 8, bench.TARGETS[target])
+    record = measured[target][f"sharded {mesh[0]}x{mesh[1]}"][program]
     # Sharded over the classes, the row statistics are reduced across chips.
     assert record["collective_count"] > 0, record["collectives"]
-    shard = logits / 8
+    shard = record["logits_bytes"]  # one chip's share of the logits
     assert record["max_collective_bytes"] <= shard / 64, (
         record["max_collective_bytes"],
         record["collectives"],
     )
+
+
+def main(argv: list[str]) -> int:
+    """``[--out FILE] TARGET ...``: the measurements as JSON."""
+    out = None
+    if argv[:1] == ["--out"]:
+        out, argv = Path(argv[1]), argv[2:]
+    text = json.dumps(measure(argv or TARGETS), indent=1)
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -29,7 +29,7 @@ from jxent._classification import _as_int_target
 from jxent._kernels import compute_dtype, take_target
 from jxent._reduction import reduce_loss
 from jxent._safe_math import poison, poison_gradients
-from jxent._sharding import UNSHARDED, ClassShards
+from jxent._sharding import UNSHARDED, ClassShards, axes_of, explicit_layout
 from jxent._types import Reduction
 from jxent._validation import (
     _check_scalar_option,
@@ -381,10 +381,60 @@ def log_probs(
     target = check_target_for(target, logits.shape, axis, "logits", ignore_index)
     temperature = check_temperature(temperature)
     where = check_class_mask(where, logits.shape, axis)
+    layout = explicit_layout(logits, axis)
+    if layout is not None:
+        return _explicit_sharded_log_probs(
+            logits, target, temperature, where, layout, axis=axis,
+            ignore_index=ignore_index, return_entropy=return_entropy,
+        )  # fmt: skip
     return _log_probs(
         logits, target, temperature, where, axis=axis, ignore_index=ignore_index,
         return_entropy=return_entropy,
     )  # fmt: skip
+
+
+def _explicit_sharded_log_probs(
+    logits, target, temperature, where, layout, *, axis, ignore_index,
+    return_entropy,
+):  # fmt: skip
+    """``log_probs`` on logits sharded over Explicit mesh axes.
+
+    Runs under ``jax.shard_map`` with the classes split as the logits are
+    (the softmax's sums all-reduced: O(N) values cross devices); the target
+    and ``where`` are resharded to match.
+    """
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh, spec = layout
+    class_axes = axes_of([spec[axis]])
+    count = 1
+    for name in class_axes:
+        count *= mesh.shape[name]
+    if logits.shape[axis] % count:
+        raise ValueError(
+            f"The class axis of `logits` (size {logits.shape[axis]}) is split over "
+            f"mesh axes {class_axes} of {count} devices, which do not divide it: "
+            "pad the classes to a multiple and exclude the padding with `where`."
+        )
+    batch_spec = P(*(spec[:axis] + spec[axis + 1 :]))
+    target = jax.reshard(target, NamedSharding(mesh, batch_spec))
+    if where is not None:
+        where = jax.reshard(jnp.asarray(where), NamedSharding(mesh, P(*spec)))
+
+    def local(logits, target, where):
+        lp, ent = token_log_probs(
+            logits.astype(compute_dtype(logits.dtype)), target, temperature,
+            where, axis=axis, ignore_index=ignore_index,
+            with_entropy=return_entropy, shards=ClassShards(class_axes),
+        )  # fmt: skip
+        return (lp, ent) if return_entropy else lp
+
+    outs = (batch_spec, batch_spec) if return_entropy else batch_spec
+    in_specs = (P(*spec), batch_spec, None if where is None else P(*spec))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=outs)(
+        logits, target, where
+    )
 
 
 # --- distillation_loss ------------------------------------------------------------

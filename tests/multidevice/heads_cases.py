@@ -262,3 +262,31 @@ def test_distillation_vocab_outer_shard_map(mesh_def, beta, monkeypatch):
     np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
     for a, r in zip(got[1], want[1], strict=True):
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
+
+
+def test_materialised_heads_with_explicit_sharded_logits():
+    """log_probs (entropy, temperature, ignored positions) and
+    distillation_loss on logits split over Explicit axes (rows and classes),
+    under jit: against the same functions on float64 numpy inputs."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    z_np = XF @ WF
+    q_np = TX @ TW
+    z, q = put(z_np, P("data", "model")), put(q_np, P("data", "model"))
+    t = put(TARGET, P("data"))
+
+    def heads(z, temperature, target, q):
+        lp, ent = jxent.log_probs(
+            z, target, temperature=temperature, return_entropy=True
+        )
+        kl = jxent.distillation_loss(z, q, target, beta=0.3, temperature=1.3)
+        return jnp.sum(lp * np.arange(1.0, N + 1.0)) + jnp.sum(ent) + kl
+
+    got = jax.jit(jax.value_and_grad(heads, argnums=(0, 1)))(z, 1.3, t, q)
+    with jax.enable_x64(True):
+        want = jax.value_and_grad(heads, argnums=(0, 1))(
+            np.asarray(z_np, np.float64), 1.3, TARGET, np.asarray(q_np, np.float64)
+        )
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for a, r in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())

@@ -26,6 +26,7 @@ from jxent._sharding import (
     ClassShards,
     as_axis_names,
     axes_of,
+    check_class_split,
     explicit_layout,
 )
 from jxent._types import Reduction
@@ -703,15 +704,9 @@ def _explicit_sharded_cross_entropy(logits, target, values, layout, **options):
     class_axes = axes_of([spec[axis]])
     batch_spec = spec[:axis] + spec[axis + 1 :]
     batch_axes = axes_of(batch_spec)
-    num_shards = 1
-    for name in class_axes:
-        num_shards *= mesh.shape[name]
-    if logits.shape[axis] % num_shards:
-        raise ValueError(
-            f"The class axis of `logits` (size {logits.shape[axis]}) is split over "
-            f"mesh axes {class_axes} of {num_shards} devices, which do not divide "
-            "it: pad the classes to a multiple and exclude the padding with `where`."
-        )
+    check_class_split(
+        logits.shape[axis], mesh, class_axes, "The class axis of `logits`"
+    )
     weight, label_smoothing, z_loss, soft_cap, where = values
     target = jnp.asarray(target)
     soft = jnp.issubdtype(target.dtype, jnp.floating)

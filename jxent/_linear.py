@@ -61,6 +61,7 @@ from jxent._sharding import (
     ClassShards,
     as_axis_names,
     axes_of,
+    check_class_split,
     explicit_layout,
 )
 from jxent._types import Reduction
@@ -1262,15 +1263,7 @@ def run_explicit_lm_head(
     from jax.sharding import PartitionSpec as P
 
     mesh, batch, classes = layout
-    num_shards = 1
-    for name in classes:
-        num_shards *= mesh.shape[name]
-    if w.shape[1] % num_shards:
-        raise ValueError(
-            f"The vocabulary of `w` (V = {w.shape[1]}) is split over mesh axes "
-            f"{classes} of {num_shards} devices, which do not divide it: pad it "
-            "to a multiple and exclude the padding with `where`."
-        )
+    check_class_split(w.shape[1], mesh, classes, "The vocabulary of `w`")
     class_entry = (classes[0] if len(classes) == 1 else classes) if classes else None
     batch_axes = axes_of(batch)
 

@@ -29,7 +29,13 @@ from jxent._classification import _as_int_target
 from jxent._kernels import compute_dtype, take_target
 from jxent._reduction import reduce_loss
 from jxent._safe_math import poison, poison_gradients
-from jxent._sharding import UNSHARDED, ClassShards, axes_of, explicit_layout
+from jxent._sharding import (
+    UNSHARDED,
+    ClassShards,
+    axes_of,
+    check_class_split,
+    explicit_layout,
+)
 from jxent._types import Reduction
 from jxent._validation import (
     _check_scalar_option,
@@ -408,15 +414,9 @@ def _explicit_sharded_log_probs(
 
     mesh, spec = layout
     class_axes = axes_of([spec[axis]])
-    count = 1
-    for name in class_axes:
-        count *= mesh.shape[name]
-    if logits.shape[axis] % count:
-        raise ValueError(
-            f"The class axis of `logits` (size {logits.shape[axis]}) is split over "
-            f"mesh axes {class_axes} of {count} devices, which do not divide it: "
-            "pad the classes to a multiple and exclude the padding with `where`."
-        )
+    check_class_split(
+        logits.shape[axis], mesh, class_axes, "The class axis of `logits`"
+    )
     batch_spec = P(*(spec[:axis] + spec[axis + 1 :]))
     target = jax.reshard(target, NamedSharding(mesh, batch_spec))
     if where is not None:

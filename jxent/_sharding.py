@@ -94,6 +94,22 @@ class ClassShards(NamedTuple):
 UNSHARDED = ClassShards()
 
 
+def check_class_split(size: int, mesh, class_axes: AxisNames, what: str) -> None:
+    """Raises unless the mesh axes ``class_axes`` divide ``size`` classes.
+
+    ``what`` names the split array's class axis in the message.
+    """
+    count = 1
+    for name in class_axes:
+        count *= mesh.shape[name]
+    if size % count:
+        raise ValueError(
+            f"{what} (size {size}) is split over mesh axes {class_axes} of "
+            f"{count} devices, which do not divide it: pad the classes to a "
+            "multiple and exclude the padding with `where`."
+        )
+
+
 def batch_sum(x, batch_axis_names: AxisNames):
     """Sum over batch shards (identity when the batch is not split)."""
     return lax.psum(x, batch_axis_names) if batch_axis_names else x

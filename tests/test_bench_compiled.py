@@ -6,25 +6,13 @@ and a CPU-compiled program: no TPU or GPU compiler needed.
 """
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
+from benchmark_modules import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-hlo_stats = _load("hlo_stats")
+hlo_stats = load_benchmark("hlo_stats")
 
 MiB = 2**20
 # A (1024, 1024) float32 "logits" array is 4 MiB; a row vector is 4 KiB.
@@ -209,7 +197,7 @@ def test_cpu_compiled_loop():
 
 
 def test_unknown_target_exits_2_naming_the_extra(capsys):
-    bench = _load("bench_compiled")
+    bench = load_benchmark("bench_compiled")
     assert bench.main(["--targets", "no-such-chip"]) == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "unknown target" in message
@@ -220,14 +208,14 @@ def test_unknown_target_exits_2_naming_the_extra(capsys):
     importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed"
 )
 def test_missing_compiler_exits_2_naming_the_extra(capsys):
-    bench = _load("bench_compiled")
+    bench = load_benchmark("bench_compiled")
     assert bench.main(["--targets", "tpu-v5e", "--quick"]) == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and '".[aot]"' in message
 
 
 def test_table_rows_pair_jxent_with_its_baseline():
-    bench = _load("bench_compiled")
+    bench = load_benchmark("bench_compiled")
     common = {"kind": "cross_entropy", "shape": [8, 4], "dtype": "float32"}
     common |= {"target": "tpu-v5e", "fits": True, "collective_count": 0}
     ours = common | {"program": "jxent", "temp_bytes": 0, "passes": 5.0}
@@ -294,7 +282,7 @@ def test_largest_array_looks_in_loops_fusions_and_tuples():
 def test_cpu_compiled_heads_hold_no_logits_sized_array(tmp_path):
     # The fused heads' programs hold at most a chunk of the logits; the naive
     # ones the whole (N, V) array (bench_compiled.py --heads, on the CPU).
-    bench = _load("bench_compiled")
+    bench = load_benchmark("bench_compiled")
     n, d, v = 1024, 32, 8192  # the default chunk: 512 tokens (a 16 MiB tile)
     records = []
     for kind, name, f, args, logits in bench.head_programs(n, d, v, jnp.float32):
@@ -312,7 +300,7 @@ def test_cpu_compiled_heads_hold_no_logits_sized_array(tmp_path):
 
 
 def test_needed_temporaries_of_a_program_that_does_not_fit():
-    bench = _load("bench_compiled")
+    bench = load_benchmark("bench_compiled")
     error = (
         "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
         "for HLO temporaries (19.85G) exceeds available HBM"

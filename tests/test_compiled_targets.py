@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 
 import pytest
+from benchmark_modules import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MiB = 2**20
 
 CROSS_ENTROPY_SHAPE = (2048, 32768)  # 256 MiB of float32 logits
@@ -82,16 +82,6 @@ def _require(target_name: str) -> None:
 # ------------------------------------------------ the child process's side
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_compiled", BENCHMARKS / "bench_compiled.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_compiled", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _summary(record: dict) -> dict:
     keys = ("temp_bytes", "traffic_bytes", "passes", "flops", "collectives")
     keys += ("collective_count", "max_collective_bytes", "logits_bytes")
@@ -102,7 +92,7 @@ def measure(target_names: list[str]) -> dict:
     """{target: {case: {program: figures}}} of bench_compiled's programs."""
     import jax.numpy as jnp
 
-    bench = _load_bench()
+    bench = load_benchmark("bench_compiled")
     results = {}
     for name in target_names:
         target = bench.TARGETS[name]

@@ -948,3 +948,19 @@ def test_forgotten_axis_1_is_caught_iff_a_spatial_size_differs_from_c(shape):
         assert not np.isclose(ce(x, t), ce(x, t, axis=1))
     q = jax.nn.softmax(jax.random.normal(jax.random.key(2), shape), axis=1)
     assert not np.isclose(ce(x, q), ce(x, q, axis=1))
+
+
+def test_class_split_that_does_not_divide_the_classes_names_both():
+    """The Explicit-sharding wrappers' check (cross_entropy, log_probs and
+    the LM heads share it): the size, the axes, the device count, the fix."""
+    from jax.sharding import AbstractMesh
+
+    from jxent._sharding import check_class_split
+
+    mesh = AbstractMesh((2, 4), ("data", "model"))
+    check_class_split(32, mesh, ("model",), "The vocabulary of `w`")
+    check_class_split(30, mesh, (), "The vocabulary of `w`")
+    with pytest.raises(ValueError, match=r"size 30\).*\('model',\) of 4 devices.*pad"):
+        check_class_split(30, mesh, ("model",), "The vocabulary of `w`")
+    with pytest.raises(ValueError, match="of 8 devices"):
+        check_class_split(12, mesh, ("data", "model"), "The class axis of `logits`")

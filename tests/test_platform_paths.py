@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from benchmark_modules import load_benchmark
 
 import jxent
 
@@ -92,24 +91,12 @@ def test_multi_platform_export_runs_the_cpu_path_on_the_cpu():
 
 # ------------------------------------------- compiled for a TPU and a GPU
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _bench_compiled():
-    spec = importlib.util.spec_from_file_location(
-        "bench_compiled", BENCHMARKS / "bench_compiled.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_compiled", module)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _compiled_hlo(target_name: str | None) -> str:
     """The optimized HLO of the value_and_grad program for a target."""
     if target_name is None:
         return jax.jit(_value_and_grad).lower(*_args()).compile().as_text()
-    bench = _bench_compiled()
+    bench = load_benchmark("bench_compiled")
     target = bench.TARGETS[target_name]
     devices = bench.devices(target)
     args = [(SHAPE, jnp.float32), (SHAPE[:1], jnp.int32)]

@@ -653,21 +653,22 @@ class _BlockShares:
         return self.sum(jnp.where(here, values, jnp.zeros_like(values)))
 
 
-def _head_vocab_outer_gradients(static, p: _Params, data: _Data, need: dict):
-    """The vocabulary-outer gradients for a head's "mean"/"sum" (any head).
+def _floating(a) -> bool:
+    return jnp.issubdtype(a.dtype, jnp.floating)
 
-    The forward pass (whole rows) keeps the class-axis reductions of the
-    head's tile math and their cotangents (``_Tapped``); each block's tile
-    math then forms its shares of the same reductions (``_BlockShares``),
-    whose products with those cotangents have the block's gradient.
+
+def _tapped_rows(static: _Static, p: _Params, data: _Data, outputs: int):
+    """A head's per-token outputs over whole rows, with its tapped reductions.
+
+    Token chunks of ``static.row_chunk`` whole rows. Returns the tile math's
+    two per-token outputs, the class-axis reductions it made (``_Tapped``,
+    tokens first) and, for each of the first ``outputs`` outputs, the
+    cotangents of those reductions when that output's own cotangent is 1
+    (None for a reduction that is not floating).
     """
     vocab = p.w.shape[1]
     small = _small(p)
     class_mask = _class_mask(data, static)
-    num_classes = static.shards.num_classes(vocab)
-
-    def floating(a):
-        return jnp.issubdtype(a.dtype, jnp.floating)
 
     def body(carry, tokens):
         x_c, probs_c, target_c, mask_c = tokens
@@ -676,21 +677,41 @@ def _head_vocab_outer_gradients(static, p: _Params, data: _Data, need: dict):
 
         def tile(taps):
             tapped = _Tapped(static.shards, vocab, taps)
-            loss, _ = _tile_loss(
+            out = _tile_loss(
                 logits, probs_c, target_c, mask_c, small,
                 static._replace(shards=tapped),
             )  # fmt: skip
-            return loss, tapped.values
+            return out, tapped.values
 
         _, values = tile(None)
-        taps = [jnp.zeros_like(v) if floating(v) else None for v in values]
-        loss, vjp, values = jax.vjp(tile, taps, has_aux=True)
-        (cts,) = vjp(_vary_like(jnp.ones_like(loss), loss))
-        return carry, (loss, tuple(values), tuple(cts))
+        taps = [jnp.zeros_like(v) if _floating(v) else None for v in values]
+        out, vjp, values = jax.vjp(tile, taps, has_aux=True)
+        cts = []
+        for k in range(outputs):
+            unit = tuple(
+                _vary_like(jnp.ones_like(o) if i == k else jnp.zeros_like(o), o)
+                for i, o in enumerate(out)
+            )
+            cts.append(tuple(vjp(unit)[0]))
+        return carry, (out, tuple(values), tuple(cts))
 
-    _, (loss, values, cts) = _over_chunks(
+    _, (out, values, cts) = _over_chunks(
         body, None, _token_inputs(p, data, static), static.row_chunk, static.strided
     )
+    return out, values, cts
+
+
+def _head_vocab_outer_gradients(static, p: _Params, data: _Data, need: dict):
+    """The vocabulary-outer gradients for a head's "mean"/"sum" (any head).
+
+    The forward pass (whole rows) keeps the class-axis reductions of the
+    head's tile math and their cotangents (``_Tapped``); each block's tile
+    math then forms its shares of the same reductions (``_BlockShares``),
+    whose products with those cotangents have the block's gradient.
+    """
+    small = _small(p)
+    num_classes = static.shards.num_classes(p.w.shape[1])
+    (loss, _), values, (cts,) = _tapped_rows(static, p, data, 1)
     sliced = _class_sliced(static)
     rows = (p.probs, data.target, values, cts)
 
@@ -978,10 +999,13 @@ def _per_token_loss(static: _Static, p: _Params, data: _Data):
     return _per_token_values(static, p, data)
 
 
-@functools.partial(_per_token_loss.defjvp, symbolic_zeros=True)
-def _per_token_loss_jvp(static, primals, tangents):
-    p, data = primals
-    tp, _ = tangents
+def _per_token_chunk_tangents(static: _Static, p: _Params, data: _Data, tp: _Params):
+    """Per-token outputs and their tangents, token chunk by token chunk.
+
+    Each chunk's tangents are the JVP of its tile math; reverse mode
+    (their transpose) recomputes each chunk's logits and accumulates ``dw``
+    over the chunks in float32 (a whole float32 ``dw``).
+    """
     acc = _accumulation_dtype(p)
     class_mask = _class_mask(data, static)
 
@@ -1030,6 +1054,141 @@ def _per_token_loss_jvp(static, primals, tangents):
         body, None, tokens, static.chunk_size, static.strided
     )
     return values, tangents_out
+
+
+def _per_token_blocks_eligible(static: _Static, p: _Params, need: dict) -> bool:
+    """Whether a head's per-token tangents can go class block by class block.
+
+    A head's tile math, tangents of ``x``, ``w`` and ``bias`` only, whole
+    classes on one device, tokens not split by XLA, blocks dividing V.
+    """
+    others = (name for name in _Params._fields if name not in ("x", "w", "bias"))
+    return (
+        static.head is not None
+        and not static.shards.sharded
+        and not static.strided
+        and p.w.shape[1] % static.block_classes == 0
+        and not any(need[name] for name in others)
+    )
+
+
+def _per_token_block_tangents(
+    static: _Static, p: _Params, data: _Data, tp: _Params, need: dict
+):
+    """A head's per-token outputs and tangents, in the vocabulary-outer order.
+
+    One pass over whole rows (``_tapped_rows``) gives the outputs, the tile
+    math's class-axis reductions and, per output ``o``, the cotangents
+    ``ct_ok`` of those reductions. The tangent of output ``o`` at a token is
+    then ``Σ_blocks Σ_k ct_ok · d share_k``, where ``share_k`` is a class
+    block's share of reduction ``k`` (``_BlockShares``), its tangent taken
+    through the block's recomputed logits with ``dz = dx w_j + x dw_j +
+    dbias_j``. Written as a loop over blocks (``dw``'s blocks are its
+    extensive inputs) around a loop over token chunks, each tile
+    rematerialised, its transpose (reverse mode) is the vocabulary-outer
+    gradient: each block's ``dw`` accumulated over all tokens in float32 and
+    written once, ``dx`` accumulated in float32 over the blocks. No float32
+    array of ``dw``'s size, no tile wider than a block; four matmuls, as
+    token chunks of whole rows take.
+    """
+    acc = _accumulation_dtype(p)
+    num_tokens, depth = p.x.shape
+    vocab = p.w.shape[1]
+    block = static.block_classes
+    num_blocks = vocab // block
+    small = _small(p)
+    sliced = _class_sliced(static)
+    class_mask = _class_mask(data, static)
+    out, values, cts = _tapped_rows(static, p, data, 2)
+
+    def tile(j, tokens, t_w_j, t_bias_j):
+        x_c, probs_c, target_c, mask_c, values_c, cts_c, t_x_c = tokens
+        start = j * block
+
+        def take(a):
+            return lax.dynamic_slice_in_dim(a, start, block, axis=a.ndim - 1)
+
+        w_j = take(p.w)
+        mask_j = class_mask if mask_c is None else mask_c
+        mask_j = None if mask_j is None else take(mask_j)
+        small_j = tuple(
+            take(v) if v is not None and name in sliced else v
+            for name, v in zip(_SMALL, small, strict=True)
+        )
+        logits = _tile_logits(x_c, w_j, None if p.bias is None else take(p.bias))
+        t_logits = jnp.zeros_like(logits)
+        if t_x_c is not None:
+            t_logits = t_logits + _tile_logits(t_x_c, w_j.astype(acc), None)
+        if t_w_j is not None:
+            t_logits = t_logits + _tile_logits(x_c.astype(acc), t_w_j, None)
+        if t_bias_j is not None:
+            t_logits = t_logits + t_bias_j[None, :]
+
+        def shares(z):
+            kept = _BlockShares(values_c, _VocabBlock(start), vocab)
+            _tile_loss(
+                z, probs_c, target_c, mask_j, small_j, static._replace(shards=kept)
+            )
+            return kept.shares
+
+        _, t_shares = jax.jvp(shares, (logits,), (t_logits,))
+
+        def tangent_of(cts_o):
+            total = jnp.zeros((x_c.shape[0],), acc)
+            for t_share, ct in zip(t_shares, cts_o, strict=True):
+                if ct is not None:
+                    term = t_share * ct.reshape(t_share.shape)
+                    total = total + jnp.sum(term.reshape(x_c.shape[0], -1), axis=1)
+            return total
+
+        return tuple(tangent_of(cts_o) for cts_o in cts_c)
+
+    # Each tile's logits and tile math are recomputed in reverse mode.
+    tile = jax.checkpoint(tile, prevent_cse=False)
+    # dx accumulates over the blocks in float32.
+    t_x = None if not need["x"] else _vary_like(tp.x.astype(acc), p.x)
+    row_mask = data.mask if static.row_mask else None
+    tokens = (p.x, p.probs, data.target, row_mask, values, cts, t_x)
+    t_w = None
+    if need["w"]:
+        t_w = jnp.swapaxes(tp.w.reshape(depth, num_blocks, block), 0, 1)
+    t_bias = None if not need["bias"] else tp.bias.reshape(num_blocks, block)
+
+    def over_blocks(t_out, blocks):
+        j, t_w_j, t_bias_j = blocks
+        # A block's dw accumulates over the token chunks in float32.
+        t_w_j = None if t_w_j is None else _vary_like(t_w_j.astype(acc), p.x)
+        t_bias_j = None if t_bias_j is None else _vary_like(t_bias_j.astype(acc), p.x)
+
+        def over_tokens(carry, tokens_c):
+            return carry, tile(j, tokens_c, t_w_j, t_bias_j)
+
+        _, t_block = _over_chunks(over_tokens, None, tokens, static.block_tokens)
+        return tuple(a + b for a, b in zip(t_out, t_block, strict=True)), None
+
+    zeros = _vary_like(jnp.zeros((num_tokens,), acc), p.x)
+    t_out, _ = lax.scan(
+        over_blocks, (zeros, zeros),
+        (jnp.arange(num_blocks, dtype=jnp.int32), t_w, t_bias),
+    )  # fmt: skip
+    return out, t_out
+
+
+@functools.partial(_per_token_loss.defjvp, symbolic_zeros=True)
+def _per_token_loss_jvp(static, primals, tangents):
+    p, data = primals
+    tp, _ = tangents
+    need = _needed(tp)
+    token_outer = functools.partial(_per_token_chunk_tangents, static, p, data, tp)
+    if static.vocab_outer is False or not _per_token_blocks_eligible(static, p, need):
+        return token_outer()
+    vocab_outer = functools.partial(
+        _per_token_block_tangents, static, p, data, tp, need
+    )
+    if static.vocab_outer or p.w.dtype != _accumulation_dtype(p):
+        # 16-bit w: a whole float32 dw would be twice w's size, on any platform.
+        return vocab_outer()
+    return on_cpu(token_outer, vocab_outer)
 
 
 # --- public function ------------------------------------------------------------

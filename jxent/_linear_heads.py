@@ -502,11 +502,16 @@ def linear_log_probs(
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
     if not shards.sharded:
         check_concrete_target_range(target, vocab, ignore_index)
+    row_chunk, block_tokens, block_classes = _block_sizes(
+        max(1, x[..., 0].size), x.shape[-1], vocab, chunk_size, vocab_chunk_size
+    )
     static = _Static(
         ignore_index=ignore_index, smoothing=False, with_z_loss=False,
         chunk_size=chunk, vocab_chunk_size=block, soft=False, row_mask=row_mask,
         shards=shards, batch_axes=batch_axes, head=_LogProbsHead(return_entropy),
-        strided=_partitioned_by_xla(x),
+        strided=_partitioned_by_xla(x), row_chunk=row_chunk,
+        block_tokens=block_tokens, block_classes=block_classes,
+        vocab_outer=linear_module._VOCAB_OUTER,
     )  # fmt: skip
     acc = compute_dtype(x.dtype)
     params = _Params(

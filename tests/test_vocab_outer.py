@@ -321,3 +321,166 @@ def test_distillation_bad_target_poisons_every_gradient():
     assert np.isnan(value)
     for g in grads:
         assert np.all(np.isnan(g))
+
+
+# Per-token heads (linear_log_probs, linear_distillation_loss "none"): the
+# tangents go class block by class block, so that reverse mode is the
+# vocabulary-outer gradient (jxent._linear._per_token_block_tangents). The
+# blocks must divide V: 12 classes in blocks of 4, 11 tokens in chunks of 4.
+VP = 12
+WP = RNG.normal(size=(D, VP)) * 0.8
+BIAS_P = RNG.normal(size=VP)
+TARGET_P = RNG.integers(0, VP, size=N)
+TARGET_P[[1, 8]] = -100
+CLASS_MASK_P = np.ones(VP, bool)
+CLASS_MASK_P[[2, 10]] = False
+ROW_MASK_P = np.ones((N, VP), bool)
+ROW_MASK_P[4, [0, 5, 6]] = False
+TARGET_P = np.where(np.isin(TARGET_P, [2, 10]), 1, TARGET_P)
+TARGET_P[4] = 3
+COTANGENT_LP = RNG.normal(size=N)  # per-token weights (advantages)
+COTANGENT_ENT = RNG.normal(size=N)
+
+LOG_PROB_OPTIONS = [
+    {},
+    {"temperature": 0.7, "soft_cap": 2.5},
+    {"where": CLASS_MASK_P, "temperature": 1.3},
+    {"where": ROW_MASK_P, "soft_cap": 3.0},
+]
+
+
+def _log_probs_reference(x, w, b, temperature=1.0, soft_cap=None, where=None):
+    """float64 ``log_softmax(z)[target]`` and the entropy, 0 where ignored."""
+    z = x @ w + b[None, :]
+    if soft_cap is not None:
+        z = soft_cap * jnp.tanh(z / soft_cap)
+    z = z / temperature
+    if where is not None:
+        z = jnp.where(jnp.broadcast_to(where, z.shape), z, -jnp.inf)
+    log_p = jax.nn.log_softmax(z, axis=-1)
+    safe = jnp.where(jnp.isfinite(log_p), log_p, 0.0)
+    entropy = -jnp.sum(jnp.exp(log_p) * safe, axis=-1)
+    valid = TARGET_P != -100
+    picked = jnp.take_along_axis(safe, np.maximum(TARGET_P, 0)[:, None], axis=-1)
+    return jnp.where(valid, picked[:, 0], 0.0), jnp.where(valid, entropy, 0.0)
+
+
+def _weighted(pair):
+    lp, ent = pair
+    return jnp.sum(lp * COTANGENT_LP) + jnp.sum(ent * COTANGENT_ENT)
+
+
+def _fused_log_probs(x, w, b, kw):
+    return jxent.linear_log_probs(
+        x, w, TARGET_P, bias=b, return_entropy=True, chunk_size=4,
+        vocab_chunk_size=4, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("option", range(len(LOG_PROB_OPTIONS)))
+def test_log_probs_per_token_blocks_match_float64(option):
+    """Values, and the gradients of a per-token weighted sum (what RL losses
+    take) w.r.t. x, w and bias, against the float64 definition."""
+    kw = LOG_PROB_OPTIONS[option]
+    with x64():
+        want_values = _log_probs_reference(X, WP, BIAS_P, **kw)
+        want = jax.grad(
+            lambda x, w, b: _weighted(_log_probs_reference(x, w, b, **kw)),
+            argnums=(0, 1, 2),
+        )(X, WP, BIAS_P)
+    args = tuple(jnp.asarray(a, jnp.float32) for a in (X, WP, BIAS_P))
+    values = jax.jit(lambda x, w, b: _fused_log_probs(x, w, b, kw))(*args)
+    got = jax.jit(
+        jax.grad(lambda x, w, b: _weighted(_fused_log_probs(x, w, b, kw)), (0, 1, 2))
+    )(*args)
+    for v, r in zip(values, want_values, strict=True):
+        np.testing.assert_allclose(v, r, rtol=2e-6, atol=2e-6)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
+
+
+def test_log_probs_per_token_blocks_check_grads_order_2():
+    """Forward and reverse mode to order 2 through the block tangents."""
+    with x64():
+        check_grads(
+            jax.jit(
+                lambda x, w, b: _weighted(
+                    _fused_log_probs(x, w, b, {"temperature": 0.8, "soft_cap": 3.0})
+                )
+            ),
+            (X, WP, BIAS_P), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5,
+        )  # fmt: skip
+
+
+def test_log_probs_per_token_blocks_bfloat16_against_float64(monkeypatch):
+    """16-bit inputs take the block tangents on every platform, unforced (a
+    float32 dw of the head's size would be twice w's): gradients within
+    bfloat16 rounding of the float64 definition."""
+    monkeypatch.setattr(jxent._linear, "_VOCAB_OUTER", None)
+
+    def token_outer(*args):
+        raise AssertionError("16-bit per-token tangents took the token chunks")
+
+    monkeypatch.setattr(jxent._linear, "_per_token_chunk_tangents", token_outer)
+    args = rounded = tuple(jnp.asarray(a, jnp.bfloat16) for a in (X, WP, BIAS_P))
+    with x64():
+        want = jax.grad(
+            lambda x, w, b: _weighted(_log_probs_reference(x, w, b)),
+            argnums=(0, 1, 2),
+        )(*(np.asarray(a, np.float64) for a in rounded))
+    got = jax.jit(
+        jax.grad(lambda x, w, b: _weighted(_fused_log_probs(x, w, b, {})), (0, 1, 2))
+    )(*args)
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(
+            np.asarray(g, np.float64), r, rtol=2e-2, atol=1e-2 * np.abs(r).max()
+        )
+
+
+def test_distillation_per_token_blocks_match_float64():
+    """reduction="none" (per-token divergences) with per-token cotangents."""
+
+    def per_token(x, w, b, fused):
+        if fused:
+            return jxent.linear_distillation_loss(
+                x, w, TX, TW[:, :VP], TARGET_P, bias=b, teacher_bias=TB[:VP],
+                beta=0.4, temperature=1.3, reduction="none", chunk_size=4,
+                vocab_chunk_size=4,
+            )  # fmt: skip
+        return jxent.distillation_loss(
+            x @ w + b[None, :], TX @ TW[:, :VP] + TB[None, :VP], TARGET_P,
+            beta=0.4, temperature=1.3, reduction="none",
+        )  # fmt: skip
+
+    with x64():
+        want = jax.grad(
+            lambda x, w, b: jnp.sum(per_token(x, w, b, False) * COTANGENT_LP),
+            argnums=(0, 1, 2),
+        )(X, WP, BIAS_P)
+    args = tuple(jnp.asarray(a, jnp.float32) for a in (X, WP, BIAS_P))
+    got = jax.jit(
+        jax.grad(
+            lambda x, w, b: jnp.sum(per_token(x, w, b, True) * COTANGENT_LP),
+            argnums=(0, 1, 2),
+        )
+    )(*args)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
+
+
+def test_log_probs_bad_target_poisons_every_gradient_per_token():
+    t = jnp.asarray(TARGET_P).at[6].set(VP)  # traced: NaN, not an error
+
+    def loss(x, w, t):
+        lp, ent = jxent.linear_log_probs(
+            x, w, t, return_entropy=True, chunk_size=4, vocab_chunk_size=4
+        )
+        return jnp.sum(lp * COTANGENT_LP) + jnp.sum(ent)
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
+        jnp.asarray(X, jnp.float32), jnp.asarray(WP, jnp.float32), t
+    )
+    assert np.isnan(value)
+    for g in grads:
+        assert np.any(np.isnan(g))

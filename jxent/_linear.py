@@ -1083,16 +1083,17 @@ def _per_token_block_tangents(
     then ``Σ_blocks Σ_k ct_ok · d share_k``, where ``share_k`` is a class
     block's share of reduction ``k`` (``_BlockShares``), its tangent taken
     through the block's recomputed logits with ``dz = dx w_j + x dw_j +
-    dbias_j``. Written as a loop over blocks (``dw``'s blocks are its
-    extensive inputs) around a loop over token chunks, each tile
-    rematerialised, its transpose (reverse mode) is the vocabulary-outer
-    gradient: each block's ``dw`` accumulated over all tokens in float32 and
-    written once, ``dx`` accumulated in float32 over the blocks. No float32
-    array of ``dw``'s size, no tile wider than a block; four matmuls, as
-    token chunks of whole rows take.
+    dbias_j``. Written as a loop over blocks around a loop over token
+    chunks, each tile rematerialised, its transpose (reverse mode) is the
+    vocabulary-outer gradient: each block's ``dw`` accumulated over all
+    tokens in float32 and written once (the transpose of slicing the block's
+    tangent out of ``dw``'s, an update of the block in place, which XLA
+    makes of adding it to zeros elsewhere), ``dx`` accumulated in float32
+    over the blocks. No float32 array of ``dw``'s size, no tile wider than a
+    block; four matmuls, as the token chunks' order takes.
     """
     acc = _accumulation_dtype(p)
-    num_tokens, depth = p.x.shape
+    num_tokens = p.x.shape[0]
     vocab = p.w.shape[1]
     block = static.block_classes
     num_blocks = vocab // block
@@ -1149,16 +1150,17 @@ def _per_token_block_tangents(
     t_x = None if not need["x"] else _vary_like(tp.x.astype(acc), p.x)
     row_mask = data.mask if static.row_mask else None
     tokens = (p.x, p.probs, data.target, row_mask, values, cts, t_x)
-    t_w = None
-    if need["w"]:
-        t_w = jnp.swapaxes(tp.w.reshape(depth, num_blocks, block), 0, 1)
-    t_bias = None if not need["bias"] else tp.bias.reshape(num_blocks, block)
 
-    def over_blocks(t_out, blocks):
-        j, t_w_j, t_bias_j = blocks
+    def block_of(t, j):
+        if t is None:
+            return None
         # A block's dw accumulates over the token chunks in float32.
-        t_w_j = None if t_w_j is None else _vary_like(t_w_j.astype(acc), p.x)
-        t_bias_j = None if t_bias_j is None else _vary_like(t_bias_j.astype(acc), p.x)
+        t_j = lax.dynamic_slice_in_dim(t, j * block, block, axis=t.ndim - 1)
+        return _vary_like(t_j.astype(acc), p.x)
+
+    def over_blocks(t_out, j):
+        t_w_j = block_of(tp.w if need["w"] else None, j)
+        t_bias_j = block_of(tp.bias if need["bias"] else None, j)
 
         def over_tokens(carry, tokens_c):
             return carry, tile(j, tokens_c, t_w_j, t_bias_j)
@@ -1168,9 +1170,8 @@ def _per_token_block_tangents(
 
     zeros = _vary_like(jnp.zeros((num_tokens,), acc), p.x)
     t_out, _ = lax.scan(
-        over_blocks, (zeros, zeros),
-        (jnp.arange(num_blocks, dtype=jnp.int32), t_w, t_bias),
-    )  # fmt: skip
+        over_blocks, (zeros, zeros), jnp.arange(num_blocks, dtype=jnp.int32)
+    )
     return out, t_out
 
 

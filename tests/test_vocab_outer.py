@@ -325,8 +325,8 @@ def test_distillation_bad_target_poisons_every_gradient():
 
 # Per-token heads (linear_log_probs, linear_distillation_loss "none"): the
 # tangents go class block by class block, so that reverse mode is the
-# vocabulary-outer gradient (jxent._linear._per_token_block_tangents). The
-# blocks must divide V: 12 classes in blocks of 4, 11 tokens in chunks of 4.
+# vocabulary-outer gradient (jxent._linear._per_token_block_tangents): 12
+# classes in blocks of 4 (or 5, the last one shifted), 11 tokens in chunks of 4.
 VP = 12
 WP = RNG.normal(size=(D, VP)) * 0.8
 BIAS_P = RNG.normal(size=VP)
@@ -370,15 +370,16 @@ def _weighted(pair):
     return jnp.sum(lp * COTANGENT_LP) + jnp.sum(ent * COTANGENT_ENT)
 
 
-def _fused_log_probs(x, w, b, kw):
+def _fused_log_probs(x, w, b, kw, block=4):
     return jxent.linear_log_probs(
         x, w, TARGET_P, bias=b, return_entropy=True, chunk_size=4,
-        vocab_chunk_size=4, **kw,
+        vocab_chunk_size=block, **kw,
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("block", [4, 5])
 @pytest.mark.parametrize("option", range(len(LOG_PROB_OPTIONS)))
-def test_log_probs_per_token_blocks_match_float64(option):
+def test_log_probs_per_token_blocks_match_float64(option, block):
     """Values, and the gradients of a per-token weighted sum (what RL losses
     take) w.r.t. x, w and bias, against the float64 definition."""
     kw = LOG_PROB_OPTIONS[option]
@@ -389,9 +390,11 @@ def test_log_probs_per_token_blocks_match_float64(option):
             argnums=(0, 1, 2),
         )(X, WP, BIAS_P)
     args = tuple(jnp.asarray(a, jnp.float32) for a in (X, WP, BIAS_P))
-    values = jax.jit(lambda x, w, b: _fused_log_probs(x, w, b, kw))(*args)
+    values = jax.jit(lambda x, w, b: _fused_log_probs(x, w, b, kw, block))(*args)
     got = jax.jit(
-        jax.grad(lambda x, w, b: _weighted(_fused_log_probs(x, w, b, kw)), (0, 1, 2))
+        jax.grad(
+            lambda x, w, b: _weighted(_fused_log_probs(x, w, b, kw, block)), (0, 1, 2)
+        )
     )(*args)
     for v, r in zip(values, want_values, strict=True):
         np.testing.assert_allclose(v, r, rtol=2e-6, atol=2e-6)
@@ -413,9 +416,9 @@ def test_log_probs_per_token_blocks_check_grads_order_2():
 
 
 def test_log_probs_per_token_blocks_bfloat16_against_float64(monkeypatch):
-    """16-bit inputs take the block tangents on every platform, unforced (a
-    float32 dw of the head's size would be twice w's): gradients within
-    bfloat16 rounding of the float64 definition."""
+    """Unforced, the per-token tangents go by class blocks on every platform
+    (a float32 dw of the head's size would be twice a 16-bit w): bfloat16
+    gradients within bfloat16 rounding of the float64 definition."""
     monkeypatch.setattr(jxent._linear, "_VOCAB_OUTER", None)
 
     def token_outer(*args):

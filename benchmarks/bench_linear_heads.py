@@ -9,7 +9,7 @@ memory of each program. One process; every round calls all contenders of a
 case once, in a fresh random order; medians of ``--repeats`` rounds after one
 warm-up call each. Writes ``heads_results.md``, ``heads_results.json`` and
 ``heads_time.png`` to ``--out-dir`` (default
-``benchmarks/results/<device-kind>/heads``).
+``benchmarks/results/<device-kind>``).
 
     python benchmarks/bench_linear_heads.py                      # the issue's shapes
     python benchmarks/bench_linear_heads.py --shape 2048 512 65536 --dtype float32
@@ -167,9 +167,10 @@ def write_results(rows: list[dict], out_dir: Path, meta: dict) -> None:
     for r in rows:
         lines.append(
             f"| {tuple(r['shape'])} | {r['dtype']} | {r['head']} | "
-            f"{r['fused_ms']:.4g} | {r['naive_ms']:.4g} | {r['time_ratio']:.2f} | "
+            f"{_figure(r['fused_ms'])} | {_figure(r['naive_ms'])} | "
+            f"{r['time_ratio']:.2f} | "
             f"{r['fused_spread']:.2f}, {r['naive_spread']:.2f} | "
-            f"{r['fused_temp_mib']:.4g} | {r['naive_temp_mib']:.4g} | "
+            f"{_figure(r['fused_temp_mib'])} | {_figure(r['naive_temp_mib'])} | "
             f"{r['memory_ratio']:.2f} |"
         )
     lines += ["", "Entropy with the log-probabilities, against them alone (fused):", ""]
@@ -180,6 +181,11 @@ def write_results(rows: list[dict], out_dir: Path, meta: dict) -> None:
             )
     (out_dir / "heads_results.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out_dir / "heads_time.png")
+
+
+def _figure(value: float) -> str:
+    """Whole units from 100 up, three significant digits below."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     dtypes = args.dtype or DTYPES
     repeats = 2 if args.quick else args.repeats
-    out_dir = args.out_dir or ROOT / "benchmarks" / "results" / device_slug() / "heads"
+    out_dir = args.out_dir or ROOT / "benchmarks" / "results" / device_slug()
     meta = {
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
         "date": datetime.datetime.now(datetime.UTC).isoformat(),
@@ -243,8 +249,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"{r['time_ratio']:.2f}x time, {r['memory_ratio']:.2f}x memory",
                     flush=True,
                 )
-    meta["load_end"] = round(os.getloadavg()[0], 2)
-    write_results(rows, out_dir, meta)
+            # Written after every case: a long run stopped early keeps its rows.
+            meta["load_end"] = round(os.getloadavg()[0], 2)
+            write_results(rows, out_dir, meta)
     print(f"wrote {out_dir}")
     return rows
 

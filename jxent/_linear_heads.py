@@ -408,11 +408,14 @@ def linear_log_probs(
     Positions whose target is ``ignore_index`` give 0 for both, with zero
     gradients. Tokens are processed ``chunk_size`` at a time with
     ``linear_cross_entropy``'s machinery: each chunk's float32 logits are
-    reduced to the two per-token values and dropped, and derivatives
-    recompute each chunk (reverse mode) or push the tangents through it
-    (forward mode). Differentiable w.r.t. ``x``, ``w``, ``bias``,
-    ``temperature`` and ``soft_cap``, in reverse and forward mode, to any
-    order.
+    reduced to the two per-token values and dropped. Derivatives w.r.t.
+    ``x``, ``w`` and ``bias`` go class block by class block: reverse mode
+    recomputes each block's logits chunk by chunk and accumulates that block
+    of ``dw`` over all tokens in float32 (no float32 array of ``w``'s size);
+    with derivatives w.r.t. ``temperature`` or ``soft_cap``, or classes
+    split over a mesh axis, each chunk of whole rows is recomputed instead.
+    Differentiable w.r.t. ``x``, ``w``, ``bias``, ``temperature`` and
+    ``soft_cap``, in reverse and forward mode, to any order.
 
     Args:
       x: floating array ``(..., D)`` of hidden states.
@@ -428,10 +431,9 @@ def linear_log_probs(
       return_entropy: also return the entropy.
       chunk_size: tokens per chunk; default (None) that of
         [`jxent.linear_cross_entropy`][].
-      vocab_chunk_size: accepted for symmetry with
-        [`jxent.linear_cross_entropy`][] (its ``dw`` blocks); the per-token
-        derivatives here come from each chunk's tangent map, so it has no
-        effect.
+      vocab_chunk_size: classes per block of the derivatives; default
+        (None) the most whose float32 block of ``dw`` takes 64 MiB, dividing
+        V when a multiple of 128 does (else the last block is shifted).
       class_axis_name: inside ``jax.shard_map``, the mesh axis name(s) over
         which the vocabulary is split (``w``, ``bias`` and ``where`` are this
         device's contiguous slice, targets are global indices). Only O(N)
@@ -621,9 +623,11 @@ def linear_distillation_loss(
     when there are none). The teacher may have its own hidden size. Tokens
     are processed ``chunk_size`` at a time with ``linear_cross_entropy``'s
     machinery: for ``"mean"``/``"sum"`` the gradients are computed with the
-    loss in one pass over the chunks, for ``"none"`` each chunk is recomputed
-    in the backward pass. Gradients w.r.t. every floating input (``x``,
-    ``w``, ``bias``, ``teacher_x``, ``teacher_w``, ``teacher_bias``,
+    loss in one pass over the chunks (off the CPU in class blocks), for
+    ``"none"`` each block of classes is recomputed chunk by chunk in the
+    backward pass (as for [`jxent.linear_log_probs`][]). Gradients w.r.t.
+    every floating input (``x``, ``w``, ``bias``, ``teacher_x``,
+    ``teacher_w``, ``teacher_bias``,
     ``temperature`` and ``beta``), in reverse and forward mode; wrap the
     teacher's inputs in ``jax.lax.stop_gradient`` (or do not differentiate
     w.r.t. them) to keep it fixed. The teacher's head stays in its dtype

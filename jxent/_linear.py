@@ -1101,7 +1101,13 @@ def _per_token_block_tangents(
     small = _small(p)
     sliced = _class_sliced(static)
     class_mask = _class_mask(data, static)
-    out, values, cts = _tapped_rows(static, p, data, 2)
+    # Tiles of at most the heads' token chunk (sized for their tile math).
+    chunk = min(static.block_tokens, static.chunk_size)
+    rows = static._replace(row_chunk=min(static.row_chunk, static.chunk_size))
+    # A head whose second output is identically zero (log-probabilities
+    # without the entropy, the divergences) differentiates its first only.
+    outputs = 2 if getattr(static.head, "with_entropy", False) else 1
+    out, values, cts = _tapped_rows(rows, p, data, outputs)
 
     def block_start(j):
         return jnp.minimum(j * block, vocab - block)
@@ -1174,14 +1180,14 @@ def _per_token_block_tangents(
         def over_tokens(carry, tokens_c):
             return carry, tile(j, tokens_c, t_w_j, t_bias_j)
 
-        _, t_block = _over_chunks(over_tokens, None, tokens, static.block_tokens)
+        _, t_block = _over_chunks(over_tokens, None, tokens, chunk)
         return tuple(a + b for a, b in zip(t_out, t_block, strict=True)), None
 
     zeros = _vary_like(jnp.zeros((num_tokens,), acc), p.x)
     t_out, _ = lax.scan(
-        over_blocks, (zeros, zeros), jnp.arange(num_blocks, dtype=jnp.int32)
+        over_blocks, (zeros,) * outputs, jnp.arange(num_blocks, dtype=jnp.int32)
     )
-    return out, t_out
+    return out, (*t_out, *(jnp.zeros_like(zeros),) * (2 - outputs))
 
 
 @functools.partial(_per_token_loss.defjvp, symbolic_zeros=True)

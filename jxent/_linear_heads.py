@@ -505,8 +505,9 @@ def linear_log_probs(
     if not shards.sharded:
         check_concrete_target_range(target, vocab, ignore_index)
     row_chunk, block_tokens, block_classes = _block_sizes(
-        max(1, x[..., 0].size), x.shape[-1], vocab, chunk_size, vocab_chunk_size
-    )
+        max(1, x[..., 0].size), x.shape[-1], vocab, chunk_size, vocab_chunk_size,
+        per_token=True,
+    )  # fmt: skip
     static = _Static(
         ignore_index=ignore_index, smoothing=False, with_z_loss=False,
         chunk_size=chunk, vocab_chunk_size=block, soft=False, row_mask=row_mask,
@@ -739,8 +740,9 @@ def linear_distillation_loss(
         )  # fmt: skip
     chunk, block = head_chunks(x, vocab, chunk_size, vocab_chunk_size, where=True)
     row_chunk, block_tokens, block_classes = _block_sizes(
-        max(1, x[..., 0].size), x.shape[-1], vocab, chunk_size, vocab_chunk_size
-    )
+        max(1, x[..., 0].size), x.shape[-1], vocab, chunk_size, vocab_chunk_size,
+        per_token=reduction == "none",
+    )  # fmt: skip
     static = _Static(
         ignore_index=ignore_index, smoothing=False, with_z_loss=False,
         chunk_size=chunk, vocab_chunk_size=block, soft=False, row_mask=False,

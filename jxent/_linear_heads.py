@@ -429,11 +429,13 @@ def linear_log_probs(
         excludes a class. A target on an excluded class gives NaN.
       ignore_index: target value whose positions give 0.
       return_entropy: also return the entropy.
-      chunk_size: tokens per chunk; default (None) that of
-        [`jxent.linear_cross_entropy`][].
+      chunk_size: tokens per chunk of whole rows; given, also the tokens
+        per tile of the derivatives' class blocks. Default (None): that of
+        [`jxent.linear_cross_entropy`][], and tiles of 32 MiB in float32
+        (1024 tokens of an 8192-class block).
       vocab_chunk_size: classes per block of the derivatives; default
-        (None) the most whose float32 block of ``dw`` takes 64 MiB, dividing
-        V when a multiple of 128 does (else the last block is shifted).
+        (None) 8192 (at most V), or a multiple of 128 between 4096 and 8192
+        that divides V (else the last block is shifted).
       class_axis_name: inside ``jax.shard_map``, the mesh axis name(s) over
         which the vocabulary is split (``w``, ``bias`` and ``where`` are this
         device's contiguous slice, targets are global indices). Only O(N)
@@ -653,7 +655,9 @@ def linear_distillation_loss(
       chunk_size: tokens per chunk; default (None) that of
         [`jxent.linear_cross_entropy`][] with room for two logits tiles.
       vocab_chunk_size: classes per block of the student's ``dw`` update (as
-        in [`jxent.linear_cross_entropy`][]).
+        in [`jxent.linear_cross_entropy`][]); with ``reduction="none"``, of
+        the derivatives' class blocks (default 8192, as in
+        [`jxent.linear_log_probs`][]).
       class_axis_name: inside ``jax.shard_map``, the mesh axis name(s) over
         which the vocabulary is split: ``w``, ``bias``, ``teacher_w`` and
         ``teacher_bias`` are this device's slice. Only O(N) values (and the

@@ -423,11 +423,12 @@ BUDGET_SHAPE = (2048, 1024, 131072)
 def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
     """XLA's temporaries of value_and_grad w.r.t. x and w (compiled, not run)
     at (N, D, V) = (2048, 1024, 131072) stay within linear_cross_entropy's
-    budget, 1.5 x (dx + dw in float32) + 64 MiB. Measured 0.19, 0.82, 0.54,
+    budget, 1.5 x (dx + dw in float32) + 64 MiB. Measured 0.19, 0.22, 0.54,
     0.63 and 0.86 of it (before: 1.06, 1.98, 0.69, 1.85, 2.00: whole-vocabulary
     dw products per chunk; for bfloat16 log-probabilities a float32 dw and a
     float32 copy of w, now class blocks of dw accumulated in float32; a
-    float32 copy of a 16-bit teacher head; one float32 dw)."""
+    float32 copy of a 16-bit teacher head; one float32 dw). The
+    log-probabilities hold no float32 copy of w (0.82 with one)."""
     n, d, v = BUDGET_SHAPE
     x = jax.ShapeDtypeStruct((n, d), dtype)
     w = jax.ShapeDtypeStruct((d, v), dtype)
@@ -449,4 +450,5 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
     program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     memory = program.lower(x, w, t, tx, tw).compile().memory_analysis()
     budget = 1.5 * 4 * (n * d + d * v) + 64 * 2**20
-    assert memory.temp_size_in_bytes <= budget, memory.temp_size_in_bytes / budget
+    limit = 0.3 * budget if head == "log_probs" else budget
+    assert memory.temp_size_in_bytes <= limit, memory.temp_size_in_bytes / budget

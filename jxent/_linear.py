@@ -1346,9 +1346,10 @@ def _block_sizes(
     most (powers of two) whose float32 tiles and dw block fit their budgets,
     with blocks of ``_PER_TOKEN_BLOCK_CLASSES`` for the ``per_token`` heads.
     """
-    most = _power_of_two_at_most(_BLOCK_DW_BYTES // (4 * depth))
     if per_token:
         most = _PER_TOKEN_BLOCK_CLASSES
+    else:
+        most = _power_of_two_at_most(_BLOCK_DW_BYTES // (4 * depth))
     classes = vocab_chunk or _even_block(vocab, most)
     classes = max(1, min(classes, vocab))
     rows = chunk or _power_of_two_at_most(_BLOCK_TILE_BYTES // (4 * vocab))

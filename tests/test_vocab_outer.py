@@ -377,9 +377,8 @@ def _fused_log_probs(x, w, b, kw, block=4):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("option", "block"), [(0, 4), (1, 4), (2, 4), (3, 4), (0, 5), (3, 5)]
-)
+@pytest.mark.parametrize("block", [4, 5])
+@pytest.mark.parametrize("option", range(len(LOG_PROB_OPTIONS)))
 def test_log_probs_per_token_blocks_match_float64(option, block):
     """Values, and the gradients of a per-token weighted sum (what RL losses
     take) w.r.t. x, w and bias, against the float64 definition."""
@@ -408,11 +407,11 @@ def test_log_probs_per_token_blocks_check_grads_order_2():
     with x64():
         check_grads(
             jax.jit(
-                lambda x, w: _weighted(
-                    _fused_log_probs(x, w, BIAS_P, {"temperature": 0.8, "soft_cap": 3})
+                lambda x, w, b: _weighted(
+                    _fused_log_probs(x, w, b, {"temperature": 0.8, "soft_cap": 3.0})
                 )
             ),
-            (X, WP), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5,
+            (X, WP, BIAS_P), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5,
         )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from jxent._classification import _as_int_target
 from jxent._kernels import _partitioned_by_xla, capped_logits, compute_dtype
 from jxent._linear import (
     _block_sizes,
+    _class_block,
     _class_mask_for_tokens,
     _Data,
     _default_chunk_size,
@@ -139,7 +140,7 @@ def _tile_argmax(x_c, w, bias, mask_c, soft_cap, block: int):
     vocab = w.shape[1]
 
     def block_max(start):
-        w_b = lax.dynamic_slice_in_dim(w, start, block, axis=1)
+        w_b = _class_block(w, start, block)
         b_b = None if bias is None else lax.dynamic_slice_in_dim(bias, start, block)
         logits = capped_logits(_tile_logits(x_c, w_b, b_b), soft_cap)
         if mask_c is not None:

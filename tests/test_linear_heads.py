@@ -106,6 +106,21 @@ def test_float64_and_vmap_and_jit():
     np.testing.assert_array_equal(jitted(X, W, 2.0), reference_argmax(X, W, None, 2.0))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_holds_no_float32_copy_of_w(dtype):
+    """Compiled for the CPU (not run) at (N, D, V) = (1024, 512, 65536): the
+    temporaries are a tile's, not a float32 copy of w (128 MiB). Measured
+    (at (2048, 1024, 131072)): 21 and 28.5 MiB; for bfloat16 540 MiB before
+    w's blocks were sliced behind a barrier (XLA's CPU backend had hoisted the
+    float32 conversion of the whole w out of the loop over blocks)."""
+    n, d, v = 1024, 512, 65536
+    x = jax.ShapeDtypeStruct((n, d), dtype)
+    w = jax.ShapeDtypeStruct((d, v), dtype)
+    program = jax.jit(jxent.linear_argmax).lower(x, w).compile()
+    temporaries = program.memory_analysis().temp_size_in_bytes
+    assert temporaries <= 0.25 * 4 * d * v, temporaries / 2**20
+
+
 def test_bad_input():
     with pytest.raises(TypeError, match="`x`"):
         jxent.linear_argmax(X.astype(np.int32), W)

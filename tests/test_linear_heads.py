@@ -433,6 +433,7 @@ BUDGET_SHAPE = (2048, 1024, 131072)
         ("distillation", jnp.float32),
         ("distillation", jnp.bfloat16),
         ("jsd", jnp.bfloat16),
+        ("distillation_none", jnp.bfloat16),
     ],
 )
 def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
@@ -443,7 +444,9 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
     dw products per chunk; for bfloat16 log-probabilities a float32 dw and a
     float32 copy of w, now class blocks of dw accumulated in float32; a
     float32 copy of a 16-bit teacher head; one float32 dw). The
-    log-probabilities hold no float32 copy of w (0.82 with one)."""
+    log-probabilities hold no float32 copy of w (0.82 with one), nor does
+    the per-token divergence (``reduction="none"``, class blocks) of the
+    teacher's w: 0.35 of the budget, 0.96 with that copy."""
     n, d, v = BUDGET_SHAPE
     x = jax.ShapeDtypeStruct((n, d), dtype)
     w = jax.ShapeDtypeStruct((d, v), dtype)
@@ -459,11 +462,17 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
     else:
         beta = 0.5 if head == "jsd" else 0.0
 
+        reduction = "none" if head == "distillation_none" else "mean"
+
         def loss(x, w, t, tx, tw):
-            return jxent.linear_distillation_loss(x, w, tx, tw, t, beta=beta)
+            return jnp.sum(
+                jxent.linear_distillation_loss(
+                    x, w, tx, tw, t, beta=beta, reduction=reduction
+                )
+            )
 
     program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     memory = program.lower(x, w, t, tx, tw).compile().memory_analysis()
     budget = 1.5 * 4 * (n * d + d * v) + 64 * 2**20
-    limit = 0.3 * budget if head == "log_probs" else budget
+    limit = {"log_probs": 0.3, "distillation_none": 0.5}.get(head, 1.0) * budget
     assert memory.temp_size_in_bytes <= limit, memory.temp_size_in_bytes / budget

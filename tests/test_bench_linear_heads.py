@@ -15,6 +15,9 @@ def test_quick_run_writes_results(tmp_path):
         assert r["fused_ms"] > 0 and r["naive_ms"] > 0
         assert abs(r["time_ratio"] - r["fused_ms"] / r["naive_ms"]) < 1e-9
     assert "entropy_over_alone" in rows[1]
+    assert rows[1]["entropy_over_alone_paired"] > 0
+    # The paired ratio is the median of per-round ratios.
+    assert bench._paired([2.0, 3.0, 8.0], [1.0, 2.0, 2.0]) == 2.0
     saved = json.loads((tmp_path / "heads_results.json").read_text())
     assert saved["rows"] == rows
     table = (tmp_path / "heads_results.md").read_text()

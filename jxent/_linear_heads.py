@@ -141,11 +141,10 @@ def _tile_argmax(x_c, w, bias, mask_c, soft_cap, block: int):
 
     def block_max(start):
         w_b = _class_block(w, start, block)
-        b_b = None if bias is None else lax.dynamic_slice_in_dim(bias, start, block)
+        b_b = None if bias is None else _class_block(bias, start, block)
         logits = capped_logits(_tile_logits(x_c, w_b, b_b), soft_cap)
         if mask_c is not None:
-            m_b = lax.dynamic_slice_in_dim(mask_c, start, block, axis=1)
-            logits = jnp.where(m_b, logits, -jnp.inf)
+            logits = jnp.where(_class_block(mask_c, start, block), logits, -jnp.inf)
         return _first_max(logits, start)
 
     best = block_max(0)

@@ -1043,10 +1043,16 @@ def _per_token_chunk_tangents(static: _Static, p: _Params, data: _Data, tp: _Par
             t_logits = t_logits + t_bias[None, :]
         if probs_c is not None and t_probs_c is None:
             t_probs_c = jnp.zeros_like(probs_c)
+        # In the options' own dtypes (a 16-bit teacher's w), cast here: their
+        # cotangents still accumulate over the chunks in float32.
+        t_small_c = tuple(
+            t if v is None else t.astype(v.dtype)
+            for v, t in zip(small, t_small, strict=True)
+        )
         return jax.jvp(
             lambda z, q, s: _tile_loss(z, q, target_c, mask_c, s, static),
             (logits, probs_c, small),
-            (t_logits, t_probs_c, t_small),
+            (t_logits, t_probs_c, t_small_c),
         )
 
     # Reverse mode recomputes each chunk's logits instead of saving them.

@@ -455,6 +455,7 @@ BUDGET_SHAPE = (2048, 1024, 131072)
     [
         ("log_probs", jnp.float32),
         ("log_probs", jnp.bfloat16),
+        ("log_probs_alone", jnp.bfloat16),
         ("distillation", jnp.float32),
         ("distillation", jnp.bfloat16),
         ("jsd", jnp.bfloat16),
@@ -471,7 +472,9 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
     float32 copy of a 16-bit teacher head; one float32 dw). The
     log-probabilities hold no float32 copy of w (0.82 with one), nor does
     the per-token divergence (``reduction="none"``, class blocks) of the
-    teacher's w: 0.35 of the budget, 0.96 with that copy."""
+    teacher's w: 0.35 of the budget, 0.96 with that copy. The 16-bit
+    per-token heads stack the blocks of dw's cotangent on the CPU: 0.48 and
+    0.62 (0.20 and 0.35 unstacked)."""
     n, d, v = BUDGET_SHAPE
     x = jax.ShapeDtypeStruct((n, d), dtype)
     w = jax.ShapeDtypeStruct((d, v), dtype)
@@ -483,6 +486,11 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
         def loss(x, w, t, tx, tw):
             lp, ent = jxent.linear_log_probs(x, w, t, return_entropy=True)
             return jnp.sum(lp) + 0.01 * jnp.sum(ent)
+
+    elif head == "log_probs_alone":
+
+        def loss(x, w, t, tx, tw):
+            return jnp.sum(jxent.linear_log_probs(x, w, t))
 
     else:
         beta = 0.5 if head == "jsd" else 0.0
@@ -500,4 +508,9 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
     memory = program.lower(x, w, t, tx, tw).compile().memory_analysis()
     budget = 1.5 * 4 * (n * d + d * v) + 64 * 2**20
     limit = {"log_probs": 0.3, "distillation_none": 0.5}.get(head, 1.0) * budget
+    if head != "distillation" and head != "jsd" and dtype == jnp.bfloat16:
+        # The per-token heads stack the blocks of a 16-bit dw's cotangent on
+        # the CPU (jxent._linear, _per_token_block_tangents): dw's size more,
+        # for 0.6 of the time.
+        limit = limit + 2 * d * v
     assert memory.temp_size_in_bytes <= limit, memory.temp_size_in_bytes / budget

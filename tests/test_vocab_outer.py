@@ -366,34 +366,45 @@ def _log_probs_reference(x, w, b, temperature=1.0, soft_cap=None, where=None):
 
 
 def _weighted(pair):
+    if not isinstance(pair, tuple):  # the log-probabilities alone
+        return jnp.sum(pair * COTANGENT_LP)
     lp, ent = pair
     return jnp.sum(lp * COTANGENT_LP) + jnp.sum(ent * COTANGENT_ENT)
 
 
-def _fused_log_probs(x, w, b, kw, block=4):
+def _fused_log_probs(x, w, b, kw, block=4, entropy=True):
     return jxent.linear_log_probs(
-        x, w, TARGET_P, bias=b, return_entropy=True, chunk_size=4,
+        x, w, TARGET_P, bias=b, return_entropy=entropy, chunk_size=4,
         vocab_chunk_size=block, **kw,
     )  # fmt: skip
 
 
+def _reference_log_probs(x, w, b, entropy=True, **kw):
+    pair = _log_probs_reference(x, w, b, **kw)
+    return pair if entropy else pair[0]
+
+
+# The log-probabilities alone take their own tangent for dx (through a primal
+# matmul, jxent._linear._one_output_tangent); with the entropy, the tangents'.
+@pytest.mark.parametrize("entropy", [True, False])
 @pytest.mark.parametrize("block", [4, 5])
 @pytest.mark.parametrize("option", range(len(LOG_PROB_OPTIONS)))
-def test_log_probs_per_token_blocks_match_float64(option, block):
+def test_log_probs_per_token_blocks_match_float64(option, block, entropy):
     """Values, and the gradients of a per-token weighted sum (what RL losses
     take) w.r.t. x, w and bias, against the float64 definition."""
     kw = LOG_PROB_OPTIONS[option]
     with x64():
         want_values = _log_probs_reference(X, WP, BIAS_P, **kw)
         want = jax.grad(
-            lambda x, w, b: _weighted(_log_probs_reference(x, w, b, **kw)),
+            lambda x, w, b: _weighted(_reference_log_probs(x, w, b, entropy, **kw)),
             argnums=(0, 1, 2),
         )(X, WP, BIAS_P)
     args = tuple(jnp.asarray(a, jnp.float32) for a in (X, WP, BIAS_P))
     values = jax.jit(lambda x, w, b: _fused_log_probs(x, w, b, kw, block))(*args)
     got = jax.jit(
         jax.grad(
-            lambda x, w, b: _weighted(_fused_log_probs(x, w, b, kw, block)), (0, 1, 2)
+            lambda x, w, b: _weighted(_fused_log_probs(x, w, b, kw, block, entropy)),
+            (0, 1, 2),
         )
     )(*args)
     for v, r in zip(values, want_values, strict=True):
@@ -402,20 +413,21 @@ def test_log_probs_per_token_blocks_match_float64(option, block):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
 
 
-def test_log_probs_per_token_blocks_check_grads_order_2():
+@pytest.mark.parametrize("entropy", [True, False])
+def test_log_probs_per_token_blocks_check_grads_order_2(entropy):
     """Forward and reverse mode to order 2 through the block tangents."""
+    kw = {"temperature": 0.8, "soft_cap": 3.0}
     with x64():
         check_grads(
             jax.jit(
-                lambda x, w, b: _weighted(
-                    _fused_log_probs(x, w, b, {"temperature": 0.8, "soft_cap": 3.0})
-                )
+                lambda x, w, b: _weighted(_fused_log_probs(x, w, b, kw, 4, entropy))
             ),
             (X, WP, BIAS_P), order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5,
         )  # fmt: skip
 
 
-def test_log_probs_per_token_blocks_bfloat16_against_float64(monkeypatch):
+@pytest.mark.parametrize("entropy", [True, False])
+def test_log_probs_per_token_blocks_bfloat16_against_float64(monkeypatch, entropy):
     """Unforced, the per-token tangents go by class blocks on every platform
     (a float32 dw of the head's size would be twice a 16-bit w): bfloat16
     gradients within bfloat16 rounding of the float64 definition."""
@@ -428,17 +440,37 @@ def test_log_probs_per_token_blocks_bfloat16_against_float64(monkeypatch):
     args = rounded = tuple(jnp.asarray(a, jnp.bfloat16) for a in (X, WP, BIAS_P))
     with x64():
         want = jax.grad(
-            lambda x, w, b: _weighted(_log_probs_reference(x, w, b)),
+            lambda x, w, b: _weighted(_reference_log_probs(x, w, b, entropy)),
             argnums=(0, 1, 2),
         )(*(np.asarray(a, np.float64) for a in rounded))
     got = jax.jit(
-        jax.grad(lambda x, w, b: _weighted(_fused_log_probs(x, w, b, {})), (0, 1, 2))
+        jax.grad(
+            lambda x, w, b: _weighted(_fused_log_probs(x, w, b, {}, 4, entropy)),
+            (0, 1, 2),
+        )
     )(*args)
     for g, r in zip(got, want, strict=True):
         assert g.dtype == jnp.bfloat16
         np.testing.assert_allclose(
             np.asarray(g, np.float64), r, rtol=2e-2, atol=1e-2 * np.abs(r).max()
         )
+    # Forward mode, every input's tangent at once (on the CPU the blocks of a
+    # 16-bit w's tangent are scanned over, stacked).
+    tangents = tuple(
+        jnp.asarray(RNG.normal(size=a.shape), jnp.bfloat16) for a in rounded
+    )
+    with x64():
+        _, want_t = jax.jvp(
+            lambda x, w, b: _weighted(_reference_log_probs(x, w, b, entropy)),
+            tuple(np.asarray(a, np.float64) for a in rounded),
+            tuple(np.asarray(t, np.float64) for t in tangents),
+        )
+    _, got_t = jax.jit(
+        lambda a, t: jax.jvp(
+            lambda x, w, b: _weighted(_fused_log_probs(x, w, b, {}, 4, entropy)), a, t
+        )
+    )(args, tangents)
+    np.testing.assert_allclose(float(got_t), float(want_t), rtol=2e-2)
 
 
 def test_distillation_per_token_blocks_match_float64():
@@ -472,13 +504,15 @@ def test_distillation_per_token_blocks_match_float64():
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
 
 
-def test_log_probs_bad_target_poisons_every_gradient_per_token():
+@pytest.mark.parametrize("entropy", [True, False])
+def test_log_probs_bad_target_poisons_every_gradient_per_token(entropy):
     t = jnp.asarray(TARGET_P).at[6].set(VP)  # traced: NaN, not an error
 
     def loss(x, w, t):
-        lp, ent = jxent.linear_log_probs(
-            x, w, t, return_entropy=True, chunk_size=4, vocab_chunk_size=4
+        out = jxent.linear_log_probs(
+            x, w, t, return_entropy=entropy, chunk_size=4, vocab_chunk_size=4
         )
+        lp, ent = out if entropy else (out, 0.0)
         return jnp.sum(lp * COTANGENT_LP) + jnp.sum(ent)
 
     value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(

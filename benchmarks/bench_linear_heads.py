@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import random
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from bench_cross_entropy import cpu_model, device_slug
 
 import jxent
 
@@ -42,12 +42,6 @@ DTYPES = ("float32", "bfloat16")
 TEMPERATURE = 0.9
 ENTROPY_COEF = 0.01
 HEADS = ("linear_log_probs", "linear_log_probs + entropy", "linear_distillation_loss")
-
-
-def device_slug() -> str:
-    """A directory-safe name for JAX's default device kind, e.g. ``cpu``."""
-    kind = jax.devices()[0].device_kind.lower()
-    return re.sub(r"[^a-z0-9]+", "-", kind).strip("-") or jax.default_backend()
 
 
 def _logits(x, w):
@@ -166,7 +160,8 @@ def write_results(rows: list[dict], out_dir: Path, meta: dict) -> None:
     lines = [
         f"# LM-head heads, value_and_grad — {meta['device']}",
         "",
-        f"- date {meta['date']}; jax {meta['jax']}; load average at start "
+        f"- {meta.get('cpu', 'CPU not recorded')}; date {meta['date']}; jax "
+        f"{meta['jax']}; load average at start "
         f"{meta['load_start']}, at end {meta['load_end']}",
         f"- median of {meta['repeats']} rounds, contenders interleaved in a "
         "random order per round, after one warm-up call each; spread = "
@@ -255,6 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out_dir = args.out_dir or ROOT / "benchmarks" / "results" / device_slug()
     meta = {
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+        "cpu": cpu_model(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(),
         "jax": jax.__version__,
         "repeats": repeats,

@@ -13,6 +13,9 @@ def load_benchmark(name: str):
     """``benchmarks/<name>.py`` imported once, as module ``name``."""
     if name in sys.modules:
         return sys.modules[name]
+    # As when run as a script: the scripts import each other.
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -1103,8 +1103,8 @@ def _class_block(a: jax.Array, start: jax.Array, block: int) -> jax.Array:
     return lax.dynamic_slice_in_dim(a, start, block, axis=a.ndim - 1)
 
 
-def _one_output_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
-    """A one-output head's tangent over a class block, ``dx`` through a primal.
+def _primal_dx_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
+    """An output's tangent over a class block, ``dx`` through a primal matmul.
 
     With ``c = d out / d z`` over the block (the gradient of ``Σ_k <ct_k,
     share_k>``), the tangent is ``Σ_v c_v (dx · w_v) + Σ_v c_v dz_v`` (``dz``
@@ -1115,7 +1115,9 @@ def _one_output_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
     cotangent times ``a``, and for 16-bit ``w`` the matmul has 16-bit
     operands (XLA's CPU backend runs those 2-3x faster than float32 where
     the chip has bfloat16 matrix units) instead of the transpose of the
-    tangent's float32 ``dx w_j``.
+    tangent's float32 ``dx w_j``. A head with one output takes it on every
+    platform (one matmul either way); with two (the entropy), a 16-bit
+    ``w`` takes it on the CPU (two 16-bit matmuls for one float32 one).
     """
 
     def weighted(z):
@@ -1180,7 +1182,7 @@ def _per_token_block_tangents(
     def block_start(j):
         return jnp.minimum(j * block, vocab - block)
 
-    def tile(j, tokens, t_w_j, t_bias_j):
+    def tile(j, tokens, t_w_j, t_bias_j, primal_dx: bool):
         x_c, probs_c, target_c, mask_c, values_c, cts_c, t_x_c = tokens
         start = block_start(j)
 
@@ -1223,11 +1225,12 @@ def _per_token_block_tangents(
             t_logits = functools.reduce(jnp.add, terms)
             return t_logits if fresh is None else jnp.where(fresh, t_logits, 0.0)
 
-        if len(cts_c) == 1 and t_x_c is not None:
-            tangent = _one_output_tangent(
-                shares, logits, cts_c[0], fresh, w_j, t_x_c, logits_tangent(None)
+        if t_x_c is not None and (primal_dx or len(cts_c) == 1):
+            t_logits = logits_tangent(None)
+            return tuple(
+                _primal_dx_tangent(shares, logits, cts_o, fresh, w_j, t_x_c, t_logits)
+                for cts_o in cts_c
             )
-            return (tangent,)
         t_logits = logits_tangent(t_x_c)
         t_logits = jnp.zeros_like(logits) if t_logits is None else t_logits
         _, t_shares = jax.jvp(shares, (logits,), (t_logits,))
@@ -1243,7 +1246,7 @@ def _per_token_block_tangents(
         return tuple(tangent_of(cts_o) for cts_o in cts_c)
 
     # Each tile's logits and tile math are recomputed in reverse mode.
-    tile = jax.checkpoint(tile, prevent_cse=False)
+    tile = jax.checkpoint(tile, prevent_cse=False, static_argnums=(4,))
     # dx accumulates over the blocks in float32.
     t_x = None if not need["x"] else _vary_like(tp.x.astype(acc), p.x)
     row_mask = data.mask if static.row_mask else None
@@ -1278,29 +1281,36 @@ def _per_token_block_tangents(
     t_w = tp.w if need["w"] else None
     t_bias = tp.bias if need["bias"] else None
 
-    def over_blocks(t_out, xs):
+    def over_blocks(t_out, xs, primal_dx: bool):
         j, t_w_stacked, t_bias_stacked = xs
         t_w_j = block_of(t_w, t_w_stacked, j)
         t_bias_j = block_of(t_bias, t_bias_stacked, j)
 
         def over_tokens(carry, tokens_c):
-            return carry, tile(j, tokens_c, t_w_j, t_bias_j)
+            return carry, tile(j, tokens_c, t_w_j, t_bias_j, primal_dx)
 
         _, t_block = _over_chunks(over_tokens, None, tokens, chunk)
         return tuple(a + b for a, b in zip(t_out, t_block, strict=True)), None
 
     zeros = _vary_like(jnp.zeros((num_tokens,), acc), p.x)
 
-    def over_all_blocks(stacked: bool):
+    def over_all_blocks(stacked: bool, primal_dx: bool):
         xs = (jnp.arange(num_blocks, dtype=jnp.int32),
               blocks_of(t_w, stacked), blocks_of(t_bias, stacked))  # fmt: skip
-        return lax.scan(over_blocks, (zeros,) * outputs, xs)[0]
+        body = functools.partial(over_blocks, primal_dx=primal_dx)
+        return lax.scan(body, (zeros,) * outputs, xs)[0]
 
-    sixteen_bit = jnp.finfo(p.w.dtype).bits == 16
-    if sixteen_bit and not vocab % block and (need["w"] or need["bias"]):
-        t_out = on_cpu(lambda: over_all_blocks(True), lambda: over_all_blocks(False))
+    if jnp.finfo(p.w.dtype).bits == 16:
+        # On the CPU, stacked blocks, and every output's dx through a primal
+        # matmul with 16-bit operands (with the entropy, two of them: faster
+        # there than the transpose's one float32 matmul).
+        stacked = not vocab % block and (need["w"] or need["bias"])
+        t_out = on_cpu(
+            lambda: over_all_blocks(stacked, True),
+            lambda: over_all_blocks(False, False),
+        )
     else:
-        t_out = over_all_blocks(False)
+        t_out = over_all_blocks(False, False)
     return out, (*t_out, *(jnp.zeros_like(zeros),) * (2 - outputs))
 
 

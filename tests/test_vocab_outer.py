@@ -384,8 +384,9 @@ def _reference_log_probs(x, w, b, entropy=True, **kw):
     return pair if entropy else pair[0]
 
 
-# The log-probabilities alone take their own tangent for dx (through a primal
-# matmul, jxent._linear._one_output_tangent); with the entropy, the tangents'.
+# The log-probabilities alone form their dx through a primal matmul
+# (jxent._linear._primal_dx_tangent); with the entropy, in float32, through
+# the tangents' transpose (bfloat16 on the CPU: the primal matmuls again).
 @pytest.mark.parametrize("entropy", [True, False])
 @pytest.mark.parametrize("block", [4, 5])
 @pytest.mark.parametrize("option", range(len(LOG_PROB_OPTIONS)))

@@ -334,7 +334,7 @@ def test_linear_distillation_matches_float64_reference(reduction):
                 np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5, err_msg=str(i))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["none"])
 def test_linear_distillation_bfloat16_gradients_of_every_input(reduction):
     """bfloat16 student and teacher, every input differentiated (the per-token
     path then takes the token chunks with the teacher's w as an option):

@@ -387,9 +387,11 @@ def _reference_log_probs(x, w, b, entropy=True, **kw):
 # The log-probabilities alone form their dx through a primal matmul
 # (jxent._linear._primal_dx_tangent); with the entropy, in float32, through
 # the tangents' transpose (bfloat16 on the CPU: the primal matmuls again).
-@pytest.mark.parametrize("entropy", [True, False])
-@pytest.mark.parametrize("block", [4, 5])
-@pytest.mark.parametrize("option", range(len(LOG_PROB_OPTIONS)))
+@pytest.mark.parametrize(
+    ("option", "block", "entropy"),
+    [(o, b, True) for o in range(len(LOG_PROB_OPTIONS)) for b in (4, 5)]
+    + [(o, 5, False) for o in range(len(LOG_PROB_OPTIONS))],
+)
 def test_log_probs_per_token_blocks_match_float64(option, block, entropy):
     """Values, and the gradients of a per-token weighted sum (what RL losses
     take) w.r.t. x, w and bias, against the float64 definition."""

@@ -87,7 +87,7 @@ def _option_names(options):
 @pytest.mark.parametrize("option_set", list(OPTION_SETS))
 @pytest.mark.parametrize("kind", ["int", "prob"])
 def test_cross_entropy_check_grads_fwd_rev_order2(kind, option_set):
-    """Both layouts and all three reductions in one function (one compile).
+    """Both layouts and the reductions "none" and "mean" in one function.
 
     Differentiated w.r.t. the logits of both layouts, the probability targets
     and every option value in the set.
@@ -103,7 +103,9 @@ def test_cross_entropy_check_grads_fwd_rev_order2(kind, option_set):
         for (_, axis), x, t, (_, int_target, where) in zip(
             LAYOUTS, logits, targets, inputs, strict=True
         ):
-            for reduction in REDUCTIONS:
+            # "sum" is "none" summed: its order-1 gradients are checked
+            # elsewhere, and a third reduction here costs CI a third more.
+            for reduction in ("none", "mean"):
                 out.append(
                     jxent.cross_entropy(
                         x,

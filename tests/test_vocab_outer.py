@@ -165,7 +165,7 @@ def test_bfloat16_dw_is_accumulated_in_float32():
     assert (np.abs(np.asarray(dw, np.float64) - want) / ulp).max() <= 1.0
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean"])  # "sum": order 1 elsewhere
 def test_check_grads_forward_and_reverse_order_2(reduction):
     with x64():
         kw = {"weight": WEIGHT, "label_smoothing": 0.2, "z_loss": 1e-2,

@@ -33,8 +33,11 @@ def _mesh(shape, names):
     return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
 
 
-@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(
+    ("mesh_def", "masked"),
+    [(MESHES[0], False), (MESHES[1], True)],
+    ids=["8", "2x4-masked"],
+)
 def test_linear_argmax_shard_map(mesh_def, masked):
     mesh = _mesh(*mesh_def)
     batch = "data" if "data" in mesh_def[1] else None
@@ -126,8 +129,11 @@ TW = RNG.normal(size=(3, V)).astype(np.float32)
 TB = RNG.normal(size=V).astype(np.float32)
 
 
-@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    ("mesh_def", "reduction"),
+    [(MESHES[0], "mean"), (MESHES[1], "none")],
+    ids=["8-mean", "2x4-none"],
+)
 def test_linear_distillation_loss_shard_map(mesh_def, reduction):
     """Values and gradients w.r.t. every floating input, beta traced."""
     mesh = _mesh(*mesh_def)
@@ -220,8 +226,9 @@ def test_heads_with_explicit_sharded_inputs(x_spec, w_spec):
     np.testing.assert_array_equal(greedy, np.argmax(X @ W, -1))
 
 
-@pytest.mark.parametrize("mesh_def", MESHES, ids=lambda m: "x".join(map(str, m[0])))
-@pytest.mark.parametrize("beta", [0.0, 0.3])
+@pytest.mark.parametrize(
+    ("mesh_def", "beta"), [(MESHES[0], 0.3), (MESHES[1], 0.0)], ids=["8-0.3", "2x4-0.0"]
+)
 def test_distillation_vocab_outer_shard_map(mesh_def, beta, monkeypatch):
     """The TPU/GPU gradients of linear_distillation_loss (class blocks,
     forced) inside shard_map, vocabulary over "model", tokens over "data":

@@ -361,11 +361,21 @@ def _one_pass_stats(x, w, axis, shards, smoothing):
         return out
 
     zero = jnp.zeros((), x.dtype)
-    operands = [x, (x > -jnp.inf).astype(x.dtype)]
-    inits = [jnp.asarray(-jnp.inf, x.dtype), zero]
+    weight = None
     if smoothing:
         weight = jnp.broadcast_to(1.0 if w is None else w, x.shape).astype(x.dtype)
-        operands += [jnp.zeros_like(x), weight]
+    # JAX differentiates a variadic reduction (the second-order derivatives
+    # that differentiate this forward: a Hessian-vector product through
+    # reverse mode) only when no operand's tangent is symbolically zero, as
+    # the indicator's and the zeros' are. So every operand adds a zero that
+    # depends on every differentiable input (finite times zero: exactly 0).
+    anchor = jnp.where(jnp.isfinite(x), x, 0) * 0
+    if weight is not None:
+        anchor = anchor + jnp.where(jnp.isfinite(weight), weight, 0) * 0
+    operands = [x + anchor, (x > -jnp.inf).astype(x.dtype) + anchor]
+    inits = [jnp.asarray(-jnp.inf, x.dtype), zero]
+    if weight is not None:
+        operands += [anchor, weight + anchor]
         inits += [zero, zero]
     parts = lax.reduce(operands, inits, combine, (axis,))
     if shards.sharded:

@@ -91,7 +91,7 @@ def _summary(record: dict) -> dict:
     return {key: record[key] for key in keys}
 
 
-def measure(target_names: list[str]) -> dict:
+def measure(target_names: list[str], meshes=tuple(MESHES)) -> dict:
     """{target: {case: {program: figures}}} of bench_compiled's programs."""
     import jax.numpy as jnp
 
@@ -122,7 +122,7 @@ def measure(target_names: list[str]) -> dict:
                 record = bench.measure(compiled, logits, target)
                 cases["log_probs bfloat16"][program] = _summary(record)
         eight = bench.devices(target, bench.EIGHT_CHIPS[name])
-        for mesh in MESHES:
+        for mesh in meshes:
             case = f"sharded {mesh[0]}x{mesh[1]}"
             cases[case] = {}
             for program, f, arguments, logits in bench.sharded_programs(*SHARDED_SHAPE):
@@ -140,11 +140,13 @@ def measure(target_names: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def measured():
+def measured(request):
     """The figures of every installed target, from one child process.
 
-    Two runs of this module (two pytest processes) compile in turn.
+    Two runs of this module (two pytest processes) compile in turn. The
+    sharded programs on the (4, 2) mesh only with ``pytest --full``.
     """
+    full = bool(request.config.getoption("--full"))
     targets = [name for name in TARGETS if _installed(name)]
     if not targets:
         return {}
@@ -160,12 +162,12 @@ def measured():
                     pytest.fail(f"{path} held by another run for 10 minutes")
                 time.sleep(1)
         try:
-            return _run_child(targets)
+            return _run_child(targets, full)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _run_child(targets: list[str]) -> dict:
+def _run_child(targets: list[str], full: bool) -> dict:
     import jxent
 
     # The child imports the jxent this process tests.
@@ -179,7 +181,8 @@ def _run_child(targets: list[str]) -> dict:
     }
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "measured.json"
-        command = [sys.executable, __file__, "--out", str(out), *targets]
+        command = [sys.executable, __file__, "--out", str(out),
+                   *(["--full"] if full else []), *targets]  # fmt: skip
         result = subprocess.run(
             command, env=env, capture_output=True, text=True, timeout=600,
             check=False,
@@ -219,7 +222,14 @@ def test_lm_head_holds_a_quarter_of_the_naive_memory(measured, target, case):
     assert flops_ratio <= 1.34, flops_ratio
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+# CI compiles the sharded programs on the (2, 4) mesh; pytest --full on both.
+MESH_PARAMS = [
+    pytest.param(MESHES[0], id="2x4"),
+    pytest.param(MESHES[1], id="4x2", marks=pytest.mark.full),
+]
+
+
+@pytest.mark.parametrize("mesh", MESH_PARAMS)
 @pytest.mark.parametrize("program", SHARDED_PROGRAMS)
 @pytest.mark.parametrize("target", TARGETS)
 def test_sharded_cross_entropy_has_no_logits_sized_collective(
@@ -236,7 +246,7 @@ def test_sharded_cross_entropy_has_no_logits_sized_collective(
     )
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+@pytest.mark.parametrize("mesh", MESH_PARAMS)
 @pytest.mark.parametrize("program", SHARDED_PROGRAMS)
 @pytest.mark.parametrize("target", TARGETS)
 def test_sharded_cross_entropy_collectives_at_most_optax_plus_bound(
@@ -255,11 +265,14 @@ def test_sharded_cross_entropy_collectives_at_most_optax_plus_bound(
 
 
 def main(argv: list[str]) -> int:
-    """``[--out FILE] TARGET ...``: the measurements as JSON."""
+    """``[--out FILE] [--full] TARGET ...``: the measurements as JSON (the
+    sharded programs on the (2, 4) mesh, with ``--full`` on (4, 2) too)."""
     out = None
     if argv[:1] == ["--out"]:
         out, argv = Path(argv[1]), argv[2:]
-    text = json.dumps(measure(argv or TARGETS), indent=1)
+    full = argv[:1] == ["--full"]
+    meshes = MESHES if full else MESHES[:1]
+    text = json.dumps(measure(argv[full:] or TARGETS, meshes), indent=1)
     if out is None:
         print(text)
     else:

@@ -429,7 +429,7 @@ CASES = Path(__file__).parent / "multidevice" / "heads_cases.py"
 
 
 @pytest.mark.heavy
-def test_heads_on_eight_devices():
+def test_heads_on_eight_devices(full):
     """shard_map with class and batch axes: tests/multidevice/heads_cases.py."""
     env = {
         **os.environ,
@@ -439,7 +439,8 @@ def test_heads_on_eight_devices():
     root = CASES.parents[2]
     result = subprocess.run(
         [sys.executable, "-m", "pytest", str(CASES), "-q", "-p",
-         "no:cacheprovider", "-c", str(root / "pyproject.toml")],
+         "no:cacheprovider", "-c", str(root / "pyproject.toml"),
+         *(["--full"] if full else [])],
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
         check=False,
     )  # fmt: skip

@@ -10,8 +10,11 @@ import pytest
 CASES = Path(__file__).parent / "multidevice" / "cases.py"
 
 
-def _run_cases(*pytest_args: str, pythonpath: str | None = None) -> None:
-    """Runs the cases in a fresh process that sees 8 CPU devices."""
+def _run_cases(
+    *pytest_args: str, full: bool = False, pythonpath: str | None = None
+) -> None:
+    """Runs the cases in a fresh process that sees 8 CPU devices (with
+    ``full``, the exhaustive sweeps' extra cases too: ``pytest --full``)."""
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
@@ -24,7 +27,7 @@ def _run_cases(*pytest_args: str, pythonpath: str | None = None) -> None:
     root = CASES.parents[2]
     command = [sys.executable, "-m", "pytest", str(CASES), "-q", "-p",
                "no:cacheprovider", "-c", str(root / "pyproject.toml"),
-               *pytest_args]  # fmt: skip
+               *pytest_args, *(["--full"] if full else [])]  # fmt: skip
     result = subprocess.run(
         command, cwd=root, env=env, capture_output=True, text=True, timeout=600,
         check=False,
@@ -35,8 +38,8 @@ def _run_cases(*pytest_args: str, pythonpath: str | None = None) -> None:
 
 
 @pytest.mark.heavy
-def test_sharded_equals_unsharded_on_eight_devices():
-    _run_cases()
+def test_sharded_equals_unsharded_on_eight_devices(full):
+    _run_cases(full=full)
 
 
 @pytest.mark.heavy
@@ -44,6 +47,7 @@ def test_one_pass_reduction_across_class_shards():
     """The accelerators' one-pass path, combined across class shards."""
     _run_cases(
         "-p", "one_pass_plugin",
-        "-k", "(class_and_batch_axes and 2x4-all) or (linear and mean-2x4)",
+        "-k", "(class_and_batch_axes and 2x4-all) or "
+              "(linear_cross_entropy_shard_map and 2x4)",
         pythonpath=str(CASES.parent),
     )  # fmt: skip

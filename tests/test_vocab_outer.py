@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import x64
+from conftest import full_only, x64
 from jax.test_util import check_grads
 from oracles import reference_cross_entropy, torch, torch_cross_entropy
 
@@ -89,8 +89,15 @@ def _fused(kw, reduction, with_bias, chunks):
 CHUNKS = ((4, 5), (3, 4), (11, 13), (None, None))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("option", range(len(OPTIONS)))
+# CI: each option set once, the reductions alternating; pytest --full both.
+@pytest.mark.parametrize(
+    ("option", "reduction"),
+    [
+        (o, r) if (o + (r == "sum")) % 2 == 0 else full_only(o, r)
+        for o in range(len(OPTIONS))
+        for r in ("mean", "sum")
+    ],
+)
 def test_matches_float64_definition(option, reduction):
     kw = OPTIONS[option]
     with_bias = option % 2 == 0
@@ -279,8 +286,11 @@ def _distillation(beta, reduction, x, w, b, fused=True):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("beta", [0.0, 1.0, 0.4])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    ("beta", "reduction"),
+    [(0.0, "mean"), (1.0, "sum"), (0.4, "mean"), full_only(0.0, "sum"),
+     full_only(1.0, "mean"), full_only(0.4, "sum")],
+)  # fmt: skip
 def test_distillation_matches_float64_materialised(beta, reduction):
     """Against distillation_loss on float64 logits (itself checked against
     torch's kl_div and a float64 definition in tests/test_rl.py)."""
@@ -299,6 +309,7 @@ def test_distillation_matches_float64_materialised(beta, reduction):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
 
 
+@pytest.mark.full  # order 2 of the class blocks: the CE's and log-probs' in CI
 def test_distillation_check_grads_order_2():
     with x64():
         check_grads(
@@ -387,10 +398,19 @@ def _reference_log_probs(x, w, b, entropy=True, **kw):
 # The log-probabilities alone form their dx through a primal matmul
 # (jxent._linear._primal_dx_tangent); with the entropy, in float32, through
 # the tangents' transpose (bfloat16 on the CPU: the primal matmuls again).
+# CI: each option set with the entropy (blocks of 4 and 5 alternating) and
+# two without; pytest --full every combination.
 @pytest.mark.parametrize(
     ("option", "block", "entropy"),
-    [(o, b, True) for o in range(len(LOG_PROB_OPTIONS)) for b in (4, 5)]
-    + [(o, 5, False) for o in range(len(LOG_PROB_OPTIONS))],
+    [
+        (o, b, True) if b == 4 + o % 2 else full_only(o, b, True)
+        for o in range(len(LOG_PROB_OPTIONS))
+        for b in (4, 5)
+    ]
+    + [
+        (o, 5, False) if o in (0, 3) else full_only(o, 5, False)
+        for o in range(len(LOG_PROB_OPTIONS))
+    ],
 )
 def test_log_probs_per_token_blocks_match_float64(option, block, entropy):
     """Values, and the gradients of a per-token weighted sum (what RL losses
@@ -416,7 +436,10 @@ def test_log_probs_per_token_blocks_match_float64(option, block, entropy):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
 
 
-@pytest.mark.parametrize("entropy", [True, False])
+# CI: the log-probabilities alone (their own dx tangent); with the entropy,
+# order 2 on the CPU's path is in tests/test_linear_heads.py, here with
+# pytest --full.
+@pytest.mark.parametrize("entropy", [False, full_only(True)])
 def test_log_probs_per_token_blocks_check_grads_order_2(entropy):
     """Forward and reverse mode to order 2 through the block tangents."""
     kw = {"temperature": 0.8, "soft_cap": 3.0}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import full_only
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -73,8 +74,9 @@ def _close(got, want):
     np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=2e-6, atol=1e-7)
 
 
-# Every option and reduction on the (2, 4) mesh; on the others, the richest
-# option sets with each reduction once (CI time).
+# Every option and reduction on the (2, 4) mesh (CI: each option once, the
+# reductions in turn, and "all" with two); on the others, the richest option
+# sets with each reduction once (CI time).
 SHARD_MAP_CASES = [
     (mesh_def, option, reduction)
     for mesh_def in MESHES[1:2]
@@ -84,13 +86,21 @@ SHARD_MAP_CASES = [
     (MESHES[0], "all", "sum"), (MESHES[0], "probabilities", "mean"),
     (MESHES[2], "all", "none"), (MESHES[2], "probabilities", "sum"),
 ]  # fmt: skip
+SHARD_MAP_IN_CI = {
+    ("plain", "none"), ("weight+ignore", "mean"), ("smoothing", "sum"),
+    ("all", "none"), ("all", "mean"), ("probabilities", "sum"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("mesh_def", "option", "reduction"),
-    SHARD_MAP_CASES,
-    ids=["x".join(map(str, m[0])) + f"-{o}-{r}" for m, o, r in SHARD_MAP_CASES],
-)
+    [
+        pytest.param(m, o, r, id="x".join(map(str, m[0])) + f"-{o}-{r}",
+                     marks=() if m != MESHES[1] or (o, r) in SHARD_MAP_IN_CI
+                     else pytest.mark.full)
+        for m, o, r in SHARD_MAP_CASES
+    ],
+)  # fmt: skip
 def test_shard_map_class_and_batch_axes(mesh_def, option, reduction):
     mesh = _mesh(*mesh_def)
     batch = "data" if "data" in mesh_def[1] else None
@@ -130,9 +140,12 @@ OVERFLOW_LOGITS[2, (TARGET[2] + 20) % C] = -200.0
 # Each (reduction, logits) pair once, the two meshes alternating (CI time).
 @pytest.mark.parametrize(
     ("mesh_def", "reduction", "logits"),
-    [(MESHES[0], "none", "normal"), (MESHES[1], "none", "overflow"),
-     (MESHES[1], "mean", "normal"), (MESHES[0], "mean", "overflow")],
-    ids=["8-none-normal", "2x4-none-overflow", "2x4-mean-normal", "8-mean-overflow"],
+    [pytest.param(MESHES[1], "none", "overflow", id="2x4-none-overflow"),
+     pytest.param(MESHES[1], "mean", "normal", id="2x4-mean-normal"),
+     pytest.param(MESHES[0], "none", "normal", id="8-none-normal",
+                  marks=pytest.mark.full),
+     pytest.param(MESHES[0], "mean", "overflow", id="8-mean-overflow",
+                  marks=pytest.mark.full)],
 )  # fmt: skip
 def test_shard_map_gradients_of_every_input(mesh_def, reduction, logits):
     """Class weights, smoothing, z-loss and the cap keep their gradients."""
@@ -195,9 +208,24 @@ def _collectives(compiled_text):
     return found
 
 
-@pytest.mark.parametrize("kind", [AxisType.Auto, AxisType.Explicit], ids=str)
-@pytest.mark.parametrize("mesh_def", MESHES[1:], ids=lambda m: "x".join(map(str, m[0])))
-@pytest.mark.parametrize("option", ["plain", "all", "probabilities"])
+# CI: each option, mesh and axis type, three cases; pytest --full all twelve.
+NAMED_IN_CI = {
+    ("plain", "2x4", "Explicit"), ("all", "4x2", "Auto"),
+    ("probabilities", "2x4", "Auto"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("option", "mesh_def", "kind"),
+    [
+        pytest.param(o, m, k, id=f"{o}-{'x'.join(map(str, m[0]))}-{k.name}",
+                     marks=() if (o, "x".join(map(str, m[0])), k.name) in NAMED_IN_CI
+                     else pytest.mark.full)
+        for o in ("plain", "all", "probabilities")
+        for m in MESHES[1:]
+        for k in (AxisType.Auto, AxisType.Explicit)
+    ],
+)  # fmt: skip
 def test_jit_with_named_shardings(kind, mesh_def, option):
     mesh = _mesh(*mesh_def, kind=kind)
     kw = dict(OPTIONS[option])
@@ -253,8 +281,14 @@ def _collectives_on_the_main_path(compiled_text):
     return _collectives("\n".join(kept))
 
 
-@pytest.mark.parametrize("shape", [(32, 4096), (2048, 4096)], ids=str)
-@pytest.mark.parametrize("mesh_def", MESHES[1:], ids=lambda m: "x".join(map(str, m[0])))
+@pytest.mark.parametrize(
+    ("mesh_def", "shape"),
+    [pytest.param(MESHES[1], (32, 4096), id="2x4-short-wide"),
+     pytest.param(MESHES[2], (2048, 4096), id="4x2-tall"),
+     pytest.param(MESHES[1], (2048, 4096), id="2x4-tall", marks=pytest.mark.full),
+     pytest.param(MESHES[2], (32, 4096), id="4x2-short-wide",
+                  marks=pytest.mark.full)],
+)  # fmt: skip
 def test_auto_sharded_value_and_grad_moves_no_logits(mesh_def, shape):
     """Short-wide and tall batches: no collective of per-device logits size,
     and at most optax's count + 1 (+ 2 weighted and smoothed) on the path
@@ -308,9 +342,10 @@ B = RNG.normal(size=C).astype(np.float32)
 
 @pytest.mark.parametrize(
     ("mesh_def", "reduction"),
-    [(MESHES[0], "mean"), (MESHES[1], "none"), (MESHES[2], "mean")],
-    ids=["8-mean", "2x4-none", "4x2-mean"],
-)
+    [pytest.param(MESHES[1], "none", id="2x4-none"),
+     pytest.param(MESHES[0], "mean", id="8-mean", marks=pytest.mark.full),
+     pytest.param(MESHES[2], "mean", id="4x2-mean", marks=pytest.mark.full)],
+)  # fmt: skip
 def test_linear_cross_entropy_shard_map(mesh_def, reduction):
     mesh = _mesh(*mesh_def)
     batch = "data" if "data" in mesh_def[1] else None
@@ -403,8 +438,8 @@ PROBS_LINEAR = np.asarray(
 
 @pytest.mark.parametrize(
     ("mesh_def", "reduction", "return_lse", "soft"),
-    [(MESHES[1], "mean", False, False), (MESHES[2], "none", True, False),
-     (MESHES[1], "sum", False, True)],
+    [(MESHES[2], "none", True, False), (MESHES[1], "sum", False, True),
+     full_only(MESHES[1], "mean", False, False)],
 )  # fmt: skip
 def test_linear_cross_entropy_gradients_of_options_shard_map(
     mesh_def, reduction, return_lse, soft
@@ -504,7 +539,6 @@ def test_linear_cross_entropy_two_dw_passes_shard_map(mesh_def, monkeypatch):
 # A class axis split over two mesh axes: shard i of the (2, 4) mesh's 8 holds
 # classes [i·C/8, (i+1)·C/8), i row-major over the axes in the order the spec
 # (and class_axis_name) names them. Against torch float64 on the full logits.
-TWO_AXIS_ORDERS = [("a", "b"), ("b", "a")]
 
 
 def _torch_ce(logits, weight, label_smoothing, reduction, cotangent=None):
@@ -523,9 +557,10 @@ def _torch_ce(logits, weight, label_smoothing, reduction, cotangent=None):
 
 @pytest.mark.parametrize(
     ("order", "reduction"),
-    [(("a", "b"), "none"), (("b", "a"), "none"), (("a", "b"), "mean")],
-    ids=["ab-none", "ba-none", "ab-mean"],
-)
+    [pytest.param(("b", "a"), "none", id="ba-none"),
+     pytest.param(("a", "b"), "mean", id="ab-mean"),
+     pytest.param(("a", "b"), "none", id="ab-none", marks=pytest.mark.full)],
+)  # fmt: skip
 def test_class_axis_split_over_two_mesh_axes(order, reduction):
     mesh = _mesh((2, 4), ("a", "b"))
     fn = jax.shard_map(
@@ -547,7 +582,11 @@ def test_class_axis_split_over_two_mesh_axes(order, reduction):
     np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("order", TWO_AXIS_ORDERS, ids="".join)
+@pytest.mark.parametrize(
+    "order",
+    [pytest.param(("b", "a"), id="ba"),
+     pytest.param(("a", "b"), id="ab", marks=pytest.mark.full)],
+)  # fmt: skip
 def test_linear_cross_entropy_class_axis_split_over_two_mesh_axes(order):
     import torch
     import torch.nn.functional as F
@@ -607,9 +646,10 @@ def test_bad_target_in_one_batch_shard_poisons_every_gradient(mesh_def, loss):
 
 @pytest.mark.parametrize(
     ("mesh_def", "reduction"),
-    [(MESHES[0], "sum"), (MESHES[1], "mean"), (MESHES[2], "sum")],
-    ids=["8-sum", "2x4-mean", "4x2-sum"],
-)
+    [pytest.param(MESHES[1], "mean", id="2x4-mean"),
+     pytest.param(MESHES[0], "sum", id="8-sum", marks=pytest.mark.full),
+     pytest.param(MESHES[2], "sum", id="4x2-sum", marks=pytest.mark.full)],
+)  # fmt: skip
 def test_linear_cross_entropy_vocab_outer_shard_map(mesh_def, reduction, monkeypatch):
     """The TPU/GPU gradients (class blocks, forced here) inside shard_map,
     vocabulary split over "model" and tokens over "data": float64 oracle."""
@@ -657,7 +697,7 @@ def test_linear_cross_entropy_vocab_outer_shard_map(mesh_def, reduction, monkeyp
 
 
 # 72: a ragged last chunk of 8 rows; 64: even chunks.
-@pytest.mark.parametrize(("vocab_outer", "n"), [(False, 72), (True, 64)])
+@pytest.mark.parametrize(("vocab_outer", "n"), [(True, 64), full_only(False, 72)])
 def test_linear_cross_entropy_data_parallel_jit_splits_the_work(
     vocab_outer, n, monkeypatch
 ):
@@ -735,9 +775,10 @@ def test_linear_cross_entropy_vocab_outer_jit_tensor_parallel(mesh_def, monkeypa
 
 @pytest.mark.parametrize(
     ("x_spec", "w_spec", "reduction"),
-    [(P("data"), P(None, "model"), "mean"), (P("data"), P(), "none"),
-     (P(None, "model"), P("data"), "none")],
-    ids=["tokens-vocab-mean", "tokens-only-none", "d-split-none"],
+    [pytest.param(P("data"), P(None, "model"), "mean", id="tokens-vocab-mean"),
+     pytest.param(P("data"), P(), "none", id="tokens-only-none",
+                  marks=pytest.mark.full),
+     pytest.param(P(None, "model"), P("data"), "none", id="d-split-none")],
 )  # fmt: skip
 def test_linear_cross_entropy_explicit_sharded_inputs(x_spec, w_spec, reduction):
     """x and w sharded over Explicit mesh axes, under jit, no axis names:

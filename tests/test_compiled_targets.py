@@ -36,6 +36,8 @@ prints the measurements as JSON.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -143,8 +145,11 @@ def measure(target_names: list[str], meshes=tuple(MESHES)) -> dict:
 def measured(request):
     """The figures of every installed target, from one child process.
 
-    Two runs of this module (two pytest processes) compile in turn. The
-    sharded programs on the (4, 2) mesh only with ``pytest --full``.
+    Two runs of this module (two pytest processes, such as pytest-xdist's
+    workers when both get some of its tests) compile in turn, and the second
+    reads the first one's figures: they are kept in the temporary directory
+    under a key of everything they depend on (``_inputs_key``). The sharded
+    programs on the (4, 2) mesh only with ``pytest --full``.
     """
     full = bool(request.config.getoption("--full"))
     targets = [name for name in TARGETS if _installed(name)]
@@ -162,9 +167,32 @@ def measured(request):
                     pytest.fail(f"{path} held by another run for 10 minutes")
                 time.sleep(1)
         try:
-            return _run_child(targets, full)
+            cached = path.with_name(f"jxent-compiled-{_inputs_key(targets, full)}.json")
+            if not cached.exists():
+                results = _run_child(targets, full)
+                cached.write_text(json.dumps(results))
+            return json.loads(cached.read_text())
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _inputs_key(targets: list[str], full: bool) -> str:
+    """A hash of what the figures depend on: jxent's and the harness's
+    sources, this file, the compilers' versions, the targets and ``full``."""
+    import jxent
+
+    root = Path(jxent.__file__).resolve().parents[1]
+    digest = hashlib.sha256(repr((sorted(targets), full)).encode())
+    sources = sorted((root / "jxent").glob("*.py"))
+    sources += [root / "benchmarks" / "bench_compiled.py", Path(__file__)]
+    for source in sources:
+        digest.update(source.read_bytes())
+    for package in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin"):
+        try:
+            digest.update(importlib.metadata.version(package).encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(b"-")
+    return digest.hexdigest()[:16]
 
 
 def _run_child(targets: list[str], full: bool) -> dict:

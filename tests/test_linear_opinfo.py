@@ -31,40 +31,29 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _key(sample):
+def _key(sample, sizes=True):
     """What jxent sees of a sample: shapes, dtypes and options (torch's
-    ``options`` only choose its chunking, so its variants repeat samples)."""
+    ``options`` only choose its chunking, so its variants repeat samples).
+    Without ``sizes``, its structure: ranks (of torch's weight, whether it
+    has spatial dimensions; none for the target), dtypes, which tensors are
+    differentiated or empty, and whether label smoothing is 0."""
 
-    def describe(a):
+    def describe(a, rank=True):
         if isinstance(a, torch.Tensor):
-            return (tuple(a.shape), str(a.dtype), a.requires_grad)
-        return a
-
-    kwargs = {k: describe(v) for k, v in sample.kwargs.items() if k != "options"}
-    args = tuple(describe(a) for a in (sample.input, *sample.args))
-    return args, tuple(sorted(kwargs.items()))
-
-
-def _structure(sample):
-    """A sample's key without its sizes: the ranks (whether torch's weight
-    has spatial dimensions), dtypes, which tensors are differentiated or
-    empty, and the options (label smoothing: whether it is 0)."""
-
-    def describe(a):
-        if isinstance(a, torch.Tensor):
-            return (a.ndim, str(a.dtype), a.requires_grad, 0 in a.shape)
-        if isinstance(a, float):
+            if sizes:
+                shape = tuple(a.shape)
+            else:
+                shape = ((a.ndim,) if rank else ()) + (0 in a.shape,)
+            return (shape, str(a.dtype), a.requires_grad)
+        if isinstance(a, float) and not sizes:
             return a != 0
         return a
 
     x, (w, target) = sample.input, sample.args
     kwargs = {k: describe(v) for k, v in sample.kwargs.items() if k != "options"}
-    return (
-        describe(x),
-        w.ndim > 2,
-        describe(target)[1:],
-        tuple(sorted(kwargs.items())),
-    )
+    w_key = describe(w) if sizes else w.ndim > 2
+    args = (describe(x), w_key, describe(target, rank=sizes))
+    return args, tuple(sorted(kwargs.items()))
 
 
 def _samples(every_size=True):
@@ -82,7 +71,7 @@ def _samples(every_size=True):
         ]
     unique = {}
     for sample in every:
-        unique.setdefault(_key(sample) if every_size else _structure(sample), sample)
+        unique.setdefault(_key(sample, sizes=every_size), sample)
     return list(unique.values()), len(every)
 
 

@@ -134,7 +134,9 @@ def _jxent_loss_and_grads(arrays, names, kwargs, ct):
         return jnp.sum(out.reshape(-1) * ct), out
 
     with x64():
-        (_, loss), grads = jax.value_and_grad(total, has_aux=True)(
+        # One program per sample (eagerly, each of the block layout's ops
+        # would compile on its own at each sample's shapes).
+        (_, loss), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(
             {k: arrays[k] for k in names}
         )
     return loss, grads

@@ -177,14 +177,17 @@ def measured(request):
 
 
 def _inputs_key(targets: list[str], full: bool) -> str:
-    """A hash of what the figures depend on: jxent's and the harness's
-    sources, this file, the compilers' versions, the targets and ``full``."""
+    """A hash of what the figures depend on: jxent's sources, the harness's
+    (``benchmarks/*.py``, with the HLO reader) and its target descriptions,
+    this file, the compilers' versions, the targets and ``full``."""
     import jxent
 
     root = Path(jxent.__file__).resolve().parents[1]
     digest = hashlib.sha256(repr((sorted(targets), full)).encode())
     sources = sorted((root / "jxent").glob("*.py"))
-    sources += [root / "benchmarks" / "bench_compiled.py", Path(__file__)]
+    sources += sorted((root / "benchmarks").glob("*.py"))
+    sources += sorted((root / "benchmarks" / "targets").glob("*"))
+    sources += [Path(__file__)]
     for source in sources:
         digest.update(source.read_bytes())
     for package in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin"):
@@ -290,6 +293,26 @@ def test_sharded_cross_entropy_collectives_at_most_optax_plus_bound(
         ours["collectives"],
         optax["collectives"],
     )
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["jxent/_kernels.py", "benchmarks/bench_compiled.py", "benchmarks/hlo_stats.py",
+     "benchmarks/targets/h100_sxm.txtpb", "tests/test_compiled_targets.py"],
+)  # fmt: skip
+def test_cached_figures_are_keyed_on_every_input(source, monkeypatch):
+    """A change to jxent, the harness, its HLO reader, a target description or
+    this file computes the figures anew instead of reading stale ones."""
+    root = Path(__file__).resolve().parents[1]
+    before = _inputs_key(["tpu-v5e"], False)
+    read_bytes = Path.read_bytes
+
+    def edited(path):
+        text = read_bytes(path)
+        return text + b"#" if path.resolve() == root / source else text
+
+    monkeypatch.setattr(Path, "read_bytes", edited)
+    assert _inputs_key(["tpu-v5e"], False) != before
 
 
 def main(argv: list[str]) -> int:

@@ -110,9 +110,21 @@ def _total_weight(class_weight, class_mask, x, axis, shards):
 _MIN_REDUCTION_ROWS = 2048
 
 
+def known_sizes(*sizes) -> bool:
+    """Whether every size is a known integer, for a heuristic to compare.
+
+    Under ``jax.export``'s shape polymorphism a dimension can be symbolic
+    (``"b"``), and comparing it with a constant raises; the size heuristics
+    then take their general choice, which is right for any size.
+    """
+    return all(isinstance(s, int) for s in sizes)
+
+
 def _row_split(num_rows: int, num_classes: int) -> int:
     """How many pieces to cut each row into (1: leave the rows alone)."""
     split = 1
+    if not known_sizes(num_rows, num_classes):
+        return split
     while (
         num_rows * split < _MIN_REDUCTION_ROWS
         and num_classes % (2 * split) == 0
@@ -322,10 +334,12 @@ def _one_pass_off_cpu(num_elements: int, smoothing: bool) -> bool:
     (``_forward`` picks per platform with ``on_cpu``). On accelerators
     (measured on an H200): with smoothing (one pass instead of two) and for
     small arrays, where the host round trip of the overflow branch costs more
-    than the pass; large plain arrays are faster with the shifted sums, which
-    take one exp per element.
+    than the pass; large plain arrays (and those of a symbolic size) are
+    faster with the shifted sums, which take one exp per element.
     """
-    return smoothing or num_elements <= _ONE_PASS_MAX_ELEMENTS
+    if smoothing:
+        return True
+    return known_sizes(num_elements) and num_elements <= _ONE_PASS_MAX_ELEMENTS
 
 
 def _one_pass_stats(x, w, axis, shards, smoothing):

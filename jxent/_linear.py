@@ -53,6 +53,7 @@ from jxent._kernels import (
     _tangent_map,
     _total_weight,
     compute_dtype,
+    known_sizes,
     on_cpu,
 )
 from jxent._reduction import reduce_loss
@@ -1499,6 +1500,16 @@ def check_lm_head(
     """
     x = as_float_array(x, "x")
     w = as_float_array(w, "w")
+    if not known_sizes(*x.shape, *w.shape):
+        raise ValueError(
+            "`x` and `w` of an LM-head loss must have known shapes, got "
+            f"x.shape={x.shape} and w.shape={w.shape}, with a symbolic dimension "
+            "(jax.export's shape polymorphism): the numbers of token chunks and "
+            "vocabulary blocks are fixed when the program is traced. Export one "
+            "program per shape, or pass the logits `x @ w` to the logits version "
+            "(cross_entropy, log_probs, distillation_loss), which takes symbolic "
+            "shapes."
+        )
     if x.ndim < 1:
         raise ValueError(f"`x` must have shape (..., D), got a scalar {x.shape}.")
     if w.ndim != 2 or w.shape[0] != x.shape[-1]:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jxent._kernels import on_cpu
+from jxent._kernels import known_sizes, on_cpu
 from jxent._safe_math import poison
 from jxent._sharding import batch_sum
 
@@ -36,7 +36,7 @@ def dense_sum(x: jax.Array) -> jax.Array:
     backward at (8192, 1024) float32. Other backends fuse reductions anyway
     (chosen per platform when the program is lowered: ``on_cpu``).
     """
-    if x.ndim == 0 or x.shape[-1] < 64:
+    if x.ndim == 0 or not known_sizes(x.shape[-1]) or x.shape[-1] < 64:
         return jnp.sum(x)
 
     def by_product():

@@ -81,8 +81,15 @@ def target_terms(
 
 
 def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
-    """``coef * value`` that is 0 where ``coef`` is 0, even if ``value`` is inf."""
-    return jnp.where(coef == 0, 0.0, coef * value)
+    """``coef * value`` that is 0 where ``coef`` is 0, even if ``value`` is inf.
+
+    A non-finite ``value`` is replaced before the product (never ``0 · inf``
+    masked afterwards), so the derivative w.r.t. ``coef`` is ``value``
+    wherever that is finite, at ``coef = 0`` too: a label smoothing, z-loss
+    or class weight of exactly 0 still gets its gradient.
+    """
+    kept = jnp.where((coef == 0) & ~jnp.isfinite(value), 0.0, value)
+    return coef * kept
 
 
 def _any(flags: jax.Array) -> jax.Array:
@@ -224,13 +231,17 @@ def _loss_from_stats(
     dtype = lse.dtype
     if smoothing:
         eps = jnp.asarray(label_smoothing, dtype)
+        # Ignored positions' smoothing sums (+inf for a -inf logit) are
+        # discarded before use: in reverse mode their zero cotangents would
+        # meet them in the gradient of ε (0 · inf). Their nll has a zero
+        # coefficient, which _scaled handles.
+        smooth = jnp.where(terms.valid, smooth, 0.0)
         loss = _scaled((1.0 - eps) * terms.target_weight, nll) + _scaled(
             eps / num_included, smooth
         )
     else:
         loss = _scaled(terms.target_weight, nll)
     if with_z_loss:
-        # Ignored positions' lse (possibly not finite) is discarded before use.
         kept_lse = jnp.where(terms.valid, lse, 0.0)
         loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(kept_lse))
     return jnp.where(terms.valid, loss, 0.0)

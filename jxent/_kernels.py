@@ -682,8 +682,11 @@ def _tangent_map(
             t_smooth = total_weight * t_lse - shards.sum(jnp.sum(weighted, axis=axis))
         if t_weight is not None:
             gap = (expand(ref) - x) + expand(rel)  # lse - x
-            if class_mask is not None:
-                gap = jnp.where(class_mask, gap, 0.0)
+            # Excluded classes have no term; ignored positions' terms (+inf
+            # for a -inf logit) are discarded before their zero cotangents
+            # meet them in the transpose.
+            kept = expand(live) if class_mask is None else class_mask & expand(live)
+            gap = jnp.where(kept, gap, 0.0)
             t_w = along_axis(jnp.asarray(t_weight, dtype), x.ndim, axis)
             t_smooth = t_smooth + shards.sum(jnp.sum(t_w * gap, axis=axis))
     return t_lse, t_nll, t_smooth

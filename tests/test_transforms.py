@@ -301,6 +301,125 @@ def test_integer_target_weight_gradient_matches_torch_probability_form(reduction
     np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-12)
 
 
+def _torch_option_loss(x, w, eps, z, target, reduction):
+    """torch's cross-entropy formula with a z-loss, every input a tensor.
+
+    ``(1-ε)·w_y·(-log p_y) + (ε/C)·Σ_c w_c·(-log p_c) + z·lse²`` per row (0
+    where the target is -100), summed, or divided by ``Σ w_y`` for "mean".
+    Its value without ``z`` is checked against ``F.cross_entropy``.
+    """
+    t = torch.tensor(target)
+    kept = t != -100
+    safe = torch.where(kept, t, 0)
+    log_p = torch.log_softmax(x[kept], dim=-1)
+    w_y = w[safe[kept]]
+    nll = -log_p.gather(1, safe[kept, None])[:, 0]
+    rows = (1 - eps) * w_y * nll - eps / x.shape[1] * (w * log_p).sum(-1)
+    rows = rows + z * torch.logsumexp(x[kept], dim=-1) ** 2
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / w_y.sum()
+
+
+OPTIONS_AT_EDGES = {
+    # ε at 0 and 1, z at 0, a class weight of 0 at a target class: the
+    # derivative w.r.t. each is finite and must not be dropped.
+    "eps0-z0-w0": (0.0, 0.0, 0),
+    "eps1-z0-w0": (1.0, 0.0, 0),
+    "eps0.2-z0-w0": (0.2, 0.0, 0),
+}
+
+
+@needs_torch
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("case", OPTIONS_AT_EDGES)
+@pytest.mark.parametrize("ignored_row", [None, "-inf", "nan"])
+def test_option_gradients_at_their_edges_match_torch(case, reduction, ignored_row):
+    """Gradients w.r.t. logits, class weights, ε and z, in both modes, at
+    ε ∈ {0, 1}, z = 0 and a zero class weight; with an ignored row whose
+    logits are -inf or NaN (it adds nothing, so nothing NaN either)."""
+    eps, z, zero_class = OPTIONS_AT_EDGES[case]
+    rng = np.random.default_rng(14)
+    logits = rng.normal(scale=2.0, size=(4, C))
+    target = np.array([zero_class, 3, 1, zero_class])
+    weight = rng.uniform(0.5, 2.0, size=C)
+    weight[zero_class] = 0.0
+    if reduction == "mean":
+        target[3] = 2  # a nonzero total weight
+    if ignored_row is not None:
+        target[2] = -100
+        logits[2, 1] = -np.inf if ignored_row == "-inf" else np.nan
+
+    def ours(x, w, e, zz):
+        return jxent.cross_entropy(
+            x, target, w, label_smoothing=e, z_loss=zz, reduction=reduction
+        )
+
+    arrays = (logits, weight, np.float64(eps), np.float64(z))
+    with x64():
+        value, grads = jax.value_and_grad(ours, argnums=(0, 1, 2, 3))(*arrays)
+        _, forward = jax.jvp(
+            lambda e, zz: ours(logits, weight, e, zz),
+            (np.float64(eps), np.float64(z)),
+            (np.float64(1.0), np.float64(-2.0)),
+        )
+        value, grads, forward = _numpy((value, grads, forward))
+    want_value, want = _torch(
+        lambda x, w, e, zz: _torch_option_loss(x, w, e, zz, target, reduction),
+        *arrays,
+    )
+    clean = np.where(np.isfinite(logits), logits, 0.0)
+    check = torch.nn.functional.cross_entropy(
+        torch.tensor(clean), torch.tensor(target), torch.tensor(weight),
+        reduction=reduction, label_smoothing=eps,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        _torch_option_loss(
+            torch.tensor(clean), torch.tensor(weight), eps, 0.0, target, reduction
+        ).numpy(),
+        check.numpy(),
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    if ignored_row is not None:
+        want[0][2] = 0.0  # torch differentiates only the kept rows
+    for got, expected in zip(grads, want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(forward, want[2] - 2.0 * want[3], rtol=1e-10)
+
+
+@needs_torch
+def test_nll_loss_and_linear_cross_entropy_option_gradients_at_zero():
+    """``nll_loss``'s weight gradient at a zero weight, and
+    ``linear_cross_entropy``'s ε gradient at ε = 0."""
+    rng = np.random.default_rng(15)
+    x, w_head = rng.normal(size=(5, 3)), rng.normal(size=(3, C))
+    target = np.array([0, 2, 0, 1, 3])
+    weight = np.array([0.0, 1.5, 0.7, 1.1])
+    with x64():
+        log_probs = jax.nn.log_softmax(x @ w_head)
+        d_weight = jax.grad(
+            lambda w: jxent.nll_loss(log_probs, target, w, reduction="sum")
+        )(weight)
+        d_eps = jax.grad(
+            lambda e: jxent.linear_cross_entropy(
+                x, w_head, target, label_smoothing=e, reduction="sum"
+            )
+        )(np.float64(0.0))
+        d_weight, d_eps = _numpy((d_weight, d_eps))
+    logits = x @ w_head
+    _, (_, want_weight, want_eps, _) = _torch(
+        lambda z, w, e, zz: _torch_option_loss(z, w, e, zz, target, "sum"),
+        logits, weight, np.float64(0.0), np.float64(0.0),
+    )  # fmt: skip
+    np.testing.assert_allclose(d_weight, want_weight, rtol=1e-10)
+    _, (_, _, want_eps, _) = _torch(
+        lambda z, w, e, zz: _torch_option_loss(z, w, e, zz, target, "sum"),
+        logits, np.ones(C), np.float64(0.0), np.float64(0.0),
+    )  # fmt: skip
+    np.testing.assert_allclose(d_eps, want_eps, rtol=1e-10)
+
+
 @needs_torch
 @pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
 @pytest.mark.parametrize("log_target", [False, True])

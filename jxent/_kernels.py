@@ -69,7 +69,19 @@ def capped_logits(logits: jax.Array, soft_cap: jax.Array | None) -> jax.Array:
     if soft_cap is None:
         return x
     cap = jnp.asarray(soft_cap, x.dtype)
-    return cap * jnp.tanh(x / cap)
+    return cap * _scaled_tanh(x, cap)[1]
+
+
+def _scaled_tanh(x: jax.Array, cap: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(u, tanh(u))`` with ``u = x / cap``, and ``(0, ±1)`` where ``x = ±inf``.
+
+    An infinite logit caps to ``±cap`` with derivatives ``0`` (w.r.t. ``x``)
+    and ``±1`` (w.r.t. ``cap``), the limits. It is replaced before dividing, so
+    that no derivative forms ``inf · 0`` (``d/dcap = tanh(u) - u·sech²(u)``).
+    """
+    infinite = jnp.isinf(x)
+    u = jnp.where(infinite, jnp.zeros((), x.dtype), x) / cap
+    return u, jnp.where(infinite, jnp.sign(x), jnp.tanh(u))
 
 
 def _masked(x: jax.Array, class_mask: jax.Array | None) -> jax.Array:
@@ -650,11 +662,11 @@ def _tangent_map(
     t_x = None if t_logits is None else t_logits.astype(dtype)
     if soft_cap is not None:
         cap = jnp.asarray(soft_cap, dtype)
-        tanh = jnp.tanh(x / cap)
+        u, tanh = _scaled_tanh(x, cap)
         slope = 1 - tanh**2  # d capped / d logits
         if t_cap is not None:
             # d capped / d cap = tanh(x/c) - (x/c) · (1 - tanh²(x/c))
-            t_from_cap = (tanh - (x / cap) * slope) * jnp.asarray(t_cap, dtype)
+            t_from_cap = (tanh - u * slope) * jnp.asarray(t_cap, dtype)
         x = cap * tanh
         if t_x is not None:
             t_x = t_x * slope

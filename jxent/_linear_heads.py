@@ -717,7 +717,9 @@ def linear_distillation_loss(
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
     if target is None:
+        # Every position counts: a class index that is never `ignore_index`.
         target = jnp.zeros(x.shape[:-1], jnp.int32)
+        ignore_index = -1
     else:
         target = _as_int_target(target)
         if target.shape != x.shape[:-1]:

@@ -334,6 +334,26 @@ def test_linear_distillation_matches_float64_reference(reduction):
                 np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5, err_msg=str(i))
 
 
+@pytest.mark.parametrize("ignore_index", [-100, 0])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_distillation_without_target_counts_every_position(
+    reduction, ignore_index
+):
+    """``target=None``: no position is ignored, whatever ``ignore_index``."""
+    x, w, b, tx, tw, tb = DISTILL_ARGS
+    value = jxent.linear_distillation_loss(
+        x, w, tx, tw, bias=b, teacher_bias=tb, beta=0.3, reduction=reduction,
+        ignore_index=ignore_index, chunk_size=4,
+    )  # fmt: skip
+    with x64():
+        want = ref_distillation(
+            *(np.asarray(a, np.float64) for a in (x @ w + b, tx @ tw + tb)),
+            None, 1.0, 0.3, -1, reduction,
+        )  # fmt: skip
+    assert np.all(np.asarray(want) != 0)
+    np.testing.assert_allclose(value, want, rtol=2e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("reduction", ["none"])
 def test_linear_distillation_bfloat16_gradients_of_every_input(reduction):
     """bfloat16 student and teacher, every input differentiated (the per-token

@@ -389,6 +389,61 @@ def test_option_gradients_at_their_edges_match_torch(case, reduction, ignored_ro
 
 
 @needs_torch
+def test_soft_cap_gradient_with_a_minus_inf_logit_matches_torch():
+    """A -inf logit caps to -cap: d/dcap is finite (its limit), not inf · 0.
+
+    Hard and probability targets, the LM head's cross-entropy and token
+    log-probabilities (the -inf in the bias), reverse and forward mode.
+    """
+    rng = np.random.default_rng(16)
+    x, w_head = rng.normal(size=(4, 3)), rng.normal(size=(3, C))
+    bias = np.array([0.3, -np.inf, 0.0, -0.2])
+    target = np.array([0, 2, 3, 0])
+    probs = rng.dirichlet(np.ones(C), size=4)
+    probs[:, 1] = 0.0
+    probs /= probs.sum(-1, keepdims=True)
+    cap = np.float64(1.7)
+    logits = x @ w_head + bias
+
+    def capped(z, c):  # the limit -c at a -inf logit
+        finite = torch.where(torch.isinf(z), 0.0, z)  # no inf · 0 in its autograd
+        return torch.where(
+            torch.isinf(z), torch.sign(z) * c, c * torch.tanh(finite / c)
+        )
+
+    def theirs(z, c):
+        zc = capped(z, c)
+        hard = torch.nn.functional.cross_entropy(zc, torch.tensor(target))
+        soft = torch.nn.functional.cross_entropy(zc, torch.tensor(probs))
+        log_p = torch.log_softmax(zc, -1)[torch.arange(4), torch.tensor(target)]
+        return torch.stack([hard, soft, hard, log_p.sum()])
+
+    def ours(c):
+        return jnp.stack([
+            jxent.cross_entropy(logits, target, soft_cap=c),
+            jxent.cross_entropy(logits, probs, soft_cap=c),
+            jxent.linear_cross_entropy(x, w_head, target, bias=bias, soft_cap=c),
+            jnp.sum(jxent.linear_log_probs(x, w_head, target, bias=bias, soft_cap=c)),
+        ])  # fmt: skip
+
+    with x64():
+        value = ours(cap)
+        reverse = jax.jacrev(ours)(cap)
+        forward = jax.jacfwd(ours)(cap)
+        value, reverse, forward = _numpy((value, reverse, forward))
+    z = torch.tensor(logits)
+    c = torch.tensor(cap, requires_grad=True)
+    want_value = theirs(z, c)
+    want = np.array(
+        [torch.autograd.grad(v, c, retain_graph=True)[0] for v in want_value]
+    )
+    np.testing.assert_allclose(value, want_value.detach().numpy(), rtol=1e-12)
+    assert np.all(np.isfinite(want))
+    np.testing.assert_allclose(reverse, want, rtol=1e-10)
+    np.testing.assert_allclose(forward, want, rtol=1e-10)
+
+
+@needs_torch
 def test_nll_loss_and_linear_cross_entropy_option_gradients_at_zero():
     """``nll_loss``'s weight gradient at a zero weight, and
     ``linear_cross_entropy``'s ε gradient at ε = 0."""

@@ -175,7 +175,7 @@ def hard_target_loss(
         logits, weight = _poisoned_inputs(logits, weight, _any(bad))
     terms = target_terms(target, weight, num_classes, ignore_index, dtype, shards)
     weight = None if weight is None else weight.astype(dtype)
-    lse, nll, smooth = cross_entropy_stats(
+    lse, nll, smooth, _, _ = cross_entropy_stats(
         logits, terms.safe_target, terms.valid, weight, where, soft_cap,
         axis, smoothing, shards,
     )  # fmt: skip

@@ -466,7 +466,7 @@ def _forward(
         nll = (m - x_target) + log_sum
         # Σ w (lse - x) = Σ w (m - x) + Σ w · log Σ exp(x - m)
         smooth = gaps + _scaled_log(total_weight, log_sum) if smoothing else gaps
-        return lse, nll, smooth
+        return lse, nll, smooth, m, log_sum
 
     def shifted():
         return _shifted_stats(
@@ -535,10 +535,10 @@ def _shifted_stats(
     # to rounding when the logits are large.
     nll = (shift - x_target) + log_sum
     if not smoothing:
-        return lse, nll, jnp.zeros_like(lse)
+        return lse, nll, jnp.zeros_like(lse), shift, log_sum
     if class_mask is not None:
-        return lse, nll, exact(shift, log_sum)
-    return lse, nll, smooth[0]
+        return lse, nll, exact(shift, log_sum), shift, log_sum
+    return lse, nll, smooth[0], shift, log_sum
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8))
@@ -552,7 +552,7 @@ def cross_entropy_stats(
     axis: int,
     smoothing: bool,
     shards: ClassShards = UNSHARDED,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per-position statistics of the logits needed by cross-entropy.
 
     With ``x = soft_cap · tanh(logits / soft_cap)`` (or the logits) and
@@ -578,9 +578,12 @@ def cross_entropy_stats(
         slice, ``target`` holds global indices.
 
     Returns:
-      ``(lse, nll, s)`` in the accumulation dtype, each of the target's shape:
-      ``lse = log Σ_c exp(x_c)``, ``nll = lse - x[target]`` and
-      ``s = Σ_c w_c (lse - x_c)`` over included classes.
+      ``(lse, nll, s, shift, log_sum)`` in the accumulation dtype, each of the
+      target's shape: ``lse = log Σ_c exp(x_c)``, ``nll = lse - x[target]``,
+      ``s = Σ_c w_c (lse - x_c)`` over included classes, and the forward's
+      own split of ``lse = shift + log_sum`` (``shift`` the target's logit
+      or the row maximum, ``log_sum = log Σ_c exp(x_c - shift)``), kept
+      unrounded for the derivatives (no tangent: not for the loss).
 
     Derivatives (any order, forward and reverse mode) come from a
     ``jax.custom_jvp`` whose tangent map is linear in the tangents of the
@@ -589,9 +592,10 @@ def cross_entropy_stats(
     ``ds = (Σ_c w_c) dlse - Σ_c w_c dx_c + Σ_c dw_c (lse - x_c)``. Reverse mode
     transposes it into one fused elementwise pass that writes the gradient;
     the map is rematerialised (``jax.checkpoint``), so nothing of logits size
-    is saved between the passes: only the logits and the O(N) ``lse`` and
-    ``nll`` (``p`` is formed as ``exp((x - x_t) - nll)``, which keeps the
-    digits that a rounded large ``lse`` would lose).
+    is saved between the passes: only the logits and the O(N) statistics
+    (``p`` is formed as ``exp((x - shift) - log_sum)``, which keeps the
+    digits that a rounded large ``lse`` or ``nll`` would lose: a row whose
+    top classes tie far above its target still gets ``p = 1/k`` for them).
     """
     return _forward(
         logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards
@@ -614,8 +618,13 @@ def _one_hot(target: jax.Array, shape: tuple[int, ...], axis: int, dtype) -> jax
 def _tangent_map(
     logits, target, live, class_weight, class_mask, soft_cap, lse, nll,
     t_logits, t_weight, t_cap, *, axis, smoothing, shards, total_weight=None,
+    reference=None,
 ):  # fmt: skip
     """The tangents ``(dlse, dnll, ds)`` (see ``cross_entropy_stats``).
+
+    ``reference``: the forward's ``(shift, log_sum)``, from which ``p`` is
+    formed; without it (a caller holding only ``lse``), from ``x_t`` and
+    ``nll``, or from ``lse`` when the classes are sharded.
 
     ``total_weight`` (``Σ_c w_c`` over included classes) is computed from
     the class weights and mask when not given (a caller holding only a block
@@ -646,7 +655,12 @@ def _tangent_map(
     # two logits is exact when they are close (ties at 1e8 give p = 1/2, not
     # 0 and 1). With class shards x_t is on one shard only: lse is used.
     ref, rel = lse, jnp.zeros_like(lse)
-    if not shards.sharded:
+    if reference is not None:
+        shift, log_sum = reference
+        usable = jnp.isfinite(shift) & jnp.isfinite(log_sum) & ~dead
+        ref = jnp.where(usable, shift, lse)
+        rel = jnp.where(usable, log_sum, 0.0)
+    elif not shards.sharded:
         # Gathered from the raw logits and zeroed here (the same values): a
         # gather from the zeroed logits makes the TPU compiler store them.
         raw_t = take_target(raw, target, axis)
@@ -717,10 +731,14 @@ def _cross_entropy_stats_jvp(axis, smoothing, shards, primals, tangents):
     t_logits, _, _, t_weight, _, t_cap = map(_nonzero, tangents)
     if not smoothing:
         t_weight = None
+    no_tangents = tuple(jnp.zeros_like(o) for o in out)
     if t_logits is None and t_weight is None and t_cap is None:
-        return out, tuple(jnp.zeros_like(o) for o in out)
+        return out, no_tangents
     tangent_map = jax.checkpoint(
         functools.partial(_tangent_map, axis=axis, smoothing=smoothing, shards=shards),
         prevent_cse=False,
     )
-    return out, tangent_map(*primals, out[0], out[1], t_logits, t_weight, t_cap)
+    tangents = tangent_map(
+        *primals, out[0], out[1], t_logits, t_weight, t_cap, reference=out[3:]
+    )
+    return out, (*tangents, *no_tangents[3:])

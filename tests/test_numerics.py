@@ -378,3 +378,29 @@ def test_tied_large_logits_gradient_matches_torch(big):
         )
         np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(fwd, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(torch is None, reason="torch oracle not installed")
+@pytest.mark.parametrize("one_pass", [None, True], ids=["cpu-path", "one-pass"])
+@pytest.mark.parametrize("big", [1e4, 1e7, 1e30])
+def test_ties_far_above_the_target_gradient_matches_torch(big, one_pass, monkeypatch):
+    """The top classes tie far above the target: the loss (~big) is rounded
+    in float32, their softmax (1/2, 1/3) must not be (it was 0.37 at 1e7
+    and 1 each, summing to 2, at 1e30)."""
+    monkeypatch.setattr(jxent._kernels, "_ONE_PASS", one_pass)
+    logits = np.array(
+        [[big, big, 0.0, 1.0], [big, 0.0, big, big], [big, big - 1.0, 0.0, 5.0]],
+        np.float32,
+    )
+    target = np.array([2, 1, 3])
+    for eps in (0.0, 0.1):
+
+        def loss(x, eps=eps):
+            return jxent.cross_entropy(x, target, label_smoothing=eps)
+
+        grad, fwd = jax.grad(loss)(logits), jax.jacfwd(loss)(logits)
+        _, want = torch_cross_entropy(
+            logits.astype(np.float64), target, label_smoothing=eps
+        )
+        np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(fwd, want, rtol=1e-6, atol=1e-7)

@@ -32,6 +32,7 @@ from jxent._sharding import (
 from jxent._types import Reduction
 from jxent._validation import (
     as_float_array,
+    as_int_target,
     check_bool,
     check_class_mask,
     check_concrete_target_range,
@@ -454,7 +455,7 @@ def nll_loss(
     ignore_index = check_ignore_index(ignore_index)
     log_probs = as_float_array(log_probs, "log_probs")
     axis = normalize_axis(axis, log_probs.ndim, "log_probs")
-    target = _as_int_target(target)
+    target = as_int_target(target)
     check_int_target_shape(target.shape, log_probs.shape, axis, "log_probs")
     weight = check_weight(weight, log_probs.shape[axis])
     check_concrete_target_range(target, log_probs.shape[axis], ignore_index)
@@ -466,16 +467,6 @@ def nll_loss(
         reduction=reduction,
         axis=axis,
     )
-
-
-def _as_int_target(target: ArrayLike) -> jax.Array:
-    target = jnp.asarray(target)
-    if not jnp.issubdtype(target.dtype, jnp.integer):
-        raise TypeError(
-            "`target` must hold integer class indices (int32, int64, uint8, ...), "
-            f"got {target.dtype}."
-        )
-    return target
 
 
 def _is_static_zero(value: ArrayLike) -> bool:
@@ -694,7 +685,7 @@ def cross_entropy(
                 "a negative value (which has no effect)."
             )
         return _soft_cross_entropy(logits, target, *values, **options)
-    target = _as_int_target(target)
+    target = as_int_target(target)
     check_int_target_shape(target.shape, logits.shape, axis, "logits")
     check_concrete_target_range(target, num_classes, ignore_index)
     return _hard_cross_entropy(

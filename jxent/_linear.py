@@ -41,7 +41,6 @@ from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from jxent._classification import (
-    _as_int_target,
     _is_static_zero,
     hard_target_loss,
     hard_target_row_cotangents,
@@ -68,6 +67,7 @@ from jxent._sharding import (
 from jxent._types import Reduction
 from jxent._validation import (
     as_float_array,
+    as_int_target,
     check_bool,
     check_concrete_target_range,
     check_ignore_index,
@@ -1653,7 +1653,7 @@ def _check_target(target, x, vocab: int, ignore_index: int):
                 "a negative value (which has no effect)."
             )
         return None, target
-    target = _as_int_target(target)
+    target = as_int_target(target)
     if target.shape != x.shape[:-1]:
         raise ValueError(
             f"`target` must have shape x.shape[:-1] = {x.shape[:-1]} (class "

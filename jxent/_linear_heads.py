@@ -21,7 +21,6 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jxent import _linear as linear_module
-from jxent._classification import _as_int_target
 from jxent._kernels import _partitioned_by_xla, capped_logits, compute_dtype
 from jxent._linear import (
     _block_sizes,
@@ -57,6 +56,7 @@ from jxent._sharding import UNSHARDED, ClassShards, as_axis_names, batch_sum
 from jxent._types import Reduction
 from jxent._validation import (
     as_float_array,
+    as_int_target,
     check_bool,
     check_concrete_target_range,
     check_ignore_index,
@@ -478,7 +478,7 @@ def linear_log_probs(
     return_entropy = check_bool(return_entropy, "return_entropy")
     x, w, bias = check_head_inputs(x, w, bias)
     vocab = w.shape[1]
-    target = _as_int_target(target)
+    target = as_int_target(target)
     if target.shape != x.shape[:-1]:
         raise ValueError(
             f"`target` must have shape x.shape[:-1] = {x.shape[:-1]} (class "
@@ -721,7 +721,7 @@ def linear_distillation_loss(
         target = jnp.zeros(x.shape[:-1], jnp.int32)
         ignore_index = -1
     else:
-        target = _as_int_target(target)
+        target = as_int_target(target)
         if target.shape != x.shape[:-1]:
             raise ValueError(
                 f"`target` must have shape x.shape[:-1] = {x.shape[:-1]} (class "

@@ -25,7 +25,6 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jxent._classification import _as_int_target
 from jxent._kernels import compute_dtype, take_target
 from jxent._reduction import reduce_loss
 from jxent._safe_math import poison, poison_gradients
@@ -40,6 +39,7 @@ from jxent._types import Reduction
 from jxent._validation import (
     _check_scalar_option,
     as_float_array,
+    as_int_target,
     check_bool,
     check_class_mask,
     check_concrete_target_range,
@@ -282,7 +282,7 @@ def _log_probs(logits, target, temperature, where, *, axis, ignore_index,
 
 def check_target_for(target, shape, axis, name, ignore_index):
     """An integer target of ``shape`` without ``axis``, concrete values in range."""
-    target = _as_int_target(target)
+    target = as_int_target(target)
     check_int_target_shape(target.shape, shape, axis, name)
     check_concrete_target_range(target, shape[axis], ignore_index)
     return target

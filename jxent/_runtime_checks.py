@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 from jax.typing import ArrayLike
 
-from jxent._validation import check_ignore_index
+from jxent._validation import as_int_target, check_ignore_index
 
 
 def check_target(
@@ -27,8 +28,9 @@ def check_target(
     ``checkify`` documentation.
 
     Args:
-      target: integer class indices.
-      num_classes: the number of classes ``C``.
+      target: integer class indices (``TypeError`` for another dtype: class
+        probabilities need no index check).
+      num_classes: the number of classes ``C``, a positive int.
       ignore_index: the value that marks ignored positions.
 
     Returns:
@@ -48,7 +50,13 @@ def check_target(
       `target` must be in [0, 3) or equal ignore_index=-100; got 3 ...
     """
     ignore_index = check_ignore_index(ignore_index)
-    target = jnp.asarray(target)
+    target = as_int_target(target)
+    is_int = isinstance(num_classes, int | np.integer)
+    if isinstance(num_classes, bool | float) or (is_int and num_classes < 1):
+        raise ValueError(
+            f"`num_classes` must be a positive int (C, the size of the class "
+            f"axis), got {num_classes!r}."
+        )
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     flat_bad = bad.ravel()
     first_bad = (

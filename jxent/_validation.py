@@ -331,3 +331,14 @@ def check_concrete_probabilities(probs: jax.Array, name: str = "probs") -> None:
             f"({int(bad.sum())} such entries). Pass logits to "
             "`binary_cross_entropy_with_logits` instead of probabilities, or clip."
         )
+
+
+def as_int_target(target: ArrayLike) -> jax.Array:
+    """``target`` as an array of integer class indices (``TypeError`` if not)."""
+    target = jnp.asarray(target)
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+        raise TypeError(
+            "`target` must hold integer class indices (int32, int64, uint8, ...), "
+            f"got {target.dtype}."
+        )
+    return target

@@ -735,6 +735,22 @@ def test_check_target_concrete_raises_and_returns_target():
     np.testing.assert_array_equal(jxent.check_target(TARGET, C), TARGET)
 
 
+@pytest.mark.parametrize(
+    "target, num_classes, error, match",
+    [
+        (np.array([0.0, 2.0]), C, TypeError, "integer class indices.*float"),
+        (np.array([True]), C, TypeError, "integer class indices.*bool"),
+        (np.array([0, 1]), 0, ValueError, "`num_classes` must be a positive int.*0"),
+        (np.array([0, 1]), 3.0, ValueError, "`num_classes`.*3.0"),
+    ],
+)
+def test_check_target_refuses_what_is_not_class_indices(
+    target, num_classes, error, match
+):
+    with pytest.raises(error, match=match):
+        jxent.check_target(target, num_classes)
+
+
 # --------------------------------------------------------------------------
 # Zero "mean" denominator: 0.0 with exactly zero, finite gradients.
 # --------------------------------------------------------------------------

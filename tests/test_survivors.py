@@ -15,6 +15,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,6 +189,32 @@ def test_kl_div_loss_module_log_target(reduction):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-7)
         got = jax.jit(module)(np.float32(log_q[rows]), np.float32(log_p[rows]))
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-7)
+
+
+# --- kl_div at a -inf input where the target is 0 ----------------------------------
+
+
+def test_kl_div_minus_inf_input_at_a_zero_target_contributes_nothing():
+    """README's row: torch and optax give NaN (``0·-inf``); jxent gives 0
+    there (no mass on either side), d/d input 0 and d/d target NaN (``log t
+    - input`` is ``-inf + inf``). The other entries: torch float64."""
+    log_q = np.array([[-np.inf, np.log(0.9), np.log(0.1)]])
+    p = np.array([[0.0, 0.7, 0.3]])
+    qt = torch.tensor(log_q, requires_grad=True)
+    pt = torch.tensor(p, requires_grad=True)
+    torch_loss = F.kl_div(qt, pt, reduction="none")
+    assert np.isnan(torch_loss.detach().numpy()[0, 0])
+    assert np.isnan(optax.kl_divergence(jnp.asarray(log_q), jnp.asarray(p))).all()
+    torch_loss[0, 1:].sum().backward()
+    loss, (g_in, g_t) = jax.value_and_grad(
+        lambda q, t: jnp.sum(jxent.kl_div(q, t, reduction="none")), argnums=(0, 1)
+    )(jnp.asarray(log_q, jnp.float32), jnp.asarray(p, jnp.float32))
+    np.testing.assert_allclose(
+        loss, torch_loss.detach().numpy()[0, 1:].sum(), rtol=1e-6
+    )
+    assert g_in[0, 0] == 0 and np.isnan(g_t[0, 0])
+    np.testing.assert_allclose(g_in[0, 1:], qt.grad.numpy()[0, 1:], rtol=1e-6)
+    np.testing.assert_allclose(g_t[0, 1:], pt.grad.numpy()[0, 1:], rtol=1e-6)
 
 
 # --- kl_div(log_target=True) at a -inf target -------------------------------------

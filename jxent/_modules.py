@@ -21,6 +21,7 @@ whose buffers are concrete is hashable, so it can be a static argument.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, dataclass_transform
 
 import jax
@@ -174,8 +175,32 @@ def _loss_pytree(cls: type) -> type:
             object.__setattr__(obj, name, value)
         return obj
 
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        for name in buffers:
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray | list | tuple):
+                object.__setattr__(self, name, _read_only_copy(value))
+        self.__dict__.pop("_pytree_aux", None)
+
+    cls.__init__ = __init__
     jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
     return cls
+
+
+def _read_only_copy(value: object) -> np.ndarray:
+    """A mutable concrete buffer (a NumPy array, a list) as a frozen copy.
+
+    The buffer is static configuration, hashed by value when the object is
+    built: writing into the caller's array afterwards must not change what
+    an eager call computes while a compiled program keeps the old value.
+    """
+    frozen = np.array(value, copy=True)
+    frozen.flags.writeable = False
+    return frozen
 
 
 @_loss_pytree

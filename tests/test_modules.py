@@ -204,6 +204,31 @@ def test_equal_buffers_reuse_the_compiled_program():
     assert len(traces) == 4
 
 
+@pytest.mark.parametrize("make", ["CrossEntropyLoss", "BCEWithLogitsLoss"])
+def test_writing_into_the_callers_weight_array_changes_nothing(make):
+    """The module keeps a read-only copy of a NumPy (or list) buffer: an
+    in-place write into the caller's array afterwards changed the eager
+    result while the compiled program (same hash) kept the old value."""
+    weight = np.array([1.0, 2.0, 0.5], np.float32)
+    module = getattr(jxent, make)(weight)
+    listed = getattr(jxent, make)([1.0, 2.0, 0.5])
+    x = LOGITS if make == "CrossEntropyLoss" else LOGITS - 1.0
+    t = TARGET if make == "CrossEntropyLoss" else PROBS
+    fn = (
+        jxent.cross_entropy
+        if make == "CrossEntropyLoss"
+        else (jxent.binary_cross_entropy_with_logits)
+    )
+    want = fn(x, t, jnp.array([1.0, 2.0, 0.5]))
+    compiled = jax.jit(lambda m: m(x, t))
+    np.testing.assert_allclose(compiled(module), want, rtol=1e-6)
+    weight[0] = 10.0
+    for m in (module, listed):
+        np.testing.assert_allclose(m(x, t), want, rtol=1e-6)
+        np.testing.assert_allclose(compiled(m), want, rtol=1e-6)
+        assert not m.weight.flags.writeable
+
+
 def test_traced_zero_label_smoothing_equals_static_zero():
     module = jxent.CrossEntropyLoss(WEIGHT, label_smoothing=0.0, reduction="none")
     traced = jax.jit(_apply)(module, LOGITS, TARGET)

@@ -190,6 +190,12 @@ def test_zero_weight_on_masked_class_keeps_smoothing_finite():
     lp0, lp2 = -np.log1p(np.e), 1.0 - np.log1p(np.e)
     want = 0.8 * -lp2 + 0.2 / 3 * (-lp0 - lp2)
     np.testing.assert_allclose(value, want, rtol=1e-6)
+    if torch is not None:  # the README's row: torch gives NaN (0 · -inf)
+        theirs = torch.nn.functional.cross_entropy(
+            torch.tensor(np.asarray(x)), torch.tensor([2]),
+            torch.tensor(np.asarray(weight)), label_smoothing=0.2,
+        )  # fmt: skip
+        assert torch.isnan(theirs)
 
 
 def test_probability_target_with_zero_mass_on_masked_class():

@@ -68,20 +68,35 @@ def capped_logits(logits: jax.Array, soft_cap: jax.Array | None) -> jax.Array:
     x = logits.astype(compute_dtype(logits.dtype))
     if soft_cap is None:
         return x
-    cap = jnp.asarray(soft_cap, x.dtype)
-    return cap * _scaled_tanh(x, cap)[1]
+    return _soft_capped(x, jnp.asarray(soft_cap, x.dtype))
 
 
-def _scaled_tanh(x: jax.Array, cap: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(u, tanh(u))`` with ``u = x / cap``, and ``(0, ±1)`` where ``x = ±inf``.
+@jax.custom_jvp
+def _soft_capped(x: jax.Array, cap: jax.Array) -> jax.Array:
+    return cap * jnp.tanh(x / cap)
 
-    An infinite logit caps to ``±cap`` with derivatives ``0`` (w.r.t. ``x``)
-    and ``±1`` (w.r.t. ``cap``), the limits. It is replaced before dividing, so
-    that no derivative forms ``inf · 0`` (``d/dcap = tanh(u) - u·sech²(u)``).
+
+@functools.partial(_soft_capped.defjvp, symbolic_zeros=True)
+def _soft_capped_jvp(primals, tangents):
+    x, cap = primals
+    t_x, t_cap = map(_nonzero, tangents)
+    tanh = jnp.tanh(x / cap)
+    out = cap * tanh
+    slope = 1 - tanh**2
+    tangent = jnp.zeros_like(out) if t_x is None else t_x * slope
+    if t_cap is not None:
+        tangent = tangent + t_cap * cap_slope(x, cap, tanh, slope)
+    return out, tangent
+
+
+def cap_slope(x: jax.Array, cap: jax.Array, tanh: jax.Array, slope: jax.Array):
+    """``d (cap · tanh(x / cap)) / d cap = tanh - (x / cap) · sech²(x / cap)``.
+
+    The second term tends to 0 as ``|x| → ∞``; at an infinite logit (a
+    masked vocabulary column), where ``sech²`` is 0, it is taken as that limit
+    instead of ``inf · 0``. ``slope`` is ``sech² = 1 - tanh²``.
     """
-    infinite = jnp.isinf(x)
-    u = jnp.where(infinite, jnp.zeros((), x.dtype), x) / cap
-    return u, jnp.where(infinite, jnp.sign(x), jnp.tanh(u))
+    return tanh - jnp.where(slope == 0, 0.0, (x / cap) * slope)
 
 
 def _masked(x: jax.Array, class_mask: jax.Array | None) -> jax.Array:
@@ -583,7 +598,8 @@ def cross_entropy_stats(
       ``s = Σ_c w_c (lse - x_c)`` over included classes, and the forward's
       own split of ``lse = shift + log_sum`` (``shift`` the target's logit
       or the row maximum, ``log_sum = log Σ_c exp(x_c - shift)``), kept
-      unrounded for the derivatives (no tangent: not for the loss).
+      unrounded for the derivatives (tangents: 0 and ``dlse``; not for the
+      loss).
 
     Derivatives (any order, forward and reverse mode) come from a
     ``jax.custom_jvp`` whose tangent map is linear in the tangents of the
@@ -676,11 +692,10 @@ def _tangent_map(
     t_x = None if t_logits is None else t_logits.astype(dtype)
     if soft_cap is not None:
         cap = jnp.asarray(soft_cap, dtype)
-        u, tanh = _scaled_tanh(x, cap)
+        tanh = jnp.tanh(x / cap)
         slope = 1 - tanh**2  # d capped / d logits
         if t_cap is not None:
-            # d capped / d cap = tanh(x/c) - (x/c) · (1 - tanh²(x/c))
-            t_from_cap = (tanh - u * slope) * jnp.asarray(t_cap, dtype)
+            t_from_cap = cap_slope(x, cap, tanh, slope) * jnp.asarray(t_cap, dtype)
         x = cap * tanh
         if t_x is not None:
             t_x = t_x * slope
@@ -741,4 +756,6 @@ def _cross_entropy_stats_jvp(axis, smoothing, shards, primals, tangents):
     tangents = tangent_map(
         *primals, out[0], out[1], t_logits, t_weight, t_cap, reference=out[3:]
     )
-    return out, (*tangents, *no_tangents[3:])
+    # lse = shift + log_sum: the shift held fixed, log_sum moves with lse (so
+    # the derivatives of the tangent map itself, higher orders, are right).
+    return out, (*tangents, no_tangents[3], tangents[0])

@@ -80,23 +80,27 @@ def _soft_capped(x: jax.Array, cap: jax.Array) -> jax.Array:
 def _soft_capped_jvp(primals, tangents):
     x, cap = primals
     t_x, t_cap = map(_nonzero, tangents)
-    tanh = jnp.tanh(x / cap)
+    u, tanh = scaled_tanh(x, cap)
     out = cap * tanh
     slope = 1 - tanh**2
     tangent = jnp.zeros_like(out) if t_x is None else t_x * slope
     if t_cap is not None:
-        tangent = tangent + t_cap * cap_slope(x, cap, tanh, slope)
+        tangent = tangent + t_cap * (tanh - u * slope)
     return out, tangent
 
 
-def cap_slope(x: jax.Array, cap: jax.Array, tanh: jax.Array, slope: jax.Array):
-    """``d (cap · tanh(x / cap)) / d cap = tanh - (x / cap) · sech²(x / cap)``.
+def scaled_tanh(x: jax.Array, cap: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(u, tanh(u))`` with ``u = x / cap``; ``(0, ±1)`` where ``x = ±inf``.
 
-    The second term tends to 0 as ``|x| → ∞``; at an infinite logit (a
-    masked vocabulary column), where ``sech²`` is 0, it is taken as that limit
-    instead of ``inf · 0``. ``slope`` is ``sech² = 1 - tanh²``.
+    The parts of ``cap · tanh(x / cap)`` and of its derivatives
+    (``sech²(u) = 1 - tanh²``; ``d/dcap = tanh(u) - u · sech²(u)``). An
+    infinite logit (a masked vocabulary column) caps to ``±cap``: it is
+    replaced before dividing, so that its derivatives of every order are the
+    limits (0 w.r.t. ``x``, ``±1`` w.r.t. ``cap``) instead of ``inf · 0``.
     """
-    return tanh - jnp.where(slope == 0, 0.0, (x / cap) * slope)
+    infinite = jnp.isinf(x)
+    u = jnp.where(infinite, jnp.zeros((), x.dtype), x) / cap
+    return u, jnp.where(infinite, jnp.sign(x), jnp.tanh(u))
 
 
 def _masked(x: jax.Array, class_mask: jax.Array | None) -> jax.Array:
@@ -692,10 +696,11 @@ def _tangent_map(
     t_x = None if t_logits is None else t_logits.astype(dtype)
     if soft_cap is not None:
         cap = jnp.asarray(soft_cap, dtype)
-        tanh = jnp.tanh(x / cap)
+        u, tanh = scaled_tanh(x, cap)
         slope = 1 - tanh**2  # d capped / d logits
         if t_cap is not None:
-            t_from_cap = cap_slope(x, cap, tanh, slope) * jnp.asarray(t_cap, dtype)
+            # d capped / d cap = tanh(x/c) - (x/c) · (1 - tanh²(x/c))
+            t_from_cap = (tanh - u * slope) * jnp.asarray(t_cap, dtype)
         x = cap * tanh
         if t_x is not None:
             t_x = t_x * slope

@@ -441,6 +441,13 @@ def test_soft_cap_gradient_with_a_minus_inf_logit_matches_torch():
     assert np.all(np.isfinite(want))
     np.testing.assert_allclose(reverse, want, rtol=1e-10)
     np.testing.assert_allclose(forward, want, rtol=1e-10)
+    # Second order, the hard-target cross-entropy: the limit, not NaN.
+    with x64():
+        second = float(jax.hessian(lambda c: ours(c)[0])(cap))
+    c = torch.tensor(cap, requires_grad=True)
+    (first,) = torch.autograd.grad(theirs(z, c)[0], c, create_graph=True)
+    (want_second,) = torch.autograd.grad(first, c)
+    np.testing.assert_allclose(second, want_second.item(), rtol=1e-9)
 
 
 @needs_torch

@@ -636,15 +636,14 @@ def _one_hot(target: jax.Array, shape: tuple[int, ...], axis: int, dtype) -> jax
 
 
 def _tangent_map(
-    logits, target, live, class_weight, class_mask, soft_cap, lse, nll,
+    logits, target, live, class_weight, class_mask, soft_cap, lse,
     t_logits, t_weight, t_cap, *, axis, smoothing, shards, total_weight=None,
     reference=None,
 ):  # fmt: skip
     """The tangents ``(dlse, dnll, ds)`` (see ``cross_entropy_stats``).
 
     ``reference``: the forward's ``(shift, log_sum)``, from which ``p`` is
-    formed; without it (a caller holding only ``lse``), from ``x_t`` and
-    ``nll``, or from ``lse`` when the classes are sharded.
+    formed; without it (a caller holding only ``lse``), from ``lse``.
 
     ``total_weight`` (``Σ_c w_c`` over included classes) is computed from
     the class weights and mask when not given (a caller holding only a block
@@ -667,31 +666,19 @@ def _tangent_map(
     # Ignored rows with non-finite logits are differentiated at zeros: the
     # loss discards them, and their zero cotangents then give exact zeros.
     dead = ~live & ~jnp.isfinite(lse)
-    raw = logits
     logits = jnp.where(expand(dead), jnp.zeros((), logits.dtype), logits)
     lse = jnp.where(dead, 0.0, lse)
-    # lse - x_c as (x_t - x_c) + nll: a large lse is rounded in float32 (to
-    # units at 1e8), nll = lse - x_t keeps its digits, and the difference of
-    # two logits is exact when they are close (ties at 1e8 give p = 1/2, not
-    # 0 and 1). With class shards x_t is on one shard only: lse is used.
+    # lse - x_c as (shift - x_c) + log_sum, the forward's own split: a large
+    # lse (or nll) is rounded in float32 (to units at 1e8), log_sum keeps its
+    # digits, and the difference of two logits is exact when they are close
+    # (classes tied at 1e8, far above the target or not, share p). A caller
+    # without the split (a block of the classes) uses lse.
     ref, rel = lse, jnp.zeros_like(lse)
     if reference is not None:
         shift, log_sum = reference
         usable = jnp.isfinite(shift) & jnp.isfinite(log_sum) & ~dead
         ref = jnp.where(usable, shift, lse)
         rel = jnp.where(usable, log_sum, 0.0)
-    elif not shards.sharded:
-        # Gathered from the raw logits and zeroed here (the same values): a
-        # gather from the zeroed logits makes the TPU compiler store them.
-        raw_t = take_target(raw, target, axis)
-        raw_t = jnp.where(dead, jnp.zeros((), raw_t.dtype), raw_t)
-        x_t = capped_logits(raw_t, soft_cap)
-        if class_mask is not None:
-            included = take_target(class_mask, target, axis)
-            x_t = jnp.where(included, x_t, -jnp.inf)
-        usable = jnp.isfinite(x_t) & jnp.isfinite(nll) & ~dead
-        ref = jnp.where(usable, x_t, lse)
-        rel = jnp.where(usable, nll, 0.0)
     x = logits.astype(dtype)
     t_x = None if t_logits is None else t_logits.astype(dtype)
     if soft_cap is not None:
@@ -759,7 +746,7 @@ def _cross_entropy_stats_jvp(axis, smoothing, shards, primals, tangents):
         prevent_cse=False,
     )
     tangents = tangent_map(
-        *primals, out[0], out[1], t_logits, t_weight, t_cap, reference=out[3:]
+        *primals, out[0], t_logits, t_weight, t_cap, reference=out[3:]
     )
     # lse = shift + log_sum: the shift held fixed, log_sum moves with lse (so
     # the derivatives of the tangent map itself, higher orders, are right).

@@ -572,7 +572,7 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
             weight_j = block.take(weight)
         tangents = functools.partial(
             tangent_map, logits, target_c, live_c, weight_j, mask_c, soft_cap,
-            lse_c, lse_c, t_weight=None, t_cap=None, shards=block.where,
+            lse_c, t_weight=None, t_cap=None, shards=block.where,
             total_weight=total_c,
         )  # fmt: skip
         _, transpose = jax.vjp(tangents, jnp.zeros_like(logits))

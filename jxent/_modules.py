@@ -184,7 +184,6 @@ def _loss_pytree(cls: type) -> type:
             value = getattr(self, name)
             if isinstance(value, np.ndarray | list | tuple):
                 object.__setattr__(self, name, _read_only_copy(value))
-        self.__dict__.pop("_pytree_aux", None)
 
     cls.__init__ = __init__
     jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)

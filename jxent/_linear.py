@@ -575,8 +575,10 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
             lse_c, t_weight=None, t_cap=None, shards=block.where,
             total_weight=total_c,
         )  # fmt: skip
-        _, transpose = jax.vjp(tangents, jnp.zeros_like(logits))
-        return transpose(_vary_like(cts_c, logits))[0]
+        outs, transpose = jax.vjp(tangents, jnp.zeros_like(logits))
+        # Each cotangent varies like its output: without smoothing the
+        # smoothing sum's tangent is zeros that vary like the tokens only.
+        return transpose(jax.tree.map(_vary_like, cts_c, outs))[0]
 
     return loss, _block_gradients(static, p, data, need, rows, d_logits)
 

@@ -96,6 +96,17 @@ class _LossModule:
     def __hash__(self) -> int:
         return hash((type(self), self._key()))
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the fields, not the cached tree structure."""
+        return {k: v for k, v in self.__dict__.items() if k != "_pytree_aux"}
+
+    def __setstate__(self, state: dict) -> None:
+        """A copied or unpickled buffer is read-only again (see __init__)."""
+        for name, value in state.items():
+            if isinstance(value, np.ndarray):
+                value = _read_only_copy(value)
+            object.__setattr__(self, name, value)
+
 
 def _check_label_smoothing_values(value: object) -> None:
     """Raises unless every concrete entry is in [0, 1].
@@ -142,9 +153,14 @@ def _loss_pytree(cls: type) -> type:
         if cached is None:
             kinds = []
             traced = []
+            # Buffers that were leaves of the tree this object was rebuilt
+            # from stay leaves, whatever JAX or equinox put there (a bool,
+            # None, the concrete result of a jit): the structure must not
+            # change between a flatten and the next.
+            leaves = obj.__dict__.get("_pytree_leaves", ())
             for name in buffers:
                 value = getattr(obj, name)
-                if is_concrete(value):
+                if name not in leaves and is_concrete(value):
                     kinds.append(_Frozen(value))
                 else:
                     kinds.append(_TRACED)
@@ -173,6 +189,11 @@ def _loss_pytree(cls: type) -> type:
         for name, kind in zip(buffers, kinds, strict=True):
             value = next(leaves) if kind is _TRACED else kind.value
             object.__setattr__(obj, name, value)
+        names = frozenset(
+            n for n, k in zip(buffers, kinds, strict=True) if k is _TRACED
+        )
+        if names:
+            object.__setattr__(obj, "_pytree_leaves", names)
         return obj
 
     init = cls.__init__

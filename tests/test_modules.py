@@ -292,6 +292,57 @@ def test_buffers_traced_at_construction_are_leaves():
     )
 
 
+def test_a_loss_built_from_traced_buffers_keeps_its_tree_structure():
+    """Buffers that were leaves stay leaves when JAX rebuilds the object with
+    other leaves (bools, None, concrete results): equinox's filter_jit,
+    partition and filter_vmap (an ensemble of losses) map two trees of the
+    same structure. The structure changed with the leaves' values, so these
+    raised. Per-member oracle: torch."""
+    eqx = pytest.importorskip("equinox")
+    torch = pytest.importorskip("torch")
+    weights = jnp.stack([WEIGHT, jnp.ones(3)])
+
+    def structures(w):
+        module = jxent.CrossEntropyLoss(w, label_smoothing=0.1)
+        spec = jax.tree.map(lambda _: True, module)
+        assert jax.tree.structure(spec) == jax.tree.structure(module)
+        return eqx.partition(module, eqx.is_array)[0]
+
+    built = eqx.filter_jit(structures)(WEIGHT)
+    np.testing.assert_array_equal(built.weight, WEIGHT)
+    stacked = eqx.filter_vmap(lambda w: jxent.CrossEntropyLoss(w, label_smoothing=0.1))(
+        weights
+    )
+    got = jax.vmap(lambda m: m(LOGITS, TARGET))(stacked)
+    for i in range(2):
+        want = torch.nn.functional.cross_entropy(
+            torch.tensor(np.asarray(LOGITS, np.float64)),
+            torch.tensor(np.asarray(TARGET, np.int64)),
+            torch.tensor(np.asarray(weights[i], np.float64)),
+            label_smoothing=0.1,
+        )
+        np.testing.assert_allclose(got[i], want.item(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_buffers_stay_read_only(how):
+    """A copy's NumPy buffer was writeable again, and a write then changed
+    neither its compiled nor (deepcopy) its eager result."""
+    import copy
+    import pickle
+
+    module = jxent.CrossEntropyLoss(np.array([1.0, 2.0, 0.5], np.float32))
+    clone = (
+        copy.deepcopy(module)
+        if how == "deepcopy"
+        else pickle.loads(pickle.dumps(module))
+    )
+    assert clone == module and hash(clone) == hash(module)
+    assert not clone.weight.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        clone.weight[0] = 100.0
+
+
 # --------------------------------------------------------------------------
 # Hashing, equality, static arguments, closures.
 # --------------------------------------------------------------------------

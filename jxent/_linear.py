@@ -76,6 +76,7 @@ from jxent._validation import (
     check_soft_cap,
     check_unit_interval,
     check_weight,
+    is_concrete,
 )
 
 # Default token chunk (see _default_chunk_size): the issue's memory budget for
@@ -416,20 +417,48 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
             carry[name] = jnp.zeros_like(value, dtype=acc)
     carry = _vary_like(carry, p.x)
 
-    def tile_gradients(tokens):
+    # A head's later column ranges of dw recompute only their own columns'
+    # logits (_head_range_gradients): the first pass keeps, per token, the
+    # tile math's class-axis reductions and their cotangents.
+    keep_rows = (
+        split and static.head is not None and not static.shards.sharded
+        and not static.strided
+    )  # fmt: skip
+
+    def tile_gradients(tokens, keep: bool = False):
         x_c, probs_c, target_c, mask_c = tokens
         mask_c = class_mask if mask_c is None else mask_c
         logits = _tile_logits(x_c, p.w, p.bias)
-        (loss, lse), vjp = jax.vjp(
-            lambda z, q, s: _tile_loss(z, q, target_c, mask_c, s, static),
-            logits, probs_c, small,
-        )  # fmt: skip
+        if not keep:
+            (loss, lse), vjp = jax.vjp(
+                lambda z, q, s: _tile_loss(z, q, target_c, mask_c, s, static),
+                logits, probs_c, small,
+            )  # fmt: skip
+            ones = _vary_like((jnp.ones_like(loss), jnp.zeros_like(lse)), loss)
+            return loss, vjp(ones), None
+
+        def tile(z, q, s, taps):
+            tapped = _Tapped(static.shards, p.w.shape[1], taps)
+            shards = static._replace(shards=tapped)
+            return _tile_loss(z, q, target_c, mask_c, s, shards), tapped.values
+
+        _, values = jax.eval_shape(tile, logits, probs_c, small, None)
+        taps = [
+            _vary_like(jnp.zeros(v.shape, v.dtype), x_c) if _floating(v) else None
+            for v in values
+        ]
+        (loss, lse), vjp, values = jax.vjp(
+            tile, logits, probs_c, small, taps, has_aux=True
+        )
         ones = _vary_like((jnp.ones_like(loss), jnp.zeros_like(lse)), loss)
-        return loss, vjp(ones)
+        d_logits, d_probs, d_small, cts = vjp(ones)
+        return loss, (d_logits, d_probs, d_small), (tuple(values), tuple(cts))
 
     def body(carry, tokens):
-        loss, (d_logits, d_probs, d_small) = tile_gradients(tokens)
+        loss, (d_logits, d_probs, d_small), rows = tile_gradients(tokens, keep_rows)
         out = {"loss": loss}
+        if rows is not None:
+            out["rows"] = rows
         if need["x"]:
             # Each vocabulary shard contributes to every token's dx (O(N·D)).
             out["x"] = static.shards.sum(
@@ -461,7 +490,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
         """
 
         def body(dw, tokens):
-            _, (d_logits, _, _) = tile_gradients(tokens)
+            _, (d_logits, _, _), _ = tile_gradients(tokens)
             return accumulate_dw(dw, tokens[0], d_logits, lo, hi), None
 
         last = done[-1][0, 0].astype(acc)
@@ -474,8 +503,12 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
 
     tokens = _token_inputs(p, data, static)
     carry, out = _over_chunks(body, carry, tokens, static.chunk_size, static.strided)
-    grads = {**carry, **{k: v for k, v in out.items() if k != "loss"}}
-    if split and need["w"]:
+    grads = {**carry, **{k: v for k, v in out.items() if k not in ("loss", "rows")}}
+    if keep_rows:
+        values, cts = out["rows"]
+        later = _head_range_gradients(static, p, data, values, cts, ranges[1:])
+        grads["w"] = (grads["w"][1], *later)
+    elif split and need["w"]:
         done = (grads["w"][1],)
         for lo, hi in ranges[1:]:
             done = (*done, dw_pass(lo, hi, done))
@@ -720,11 +753,22 @@ def _head_vocab_outer_gradients(static, p: _Params, data: _Data, need: dict):
     math then forms its shares of the same reductions (``_BlockShares``),
     whose products with those cotangents have the block's gradient.
     """
+    (loss, _), values, (cts,) = _tapped_rows(static, p, data, 1)
+    rows = (p.probs, data.target, values, cts)
+    d_logits = _head_block_d_logits(static, p)
+    return loss, _block_gradients(static, p, data, need, rows, d_logits)
+
+
+def _head_block_d_logits(static: _Static, p: _Params):
+    """A head's ``d_logits`` for ``_block_gradients``, from kept reductions.
+
+    Its per-token rows are ``(probs, target, values, cts)``: the head's
+    token input, the targets, the whole rows' tapped reductions and their
+    cotangents (``_Tapped``).
+    """
     small = _small(p)
     num_classes = static.shards.num_classes(p.w.shape[1])
-    (loss, _), values, (cts,) = _tapped_rows(static, p, data, 1)
     sliced = _class_sliced(static)
-    rows = (p.probs, data.target, values, cts)
 
     def d_logits(logits, rows_c, mask_c, block: _Block):
         probs_c, target_c, values_c, cts_c = rows_c
@@ -747,10 +791,30 @@ def _head_vocab_outer_gradients(static, p: _Params, data: _Data, need: dict):
 
         return jax.grad(objective)(logits)
 
-    return loss, _block_gradients(static, p, data, need, rows, d_logits)
+    return d_logits
 
 
-def _block_gradients(static, p: _Params, data: _Data, need: dict, rows, d_logits):
+def _head_range_gradients(static, p: _Params, data: _Data, values, cts, ranges):
+    """``dw``'s later column ranges of a head's token-outer gradients.
+
+    The first pass over the chunks (whole rows) kept each token's tapped
+    reductions and their cotangents (``values``, ``cts``); each range's
+    gradient is then formed from that range's logits alone, recomputed
+    class block by class block (``_block_gradients``), instead of every
+    chunk's whole rows again: for the distillation head, half the student's
+    and the teacher's logits of a second pass.
+    """
+    rows = (p.probs, data.target, values, cts)
+    need = {name: name == "w" for name in _Params._fields}
+    blocked = static._replace(dw_passes=1)
+    d_logits = _head_block_d_logits(blocked, p)
+    grads = _block_gradients(blocked, p, data, need, rows, d_logits, ranges=ranges)
+    return grads["w"] if isinstance(grads["w"], tuple) else (grads["w"],)
+
+
+def _block_gradients(
+    static, p: _Params, data: _Data, need: dict, rows, d_logits, ranges=None
+):
     """dx, dw and dbias from the class blocks, given each tile's gradient.
 
     For each block of ``static.block_classes`` classes, a pass over token
@@ -758,7 +822,8 @@ def _block_gradients(static, p: _Params, data: _Data, need: dict, rows, d_logits
     ``d_logits(logits, rows_c, mask_c, block)`` gives their gradient (``rows``
     are per-token inputs, tokens first), and the block's ``dw`` is
     accumulated in float32 and written once, rounded to ``w``'s dtype; ``dx``
-    (float32) and ``dbias`` gather every block's share. No float32 array of
+    (float32) and ``dbias`` gather every block's share (``ranges``: only
+    these column ranges of ``dw``, one part each). No float32 array of
     ``dw``'s size exists, nor any tile wider than a block.
     """
     acc = _accumulation_dtype(p)
@@ -814,7 +879,7 @@ def _block_gradients(static, p: _Params, data: _Data, need: dict, rows, d_logits
                 a = lax.slice_in_dim(a, lo, hi, axis=a.ndim - 1)
                 a = a.reshape(*a.shape[:-1], block, num_blocks)
                 return lax.dynamic_index_in_dim(a, j, a.ndim - 1, keepdims=False)
-            return lax.dynamic_slice_in_dim(a, start, block, axis=a.ndim - 1)
+            return _class_block(a, start, block)
 
         def put(a, new, j, start, fresh, offset=0):
             """``a`` (classes ``[lo, hi)`` last) with block ``j`` set to ``new``."""
@@ -899,7 +964,8 @@ def _block_gradients(static, p: _Params, data: _Data, need: dict, rows, d_logits
         jnp.zeros((num_tokens, depth), acc) if need["x"] else None,
         jnp.zeros((vocab,), acc) if need["bias"] else None,
     )
-    ranges = _dw_column_ranges(vocab, static.dw_passes if need["w"] else 1)
+    if ranges is None:
+        ranges = _dw_column_ranges(vocab, static.dw_passes if need["w"] else 1)
     parts = []
     for lo, hi in ranges:
         carry, dw_range = block_pass(carry, lo, hi)
@@ -1574,7 +1640,8 @@ def run_explicit_lm_head(
     ``token_classes``), ``per_class`` arrays (the vocabulary last), ``where``
     and ``x``/``w`` are resharded to match. ``outs``
     names each output's layout: ``"tokens"`` (``x.shape[:-1]``) or
-    ``"scalar"``. ``scalars`` (replicated options) are closed over.
+    ``"scalar"``. ``scalars`` (replicated options) are closed over when
+    concrete, replicated arguments when traced.
     """
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -1613,19 +1680,25 @@ def run_explicit_lm_head(
         where = jnp.asarray(where)
         tokens = len(batch) if where.ndim == x.ndim else 0
         where_spec = spec_of(where, tokens, where.shape[-1] == vocab)
+    # The scalar options: concrete ones by closure (they stay static), traced
+    # ones replicated as arguments (shard_map cannot close over a value on
+    # Explicit mesh axes).
+    traced = {k: v for k, v in scalars.items() if v is not None and not is_concrete(v)}
+    fixed = {k: v for k, v in scalars.items() if k not in traced}
     args = (
         reshard(x, x_spec), reshard(w, w_spec),
         {k: reshard(v, token_specs[k]) for k, v in per_token.items()},
         {k: reshard(v, class_specs[k]) for k, v in per_class.items()},
         reshard(where, where_spec),
+        {k: reshard(v, P()) for k, v in traced.items()},
     )  # fmt: skip
-    in_specs = (x_spec, w_spec, token_specs, class_specs, where_spec)
+    in_specs = (x_spec, w_spec, token_specs, class_specs, where_spec,
+                {k: P() for k in traced})  # fmt: skip
 
-    # The scalar options by closure: concrete ones stay static.
-    def local(x, w, per_token, per_class, where):
+    def local(x, w, per_token, per_class, where, traced):
         masks = {} if where is None else {"where": where}
         return fn(
-            x, w, **per_token, **per_class, **scalars, **masks, **options,
+            x, w, **per_token, **per_class, **fixed, **traced, **masks, **options,
             class_axis_name=classes or None, batch_axis_name=batch_axes or None,
         )  # fmt: skip
 

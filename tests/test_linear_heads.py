@@ -313,10 +313,16 @@ def _distill_loss(fused, reduction, chunk, ct, static_beta=None):
     return jax.value_and_grad(loss, argnums=tuple(range(8 if fused else 7)))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_distillation_matches_float64_reference(reduction):
+@pytest.mark.parametrize("reduction", ["mean", "none", "mean-two-passes"])
+def test_linear_distillation_matches_float64_reference(reduction, monkeypatch):
     """Every beta regime and every input's gradient, chunks of 4 (ragged)
-    and one chunk, against the float64 formulas on materialised logits."""
+    and one chunk, against the float64 formulas on materialised logits.
+    ``"mean"`` also with dw in two column ranges (the large 16-bit heads'
+    order, here in float32): the second range's gradient from its own
+    recomputed logits and the first pass's kept reductions."""
+    if reduction == "mean-two-passes":
+        monkeypatch.setattr(jxent._linear_heads, "_dw_passes", lambda *_: 2)
+        reduction = "mean"
     ct = np.arange(1.0, N + 1.0) if reduction == "none" else 1.0
     fused = jax.jit(_distill_loss(True, reduction, 4, np.float32(ct)))
     whole = jax.jit(_distill_loss(True, reduction, None, np.float32(ct)))
@@ -354,13 +360,18 @@ def test_linear_distillation_without_target_counts_every_position(
     np.testing.assert_allclose(value, want, rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("reduction", ["none"])
-def test_linear_distillation_bfloat16_gradients_of_every_input(reduction):
+@pytest.mark.parametrize("reduction", ["none", "mean-two-passes"])
+def test_linear_distillation_bfloat16_gradients_of_every_input(reduction, monkeypatch):
     """bfloat16 student and teacher, every input differentiated (the per-token
     path then takes the token chunks with the teacher's w as an option):
     gradients in bfloat16 within its rounding of the float64 formulas on the
     rounded inputs. ``reduction="none"`` raised a dtype mismatch between the
-    teacher's bfloat16 w and its float32 tangent."""
+    teacher's bfloat16 w and its float32 tangent. ``"mean"`` with dw in two
+    column ranges, as at the large 16-bit heads: the second range's gradient
+    from its own recomputed logits and the first pass's kept reductions."""
+    if reduction == "mean-two-passes":
+        monkeypatch.setattr(jxent._linear, "_DW_SPLIT_BYTES", 0)
+        reduction = "mean"
     ct = np.arange(1.0, N + 1.0) if reduction == "none" else 1.0
     rounded = tuple(np.asarray(jnp.asarray(a, jnp.bfloat16)) for a in DISTILL_ARGS)
     with x64():
@@ -487,7 +498,9 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
     """XLA's temporaries of value_and_grad w.r.t. x and w (compiled, not run)
     at (N, D, V) = (2048, 1024, 131072) stay within linear_cross_entropy's
     budget, 1.5 x (dx + dw in float32) + 64 MiB. Measured 0.19, 0.22, 0.54,
-    0.63 and 0.86 of it (before: 1.06, 1.98, 0.69, 1.85, 2.00: whole-vocabulary
+    0.52 and 0.62 of it (bfloat16 KL and JSD: 0.63 and 0.86 while the second
+    column range of dw recomputed whole rows) (before: 1.06, 1.98, 0.69,
+    1.85, 2.00: whole-vocabulary
     dw products per chunk; for bfloat16 log-probabilities a float32 dw and a
     float32 copy of w, now class blocks of dw accumulated in float32; a
     float32 copy of a 16-bit teacher head; one float32 dw). The

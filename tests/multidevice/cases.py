@@ -425,6 +425,35 @@ def test_linear_cross_entropy_default_options_differentiate_with_class_shards(
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
 
 
+def test_traced_scalar_options_with_explicit_shardings():
+    """A traced z_loss (linear_cross_entropy) or temperature
+    (linear_log_probs) under jit with x and w on Explicit mesh axes, inside
+    jax.set_mesh: shard_map refused to close over the replicated scalar.
+    Value and d/d option against the float64 oracle."""
+    from oracles import reference_cross_entropy
+
+    mesh = _mesh((2, 4), ("data", "model"), AxisType.Explicit)
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    x, w = put(X, P("data")), put(W, P(None, "model"))
+    ce = jax.jit(jax.value_and_grad(
+        lambda z: jxent.linear_cross_entropy(x, w, TARGET, z_loss=z)))  # fmt: skip
+    lp = jax.jit(lambda t: jxent.linear_log_probs(x, w, TARGET, temperature=t))
+    with jax.set_mesh(mesh):
+        got = ce(jnp.float32(0.03))
+        got_lp = lp(jnp.float32(0.7))
+    with jax.enable_x64(True):
+        logits = np.asarray(X, np.float64) @ np.asarray(W, np.float64)
+        want = jax.value_and_grad(
+            lambda z: reference_cross_entropy(logits, TARGET, z_loss=z)[0]
+        )(0.03)
+        scaled = logits / 0.7
+        log_p = scaled - np.log(np.exp(scaled).sum(-1, keepdims=True))
+    keep = TARGET != -100
+    want_lp = np.where(keep, log_p[np.arange(N), np.where(keep, TARGET, 0)], 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got_lp, want_lp, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_cross_entropy_under_jit_with_named_shardings():
     mesh = _mesh((2, 4), ("data", "model"))
     put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))

@@ -38,8 +38,11 @@ GRAD_EPS = 1e-12
 
 
 def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
-    """``coef · value``, and 0 where ``coef`` is 0 even if ``value`` is inf."""
-    return jnp.where(coef == 0, 0.0, coef * value)
+    """``coef · value``, and 0 where ``coef`` is 0 even if ``value`` is inf.
+
+    A NaN ``value`` (NaN data) stays NaN: a zero weight does not hide it.
+    """
+    return jnp.where((coef == 0) & ~jnp.isnan(value), 0.0, coef * value)
 
 
 def _is_zero(tangent: object) -> bool:
@@ -185,14 +188,41 @@ def focal_modulation(x: jax.Array, target: jax.Array, gamma: jax.Array) -> jax.A
 
 @functools.partial(focal_modulation.defjvp, symbolic_zeros=True)
 def _focal_modulation_jvp(primals, tangents):
-    """Derivatives of ``m = q^γ`` (``q = 1 - p_t``), finite for every logit.
+    m, partials = _modulation_partials(*primals)
+    return m, _tangent_sum(m, *zip(partials, tangents, strict=True))
+
+
+@jax.custom_jvp
+def modulated_loss(
+    ce: jax.Array, x: jax.Array, target: jax.Array, gamma: jax.Array
+) -> jax.Array:
+    """``ce · (1 - p_t)^γ``, the focal loss before ``alpha``.
+
+    Where a derivative of the modulation is 0 (``γ = 0``; the limits at
+    ``x = ±inf``), its product with ``ce`` is 0 even where ``ce`` is infinite:
+    at ``γ = 0`` the loss is ``ce`` and its derivatives ``ce``'s (torch's
+    ``pow`` with exponent 0 has a zero derivative too).
+    """
+    return ce * focal_modulation(x, target, gamma)
+
+
+@functools.partial(modulated_loss.defjvp, symbolic_zeros=True)
+def _modulated_loss_jvp(primals, tangents):
+    ce, x, target, gamma = primals
+    d_ce, *rest = tangents
+    m, partials = _modulation_partials(x, target, gamma)
+    out = ce * m
+    terms = [(_scaled(p, ce), d) for p, d in zip(partials, rest, strict=True)]
+    return out, _tangent_sum(out, (m, d_ce), *terms)
+
+
+def _modulation_partials(x, target, gamma):
+    """``m = q^γ`` (``q = 1 - p_t``) and its partials, finite for every logit.
 
     ``∂m/∂x = γ · m · (1 - 2t) · σ(x) σ(-x) / q`` (the ratio from log-sigmoids,
     at most 2 in size), ``∂m/∂t = γ · (σ(-x) - σ(x)) · q^(γ-1)`` and
     ``∂m/∂γ = m · log q`` (0 where ``m`` is 0).
     """
-    x, target, gamma = primals
-    dx, dt, dgamma = tangents
     s = sigmoid_terms(x)
     log_q = _log_one_minus_pt(s, target)
     m = jnp.exp(_scaled(gamma, log_q))
@@ -206,7 +236,7 @@ def _focal_modulation_jvp(primals, tangents):
     q_pow = jnp.exp(_scaled(gamma - 1.0, log_q))  # q^(γ-1)
     d_t = _scaled(gamma, (s.sigmoid_neg - s.sigmoid_pos) * q_pow)
     d_gamma = m * jnp.where(m == 0, 0.0, log_q)
-    return m, _tangent_sum(m, (d_x, dx), (d_t, dt), (d_gamma, dgamma))
+    return m, (d_x, d_t, d_gamma)
 
 
 def _weighted(loss: jax.Array, weight: jax.Array | None) -> jax.Array:
@@ -236,9 +266,13 @@ def _sigmoid_focal_loss(logits, target, alpha, gamma, *, reduction):
     x, t = logits.astype(dtype), target.astype(dtype)
     alpha = jnp.asarray(alpha, dtype)
     ce = bce_with_logits_terms(x, t, 1.0)
-    loss = ce * focal_modulation(x, t, jnp.asarray(gamma, dtype))
+    loss = modulated_loss(ce, x, t, jnp.asarray(gamma, dtype))
+    # alpha < 0 (or NaN): no weighting (torchvision's rule); the unused
+    # branch is sanitised first, so that it leaves the gradients alone.
+    weighted = alpha >= 0
+    alpha = jnp.where(weighted, alpha, 0.0)
     alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
-    loss = jnp.where(alpha >= 0, alpha_t * loss, loss)
+    loss = jnp.where(weighted, alpha_t * loss, loss)
     return reduce_loss(loss, reduction, out_dtype=logits.dtype, elementwise=True)
 
 

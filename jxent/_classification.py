@@ -84,12 +84,13 @@ def target_terms(
 def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
     """``coef * value`` that is 0 where ``coef`` is 0, even if ``value`` is inf.
 
-    A non-finite ``value`` is replaced before the product (never ``0 · inf``
+    An infinite ``value`` is replaced before the product (never ``0 · inf``
     masked afterwards), so the derivative w.r.t. ``coef`` is ``value``
     wherever that is finite, at ``coef = 0`` too: a label smoothing, z-loss
-    or class weight of exactly 0 still gets its gradient.
+    or class weight of exactly 0 still gets its gradient. A NaN ``value``
+    (NaN data) stays NaN, as in torch: a zero weight does not hide it.
     """
-    kept = jnp.where((coef == 0) & ~jnp.isfinite(value), 0.0, value)
+    kept = jnp.where((coef == 0) & jnp.isinf(value), 0.0, value)
     return coef * kept
 
 

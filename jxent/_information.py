@@ -61,11 +61,19 @@ def _kl_div(input, target, *, reduction, log_target):
         impossible = t == -jnp.inf
         t = jnp.where(impossible, 0.0, t)
         pointwise = jnp.where(impossible, 0.0, jnp.exp(t) * (t - log_q))
+        # A NaN input, or +inf (a log-probability above 0) where the target
+        # has no mass, is NaN data, as in torch: the zero mass does not hide it.
+        bad = jnp.isnan(log_q) | (impossible & (log_q == jnp.inf))
+        pointwise = poison(pointwise, bad)
     else:
         # t · log t - t · log q, with 0 · log 0 = 0 and 0 · (-inf) = 0; a
         # negative t gives NaN (its log), as in torch.
         pointwise = xlogx(t) + mass_times_gap(t, jnp.ones((), dtype), -log_q)
-        pointwise = poison(pointwise, t < 0)  # NaN derivatives w.r.t. input too
+        # NaN derivatives w.r.t. input too. A NaN input, or +inf (a
+        # log-probability above 0) where the target is 0, is NaN data, as in
+        # torch (0 · -inf): a zero target does not hide it.
+        bad = (t < 0) | jnp.isnan(log_q) | ((t == 0) & (log_q == jnp.inf))
+        pointwise = poison(pointwise, bad)
     batch = input.shape[0] if input.ndim > 0 else 1
     denominator = batch if reduction == "batchmean" else pointwise.size
     out_dtype = jnp.result_type(input.dtype, target.dtype)

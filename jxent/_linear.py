@@ -1552,8 +1552,8 @@ def _class_mask_for_tokens(where, batch_shape, vocab):
             f"`where` of shape {mask.shape} does not broadcast to the logits' shape "
             f"{shape} (x.shape[:-1] + (V,))."
         )
-    if all(d == 1 for d in mask.shape[:-1]) and mask.shape[-1] == vocab:
-        return mask.reshape(1, vocab), False
+    if all(d == 1 for d in mask.shape[:-1]):  # one mask for every token
+        return jnp.broadcast_to(mask.reshape(1, -1), (1, vocab)), False
     mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
     return jnp.broadcast_to(mask, shape), True
 

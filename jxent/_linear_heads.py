@@ -298,6 +298,12 @@ class _LogProbsHead(NamedTuple):
         del probs_c
         soft_cap, temperature = small[3:5]
         mask = None if mask_c is None else jnp.broadcast_to(mask_c, logits.shape)
+        if soft_cap is not None:
+            # An ignored position's logits (padding: NaN or inf hidden states
+            # too) are replaced before capping, whose slope there would be NaN
+            # (its zero cotangent times NaN).
+            valid = (target_c != static.ignore_index)[:, None]
+            logits = jnp.where(valid, logits, jnp.zeros((), logits.dtype))
         lp, ent = token_log_probs(
             capped_logits(logits, soft_cap), target_c, temperature, mask, axis=1,
             ignore_index=static.ignore_index, with_entropy=self.with_entropy,
@@ -315,6 +321,10 @@ def _linear_log_probs(p: _Params, data: _Data, *, static, return_entropy):
     if static.row_mask:
         mask = mask.reshape(num_tokens, p.w.shape[1])
     data = _Data(data.target.reshape(num_tokens), mask)
+    # A bad temperature: NaN values and NaN derivatives (the ignored
+    # positions' too).
+    bad = safe_temperature(p.temperature, p.temperature.dtype)[1]
+    p = _Params(*(None if v is None else poison_gradients(v, bad) for v in p))
     lp, ent = _per_token_loss(static, p, data)
     lp = lp.reshape(batch_shape)
     return (lp, ent.reshape(batch_shape)) if return_entropy else lp
@@ -577,6 +587,10 @@ def _linear_distillation_loss(p: _Params, data: _Data, *, static, reduction):
     acc = compute_dtype(p.x.dtype)
     valid = target != static.ignore_index
     if reduction == "none":
+        # A bad temperature or beta: NaN values and NaN derivatives (the
+        # ignored positions' too).
+        bad = safe_temperature(p.temperature, acc)[1] | safe_beta(p.beta, acc)[1]
+        p = _Params(*(None if v is None else poison_gradients(v, bad) for v in p))
         loss, _ = _per_token_loss(static, p, data)
         return loss.reshape(batch_shape)
     # A NaN sum or mean has NaN derivatives w.r.t. every input.

@@ -273,6 +273,11 @@ def token_log_probs(
 @functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "return_entropy"))
 def _log_probs(logits, target, temperature, where, *, axis, ignore_index,
                return_entropy):  # fmt: skip
+    # A bad temperature: NaN values and NaN derivatives, the ignored
+    # positions' too.
+    bad_t = safe_temperature(temperature, compute_dtype(logits.dtype))[1]
+    logits = poison_gradients(logits, bad_t)
+    temperature = poison_gradients(jnp.asarray(temperature), bad_t)
     lp, ent = token_log_probs(
         logits.astype(compute_dtype(logits.dtype)), target, temperature, where,
         axis=axis, ignore_index=ignore_index, with_entropy=return_entropy,
@@ -493,8 +498,8 @@ def distillation_terms(
 def _distillation_loss(student, teacher, target, temperature, beta, *, axis,
                        ignore_index, reduction, mode):  # fmt: skip
     dtype = compute_dtype(jnp.result_type(student.dtype, teacher.dtype))
-    temperature, bad_t = safe_temperature(temperature, dtype)
-    beta, bad_beta = safe_beta(beta, dtype)
+    bad_t = safe_temperature(temperature, dtype)[1]
+    bad_beta = safe_beta(beta, dtype)[1]
     batch_shape = student.shape[:axis] + student.shape[axis + 1 :]
     if target is None:
         valid = jnp.ones(batch_shape, bool)
@@ -502,13 +507,18 @@ def _distillation_loss(student, teacher, target, temperature, beta, *, axis,
     else:
         valid = target != ignore_index
         bad = valid & ~((target >= 0) & (target < student.shape[axis]))
+    # A bad temperature or beta makes every value NaN, and every derivative
+    # (also the ignored positions', and beta's); a NaN sum or mean over a bad
+    # target too, as jxent's other losses.
+    flag = bad_t | bad_beta
     if reduction != "none":
-        # A NaN sum or mean has NaN derivatives w.r.t. every input (also the
-        # ignored positions'), as jxent's other losses.
-        flag = jnp.any(bad) | bad_t | bad_beta
-        student, teacher, temperature, beta = (
-            poison_gradients(v, flag) for v in (student, teacher, temperature, beta)
-        )
+        flag = flag | jnp.any(bad)
+    student, teacher, temperature, beta = (
+        poison_gradients(jnp.asarray(v), flag)
+        for v in (student, teacher, temperature, beta)
+    )
+    temperature = safe_temperature(temperature, dtype)[0]
+    beta = safe_beta(beta, dtype)[0]
     loss = distillation_terms(
         student.astype(dtype), teacher.astype(dtype), valid, temperature, beta,
         mode=mode, axis=axis,

@@ -86,6 +86,8 @@ def _check_scalar_option(value, name: str, ok, allowed: str):
             raise ValueError(f"`{name}` must be a scalar, got shape {value.shape}.")
         return value
     arr = np.asarray(value)
+    if np.iscomplexobj(arr):
+        raise TypeError(f"`{name}` must be a real scalar ({allowed}), got {value!r}.")
     if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"`{name}` must be a real scalar ({allowed}), got {value!r}.")
     if not ok(float(arr)):

@@ -276,6 +276,33 @@ def test_focal_extreme_logits(gamma):
     np.testing.assert_allclose(np.asarray(our_gt)[ok], gt[ok], rtol=1e-5, atol=1e-6)
 
 
+def test_focal_gamma_zero_at_infinite_logits_and_a_nan_alpha():
+    """gamma = 0 is BCE (times alpha_t): at x = ±inf the gradient was NaN
+    (the modulation's zero derivative times the infinite BCE), where torch's
+    is finite (its pow with exponent 0 has a zero derivative). A NaN alpha
+    means no weighting (torchvision's ``alpha >= 0`` rule): the gradient was
+    NaN (the unused weighted branch). Oracle: the formula in float64 torch."""
+    x = np.array([np.inf, -np.inf, np.inf, -np.inf, 0.5], np.float32)
+    t = np.array([0.0, 1.0, 1.0, 0.0, 1.0], np.float32)
+    ones = np.ones_like(x)
+    for alpha in (0.25, -1.0):
+        _, gx, gt = torch_sigmoid_focal_loss(x, t, alpha=alpha, gamma=0.0)
+        _, (our_gx, our_gt) = _focal_and_grads(x, t, alpha, 0.0, ones, "none")
+        np.testing.assert_allclose(our_gx, gx, rtol=1e-6)
+        # d/dt = -x·alpha_t + ... is ±inf at the hard targets' limits, where
+        # torch's is NaN (inf - inf in its BCE).
+        finite = np.isfinite(gt)
+        np.testing.assert_allclose(np.asarray(our_gt)[finite], gt[finite], rtol=1e-6)
+    x, t = np.array([0.3, 0.5], np.float32), np.array([0.0, 1.0], np.float32)
+    loss, gx, gt = torch_sigmoid_focal_loss(x, t, alpha=float("nan"), gamma=2.0)
+    ours, (our_gx, our_gt) = _focal_and_grads(
+        x, t, float("nan"), 2.0, np.ones_like(x), "none"
+    )
+    np.testing.assert_allclose(ours, loss, rtol=1e-6)
+    np.testing.assert_allclose(our_gx, gx, rtol=1e-6)
+    np.testing.assert_allclose(our_gt, gt, rtol=1e-6)
+
+
 # --- autodiff modes and transformations ---------------------------------------
 
 

@@ -462,6 +462,19 @@ def test_trace_time_error(fn, args, exc, regex, jit_mode):
         maybe_jit(fn, jit_mode)(*args)
 
 
+def test_complex_scalar_options_name_the_argument():
+    """A complex option reached float() and raised its message, naming nothing."""
+    cases = [
+        ("label_smoothing", lambda: jxent.CrossEntropyLoss(label_smoothing=0.1j)),
+        ("label_smoothing", lambda: ce(LOGITS, TARGET, label_smoothing=0.1 + 0j)),
+        ("alpha", lambda: jxent.sigmoid_focal_loss(LOGITS, PROBS, alpha=0.25 + 0j)),
+        ("gamma", lambda: jxent.sigmoid_focal_loss(LOGITS, PROBS, gamma=2 + 0j)),
+    ]
+    for name, call in cases:
+        with pytest.raises(TypeError, match=f"`{name}` must be a real scalar"):
+            call()
+
+
 @pytest.mark.parametrize("dtype", [np.int64, np.uint8, np.bool_])
 @pytest.mark.parametrize(
     ("name", "call"),

@@ -280,7 +280,39 @@ def test_linear_log_probs_bad_input():
     assert np.all(np.isfinite(np.asarray(gx)[1:]))
     value, (gx, gt) = grad(X, TARGET, -1.0)
     assert np.isnan(value) and np.isnan(gt)
-    assert np.all(np.isnan(np.asarray(gx)[TARGET != -100]))
+    # Every position's gradient, the ignored ones' too (they were 0).
+    assert np.all(np.isnan(np.asarray(gx)))
+
+
+def test_linear_log_probs_edges_of_where_and_soft_cap():
+    """A 0-d ``where`` broadcasts like any mask (it raised IndexError); with
+    ``soft_cap``, an ignored position whose hidden state is NaN or inf (the
+    cap's slope there is NaN) has zero gradients, as without a cap. Oracle:
+    float64 log-softmax of the capped logits."""
+    x = X.copy()
+    x[2] = np.nan  # TARGET[2] is ignored
+    x[7, 0] = np.inf  # so is TARGET[7]
+
+    def total(x, cap):
+        lp, ent = jxent.linear_log_probs(
+            x, W, TARGET, soft_cap=cap, return_entropy=True, where=np.bool_(True)
+        )
+        return jnp.sum(lp) + jnp.sum(ent)
+
+    value, (gx, gcap) = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(x, 3.0)
+    _, tangent = jax.jit(lambda x: jax.jvp(total, (x, 3.0), (np.ones_like(x), 1.0)))(x)
+    assert np.all(np.asarray(gx)[[2, 7]] == 0.0)
+    assert np.all(np.isfinite(gx)) and np.isfinite(gcap) and np.isfinite(tangent)
+    with x64():
+        z = 3.0 * np.tanh(X.astype(np.float64) @ W.astype(np.float64) / 3.0)
+        log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        keep = TARGET != -100
+        lp = log_p[np.arange(N), np.where(keep, TARGET, 0)] * keep
+        ent = -(np.exp(log_p) * log_p).sum(-1) * keep
+    np.testing.assert_allclose(value, lp.sum() + ent.sum(), rtol=1e-5)
+    np.testing.assert_array_equal(
+        jxent.linear_argmax(X, W, where=jnp.array(True)), np.argmax(X @ W, axis=-1)
+    )
 
 
 # --- linear_distillation_loss -----------------------------------------------------
@@ -437,6 +469,28 @@ def test_linear_distillation_bad_input():
     for args in ((bad_t, 1.0, 0.0), (TARGET, -1.0, 0.0), (TARGET, 1.0, 1.5)):
         value, grads = grad(X, TW, *args)
         assert np.isnan(value)
+        assert all(np.all(np.isnan(g)) for g in grads)
+    # Per position: a bad temperature or beta makes every derivative NaN,
+    # the ignored positions' and beta's too (they were 0).
+    per_position = jax.jit(
+        jax.grad(
+            lambda x, temperature, beta: jnp.sum(
+                jxent.linear_distillation_loss(
+                    x,
+                    W,
+                    TX,
+                    TW,
+                    TARGET,
+                    temperature=temperature,
+                    beta=beta,
+                    reduction="none",
+                )
+            ),
+            argnums=(0, 1, 2),
+        )
+    )
+    for temperature, beta in ((-1.0, 0.0), (1.0, 1.5)):
+        grads = per_position(X, temperature, beta)
         assert all(np.all(np.isnan(g)) for g in grads)
 
 

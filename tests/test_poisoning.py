@@ -238,3 +238,58 @@ def test_bad_target_with_a_zero_mean_denominator_is_still_nan(name):
     assert value == 0.0
     assert all(np.all(np.asarray(g) == 0.0) for g in grads[:1])
     _check(loss, (first, zeros), "mean", data=(_bad_target(7),))
+
+
+def _nan_under_zero_coefficient(loss, reduction):
+    """``(fn, args, data)``: NaN data where a zero coefficient multiplies it."""
+    row, cls = BAD_ROW, int(TARGET[BAD_ROW])
+    zero_at_target = CLASS_WEIGHT.at[cls].set(0.0)
+    if loss == "cross_entropy":  # a NaN logit, the target class weighted 0
+        x = LOGITS.at[row, (cls + 1) % C].set(jnp.nan)
+        fn = lambda x, w, t: jxent.cross_entropy(x, t, w, reduction=reduction)
+        return fn, (x, zero_at_target), (TARGET,)
+    if loss == "nll_loss":  # a NaN log-probability at a target weighted 0
+        lp = jax.nn.log_softmax(LOGITS).at[row, cls].set(jnp.nan)
+        fn = lambda lp, w, t: jxent.nll_loss(lp, t, w, reduction=reduction)
+        return fn, (lp, zero_at_target), (TARGET,)
+    if loss.startswith("kl_div"):  # NaN or +inf log q where p = 0
+        p = jax.nn.softmax(LOGITS).at[row, 0].set(0.0)
+        bad = jnp.nan if loss == "kl_div_nan" else jnp.inf
+        log_q = jax.nn.log_softmax(LOGITS.T).T.at[row, 0].set(bad)
+        return (lambda q, p: jxent.kl_div(q, p, reduction=reduction)), (log_q, p), ()
+    # BCE with logits: a NaN logit, target 1, pos_weight 0 there
+    t = jnp.zeros((N, C)).at[row, 1].set(1.0)
+    x = LOGITS.at[row, 1].set(jnp.nan)
+    pw = jnp.ones(C).at[1].set(0.0)
+
+    def fn(x, pw, t):
+        return jxent.binary_cross_entropy_with_logits(
+            x, t, pos_weight=pw, reduction=reduction
+        )
+
+    return fn, (x, pw), (t,)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "loss", ["cross_entropy", "nll_loss", "kl_div_nan", "kl_div_inf", "bce"]
+)
+def test_nan_data_under_a_zero_coefficient_poisons(loss, reduction):
+    """NaN data times a zero class weight, target probability or pos_weight:
+    torch's value is NaN (0 · NaN); jxent dropped the term (a finite loss,
+    and for nll_loss and kl_div finite gradients too), since a zero
+    coefficient absorbed any non-finite value, not only an infinite one."""
+    fn, args, data = _nan_under_zero_coefficient(loss, reduction)
+    value_fn, grad_fn, jvp_fn = _programs(fn, len(args))
+    values = np.asarray(value_fn(*args, *data))
+    # NaN where torch's is; the bad row's gradient w.r.t. the data is NaN
+    # (NaN data: the other rows' stay as torch's, finite); a NaN tangent.
+    assert np.isnan(values[BAD_ROW] if reduction == "none" else values).any()
+    if reduction == "none":
+        good = np.delete(values, BAD_ROW, axis=0)
+        assert np.isfinite(good).all(), values
+    if loss == "nll_loss":
+        return  # its gradient, -w at the target, does not read the input: torch's
+    grads = grad_fn(*args, *data)
+    assert np.isnan(np.asarray(grads[0])[BAD_ROW]).any(), grads[0]
+    assert np.isnan(np.asarray(jvp_fn(args, data)[1])).any()

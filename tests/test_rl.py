@@ -452,6 +452,18 @@ def test_bad_values_under_jit_give_nan_values_and_gradients():
                  (np.array([0, 1, 7]), 1.0, 0.0)):  # fmt: skip
         value, grads = grad(x, x[::-1], *args)
         assert np.isnan(value) and _nan_everywhere(grads)
+    # Per position ("none", log-probabilities): a bad temperature or beta
+    # makes every derivative NaN, the ignored position's and beta's too (they
+    # were 0).
+    padded = np.array([0, -100, 2])
+    lp_grad = jax.jit(jax.grad(lp_fn, argnums=(0, 2)))
+    assert _nan_everywhere(lp_grad(x, padded, 0.0))
+    per_position = jax.jit(jax.grad(
+        lambda s, t, temperature, beta: jnp.sum(jxent.distillation_loss(
+            s, x[::-1], t, beta=beta, temperature=temperature, reduction="none")),
+        argnums=(0, 2, 3)))  # fmt: skip
+    for temperature, beta in ((0.0, 0.5), (1.0, -1.0), (-1.0, 0.0)):
+        assert _nan_everywhere(per_position(x, padded, temperature, beta))
     # A target on a class excluded by `where` is NaN as well.
     mask = np.ones(C, bool)
     mask[3] = False

@@ -293,6 +293,11 @@ def test_focal_gamma_zero_at_infinite_logits_and_a_nan_alpha():
         # torch's is NaN (inf - inf in its BCE).
         finite = np.isfinite(gt)
         np.testing.assert_allclose(np.asarray(our_gt)[finite], gt[finite], rtol=1e-6)
+    # gamma > 0 there: torch's d/dx is NaN (inf · 0); jxent's is the limit,
+    # alpha_t · (sigmoid(x) - t) (README's semantics table).
+    x, t = np.array([np.inf, -np.inf], np.float32), np.array([0.0, 1.0], np.float32)
+    _, (our_gx, _) = _focal_and_grads(x, t, 0.25, 2.0, np.ones_like(x), "none")
+    np.testing.assert_allclose(our_gx, [0.75, -0.25], rtol=1e-6)
     x, t = np.array([0.3, 0.5], np.float32), np.array([0.0, 1.0], np.float32)
     loss, gx, gt = torch_sigmoid_focal_loss(x, t, alpha=float("nan"), gamma=2.0)
     ours, (our_gx, our_gt) = _focal_and_grads(

@@ -231,12 +231,13 @@ def _loss_from_stats(
     bad positions are poisoned).
     """
     dtype = lse.dtype
+    # Ignored positions' nll and smoothing sums (+inf for a -inf logit, NaN
+    # for a NaN one) are discarded before use: in reverse mode their zero
+    # cotangents would meet them in the gradients of ε and the class weights
+    # (0 · inf). _scaled absorbs only infinities: NaN data elsewhere stays NaN.
+    nll = jnp.where(terms.valid, nll, 0.0)
     if smoothing:
         eps = jnp.asarray(label_smoothing, dtype)
-        # Ignored positions' smoothing sums (+inf for a -inf logit) are
-        # discarded before use: in reverse mode their zero cotangents would
-        # meet them in the gradient of ε (0 · inf). Their nll has a zero
-        # coefficient, which _scaled handles.
         smooth = jnp.where(terms.valid, smooth, 0.0)
         loss = _scaled((1.0 - eps) * terms.target_weight, nll) + _scaled(
             eps / num_included, smooth
@@ -359,6 +360,9 @@ def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
         log_probs, weight = _poisoned_inputs(log_probs, weight, _any(checked.bad))
     terms = target_terms(target, weight, log_probs.shape[axis], ignore_index, dtype)
     picked = take_target(log_probs, terms.safe_target, axis).astype(dtype)
+    # An ignored position's pick (NaN or -inf there) never meets its zero
+    # cotangent in the weight's gradient.
+    picked = jnp.where(terms.valid, picked, 0.0)
     loss = jnp.where(terms.valid, _scaled(terms.target_weight, -picked), 0.0)
     loss = poison(loss, terms.bad)
     return _reduce_hard(loss, terms.target_weight, reduction, log_probs.dtype)

@@ -300,7 +300,7 @@ def test_linear_log_probs_edges_of_where_and_soft_cap():
         return jnp.sum(lp) + jnp.sum(ent)
 
     value, (gx, gcap) = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(x, 3.0)
-    _, tangent = jax.jit(lambda x: jax.jvp(total, (x, 3.0), (np.ones_like(x), 1.0)))(x)
+    _, tangent = jax.jit(lambda x: jax.jvp(total, (x, 3.0), (jnp.ones_like(x), 1.0)))(x)
     assert np.all(np.asarray(gx)[[2, 7]] == 0.0)
     assert np.all(np.isfinite(gx)) and np.isfinite(gcap) and np.isfinite(tangent)
     with x64():

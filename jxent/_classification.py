@@ -360,9 +360,6 @@ def _nll_loss(log_probs, target, weight, *, ignore_index, reduction, axis):
         log_probs, weight = _poisoned_inputs(log_probs, weight, _any(checked.bad))
     terms = target_terms(target, weight, log_probs.shape[axis], ignore_index, dtype)
     picked = take_target(log_probs, terms.safe_target, axis).astype(dtype)
-    # An ignored position's pick (NaN or -inf there) never meets its zero
-    # cotangent in the weight's gradient.
-    picked = jnp.where(terms.valid, picked, 0.0)
     loss = jnp.where(terms.valid, _scaled(terms.target_weight, -picked), 0.0)
     loss = poison(loss, terms.bad)
     return _reduce_hard(loss, terms.target_weight, reduction, log_probs.dtype)

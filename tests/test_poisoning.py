@@ -293,3 +293,34 @@ def test_nan_data_under_a_zero_coefficient_poisons(loss, reduction):
     grads = grad_fn(*args, *data)
     assert np.isnan(np.asarray(grads[0])[BAD_ROW]).any(), grads[0]
     assert np.isnan(np.asarray(jvp_fn(args, data)[1])).any()
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_nll_loss_ignored_rows_with_nan_or_minus_inf_leave_weight_gradients(
+    reduction,
+):
+    """Ignored rows holding NaN or -inf log-probabilities add nothing: the
+    gradient w.r.t. the class weights is the float64 formula's on the other
+    rows (their picks met a zero cotangent as 0 · NaN). Reverse and forward."""
+    lp = np.asarray(jax.nn.log_softmax(LOGITS), np.float64)
+    t = np.asarray(TARGET).copy()
+    t[[1, 4]] = -100
+    bad = lp.copy()
+    bad[1, t[0]], bad[4, :] = np.nan, -np.inf
+    w = np.asarray(CLASS_WEIGHT, np.float64)
+    keep = t != -100
+    picked = lp[np.arange(N), np.where(keep, t, 0)] * keep
+    count = np.array([np.sum(keep & (t == c)) for c in range(C)])
+    d_sum = np.array([-np.sum(picked * (t == c)) for c in range(C)])
+    if reduction == "sum":
+        want = d_sum
+    else:
+        total, denominator = -np.sum(picked * w[np.where(keep, t, 0)]), w @ count
+        want = (d_sum * denominator - total * count) / denominator**2
+    fn = lambda w: jxent.nll_loss(bad.astype(np.float32), t, w, reduction=reduction)
+    got = jax.jit(jax.grad(fn))(jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    _, tangent = jax.jit(lambda w: jax.jvp(fn, (w,), (jnp.ones_like(w),)))(
+        jnp.asarray(w, jnp.float32)
+    )
+    np.testing.assert_allclose(tangent, np.sum(want), rtol=1e-5, atol=1e-6)

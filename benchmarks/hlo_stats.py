@@ -13,7 +13,8 @@ instruction:
   buffer updated in place (dynamic-update-slice, scatter) is written for
   just the update. Arrays in a TPU's on-chip memory (``S(1)``) are not HBM
   traffic;
-* **flops**: ``2·M·N·K`` of every dot and convolution, inside fusions too;
+* **flops**: ``2·M·N·K`` of every dot and convolution (and a GPU program's
+  cuBLAS matmul custom-calls), inside fusions too;
 * **collectives**: the count and result bytes of every all-reduce,
   all-gather, reduce-scatter, all-to-all and collective-permute.
 
@@ -62,6 +63,9 @@ NO_TRAFFIC = {
     "async-update", "all-reduce-done", "all-gather-done",
     "collective-permute-done", "domain", "get-dimension-size",
 }  # fmt: skip
+# The custom-call targets of the GPU's library matmuls (the GPU compiler
+# rewrites a dot into one once it has autotuned on the device).
+LIBRARY_GEMM = re.compile(r'custom_call_target="__cublas\$(gemm|lt\$matmul)')
 PICKS = {"gather", "slice", "dynamic-slice"}
 # Write their last operand into their first, in place (XLA aliases the two).
 IN_PLACE = {"dynamic-update-slice", "scatter"}
@@ -276,6 +280,19 @@ def matmul_flops(instruction: Instruction, computation: Computation) -> float:
         lhs = array_shape(computation.by_name[instruction.operands[0]].type)
         match = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instruction.attrs)
         contracted = [int(d) for d in match.group(1).split(",") if d] if match else []
+        k = math.prod(lhs[d] for d in contracted)
+        return 2.0 * math.prod(array_shape(instruction.type)) * k
+    attrs = instruction.attrs
+    if instruction.opcode == "custom-call" and LIBRARY_GEMM.search(attrs):
+        # A GPU program's library matmul (cuBLAS, cuBLASLt): its contracting
+        # dimensions are in the backend config, its result is the first array.
+        lhs = array_shape(computation.by_name[instruction.operands[0]].type)
+        match = re.search(
+            r'"lhs_contracting_dimensions":\[([^\]]*)\]', instruction.attrs
+        )
+        contracted = (
+            [int(d) for d in re.findall(r"\d+", match.group(1))] if match else []
+        )
         k = math.prod(lhs[d] for d in contracted)
         return 2.0 * math.prod(array_shape(instruction.type)) * k
     if instruction.opcode == "convolution":

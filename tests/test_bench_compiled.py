@@ -308,3 +308,31 @@ def test_needed_temporaries_of_a_program_that_does_not_fit():
     assert bench.needed_temp_bytes({"fits": False, "error": error}) == 19.85 * 2**30
     assert bench.needed_temp_bytes({"fits": False, "error": "other"}) is None
     assert bench.needed_temp_bytes({"fits": True, "temp_bytes": 5}) == 5
+
+
+# A GPU program compiled on the device: the dots become cuBLASLt custom-calls
+# (as the H200 printed them, shapes made small), operands without types, the
+# contracting dimensions in the backend config, a workspace beside the result.
+CUBLAS = """
+HloModule m, is_scheduled=true
+
+ENTRY %main (x.1: bf16[64,32], w.1: bf16[32,128], d.1: bf16[64,128]) -> (bf16[64,32], bf16[32,128]) {
+  %x.1 = bf16[64,32]{1,0} parameter(0)
+  %w.1 = bf16[32,128]{1,0} parameter(1)
+  %d.1 = bf16[64,128]{1,0} parameter(2)
+  %custom-call.0 = (bf16[64,128]{1,0}, s8[33554432]{0}) custom-call(%x.1, %w.1), custom_call_target="__cublas$lt$matmul", backend_config={"device_type":"DEVICE_TYPE_INVALID","gemm_backend_config":{"alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_batch_dimensions":[],"lhs_contracting_dimensions":["1"],"rhs_batch_dimensions":[],"rhs_contracting_dimensions":["0"]},"epilogue":"DEFAULT"},"operation_queue_id":"0"}
+  %custom-call.1 = (bf16[64,32]{1,0}, s8[33554432]{0}) custom-call(%d.1, %w.1), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_batch_dimensions":[],"lhs_contracting_dimensions":["1"],"rhs_batch_dimensions":[],"rhs_contracting_dimensions":["1"]}}}
+  %custom-call.2 = (bf16[32,128]{1,0}, s8[33554432]{0}) custom-call(%x.1, %d.1), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_batch_dimensions":[],"lhs_contracting_dimensions":["0"],"rhs_batch_dimensions":[],"rhs_contracting_dimensions":["0"]}}}
+  %other = f32[64,128]{1,0} custom-call(%d.1), custom_call_target="SomethingElse"
+  %dx = bf16[64,32]{1,0} get-tuple-element(%custom-call.1), index=0
+  %dw = bf16[32,128]{1,0} get-tuple-element(%custom-call.2), index=0
+  ROOT %out = (bf16[64,32]{1,0}, bf16[32,128]{1,0}) tuple(%dx, %dw)
+}
+"""  # noqa: E501
+
+
+def test_cublas_matmuls_count_their_flops():
+    # logits, dx and dw: 2·M·N·K each, K read from the backend config (the
+    # contracted dimension of dw's lhs is its first); other custom-calls none.
+    stats = hlo_stats.program_stats(CUBLAS, THRESHOLD)
+    assert stats.flops == 3 * 2 * 64 * 32 * 128

@@ -257,11 +257,21 @@ def test_gradients_of_the_options_take_the_token_outer_order():
 
 def test_block_sizes():
     sizes = jxent._linear._block_sizes
-    # (row chunk, block tokens, block classes): 32 MiB float32 tiles, a 64 MiB
-    # float32 dw block, a block that divides V when a multiple of 128 does.
-    assert sizes(8192, 4096, 131072, None, None) == (64, 2048, 4096)
-    assert sizes(8192, 2304, 256000, None, None) == (32, 2048, 3200)
-    assert sizes(8192, 8192, 131072, None, None) == (64, 4096, 2048)
+    # (row chunk, block tokens, block classes): whole-row float32 tiles of at
+    # most 256 MiB and a sixteenth of the tokens (at least 32 MiB), 32 MiB
+    # block tiles (linear_cross_entropy's: 128 MiB), a 64 MiB float32 dw
+    # block, a block that divides V when a multiple of 128 does.
+    assert sizes(8192, 4096, 131072, None, None) == (512, 2048, 4096)
+    assert sizes(8192, 2304, 256000, None, None) == (256, 2048, 3200)
+    assert sizes(8192, 8192, 131072, None, None) == (512, 4096, 2048)
+    assert sizes(2048, 4096, 131072, None, None) == (128, 2048, 4096)
+    assert sizes(1024, 4096, 131072, None, None) == (64, 1024, 4096)
+    assert sizes(32768, 4096, 131072, None, None) == (512, 2048, 4096)
+    loss_tiles = {"tile_bytes": jxent._linear._LOSS_BLOCK_TILE_BYTES}
+    assert sizes(8192, 4096, 131072, None, None, **loss_tiles) == (512, 8192, 4096)
+    assert sizes(32768, 2304, 256000, None, None, **loss_tiles)[1] == 8192
+    per_token = {"per_token": True}  # the heads' per-token blocks: 32 MiB rows
+    assert sizes(8192, 4096, 131072, None, None, **per_token) == (64, 1024, 8192)
     assert sizes(8192, 4096, 50257, None, None)[2] == 4096  # shifted last block
     assert sizes(100, 64, 1000, None, None) == (100, 100, 1000)
     assert sizes(8192, 4096, 131072, 512, 1000) == (512, 512, 1000)

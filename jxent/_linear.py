@@ -164,6 +164,9 @@ class _Static(NamedTuple):
     # of the forward, tokens per chunk of the class blocks; None: chosen for
     # the platform compiled for, True/False: forced (tests).
     row_chunk: int = 1
+    # The per-token heads' whole rows off the CPU (0: row_chunk): their
+    # forward pass runs on the CPU too, with rows sized for its budget.
+    chip_row_chunk: int = 0
     block_tokens: int = 1
     block_classes: int = 1
     vocab_outer: bool | None = None
@@ -1263,11 +1266,19 @@ def _per_token_block_tangents(
     chunk = static.block_tokens
     if block >= vocab:
         chunk = min(chunk, static.chunk_size)
-    rows = static._replace(row_chunk=min(static.row_chunk, static.chunk_size))
     # A head whose second output is identically zero (log-probabilities
     # without the entropy, the divergences) differentiates its first only.
     outputs = 2 if getattr(static.head, "with_entropy", False) else 1
-    out, values, cts = _tapped_rows(rows, p, data, outputs)
+    cpu_rows = min(static.row_chunk, static.chunk_size)
+    chip_rows = static.chip_row_chunk or cpu_rows
+
+    def tapped(rows: int):
+        return lambda: _tapped_rows(static._replace(row_chunk=rows), p, data, outputs)
+
+    if chip_rows == cpu_rows:
+        out, values, cts = tapped(cpu_rows)()
+    else:  # larger rows read w fewer times where memory allows
+        out, values, cts = on_cpu(tapped(cpu_rows), tapped(chip_rows))
 
     def block_start(j):
         return jnp.minimum(j * block, vocab - block)
@@ -1544,12 +1555,23 @@ def _block_sizes(
         most = _power_of_two_at_most(_BLOCK_DW_BYTES // (4 * depth))
     classes = vocab_chunk or _even_block(vocab, most)
     classes = max(1, min(classes, vocab))
-    share = max(num_tokens // _ROW_TILE_SHARE, _BLOCK_TILE_BYTES // (4 * vocab))
     # The per-token heads' whole rows run on the CPU too, within its budget.
-    row_bytes = _BLOCK_TILE_BYTES if per_token else _ROW_TILE_BYTES
-    rows = chunk or _power_of_two_at_most(min(row_bytes // (4 * vocab), share))
+    rows = chunk or _row_chunk(num_tokens, vocab, per_token)
     tokens = chunk or _power_of_two_at_most(tile_bytes // (4 * classes))
     return max(1, min(rows, num_tokens)), max(1, min(tokens, num_tokens)), classes
+
+
+def _row_chunk(num_tokens: int, vocab: int, cpu_sized: bool = False) -> int:
+    """Tokens per whole-row chunk of the vocabulary-outer forward pass.
+
+    At most ``_ROW_TILE_BYTES`` of float32 logits (``_BLOCK_TILE_BYTES`` when
+    ``cpu_sized``) and a sixteenth of the tokens, but never under
+    ``_BLOCK_TILE_BYTES``; a power of two.
+    """
+    row_bytes = _BLOCK_TILE_BYTES if cpu_sized else _ROW_TILE_BYTES
+    share = max(num_tokens // _ROW_TILE_SHARE, _BLOCK_TILE_BYTES // (4 * vocab))
+    rows = _power_of_two_at_most(min(row_bytes // (4 * vocab), share))
+    return max(1, min(rows, num_tokens))
 
 
 def _dw_passes(depth: int, vocab: int, dtype) -> int:

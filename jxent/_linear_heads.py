@@ -34,6 +34,7 @@ from jxent._linear import (
     _Params,
     _per_token_loss,
     _positive_int_or_none,
+    _row_chunk,
     _Static,
     _summed_loss,
     _tile_logits,
@@ -525,6 +526,7 @@ def linear_log_probs(
         chunk_size=chunk, vocab_chunk_size=block, soft=False, row_mask=row_mask,
         shards=shards, batch_axes=batch_axes, head=_LogProbsHead(return_entropy),
         strided=_partitioned_by_xla(x), row_chunk=row_chunk,
+        chip_row_chunk=chunk_size or _row_chunk(max(1, x[..., 0].size), vocab),
         block_tokens=block_tokens, block_classes=block_classes,
         vocab_outer=linear_module._VOCAB_OUTER,
     )  # fmt: skip
@@ -779,6 +781,7 @@ def linear_distillation_loss(
         strided=_partitioned_by_xla(x),
         dw_passes=dw_passes,
         row_chunk=row_chunk, block_tokens=block_tokens,
+        chip_row_chunk=chunk_size or _row_chunk(max(1, x[..., 0].size), vocab),
         block_classes=block_classes, vocab_outer=linear_module._VOCAB_OUTER,
     )  # fmt: skip
     acc = compute_dtype(jnp.result_type(x.dtype, teacher_x.dtype))

@@ -163,7 +163,7 @@ def _head_inputs(dtype=np.float32):
     return tuple(np.asarray(a, dtype) for a in (X, W, BIAS))
 
 
-def _log_probs_loss(fused, option, chunk, ct):
+def _log_probs_loss(fused, option, chunk, ct, argnums=(0, 1, 2, 3, 4)):
     """Σ ct·log p + Σ entropy, fused or from materialised logits (reference)."""
     kw = HEAD_OPTIONS[option]
     where = kw.get("where")
@@ -184,7 +184,7 @@ def _log_probs_loss(fused, option, chunk, ct):
             lp, ent = ref_log_probs(z, TARGET, temperature, mask, -1)
         return jnp.sum(lp * ct) + jnp.sum(ent), (lp, ent)
 
-    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+    return jax.value_and_grad(loss, argnums=argnums, has_aux=True)
 
 
 @pytest.mark.parametrize("option", list(HEAD_OPTIONS))
@@ -324,7 +324,7 @@ TB = RNG.normal(size=V).astype(np.float32)
 DISTILL_ARGS = (X, W, BIAS, TX, TW, TB)
 
 
-def _distill_loss(fused, reduction, chunk, ct, static_beta=None):
+def _distill_loss(fused, reduction, chunk, ct, static_beta=None, argnums=None):
     """Σ ct·loss as a function of every floating input (beta traced, or for
     the reference static and not differentiated)."""
 
@@ -342,7 +342,9 @@ def _distill_loss(fused, reduction, chunk, ct, static_beta=None):
             )  # fmt: skip
         return jnp.sum(out * ct)
 
-    return jax.value_and_grad(loss, argnums=tuple(range(8 if fused else 7)))
+    if argnums is None:
+        argnums = tuple(range(8 if fused else 7))
+    return jax.value_and_grad(loss, argnums=argnums)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none", "mean-two-passes"])
@@ -370,6 +372,58 @@ def test_linear_distillation_matches_float64_reference(reduction, monkeypatch):
             np.testing.assert_allclose(value, ref_value, rtol=2e-6, atol=2e-6)
             for i, (g, r) in enumerate(zip(grads, ref_grads, strict=False)):
                 np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5, err_msg=str(i))
+
+
+@pytest.fixture
+def chip_rows(monkeypatch):
+    """The TPU/GPU programs on the CPU, with rows that differ from the CPU's.
+
+    Off the CPU the per-token heads' forward pass takes larger whole-row
+    chunks than on it (``chip_row_chunk``). Here ``on_cpu`` answers "not the
+    CPU" and the tiles are shrunk so that the two sizes differ at N = 11:
+    2 rows sized for the CPU, 4 for the chips. The sizes are static
+    arguments of the jitted programs: no earlier trace is reused.
+    """
+    import jxent._linear as linear
+
+    monkeypatch.setattr(linear, "on_cpu", lambda cpu, other: other())
+    monkeypatch.setattr(linear, "_BLOCK_TILE_BYTES", 4 * V * 2)
+    monkeypatch.setattr(linear, "_ROW_TILE_SHARE", 2)
+    assert linear._row_chunk(N, V, cpu_sized=True) == 2
+    assert linear._row_chunk(N, V) == 4
+
+
+@pytest.mark.parametrize("option", ["plain", "row mask+cap"])
+def test_chip_rows_of_the_per_token_heads(chip_rows, option, monkeypatch):
+    """linear_log_probs with the entropy and the per-position distillation,
+    values and gradients w.r.t. x, w and bias (the class-block order's
+    inputs), against the float64 formulas."""
+    ct = np.arange(1.0, N + 1.0)
+    xwb = (0, 1, 2)
+    # int32 targets in both programs: jax 0.10.2's cached jnp.where lowering
+    # mixes up the float64 program's int64 targets and the float32 one's.
+    monkeypatch.setattr(sys.modules[__name__], "TARGET", TARGET.astype(np.int32))
+    f = jax.jit(_log_probs_loss(True, option, None, np.float32(ct), xwb))
+    (_, values), grads = f(*_head_inputs(), np.float32(0.7), np.float32(4.0))
+    with x64():
+        args = (*_head_inputs(np.float64), 0.7, 4.0)
+        ref = _log_probs_loss(False, option, None, ct, xwb)
+        (_, ref_values), ref_grads = jax.jit(ref)(*args)
+    for a, r in zip(values, ref_values, strict=True):
+        np.testing.assert_allclose(a, r, rtol=2e-6, atol=2e-6)
+    for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True)):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5, err_msg=str(i))
+    if option != "plain":
+        return
+    fused = jax.jit(_distill_loss(True, "none", None, np.float32(ct), argnums=xwb))
+    value, grads = fused(*DISTILL_ARGS, np.float32(1.4), np.float32(0.3))
+    with x64():
+        ref_fn = _distill_loss(False, "none", None, ct, 0.3, argnums=xwb)
+        args64 = (*(a.astype(np.float64) for a in DISTILL_ARGS), 1.4, 0.3)
+        ref_value, ref_grads = jax.jit(ref_fn)(*args64)
+    np.testing.assert_allclose(value, ref_value, rtol=2e-6, atol=2e-6)
+    for i, (g, r) in enumerate(zip(grads, ref_grads, strict=False)):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5, err_msg=str(i))
 
 
 @pytest.mark.parametrize("ignore_index", [-100, 0])

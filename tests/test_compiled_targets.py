@@ -253,16 +253,23 @@ def test_lm_head_holds_a_quarter_of_the_naive_memory(measured, target, case):
     assert flops_ratio <= 1.34, flops_ratio
 
 
+# jxent's traffic / the naive program's, at most (see the test below).
+FORWARD_TRAFFIC = {"linear bfloat16": 6.5, "log_probs bfloat16": 5.2}
+
+
+@pytest.mark.parametrize("case", list(FORWARD_TRAFFIC))
 @pytest.mark.parametrize("target", TARGETS)
-def test_lm_head_forward_reads_w_in_few_chunks(measured, target):
+def test_lm_head_forward_reads_w_in_few_chunks(measured, target, case):
     """The forward's whole-row chunks each read all of w: at this shape 128
     tokens per chunk (a sixteenth of them) give 5.9x (H100) and 5.0x (v5e) the
-    naive program's traffic, and the 64-token chunks of 73a81ed 8.5x and
-    8.1x (which measured 2.1-3.3x the naive time on an H200)."""
+    naive program's traffic for linear_cross_entropy, 4.6x and 4.1x for
+    linear_log_probs with the entropy; the 64-token chunks of 73a81ed 8.5x and
+    8.1x (which measured 2.1-3.3x the naive time on an H200), and 5.8x and
+    5.8x (the CPU's rows for the per-token heads)."""
     _require(target)
-    records = measured[target]["linear bfloat16"]
+    records = measured[target][case]
     ratio = records["jxent"]["traffic_bytes"] / records["naive"]["traffic_bytes"]
-    assert ratio <= 6.5, ratio
+    assert ratio <= FORWARD_TRAFFIC[case], ratio
 
 
 # CI compiles the sharded programs on the (2, 4) mesh; pytest --full on both.

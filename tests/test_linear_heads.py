@@ -54,6 +54,30 @@ def test_random_logits_with_bias_and_batch_shape():
     _check_all_chunks(X[:10].reshape(2, 5, D), W)
 
 
+def test_chip_blocks_of_argmax(monkeypatch):
+    """Off the CPU linear_argmax takes linear_cross_entropy's class blocks;
+    here ``on_cpu`` answers "not the CPU" and the blocks are shrunk to 4 of
+    the 13 classes (the last one shifted): against jnp.argmax of the float32
+    logits, with a bias, a soft cap, a row mask, a NaN and exact ties."""
+    import jxent._linear as linear
+    import jxent._linear_heads as heads
+
+    monkeypatch.setattr(heads, "on_cpu", lambda cpu, other: other())
+    monkeypatch.setattr(linear, "_BLOCK_DW_BYTES", 4 * D * 4)
+    assert linear._block_sizes(N, D, V, None, None)[2] == 4
+    x = RNG.integers(-1, 2, size=(N, D)).astype(np.float32)
+    w = RNG.integers(-1, 2, size=(D, V)).astype(np.float32)
+    w_nan = w.copy()
+    w_nan[0, 9] = np.nan
+    for kw in ({"bias": BIAS}, {"soft_cap": 2.0}, {"where": ROW_MASK}, {}):
+        want = np.asarray(reference_argmax(x, w, **kw))
+        got = jxent.linear_argmax(x, w, **kw)
+        np.testing.assert_array_equal(got, want, err_msg=str(list(kw)))
+    np.testing.assert_array_equal(
+        jxent.linear_argmax(x, w_nan), reference_argmax(x, w_nan)
+    )
+
+
 def test_ties_go_to_the_first_index():
     """Small integers: every logit is exact, so many exact ties across tokens
     chunks and vocabulary blocks."""

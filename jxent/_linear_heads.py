@@ -89,6 +89,16 @@ class _HeadStatic(NamedTuple):
     chip_vocab_chunk_size: int = 0
 
 
+def _chip_row_chunk(x, vocab: int, chunk_size, row_chunk: int) -> int:
+    """The per-token heads' whole rows off the CPU.
+
+    The user's chunk (as clamped in ``row_chunk``), else the chips' default.
+    """
+    if chunk_size is not None:
+        return row_chunk
+    return _row_chunk(max(1, x[..., 0].size), vocab)
+
+
 def _explicit_layout(x, w, class_axis_name, batch_axis_name):
     """The Explicit-sharding layout to run a head in (None: run as is)."""
     if class_axis_name is not None or batch_axis_name is not None:
@@ -552,7 +562,7 @@ def linear_log_probs(
         chunk_size=chunk, vocab_chunk_size=block, soft=False, row_mask=row_mask,
         shards=shards, batch_axes=batch_axes, head=_LogProbsHead(return_entropy),
         strided=_partitioned_by_xla(x), row_chunk=row_chunk,
-        chip_row_chunk=chunk_size or _row_chunk(max(1, x[..., 0].size), vocab),
+        chip_row_chunk=_chip_row_chunk(x, vocab, chunk_size, row_chunk),
         block_tokens=block_tokens, block_classes=block_classes,
         vocab_outer=linear_module._VOCAB_OUTER,
     )  # fmt: skip
@@ -807,7 +817,7 @@ def linear_distillation_loss(
         strided=_partitioned_by_xla(x),
         dw_passes=dw_passes,
         row_chunk=row_chunk, block_tokens=block_tokens,
-        chip_row_chunk=chunk_size or _row_chunk(max(1, x[..., 0].size), vocab),
+        chip_row_chunk=_chip_row_chunk(x, vocab, chunk_size, row_chunk),
         block_classes=block_classes, vocab_outer=linear_module._VOCAB_OUTER,
     )  # fmt: skip
     acc = compute_dtype(jnp.result_type(x.dtype, teacher_x.dtype))

@@ -62,7 +62,13 @@ def test_chip_blocks_of_argmax(monkeypatch):
     import jxent._linear as linear
     import jxent._linear_heads as heads
 
-    monkeypatch.setattr(heads, "on_cpu", lambda cpu, other: other())
+    chosen = []
+
+    def on_chip(cpu, other):
+        chosen.append(1)
+        return other()
+
+    monkeypatch.setattr(heads, "on_cpu", on_chip)
     monkeypatch.setattr(linear, "_BLOCK_DW_BYTES", 4 * D * 4)
     assert linear._block_sizes(N, D, V, None, None)[2] == 4
     x = RNG.integers(-1, 2, size=(N, D)).astype(np.float32)
@@ -76,6 +82,7 @@ def test_chip_blocks_of_argmax(monkeypatch):
     np.testing.assert_array_equal(
         jxent.linear_argmax(x, w_nan), reference_argmax(x, w_nan)
     )
+    assert chosen, "the chips' blocks were not chosen"
 
 
 def test_ties_go_to_the_first_index():
@@ -410,11 +417,18 @@ def chip_rows(monkeypatch):
     """
     import jxent._linear as linear
 
-    monkeypatch.setattr(linear, "on_cpu", lambda cpu, other: other())
+    chosen = []
+
+    def on_chip(cpu, other):
+        chosen.append(1)
+        return other()
+
+    monkeypatch.setattr(linear, "on_cpu", on_chip)
     monkeypatch.setattr(linear, "_BLOCK_TILE_BYTES", 4 * V * 2)
     monkeypatch.setattr(linear, "_ROW_TILE_SHARE", 2)
     assert linear._row_chunk(N, V, cpu_sized=True) == 2
     assert linear._row_chunk(N, V) == 4
+    yield chosen
 
 
 @pytest.mark.parametrize("option", ["plain", "row mask+cap"])
@@ -437,6 +451,7 @@ def test_chip_rows_of_the_per_token_heads(chip_rows, option, monkeypatch):
         np.testing.assert_allclose(a, r, rtol=2e-6, atol=2e-6)
     for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True)):
         np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5, err_msg=str(i))
+    assert chip_rows, "the chips' rows were not chosen"
     if option != "plain":
         return
     fused = jax.jit(_distill_loss(True, "none", None, np.float32(ct), argnums=xwb))

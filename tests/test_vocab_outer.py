@@ -273,6 +273,20 @@ def test_block_sizes():
     per_token = {"per_token": True}  # the heads' per-token blocks: 32 MiB rows
     assert sizes(8192, 4096, 131072, None, None, **per_token) == (64, 1024, 8192)
     assert sizes(8192, 4096, 50257, None, None)[2] == 4096  # shifted last block
+    # linear_cross_entropy asks for its own block tiles.
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("tile_bytes"))
+        return sizes(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jxent._linear, "_block_sizes", spy)
+        x = jax.ShapeDtypeStruct((8, 4), jnp.float32)
+        w = jax.ShapeDtypeStruct((4, 16), jnp.float32)
+        t = jax.ShapeDtypeStruct((8,), jnp.int32)
+        jax.eval_shape(jxent.linear_cross_entropy, x, w, t)
+    assert asked == [jxent._linear._LOSS_BLOCK_TILE_BYTES]
     assert sizes(100, 64, 1000, None, None) == (100, 100, 1000)
     assert sizes(8192, 4096, 131072, 512, 1000) == (512, 512, 1000)
 

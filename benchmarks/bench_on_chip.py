@@ -17,9 +17,9 @@ the measured times beside three predictions:
 It also times PyTorch on CUDA where torch sees a GPU: ``F.cross_entropy``
 for the logits; for the LM heads the naive ``F.cross_entropy((x @ w).float(),
 t)``, and Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy
-when they are installed. Contenders are interleaved round-robin; a time is
-the median of ``--repeats`` samples after warm-up, each sample the mean of
-back-to-back calls lasting at least ~10 ms.
+when they are installed. Contenders are interleaved (a random order each
+round); a time is the median of ``--repeats`` samples after warm-up, each
+sample the mean of back-to-back calls lasting about 10 ms.
 
     python benchmarks/bench_on_chip.py            # cross_entropy, linear_cross_entropy
     python benchmarks/bench_on_chip.py --parts heads --heads-shape 8192 4096 131072
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_compiled as bc
+import bench_cross_entropy as bce
 
 HERE = Path(__file__).resolve().parent
 GiB = 2**30
@@ -68,10 +68,6 @@ def chip():
     return device, target, deviceless
 
 
-def slug(kind: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in kind.lower()).strip("-")
-
-
 # ---------------------------------------------------------------- timing
 
 
@@ -84,34 +80,29 @@ def calls_per_sample(call, budget_s=0.01, most=50) -> int:
 
 
 def time_round_robin(calls: dict, repeats: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each contender, interleaved round-robin.
+    """Median seconds per call of each contender, interleaved in random order
+    (``bench_cross_entropy.time_interleaved``), each sample ``k`` back-to-back
+    calls lasting about 10 ms.
 
-    ``calls[name](k)`` runs ``k`` calls back to back and waits for the last.
+    ``calls[name](k)`` runs ``k`` calls back to back and waits for the last;
+    each has run once before (compiled, autotuned).
     """
-    for call in calls.values():
-        for _ in range(warmup):
-            call(1)
     counts = {name: calls_per_sample(call) for name, call in calls.items()}
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call(counts[name])
-            samples[name].append((time.perf_counter() - start) / counts[name])
-    return {
-        name: {
-            "median_s": statistics.median(s),
-            "min_s": min(s),
-            "iqr_over_median": _iqr(s) / statistics.median(s),
+    contenders = [
+        bce.Contender(name, lambda k, c=call, m=counts[name]: c(k * m))
+        for name, call in calls.items()
+    ]
+    _, times = bce.time_interleaved(contenders, repeats, warmup)
+    out = {}
+    for name, samples in times.items():
+        stats = bce.summarize([t / counts[name] for t in samples])
+        out[name] = {
+            "median_s": stats["median_ms"] / 1e3,
+            "min_s": stats["min_ms"] / 1e3,
+            "iqr_over_median": stats["iqr_rel"],
             "calls_per_sample": counts[name],
         }
-        for name, s in samples.items()
-    }
-
-
-def _iqr(samples):
-    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [0, 0, 0]
-    return q[2] - q[0]
+    return out
 
 
 def jax_call(compiled, args):
@@ -418,7 +409,7 @@ def run(args) -> list[dict]:
     device, target, deviceless = chip()
     measured = ceilings(device)
     known = predictions(deviceless)
-    out_dir = args.out_dir or HERE / "results" / slug(target.name)
+    out_dir = args.out_dir or HERE / "results" / bce.device_slug()
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "on_chip_heads" if list(args.parts) == ["heads"] else "on_chip"
     meta = {
@@ -431,7 +422,7 @@ def run(args) -> list[dict]:
         "repeats": args.repeats,
         "jax_backend": jax.default_backend(),
     }
-    meta.update(_torch_meta(), jxent_revision=_revision())
+    meta.update(_torch_meta(), jxent_revision=bce.git_revision())
     print(json.dumps(meta), flush=True)
     records = []
     for kind, shape, dtype, programs in jobs(args):
@@ -445,20 +436,6 @@ def run(args) -> list[dict]:
         records += rows
         write(records, meta, out_dir, name)
     return records
-
-
-def _revision() -> str | None:
-    """``git describe --always --dirty`` of this checkout, if it is one."""
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=HERE, capture_output=True, text=True, timeout=10, check=True,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _torch_meta() -> dict:

@@ -336,3 +336,26 @@ def test_cublas_matmuls_count_their_flops():
     # contracted dimension of dw's lhs is its first); other custom-calls none.
     stats = hlo_stats.program_stats(CUBLAS, THRESHOLD)
     assert stats.flops == 3 * 2 * 64 * 32 * 128
+
+
+def test_on_chip_quick_run_on_the_cpu(tmp_path):
+    # bench_on_chip.py on this CPU at tiny shapes: every program compiled,
+    # read and timed, jxent's value and gradient checked against optax's.
+    import json
+
+    bench = load_benchmark("bench_on_chip")
+    argv = ["--quick", "--parts", "cross_entropy", "--repeats", "3", "--no-torch"]
+    assert bench.main([*argv, "--out-dir", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "on_chip.json").read_text())["records"]
+    by_name = {(r["dtype"], r["program"]): r for r in records}
+    dtypes, names = ("float32", "bfloat16"), ("jxent", "optax")
+    assert set(by_name) == {(dtype, name) for dtype in dtypes for name in names}
+    for dtype, tolerance in (("float32", 1e-6), ("bfloat16", 1e-2)):
+        ours, optax = by_name[dtype, "jxent"], by_name[dtype, "optax"]
+        assert ours["median_s"] > 0 and optax["median_s"] > 0
+        assert ours["passes"] <= optax["passes"]
+        assert ours["value_rel_diff"] <= tolerance
+        assert ours["grad_rel_diffs"][0] <= tolerance
+    table = (tmp_path / "on_chip.md").read_text()
+    assert "| cross_entropy | 512×4096 | float32 | jxent |" in table
+    assert "| cross_entropy | 512×4096 | bfloat16 | optax |" in table

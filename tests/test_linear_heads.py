@@ -194,9 +194,12 @@ def _head_inputs(dtype=np.float32):
     return tuple(np.asarray(a, dtype) for a in (X, W, BIAS))
 
 
-def _log_probs_loss(fused, option, chunk, ct, argnums=(0, 1, 2, 3, 4)):
+def _log_probs_loss(
+    fused, option, chunk, ct, argnums=(0, 1, 2, 3, 4), vocab_chunk=None, target=None
+):
     """Σ ct·log p + Σ entropy, fused or from materialised logits (reference)."""
     kw = HEAD_OPTIONS[option]
+    target = TARGET if target is None else target
     where = kw.get("where")
 
     def loss(x, w, b, temperature, cap):
@@ -204,15 +207,16 @@ def _log_probs_loss(fused, option, chunk, ct, argnums=(0, 1, 2, 3, 4)):
         cap = cap if "soft_cap" in kw else None
         if fused:
             lp, ent = jxent.linear_log_probs(
-                x, w, TARGET, bias=bias, temperature=temperature, soft_cap=cap,
+                x, w, target, bias=bias, temperature=temperature, soft_cap=cap,
                 where=where, return_entropy=True, chunk_size=chunk,
+                vocab_chunk_size=vocab_chunk,
             )  # fmt: skip
         else:
             z = x @ w + (0.0 if bias is None else bias[None, :])
             if cap is not None:
                 z = cap * jnp.tanh(z / cap)
             mask = np.ones((N, V), bool) if where is None else where
-            lp, ent = ref_log_probs(z, TARGET, temperature, mask, -1)
+            lp, ent = ref_log_probs(z, target, temperature, mask, -1)
         return jnp.sum(lp * ct) + jnp.sum(ent), (lp, ent)
 
     return jax.value_and_grad(loss, argnums=argnums, has_aux=True)
@@ -245,6 +249,44 @@ def test_linear_log_probs_matches_float64_reference(option):
             np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5, err_msg=name)
     assert np.all(np.asarray(values[0])[[2, 7]] == 0)
     assert np.all(np.asarray(grads[0])[[2, 7]] == 0)
+
+
+@pytest.mark.parametrize("option", list(HEAD_OPTIONS))
+def test_linear_log_probs_bfloat16_gradients(option, monkeypatch):
+    """bfloat16 x, w and bias with the entropy, in class blocks of 4 (the
+    last shifted left: 4 does not divide V): on the CPU each block's dx
+    comes from the tangent's bfloat16 matmul, one for both outputs
+    (``_bfloat16_dx_logits``, spied on). Values, and gradients w.r.t. x, w
+    and bias (the class blocks' inputs), within bfloat16 rounding of the
+    float64 formulas on the rounded inputs (normwise)."""
+    calls = []
+    original = jxent._linear._bfloat16_dx_logits
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(jxent._linear, "_bfloat16_dx_logits", spy)
+    ct = np.arange(1.0, N + 1.0)
+    rounded = tuple(a.astype(jnp.bfloat16) for a in _head_inputs())  # NumPy's cast
+    cap = 2.5 if option != "row mask+cap" else 4.0
+    blocks = (0, 1, 2)
+    target = TARGET.astype(np.int32)  # int64 under x64 met a stale int32 trace
+    f = jax.jit(_log_probs_loss(True, option, 4, np.float32(ct), blocks, 4, target))
+    (_, values), grads = f(*rounded, np.float32(0.7), np.float32(cap))
+    assert calls, "the CPU's bfloat16 dx matmul was not used"
+    with x64():
+        args = (*(a.astype(np.float64) for a in rounded), 0.7, cap)
+        ref = jax.jit(_log_probs_loss(False, option, None, ct, blocks, None, target))
+        (_, ref_values), ref_grads = jax.tree.map(np.asarray, ref(*args))
+    for a, r in zip(values, ref_values, strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
+    names = ("dx", "dw", "dbias")
+    for name, g, r in zip(names, grads, ref_grads, strict=True):
+        g = np.asarray(g, np.float64)
+        error = np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)
+        assert error <= 4e-3, (name, error)
+    assert np.all(np.asarray(grads[0], np.float32)[[2, 7]] == 0)
 
 
 def test_linear_log_probs_check_grads_order_2_both_modes():
@@ -513,6 +555,36 @@ def test_linear_distillation_bfloat16_gradients_of_every_input(reduction, monkey
         np.testing.assert_allclose(
             np.asarray(g, np.float64), r, rtol=2e-2, atol=1e-2 * scale, err_msg=str(i)
         )
+
+
+def test_linear_distillation_bfloat16_student_gradients(monkeypatch):
+    """Per position, the bfloat16 student's x, w and bias differentiated:
+    the class blocks' path, whose dx comes from the CPU's bfloat16 matmul
+    (``_bfloat16_dx_logits``, spied on); gradients within bfloat16 rounding
+    of the float64 formulas on the rounded inputs (normwise)."""
+    calls = []
+    original = jxent._linear._bfloat16_dx_logits
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(jxent._linear, "_bfloat16_dx_logits", spy)
+    ct = np.arange(1.0, N + 1.0)
+    rounded = tuple(a.astype(jnp.bfloat16) for a in DISTILL_ARGS)  # NumPy's cast
+    with x64():
+        ref_fn = _distill_loss(False, "none", None, ct, 0.3, argnums=(0, 1, 2))
+        args64 = (*(a.astype(np.float64) for a in rounded), 1.4, 0.3)
+        ref_value, ref_grads = jax.tree.map(np.asarray, jax.jit(ref_fn)(*args64))
+    fused = jax.jit(_distill_loss(True, "none", 4, np.float32(ct), argnums=(0, 1, 2)))
+    value, grads = fused(*rounded, np.float32(1.4), np.float32(0.3))
+    assert calls, "the CPU's bfloat16 dx matmul was not used"
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
+    for name, g, r in zip(("dx", "dw", "dbias"), grads, ref_grads, strict=True):
+        assert g.dtype == jnp.bfloat16, name
+        g = np.asarray(g, np.float64)
+        error = np.linalg.norm(g - r) / np.linalg.norm(r)
+        assert error <= 4e-3, (name, error)
 
 
 def test_linear_distillation_check_grads_both_modes():

@@ -251,14 +251,9 @@ def test_linear_log_probs_matches_float64_reference(option):
     assert np.all(np.asarray(grads[0])[[2, 7]] == 0)
 
 
-@pytest.mark.parametrize("option", list(HEAD_OPTIONS))
-def test_linear_log_probs_bfloat16_gradients(option, monkeypatch):
-    """bfloat16 x, w and bias with the entropy, in class blocks of 4 (the
-    last shifted left: 4 does not divide V): on the CPU each block's dx
-    comes from the tangent's bfloat16 matmul, one for both outputs
-    (``_bfloat16_dx_logits``, spied on). Values, and gradients w.r.t. x, w
-    and bias (the class blocks' inputs), within bfloat16 rounding of the
-    float64 formulas on the rounded inputs (normwise)."""
+@pytest.fixture
+def bfloat16_dx(monkeypatch):
+    """The calls (at trace time) of the CPU's bfloat16 dx matmul of a block."""
     calls = []
     original = jxent._linear._bfloat16_dx_logits
 
@@ -267,6 +262,17 @@ def test_linear_log_probs_bfloat16_gradients(option, monkeypatch):
         return original(*args)
 
     monkeypatch.setattr(jxent._linear, "_bfloat16_dx_logits", spy)
+    return calls
+
+
+@pytest.mark.parametrize("option", list(HEAD_OPTIONS))
+def test_linear_log_probs_bfloat16_gradients(option, bfloat16_dx):
+    """bfloat16 x, w and bias with the entropy, in class blocks of 4 (the
+    last shifted left: 4 does not divide V): on the CPU each block's dx
+    comes from the tangent's bfloat16 matmul, one for both outputs
+    (``_bfloat16_dx_logits``, spied on). Values, and gradients w.r.t. x, w
+    and bias (the class blocks' inputs), within bfloat16 rounding of the
+    float64 formulas on the rounded inputs (normwise)."""
     ct = np.arange(1.0, N + 1.0)
     rounded = tuple(a.astype(jnp.bfloat16) for a in _head_inputs())  # NumPy's cast
     cap = 2.5 if option != "row mask+cap" else 4.0
@@ -274,7 +280,7 @@ def test_linear_log_probs_bfloat16_gradients(option, monkeypatch):
     target = TARGET.astype(np.int32)  # int64 under x64 met a stale int32 trace
     f = jax.jit(_log_probs_loss(True, option, 4, np.float32(ct), blocks, 4, target))
     (_, values), grads = f(*rounded, np.float32(0.7), np.float32(cap))
-    assert calls, "the CPU's bfloat16 dx matmul was not used"
+    assert bfloat16_dx, "the CPU's bfloat16 dx matmul was not used"
     with x64():
         args = (*(a.astype(np.float64) for a in rounded), 0.7, cap)
         ref = jax.jit(_log_probs_loss(False, option, None, ct, blocks, None, target))
@@ -557,19 +563,11 @@ def test_linear_distillation_bfloat16_gradients_of_every_input(reduction, monkey
         )
 
 
-def test_linear_distillation_bfloat16_student_gradients(monkeypatch):
+def test_linear_distillation_bfloat16_student_gradients(bfloat16_dx):
     """Per position, the bfloat16 student's x, w and bias differentiated:
     the class blocks' path, whose dx comes from the CPU's bfloat16 matmul
     (``_bfloat16_dx_logits``, spied on); gradients within bfloat16 rounding
     of the float64 formulas on the rounded inputs (normwise)."""
-    calls = []
-    original = jxent._linear._bfloat16_dx_logits
-
-    def spy(*args):
-        calls.append(args[0].shape)
-        return original(*args)
-
-    monkeypatch.setattr(jxent._linear, "_bfloat16_dx_logits", spy)
     ct = np.arange(1.0, N + 1.0)
     rounded = tuple(a.astype(jnp.bfloat16) for a in DISTILL_ARGS)  # NumPy's cast
     with x64():
@@ -578,7 +576,7 @@ def test_linear_distillation_bfloat16_student_gradients(monkeypatch):
         ref_value, ref_grads = jax.tree.map(np.asarray, jax.jit(ref_fn)(*args64))
     fused = jax.jit(_distill_loss(True, "none", 4, np.float32(ct), argnums=(0, 1, 2)))
     value, grads = fused(*rounded, np.float32(1.4), np.float32(0.3))
-    assert calls, "the CPU's bfloat16 dx matmul was not used"
+    assert bfloat16_dx, "the CPU's bfloat16 dx matmul was not used"
     np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
     for name, g, r in zip(("dx", "dw", "dbias"), grads, ref_grads, strict=True):
         assert g.dtype == jnp.bfloat16, name

@@ -1197,31 +1197,39 @@ def _class_block(a: jax.Array, start: jax.Array, block: int) -> jax.Array:
 
 
 # How a class block's tile gives dx: "primal", every output's through its own
-# matmul (_primal_dx_tangent); "tangent", through the tangent's dx w_j (one
-# float32 matmul, transposed in reverse mode), but a head with one output
-# through its primal one; "bfloat16", through the tangent's bfloat16 matmul.
-_DxBy = Literal["primal", "tangent", "bfloat16"]
+# matmul (_primal_dx_tangent); "transposed", through the tangent's float32
+# dx w_j, whose transpose in reverse mode is one matmul of the block's summed
+# cotangent, however many outputs; "tangent" (the chips'), "primal" for a
+# head with one output and "transposed" for two.
+_DxBy = Literal["primal", "tangent", "transposed"]
 
 
-def _bfloat16_dx_logits(t_x_c: jax.Array, w_j: jax.Array) -> jax.Array:
-    """``dz = dx w_j`` of a class block, a bfloat16 matmul (the CPU's).
+@functools.cache
+def _cpu_has_bfloat16_matrix_units() -> bool:
+    """Whether this host's CPU has AMX (``amx_bf16`` in Linux's cpuinfo).
 
-    Operands and result in bfloat16: reverse mode's ``dx`` is then the
-    transpose, one bfloat16 matmul of the block's summed cotangent (rounded
-    to bfloat16, as ``_primal_dx_tangent`` rounds ``c``), however many
-    outputs the head has, instead of one per output (``_primal_dx_tangent``)
-    or a float32 one (the tangent's, on the chips). XLA's CPU backend runs
-    it on the chip's bfloat16 matrix units: with the entropy at (1024, 512,
-    32768), ``linear_log_probs``' value_and_grad took 0.72 of the time of
-    two primal matmuls, without it 0.91 of one. ``dx`` loses nothing in the
-    operand (its dtype is ``x``'s, bfloat16). The block's share of it is a
-    bfloat16 result as written (XLA's CPU backend folds the conversion that
-    follows into a float32 one) and the blocks are summed in float32: within
-    the rounding of the bfloat16 ``dx`` returned. Float16, whose exponent
-    range is not float32's, keeps the primal matmuls.
+    There XLA runs a matmul of 16-bit operands with float32 results 2-4x
+    faster than a float32 one, and a 16-bit head's dx takes each output's
+    primal matmul (with the entropy, two of them). Elsewhere 16-bit matmuls
+    are no faster (a Xeon with ``avx512_bf16`` alone: bfloat16
+    ``linear_log_probs`` took 1.26x its float32 time at (2048, 512, 65536)),
+    and the transposed float32 one, one for every output, is faster: with
+    the entropy 0.71x the time of two primal matmuls there, alone 0.90x of
+    one. Only speed depends on it (unknown: not AMX).
     """
-    dz = lax.dot_general(t_x_c.astype(w_j.dtype), w_j, (((1,), (0,)), ((), ())))
-    return dz.astype(t_x_c.dtype)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return any(
+                line.startswith("flags") and "amx_bf16" in line.split()
+                for line in cpuinfo
+            )
+    except OSError:
+        return False
+
+
+def _cpu_dx_by() -> _DxBy:
+    """How a 16-bit head's class blocks give dx on this host's CPU."""
+    return "primal" if _cpu_has_bfloat16_matrix_units() else "transposed"
 
 
 def _primal_dx_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
@@ -1236,10 +1244,10 @@ def _primal_dx_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
     cotangent times ``a``, and for 16-bit ``w`` the matmul has 16-bit
     operands (XLA's CPU backend runs those 2-3x faster than float32 where
     the chip has bfloat16 matrix units) instead of the transpose of the
-    tangent's float32 ``dx w_j``. A head with one output takes it on every
-    platform (one matmul either way) but the CPU with bfloat16 ``x`` and
-    ``w`` (``_bfloat16_dx_logits``); with two (the entropy), a float16
-    ``w`` takes it on the CPU (two 16-bit matmuls for one float32 one).
+    tangent's float32 ``dx w_j``. Off the CPU a head with one output takes
+    it (one matmul either way); on a CPU with bfloat16 matrix units every
+    16-bit head does (with two outputs, two 16-bit matmuls for one float32
+    one); on other CPUs none (``_cpu_has_bfloat16_matrix_units``).
     """
 
     def weighted(z):
@@ -1344,9 +1352,7 @@ def _per_token_block_tangents(
         def logits_tangent(t_x_c):
             """``dz`` of the block (None when zero)."""
             terms = []
-            if t_x_c is not None and dx_by == "bfloat16":
-                terms.append(_bfloat16_dx_logits(t_x_c, w_j))
-            elif t_x_c is not None:
+            if t_x_c is not None:
                 terms.append(_tile_logits(t_x_c, w_j.astype(acc), None))
             if t_w_j is not None:
                 terms.append(_tile_logits(x_c.astype(acc), t_w_j, None))
@@ -1434,13 +1440,10 @@ def _per_token_block_tangents(
         return lax.scan(body, (zeros,) * outputs, xs)[0]
 
     if jnp.finfo(p.w.dtype).bits == 16:
-        # On the CPU, stacked blocks, and dx through 16-bit matmuls: for
-        # bfloat16 x and w the tangent's (one for every output), else every
-        # output's primal one (with the entropy, two of them: faster there
-        # than the transpose's one float32 matmul).
+        # On the CPU, stacked blocks, and dx as the host's matrix units
+        # prefer (_cpu_dx_by).
         stacked = not vocab % block and (need["w"] or need["bias"])
-        bfloat16 = p.x.dtype == p.w.dtype == jnp.bfloat16
-        cpu_dx: _DxBy = "bfloat16" if bfloat16 else "primal"
+        cpu_dx = _cpu_dx_by()
         t_out = on_cpu(
             lambda: over_all_blocks(stacked, cpu_dx),
             lambda: over_all_blocks(False, "tangent"),

@@ -251,28 +251,31 @@ def test_linear_log_probs_matches_float64_reference(option):
     assert np.all(np.asarray(grads[0])[[2, 7]] == 0)
 
 
-@pytest.fixture
-def bfloat16_dx(monkeypatch):
-    """The calls (at trace time) of the CPU's bfloat16 dx matmul of a block."""
+@pytest.fixture(params=["primal", "transposed"])
+def cpu_dx(request, monkeypatch):
+    """Each way a 16-bit head's class blocks give dx on the CPU, forced
+    (``_cpu_dx_by``: the host's AMX decides), with its calls at trace time.
+    Caches are cleared: the mode is not a static argument of the programs."""
     calls = []
-    original = jxent._linear._bfloat16_dx_logits
 
-    def spy(*args):
-        calls.append(args[0].shape)
-        return original(*args)
+    def forced():
+        calls.append(request.param)
+        return request.param
 
-    monkeypatch.setattr(jxent._linear, "_bfloat16_dx_logits", spy)
-    return calls
+    monkeypatch.setattr(jxent._linear, "_cpu_dx_by", forced)
+    jax.clear_caches()
+    yield calls
+    jax.clear_caches()
 
 
 @pytest.mark.parametrize("option", list(HEAD_OPTIONS))
-def test_linear_log_probs_bfloat16_gradients(option, bfloat16_dx):
+def test_linear_log_probs_bfloat16_gradients(option, cpu_dx):
     """bfloat16 x, w and bias with the entropy, in class blocks of 4 (the
-    last shifted left: 4 does not divide V): on the CPU each block's dx
-    comes from the tangent's bfloat16 matmul, one for both outputs
-    (``_bfloat16_dx_logits``, spied on). Values, and gradients w.r.t. x, w
-    and bias (the class blocks' inputs), within bfloat16 rounding of the
-    float64 formulas on the rounded inputs (normwise)."""
+    last shifted left: 4 does not divide V), each of the CPU's ways to dx
+    (each output's primal matmul, or one transposed float32 matmul for
+    both). Values, and gradients w.r.t. x, w and bias (the class blocks'
+    inputs), within bfloat16 rounding of the float64 formulas on the
+    rounded inputs (normwise)."""
     ct = np.arange(1.0, N + 1.0)
     rounded = tuple(a.astype(jnp.bfloat16) for a in _head_inputs())  # NumPy's cast
     cap = 2.5 if option != "row mask+cap" else 4.0
@@ -280,7 +283,7 @@ def test_linear_log_probs_bfloat16_gradients(option, bfloat16_dx):
     target = TARGET.astype(np.int32)  # int64 under x64 met a stale int32 trace
     f = jax.jit(_log_probs_loss(True, option, 4, np.float32(ct), blocks, 4, target))
     (_, values), grads = f(*rounded, np.float32(0.7), np.float32(cap))
-    assert bfloat16_dx, "the CPU's bfloat16 dx matmul was not used"
+    assert cpu_dx, "the CPU's dx mode was not asked for"
     with x64():
         args = (*(a.astype(np.float64) for a in rounded), 0.7, cap)
         ref = jax.jit(_log_probs_loss(False, option, None, ct, blocks, None, target))
@@ -563,10 +566,10 @@ def test_linear_distillation_bfloat16_gradients_of_every_input(reduction, monkey
         )
 
 
-def test_linear_distillation_bfloat16_student_gradients(bfloat16_dx):
+def test_linear_distillation_bfloat16_student_gradients(cpu_dx):
     """Per position, the bfloat16 student's x, w and bias differentiated:
-    the class blocks' path, whose dx comes from the CPU's bfloat16 matmul
-    (``_bfloat16_dx_logits``, spied on); gradients within bfloat16 rounding
+    the class blocks' path, each of the CPU's ways to dx (``cpu_dx``);
+    gradients within bfloat16 rounding
     of the float64 formulas on the rounded inputs (normwise)."""
     ct = np.arange(1.0, N + 1.0)
     rounded = tuple(a.astype(jnp.bfloat16) for a in DISTILL_ARGS)  # NumPy's cast
@@ -576,7 +579,7 @@ def test_linear_distillation_bfloat16_student_gradients(bfloat16_dx):
         ref_value, ref_grads = jax.tree.map(np.asarray, jax.jit(ref_fn)(*args64))
     fused = jax.jit(_distill_loss(True, "none", 4, np.float32(ct), argnums=(0, 1, 2)))
     value, grads = fused(*rounded, np.float32(1.4), np.float32(0.3))
-    assert bfloat16_dx, "the CPU's bfloat16 dx matmul was not used"
+    assert cpu_dx, "the CPU's dx mode was not asked for"
     np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
     for name, g, r in zip(("dx", "dw", "dbias"), grads, ref_grads, strict=True):
         assert g.dtype == jnp.bfloat16, name
@@ -765,3 +768,34 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
         # for 0.6 of the time.
         limit = limit + 2 * d * v
     assert memory.temp_size_in_bytes <= limit, memory.temp_size_in_bytes / budget
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", "primal"),
+        ("fpu avx512f avx512_bf16", "transposed"),
+        (None, "transposed"),  # no /proc/cpuinfo (not Linux)
+    ],
+)
+def test_cpu_dx_by_the_host_matrix_units(flags, expected, monkeypatch, tmp_path):
+    """AMX (``amx_bf16`` among the flags) keeps the 16-bit primal matmuls,
+    anything else, an unreadable cpuinfo included, the transposed one."""
+    import builtins
+
+    real_open = builtins.open
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n")
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/proc/cpuinfo":
+            return real_open(cpuinfo, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    jxent._linear._cpu_has_bfloat16_matrix_units.cache_clear()
+    try:
+        assert jxent._linear._cpu_dx_by() == expected
+    finally:
+        jxent._linear._cpu_has_bfloat16_matrix_units.cache_clear()

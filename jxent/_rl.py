@@ -123,7 +123,9 @@ def softmax_parts(
     shifted = jnp.where(excluded, 0.0, z - top)
     exp = jnp.where(excluded, 0.0, jnp.exp(shifted))
     total = shards.sum(jnp.sum(exp, axis=axis, keepdims=True))
-    total = jnp.where(total > 0, total, 1.0)
+    # A row without mass (every class excluded) sums to 0; a NaN logit's
+    # NaN sum stays NaN (poisoning the row: `total > 0` made it 1).
+    total = jnp.where(total == 0, 1.0, total)
     return SoftmaxParts(shifted, exp, total)
 
 

@@ -471,6 +471,44 @@ def test_bad_values_under_jit_give_nan_values_and_gradients():
     assert np.isnan(lp[1]) and np.all(np.isfinite(np.asarray(lp)[[0, 2]]))
 
 
+def test_nan_logits_poison_values_and_gradients():
+    """A NaN logit (or a NaN column of w) makes its row's log-probability,
+    entropy and divergence NaN, and their gradients; other rows stay finite.
+    The row's sum of exponentials used to be replaced by 1 when NaN, which
+    gave a finite log-probability (0.5 for the first row below)."""
+    x = RNG.normal(size=(3, C)).astype(np.float32)
+    x[0, 1] = np.nan
+    t = np.array([0, 1, 2])
+
+    def lp_fn(x):
+        lp, ent = jxent.log_probs(x, t, return_entropy=True)
+        return lp, ent
+
+    lp, ent = jax.jit(lp_fn)(x)
+    assert np.isnan(lp[0]) and np.isnan(ent[0])
+    assert np.all(np.isfinite(np.asarray(lp)[1:])) and np.all(np.isfinite(ent[1:]))
+    gx = jax.jit(jax.grad(lambda x: jnp.sum(sum(lp_fn(x)))))(x)
+    assert np.all(np.isnan(gx[0])) and np.all(np.isfinite(gx[1:]))
+    kd = jax.jit(
+        lambda s: jxent.distillation_loss(s, jnp.zeros_like(s), reduction="none")
+    )
+    assert np.isnan(kd(x)[0]) and np.all(np.isfinite(np.asarray(kd(x))[1:]))
+    d, v = 4, C
+    h = RNG.normal(size=(3, d)).astype(np.float32)
+    w = RNG.normal(size=(d, v)).astype(np.float32)
+    w[2, 5] = np.nan  # every position's logit of class 5
+
+    def fused(h, w):
+        lp, ent = jxent.linear_log_probs(h, w, t, return_entropy=True)
+        return jnp.sum(lp + ent), (lp, ent)
+
+    (_, (lp, ent)), (gh, gw) = jax.jit(
+        jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)
+    )(h, w)
+    assert np.all(np.isnan(lp)) and np.all(np.isnan(ent))
+    assert np.all(np.isnan(gh)) and np.isnan(np.asarray(gw)).any()
+
+
 def test_vmap_and_16_bit_inputs():
     x = RNG.normal(size=(4, 3, C)).astype(np.float32)
     teacher = RNG.normal(size=(4, 3, C)).astype(np.float32)

@@ -1214,7 +1214,7 @@ def _cpu_has_bfloat16_matrix_units() -> bool:
     are no faster (a Xeon with ``avx512_bf16`` alone: bfloat16
     ``linear_log_probs`` took 1.26x its float32 time at (2048, 512, 65536)),
     and the transposed float32 one, one for every output, is faster: with
-    the entropy 0.71x the time of two primal matmuls there, alone 0.90x of
+    the entropy 0.71x the time of two primal matmuls there, alone 0.88x of
     one. Only speed depends on it (unknown: not AMX).
     """
     try:

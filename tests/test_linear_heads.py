@@ -54,6 +54,18 @@ def test_random_logits_with_bias_and_batch_shape():
     _check_all_chunks(X[:10].reshape(2, 5, D), W)
 
 
+def _answer_not_the_cpu(monkeypatch, module) -> list:
+    """``module.on_cpu`` takes the chips' branch; the list records its calls."""
+    chosen = []
+
+    def on_chip(cpu, other):
+        chosen.append(1)
+        return other()
+
+    monkeypatch.setattr(module, "on_cpu", on_chip)
+    return chosen
+
+
 def test_chip_blocks_of_argmax(monkeypatch):
     """Off the CPU linear_argmax takes linear_cross_entropy's class blocks;
     here ``on_cpu`` answers "not the CPU" and the blocks are shrunk to 4 of
@@ -62,13 +74,7 @@ def test_chip_blocks_of_argmax(monkeypatch):
     import jxent._linear as linear
     import jxent._linear_heads as heads
 
-    chosen = []
-
-    def on_chip(cpu, other):
-        chosen.append(1)
-        return other()
-
-    monkeypatch.setattr(heads, "on_cpu", on_chip)
+    chosen = _answer_not_the_cpu(monkeypatch, heads)
     monkeypatch.setattr(linear, "_BLOCK_DW_BYTES", 4 * D * 4)
     assert linear._block_sizes(N, D, V, None, None)[2] == 4
     x = RNG.integers(-1, 2, size=(N, D)).astype(np.float32)
@@ -468,13 +474,7 @@ def chip_rows(monkeypatch):
     """
     import jxent._linear as linear
 
-    chosen = []
-
-    def on_chip(cpu, other):
-        chosen.append(1)
-        return other()
-
-    monkeypatch.setattr(linear, "on_cpu", on_chip)
+    chosen = _answer_not_the_cpu(monkeypatch, linear)
     monkeypatch.setattr(linear, "_BLOCK_TILE_BYTES", 4 * V * 2)
     monkeypatch.setattr(linear, "_ROW_TILE_SHARE", 2)
     assert linear._row_chunk(N, V, cpu_sized=True) == 2

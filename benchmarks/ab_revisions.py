@@ -3,8 +3,11 @@
 Both versions run in one process, interleaved in a random order per round, so
 that load on the machine falls on both alike; prints the median time of each
 and their ratio for ``value_and_grad`` (or the forward with ``--forward``).
+``--heads`` compares ``linear_log_probs`` instead (alone and with the entropy,
+temperature 0.9, ``value_and_grad`` w.r.t. ``x`` and ``w``) at ``N,D,V``.
 
     python benchmarks/ab_revisions.py --base ac2f279 --shape 512,131072
+    python benchmarks/ab_revisions.py --base b919a5e --heads --shape 2048,512,65536
 """
 
 from __future__ import annotations
@@ -43,54 +46,98 @@ def import_revision(rev: str, where: Path):
     return importlib.import_module("jxent_base")
 
 
+def time_interleaved(fns: dict, args: tuple, repeats: int) -> dict:
+    """Median ms of each function over ``repeats`` rounds in a random order."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    for _ in range(repeats):
+        for k in random.sample(list(fns), len(fns)):
+            start = time.perf_counter()
+            jax.block_until_ready(fns[k](*args))
+            times[k].append(time.perf_counter() - start)
+    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+
+
+def report(label: str, med: dict) -> None:
+    print(
+        f"{label:42s} new/base {med['new'] / med['base']:.3f}  "
+        f"(new {med['new']:.1f} ms, base {med['base']:.1f} ms)"
+    )
+
+
+def cross_entropy_cases(jxent, base, shape, repeats, forward):
+    n, c = shape
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for name, kw in (
+            ("plain", {}),
+            (
+                "weighted+smoothed+ignore",
+                dict(
+                    weight=jnp.linspace(0.5, 2.0, c),
+                    label_smoothing=0.1,
+                    ignore_index=3,
+                ),
+            ),
+        ):
+            x = jax.random.normal(jax.random.key(0), (n, c), dtype)
+            t = jax.random.randint(jax.random.key(1), (n,), 0, c)
+
+            def program(module, kw=kw, t=t):
+                loss = lambda logits: module.cross_entropy(logits, t, **kw)
+                return jax.jit(loss if forward else jax.value_and_grad(loss))
+
+            fns = {"new": program(jxent), "base": program(base)}
+            med = time_interleaved(fns, (x,), repeats)
+            report(f"{jnp.dtype(dtype).name:9s} {name}", med)
+
+
+def heads_cases(jxent, base, shape, repeats):
+    n, d, v = shape
+    keys = jax.random.split(jax.random.key(0), 3)
+    t = jax.random.randint(keys[2], (n,), 0, v)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jax.random.normal(keys[0], (n, d)).astype(dtype)
+        w = (jax.random.normal(keys[1], (d, v)) * d**-0.5).astype(dtype)
+        for entropy in (False, True):
+
+            def program(module, entropy=entropy):
+                def loss(hidden, weight):
+                    out = module.linear_log_probs(
+                        hidden, weight, t, temperature=0.9, return_entropy=entropy
+                    )
+                    return (out[0] + 0.01 * out[1]).sum() if entropy else out.sum()
+
+                return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+            fns = {"new": program(jxent), "base": program(base)}
+            med = time_interleaved(fns, (x, w), repeats)
+            name = "with the entropy" if entropy else "alone"
+            report(f"{jnp.dtype(dtype).name:9s} linear_log_probs {name}", med)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="git revision to compare")
-    parser.add_argument("--shape", default="2048,32768", help="N,C")
+    parser.add_argument("--shape", default=None, help="N,C (N,D,V with --heads)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--forward", action="store_true", help="loss only")
+    parser.add_argument("--heads", action="store_true", help="linear_log_probs")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     import jxent
 
-    n, c = map(int, args.shape.split(","))
+    default = "2048,512,65536" if args.heads else "2048,32768"
+    shape = tuple(map(int, (args.shape or default).split(",")))
+    if len(shape) != (3 if args.heads else 2):
+        parser.error(f"--shape {args.shape!r}: N,D,V with --heads, else N,C")
     with tempfile.TemporaryDirectory() as tmp:
         base = import_revision(args.base, Path(tmp))
-        print(f"this tree vs {args.base}, ({n}, {c}), median of {args.repeats}")
-        for dtype in (jnp.float32, jnp.bfloat16):
-            for name, kw in (
-                ("plain", {}),
-                (
-                    "weighted+smoothed+ignore",
-                    dict(
-                        weight=jnp.linspace(0.5, 2.0, c),
-                        label_smoothing=0.1,
-                        ignore_index=3,
-                    ),
-                ),
-            ):
-                x = jax.random.normal(jax.random.key(0), (n, c), dtype)
-                t = jax.random.randint(jax.random.key(1), (n,), 0, c)
-
-                def program(module, kw=kw, t=t):
-                    loss = lambda logits: module.cross_entropy(logits, t, **kw)
-                    return jax.jit(loss if args.forward else jax.value_and_grad(loss))
-
-                fns = {"new": program(jxent), "base": program(base)}
-                times = {k: [] for k in fns}
-                for fn in fns.values():
-                    jax.block_until_ready(fn(x))
-                for _ in range(args.repeats):
-                    for k in random.sample(list(fns), len(fns)):
-                        start = time.perf_counter()
-                        jax.block_until_ready(fns[k](x))
-                        times[k].append(time.perf_counter() - start)
-                med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-                print(
-                    f"{jnp.dtype(dtype).name:9s} {name:25s} new/base "
-                    f"{med['new'] / med['base']:.3f}  (new {med['new']:.1f} ms, "
-                    f"base {med['base']:.1f} ms)"
-                )
+        print(f"this tree vs {args.base}, {shape}, median of {args.repeats}")
+        if args.heads:
+            heads_cases(jxent, base, shape, args.repeats)
+        else:
+            cross_entropy_cases(jxent, base, shape, args.repeats, args.forward)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from jxent._types import KLReduction, Reduction
 from jxent._validation import (
     REDUCTIONS,
     check_bool,
+    check_buffer,
     check_ignore_index,
     check_reduction,
     check_unit_interval,
@@ -253,6 +254,7 @@ class NLLLoss(_LossModule):
     def __post_init__(self) -> None:
         check_reduction(self.reduction, REDUCTIONS)
         check_ignore_index(self.ignore_index)
+        check_buffer(self.weight, "weight", vector=True, allow_bool=False)
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
         """The loss of log-probabilities ``input`` against ``target``."""
@@ -301,6 +303,7 @@ class CrossEntropyLoss(_LossModule):
     def __post_init__(self) -> None:
         check_reduction(self.reduction, REDUCTIONS)
         check_ignore_index(self.ignore_index)
+        check_buffer(self.weight, "weight", vector=True, allow_bool=False)
         _check_label_smoothing_values(self.label_smoothing)
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
@@ -374,6 +377,7 @@ class BCELoss(_LossModule):
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction)
+        check_buffer(self.weight, "weight", vector=False, allow_bool=True)
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
         """The loss of probabilities ``input`` against ``target``."""
@@ -411,6 +415,8 @@ class BCEWithLogitsLoss(_LossModule):
 
     def __post_init__(self) -> None:
         check_reduction(self.reduction)
+        check_buffer(self.weight, "weight", vector=False, allow_bool=True)
+        check_buffer(self.pos_weight, "pos_weight", vector=False, allow_bool=True)
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
         """The loss of logits ``input`` against ``target``."""

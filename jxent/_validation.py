@@ -100,15 +100,43 @@ def check_unit_interval(value: ArrayLike, name: str) -> ArrayLike:
     return _check_scalar_option(value, name, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
 
+def _check_real_dtype(dtype, name: str, *, allow_bool: bool, got: str = "") -> None:
+    """Raises ``TypeError`` unless ``dtype`` is a real (float or int) one."""
+    ok = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    if not (ok or (allow_bool and dtype == jnp.bool_)):
+        raise TypeError(
+            f"`{name}` must be a real (float) array, got {got}dtype {dtype}; pass "
+            "e.g. jnp.asarray(..., jnp.float32)."
+        )
+
+
+def check_buffer(value: object, name: str, *, vector: bool, allow_bool: bool) -> None:
+    """Checks a loss object's concrete ``weight``/``pos_weight`` when it is built.
+
+    A real array (a vector of class weights when ``vector``); ``None`` and
+    traced values (a loss built inside ``jit`` or ``vmap``) pass here, and
+    every value is checked against the input's shape when called.
+    """
+    if value is None or not is_concrete(value):
+        return
+    try:
+        dtype, ndim = np.asarray(value).dtype, np.ndim(value)
+    except Exception as e:
+        raise TypeError(f"`{name}` must be a real (float) array, got {value!r}.") from e
+    _check_real_dtype(dtype, name, allow_bool=allow_bool, got=f"{value!r} of ")
+    if vector and ndim != 1:
+        raise ValueError(
+            f"`{name}` must be a 1-D array of class weights (one per class), "
+            f"got shape {np.shape(value)}."
+        )
+
+
 def check_weight(weight: ArrayLike | None, num_classes: int) -> jax.Array | None:
     """Checks that ``weight`` is ``None`` or a real 1-D vector of length C."""
     if weight is None:
         return None
     w = jnp.asarray(weight)
-    if not (
-        jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)
-    ):
-        raise TypeError(f"`weight` must be a real (float) array, got {w.dtype}.")
+    _check_real_dtype(w.dtype, "weight", allow_bool=False)
     if w.shape != (num_classes,):
         raise ValueError(
             f"`weight` must be a 1-D array of length C={num_classes} (one weight "
@@ -297,12 +325,7 @@ def check_broadcast_weight(
     if weight is None:
         return None
     w = jnp.asarray(weight)
-    if not (
-        jnp.issubdtype(w.dtype, jnp.floating)
-        or jnp.issubdtype(w.dtype, jnp.integer)
-        or w.dtype == jnp.bool_
-    ):
-        raise TypeError(f"`{name}` must be a real (float) array, got {w.dtype}.")
+    _check_real_dtype(w.dtype, name, allow_bool=True)
     try:
         broadcast = np.broadcast_shapes(w.shape, tuple(shape))
     except ValueError:

@@ -512,6 +512,39 @@ def test_constructor_rejects_bad_reduction_before_any_call(make):
         make()
 
 
+@pytest.mark.parametrize(
+    ("make", "exc", "regex"),
+    [
+        (lambda: jxent.CrossEntropyLoss(weight="abc"), TypeError, r"`weight`.*'abc'"),
+        (lambda: jxent.CrossEntropyLoss([1.0, "x"]), TypeError, r"`weight`.*'x'"),
+        (lambda: jxent.NLLLoss(np.ones((2, 3))), ValueError, r"`weight`.*\(2, 3\)"),
+        (lambda: jxent.CrossEntropyLoss(np.float32(2)), ValueError, r"1-D.*\(\)"),
+        (lambda: jxent.BCELoss(weight=["a"]), TypeError, r"`weight`"),
+        (
+            lambda: jxent.BCEWithLogitsLoss(pos_weight=object()),
+            TypeError,
+            r"`pos_weight`.*object",
+        ),
+    ],
+    ids=["ce-str", "ce-list", "nll-2d", "ce-scalar", "bce", "bce-logits-pos"],
+)
+def test_constructor_rejects_bad_buffers_before_any_call(make, exc, regex):
+    with pytest.raises(exc, match=regex):
+        make()
+
+
+def test_constructor_accepts_real_buffers_and_leaves_traced_ones_to_the_call():
+    assert jxent.CrossEntropyLoss([1, 2, 3]).weight.tolist() == [1, 2, 3]
+    jxent.BCEWithLogitsLoss(weight=[[1.0, 2.0]], pos_weight=np.array([True, False]))
+
+    @jax.jit
+    def stacked_weight(w):  # traced: no shape known yet, checked by the call
+        return jxent.CrossEntropyLoss(w)(jnp.zeros((2, 3)), jnp.array([0, 1]))
+
+    with pytest.raises(ValueError, match="length C=3"):
+        stacked_weight(jnp.ones((2, 3)))
+
+
 def test_traced_label_smoothing_gives_nan_outside_and_concrete_raises():
     """A traced value cannot raise: outside [0, 1] the loss is NaN."""
     f = jax.jit(lambda x, t, eps: ce(x, t, label_smoothing=eps))

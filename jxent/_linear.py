@@ -1199,8 +1199,10 @@ def _class_block(a: jax.Array, start: jax.Array, block: int) -> jax.Array:
 # How a class block's tile gives dx: "primal", every output's through its own
 # matmul (_primal_dx_tangent); "transposed", through the tangent's float32
 # dx w_j, whose transpose in reverse mode is one matmul of the block's summed
-# cotangent, however many outputs; "tangent" (the chips'), "primal" for a
-# head with one output and "transposed" for two.
+# cotangent, however many outputs, and the tile's logits recomputed from
+# float32 copies of x_c and w_j (a CPU without bfloat16 matrix units);
+# "tangent" (the chips'), "primal" for a head with one output and
+# "transposed" for two, 16-bit logits matmuls.
 _DxBy = Literal["primal", "tangent", "transposed"]
 
 
@@ -1215,7 +1217,15 @@ def _cpu_has_bfloat16_matrix_units() -> bool:
     ``linear_log_probs`` took 1.26x its float32 time at (2048, 512, 65536)),
     and the transposed float32 one, one for every output, is faster: with
     the entropy 0.71x the time of two primal matmuls there, alone 0.88x of
-    one. Only speed depends on it (unknown: not AMX).
+    one. There a matmul of float32 copies of a block's operands also beats
+    XLA's 16-bit one (151 against 230 GFLOP/s at (1024, 512) x (512, 8192)),
+    so the class blocks recompute their logits from those: 0.87x the time
+    again (bfloat16, (2048, 512, 65536), alone or with the entropy), the
+    copies taking less memory than the 16-bit matmul's own temporaries
+    (value_and_grad 392 -> 376 MiB at (2048, 1024, 131072)). Converting w
+    for the whole rows' pass too gained nothing there and cost a float32
+    copy of w (888 MiB, over the budget). Only speed depends on it
+    (unknown: not AMX).
     """
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
@@ -1334,7 +1344,11 @@ def _per_token_block_tangents(
             take(v) if v is not None and name in sliced else v
             for name, v in zip(_SMALL, small, strict=True)
         )
-        logits = _tile_logits(x_c, w_j, None if p.bias is None else take(p.bias))
+        bias_j = None if p.bias is None else take(p.bias)
+        if dx_by == "transposed":  # a CPU without bfloat16 matrix units
+            logits = _tile_logits(x_c.astype(acc), w_j.astype(acc), bias_j)
+        else:
+            logits = _tile_logits(x_c, w_j, bias_j)
         # The last block is shifted left to stay in bounds: the columns it
         # shares with the previous block count there only.
         fresh = None

@@ -1320,7 +1320,11 @@ def _per_token_block_tangents(
     # when given): at (2048, 512, 65536) float32 its matmuls of 128 rows ran
     # at 237 GFLOP/s against 190 with the token chunk's 64, value_and_grad
     # of linear_log_probs in 0.95x the time (temporaries 104 -> 128 MiB).
+    # Rows of all the tokens (small shapes) take the token chunk instead: no
+    # (N, V) tile.
     cpu_rows = static.row_chunk
+    if cpu_rows >= num_tokens:
+        cpu_rows = min(cpu_rows, static.chunk_size)
     chip_rows = static.chip_row_chunk or cpu_rows
 
     def tapped(rows: int):

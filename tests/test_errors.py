@@ -545,6 +545,24 @@ def test_constructor_accepts_real_buffers_and_leaves_traced_ones_to_the_call():
         stacked_weight(jnp.ones((2, 3)))
 
 
+def test_boolean_weights_count_as_zero_one_for_bce_and_are_refused_for_ce():
+    # torch-style masks as BCE weights: True/False weigh as 1/0, in the
+    # function and in the loss object alike; class weights must be numbers.
+    x = jnp.array([[0.3, -1.2], [2.0, 0.5]])
+    y = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    mask = np.array([True, False])
+    ones = mask.astype(np.float32)
+    want = jxent.binary_cross_entropy_with_logits(x, y, ones, pos_weight=ones)
+    got = jxent.binary_cross_entropy_with_logits(x, y, mask, pos_weight=mask)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    module = jxent.BCEWithLogitsLoss(weight=mask, pos_weight=mask)
+    np.testing.assert_allclose(module(x, y), want, rtol=1e-6)
+    with pytest.raises(TypeError, match=r"`weight`.*bool"):
+        jxent.cross_entropy(x, jnp.array([0, 1]), weight=mask)
+    with pytest.raises(TypeError, match=r"`weight`.*bool"):
+        jxent.CrossEntropyLoss(mask)
+
+
 def test_traced_label_smoothing_gives_nan_outside_and_concrete_raises():
     """A traced value cannot raise: outside [0, 1] the loss is NaN."""
     f = jax.jit(lambda x, t, eps: ce(x, t, label_smoothing=eps))

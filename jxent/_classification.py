@@ -17,6 +17,7 @@ from jxent._kernels import (
     capped_logits,
     compute_dtype,
     cross_entropy_stats,
+    invalid_soft_cap,
     take_target,
 )
 from jxent._reduction import reduce_loss
@@ -124,15 +125,17 @@ def _poisoned_inputs(
 def invalid_options(
     label_smoothing: jax.Array | float,
     z_loss: jax.Array | float,
+    soft_cap: jax.Array | float | None = None,
     *,
     smoothing: bool,
     with_z_loss: bool,
 ) -> jax.Array | bool:
-    """Whether a traced ``label_smoothing`` is outside [0, 1] or ``z_loss < 0``.
+    """Whether a traced option is out of its range.
 
-    Concrete values are refused at trace time; traced ones make the loss and
-    its gradients NaN (see ``jxent._safe_math.poison``). NaN counts as
-    invalid.
+    ``label_smoothing`` outside [0, 1], ``z_loss < 0``, ``soft_cap`` (when
+    given) not > 0. Concrete values are refused at trace time; traced ones
+    make the loss and its gradients NaN (see ``jxent._safe_math.poison``).
+    NaN counts as invalid.
     """
     invalid: jax.Array | bool = False
     if smoothing:
@@ -140,7 +143,7 @@ def invalid_options(
         invalid = invalid | ~((eps >= 0) & (eps <= 1))
     if with_z_loss:
         invalid = invalid | ~(jnp.asarray(z_loss) >= 0)
-    return invalid
+    return invalid | invalid_soft_cap(soft_cap)
 
 
 def hard_target_loss(
@@ -170,8 +173,8 @@ def hard_target_loss(
     dtype = compute_dtype(logits.dtype)
     num_classes = shards.num_classes(logits.shape[axis])
     bad = _bad_rows(
-        target, where, label_smoothing, z_loss, num_classes, ignore_index, axis,
-        smoothing, with_z_loss, shards,
+        target, where, label_smoothing, z_loss, soft_cap, num_classes, ignore_index,
+        axis, smoothing, with_z_loss, shards,
     )  # fmt: skip
     if poison_inputs:
         logits, weight = _poisoned_inputs(logits, weight, _any(bad))
@@ -190,8 +193,8 @@ def hard_target_loss(
 
 
 def _bad_rows(
-    target, where, label_smoothing, z_loss, num_classes, ignore_index, axis,
-    smoothing, with_z_loss, shards,
+    target, where, label_smoothing, z_loss, soft_cap, num_classes, ignore_index,
+    axis, smoothing, with_z_loss, shards,
 ):  # fmt: skip
     """Positions whose loss is NaN (with NaN derivatives).
 
@@ -209,7 +212,7 @@ def _bad_rows(
         included = included.astype(jnp.int32)
         bad = bad | (checked.valid & (shards.pick(included, here) == 0))
     return bad | invalid_options(
-        label_smoothing, z_loss, smoothing=smoothing, with_z_loss=with_z_loss
+        label_smoothing, z_loss, soft_cap, smoothing=smoothing, with_z_loss=with_z_loss
     )
 
 
@@ -256,6 +259,7 @@ def hard_target_row_cotangents(
     weight: jax.Array | None,
     label_smoothing: jax.Array | float,
     z_loss: jax.Array | float,
+    soft_cap: jax.Array | None,
     where: jax.Array | None,
     *,
     num_classes: int,
@@ -275,8 +279,8 @@ def hard_target_row_cotangents(
     """
     dtype = lse.dtype
     bad = _bad_rows(
-        target, where, label_smoothing, z_loss, num_classes, ignore_index, -1,
-        smoothing, with_z_loss, shards,
+        target, where, label_smoothing, z_loss, soft_cap, num_classes, ignore_index,
+        -1, smoothing, with_z_loss, shards,
     )  # fmt: skip
     terms = target_terms(target, weight, num_classes, ignore_index, dtype, shards)
     count = _num_included(where, num_classes, -1, dtype, shards) if smoothing else None
@@ -341,7 +345,7 @@ def soft_target_loss(
     if with_z_loss:
         loss = loss + _scaled(jnp.asarray(z_loss, dtype), jnp.square(lse))
     bad = invalid_options(
-        label_smoothing, z_loss, smoothing=smoothing, with_z_loss=with_z_loss
+        label_smoothing, z_loss, soft_cap, smoothing=smoothing, with_z_loss=with_z_loss
     )
     return poison(loss, bad), lse
 
@@ -598,7 +602,8 @@ def cross_entropy(
       axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
       z_loss: coefficient ``>= 0`` of the auxiliary ``lse²`` term (traced; a
         traced negative value makes the loss and its gradients NaN).
-      soft_cap: ``None`` or a cap ``> 0`` for ``cap · tanh(x / cap)``.
+      soft_cap: ``None`` or a cap ``> 0`` for ``cap · tanh(x / cap)`` (a traced
+        cap that is not > 0 makes the loss and its gradients NaN).
       where: optional boolean class mask broadcastable to the logits (a 1-D
         mask of length C lies along ``axis``). A target on an excluded class
         gives NaN.

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jxent._safe_math import poison
 from jxent._sharding import UNSHARDED, ClassShards
 
 T = TypeVar("T")
@@ -64,11 +65,23 @@ def take_target(x: jax.Array, target: jax.Array, axis: int) -> jax.Array:
 
 
 def capped_logits(logits: jax.Array, soft_cap: jax.Array | None) -> jax.Array:
-    """Logits in the accumulation dtype, soft-capped: ``c · tanh(x / c)``."""
+    """Logits in the accumulation dtype, soft-capped: ``c · tanh(x / c)``.
+
+    A traced cap that is not > 0 (refused when concrete; ``c · tanh(x / c)``
+    is even in ``c``, so a negative one would pass as its absolute value)
+    makes every capped logit NaN, with NaN derivatives w.r.t. the logits and
+    the cap (``poison``).
+    """
     x = logits.astype(compute_dtype(logits.dtype))
     if soft_cap is None:
         return x
-    return _soft_capped(x, jnp.asarray(soft_cap, x.dtype))
+    cap = jnp.asarray(soft_cap, x.dtype)
+    return _soft_capped(x, poison(cap, invalid_soft_cap(cap)))
+
+
+def invalid_soft_cap(soft_cap: jax.Array | float | None) -> jax.Array | bool:
+    """Whether a traced ``soft_cap`` is not > 0 (NaN included); None is valid."""
+    return False if soft_cap is None else ~(jnp.asarray(soft_cap) > 0)
 
 
 @jax.custom_jvp

@@ -610,7 +610,7 @@ def _vocab_outer_gradients(static: _Static, p: _Params, data: _Data, need: dict)
     forward = static._replace(chunk_size=static.row_chunk)
     loss, lse = _per_token_values(forward, p, data)
     terms, cts = hard_target_row_cotangents(
-        lse, data.target, weight, label_smoothing, z_loss, data.mask,
+        lse, data.target, weight, label_smoothing, z_loss, soft_cap, data.mask,
         num_classes=shards.num_classes(vocab), ignore_index=static.ignore_index,
         smoothing=static.smoothing, with_z_loss=static.with_z_loss, shards=shards,
     )  # fmt: skip
@@ -1978,7 +1978,8 @@ def linear_cross_entropy(
       label_smoothing: ``ε`` in ``[0, 1]`` (a traced value outside makes the
         loss and its gradients NaN).
       z_loss: coefficient ``>= 0`` of ``lse²`` added per non-ignored token.
-      soft_cap: ``None`` or a cap ``> 0``: logits become ``cap·tanh(z/cap)``.
+      soft_cap: ``None`` or a cap ``> 0``: logits become ``cap·tanh(z/cap)`` (a
+        traced cap that is not > 0 makes the loss and its gradients NaN).
       where: optional boolean mask broadcastable to ``(..., V)``; excluded
         classes take no part in the softmax or the smoothing.
       chunk_size: tokens per chunk. Default (None): the largest power of two

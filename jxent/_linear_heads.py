@@ -25,6 +25,7 @@ from jxent._kernels import (
     _partitioned_by_xla,
     capped_logits,
     compute_dtype,
+    invalid_soft_cap,
     on_cpu,
 )
 from jxent._linear import (
@@ -259,7 +260,8 @@ def linear_argmax(
       x: floating array ``(..., D)`` of hidden states.
       w: floating array ``(D, V)``.
       bias: optional length-V bias.
-      soft_cap: ``None`` or a cap ``> 0`` (a traced cap is not checked).
+      soft_cap: ``None`` or a cap ``> 0`` (a traced cap that is not makes every
+        logit NaN: the result is then 0, as ``jnp.argmax`` of NaN logits).
         ``tanh`` saturates, so capped logits can tie where the raw ones do
         not: the result is the argmax of the capped logits, as used.
       where: optional boolean mask broadcastable to ``(..., V)``: False
@@ -346,7 +348,10 @@ class _LogProbsHead(NamedTuple):
             ignore_index=static.ignore_index, with_entropy=self.with_entropy,
             shards=static.shards,
         )  # fmt: skip
-        return lp, jnp.zeros_like(lp) if ent is None else ent
+        ent = jnp.zeros_like(lp) if ent is None else ent
+        # A bad cap: NaN at the ignored positions too, as a bad temperature.
+        bad_cap = invalid_soft_cap(soft_cap)
+        return poison(lp, bad_cap), poison(ent, bad_cap)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "return_entropy"))
@@ -361,6 +366,7 @@ def _linear_log_probs(p: _Params, data: _Data, *, static, return_entropy):
     # A bad temperature: NaN values and NaN derivatives (the ignored
     # positions' too).
     bad = safe_temperature(p.temperature, p.temperature.dtype)[1]
+    bad = bad | invalid_soft_cap(p.soft_cap)
     p = _Params(*(None if v is None else poison_gradients(v, bad) for v in p))
     lp, ent = _per_token_loss(static, p, data)
     lp = lp.reshape(batch_shape)
@@ -471,7 +477,8 @@ def linear_log_probs(
         ``x.shape[:-1]``.
       bias: optional length-V bias.
       temperature: ``T > 0`` (traced: changing it does not recompile).
-      soft_cap: ``None`` or a cap ``> 0``, applied before the temperature.
+      soft_cap: ``None`` or a cap ``> 0``, applied before the temperature (a
+        traced cap that is not > 0 makes the results and gradients NaN).
       where: optional boolean mask broadcastable to ``(..., V)``: False
         excludes a class. A target on an excluded class gives NaN.
       ignore_index: target value whose positions give 0.

@@ -165,6 +165,52 @@ def test_linear_cross_entropy_traced_label_smoothing(reduction):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("linear", [False, True], ids=["logits", "linear"])
+@pytest.mark.parametrize("soft", [False, True], ids=["int", "probs"])
+def test_traced_soft_cap_not_positive(reduction, linear, soft):
+    # cap · tanh(z / cap) is even in cap: a traced -2 passed as 2 (a finite,
+    # plausible loss) and 0 as a constant 0 loss with zero gradients.
+    def make(target):
+        if linear:
+            return lambda x, w, c: jxent.linear_cross_entropy(
+                x, w, target, soft_cap=c, reduction=reduction, chunk_size=4
+            )
+        return lambda x, c: jxent.cross_entropy(
+            x, target, soft_cap=c, reduction=reduction
+        )
+
+    args = (X, W) if linear else (LOGITS,)
+    fn = make(jax.nn.softmax(LOGITS[::-1]) if soft else TARGET)
+    for cap in (-2.0, 0.0, float("nan")):
+        _check(fn, (*args, jnp.float32(cap)), reduction, rows=tuple(range(N)))
+    value_fn, grad_fn, _ = _programs(fn, len(args) + 1)
+    assert np.isfinite(value_fn(*args, jnp.float32(2.0))).all()
+    assert all(np.isfinite(g).all() for g in grad_fn(*args, jnp.float32(2.0)))
+    if not soft:  # an ignored position's loss is NaN too, as for a bad smoothing
+        ignored = jax.jit(make(TARGET.at[1].set(-100)))(*args, jnp.float32(-2.0))
+        assert np.isnan(ignored).all(), ignored
+
+
+def test_linear_heads_traced_soft_cap_not_positive():
+    target = TARGET.at[1].set(-100)  # an ignored position is NaN too
+    fn = lambda x, w, c: jnp.stack(
+        jxent.linear_log_probs(x, w, target, soft_cap=c, return_entropy=True)
+    )
+    for cap in (-2.0, 0.0):
+        values = jax.jit(fn)(X, W, jnp.float32(cap))
+        assert np.isnan(values).all(), values
+        grads = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), (0, 1, 2)))(
+            X, W, jnp.float32(cap)
+        )
+        assert all(np.isnan(g).all() for g in grads), grads
+        # The index of a NaN logit, as jnp.argmax of NaN logits: never the
+        # argmax of |cap| · tanh(z / |cap|).
+        greedy = jax.jit(lambda c: jxent.linear_argmax(X, W, soft_cap=c))(cap)
+        assert (np.asarray(greedy) == 0).all(), greedy
+    assert np.isfinite(jax.jit(fn)(X, W, jnp.float32(2.0))).all()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_binary_cross_entropy_probability_outside_unit_interval(reduction):
     probs = jax.nn.sigmoid(LOGITS).at[BAD_ROW, 2].set(1.25)
     target = (LOGITS > 0).astype(jnp.float32)

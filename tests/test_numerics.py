@@ -410,3 +410,27 @@ def test_ties_far_above_the_target_gradient_matches_torch(big, one_pass, monkeyp
         )
         np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(fwd, want, rtol=1e-6, atol=1e-7)
+
+
+def test_traced_zero_smoothing_with_a_minus_inf_logit_weight_gradient():
+    """README semantics row: with ε traced (the smoothing term is in the
+    program) and equal to 0, d loss / d weight of a class whose logit is
+    -inf is NaN (its smoothing derivative, +inf, times ε = 0 in the
+    transpose); the loss and every other gradient are finite and equal the
+    unsmoothed ones, and a concrete ε = 0 gives 0 there."""
+    logits = jnp.array([[2.0, 0.5, -jnp.inf], [1.0, -0.5, -jnp.inf]])
+    target = jnp.array([1, 0])
+    weight = jnp.array([1.0, 2.0, 0.5])
+
+    def loss(z, w, eps):
+        return jxent.cross_entropy(z, target, w, label_smoothing=eps)
+
+    grad = jax.grad(loss, (0, 1))
+    traced = jax.jit(grad)(logits, weight, 0.0)
+    concrete = grad(logits, weight, 0.0)
+    assert np.isnan(traced[1][2]) and concrete[1][2] == 0.0
+    np.testing.assert_allclose(traced[1][:2], concrete[1][:2], rtol=1e-6)
+    np.testing.assert_allclose(traced[0], concrete[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(loss)(logits, weight, 0.0), loss(logits, weight, 0.0), rtol=1e-6
+    )

@@ -573,23 +573,27 @@ def test_linear_cross_entropy_gradients_of_options_shard_map(
 @pytest.mark.parametrize(
     "mesh_def", MESHES[1:2], ids=lambda m: "x".join(map(str, m[0]))
 )
-def test_linear_cross_entropy_two_dw_passes_shard_map(mesh_def, monkeypatch):
-    # 16-bit inputs with a large dw take two passes over the chunks (forced
-    # here): class- and batch-sharded, against naive float32 logits.
+@pytest.mark.parametrize("classes", [True, False], ids=["classes", "tokens"])
+def test_linear_cross_entropy_two_dw_passes_shard_map(mesh_def, classes, monkeypatch):
+    # 16-bit inputs with a large dw take two column ranges (forced here):
+    # class- and batch-sharded (each range a pass over the chunks), or batch-
+    # sharded only (the second range from its own logits and the kept
+    # logsumexps, on each device's tokens), against naive float32 logits.
     monkeypatch.setattr(jxent._linear, "_DW_SPLIT_BYTES", 0)
     mesh = _mesh(*mesh_def)
     x16 = jnp.asarray(X, jnp.bfloat16)
     w16 = jnp.asarray(W, jnp.bfloat16)
     kw = dict(label_smoothing=0.1, z_loss=1e-2, chunk_size=3)
+    model = "model" if classes else None
 
     def local(x, w, t, weight):
         return jxent.linear_cross_entropy(
-            x, w, t, weight, class_axis_name="model", batch_axis_name="data", **kw
+            x, w, t, weight, class_axis_name=model, batch_axis_name="data", **kw
         )
 
     fn = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(P("data"), P(None, "model"), P("data"), P("model")), out_specs=P(),
+        in_specs=(P("data"), P(None, model), P("data"), P(model)), out_specs=P(),
     )  # fmt: skip
     got = jax.jit(
         jax.value_and_grad(lambda x, w: fn(x, w, TARGET, WEIGHT), argnums=(0, 1))

@@ -20,6 +20,7 @@ from jax.typing import ArrayLike
 
 from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
+from jxent._safe_math import poison
 from jxent._types import Reduction
 from jxent._validation import (
     as_elementwise_target,
@@ -266,7 +267,9 @@ def _sigmoid_focal_loss(logits, target, alpha, gamma, *, reduction):
     x, t = logits.astype(dtype), target.astype(dtype)
     alpha = jnp.asarray(alpha, dtype)
     ce = bce_with_logits_terms(x, t, 1.0)
-    loss = modulated_loss(ce, x, t, jnp.asarray(gamma, dtype))
+    gamma = jnp.asarray(gamma, dtype)
+    # A traced gamma < 0 (refused when concrete): NaN values and derivatives.
+    loss = poison(modulated_loss(ce, x, t, gamma), ~(gamma >= 0))
     # alpha < 0 (or NaN): no weighting (torchvision's rule); the unused
     # branch is sanitised first, so that it leaves the gradients alone.
     weighted = alpha >= 0
@@ -416,7 +419,8 @@ def sigmoid_focal_loss(
         integer or boolean labels (cast to the accumulation dtype).
       alpha: weight of the positive class in [0, 1], or negative for none
         (traced: may change without recompiling).
-      gamma: focusing exponent ``>= 0`` (traced).
+      gamma: focusing exponent ``>= 0`` (traced; a traced negative value makes
+        the loss and its gradients NaN).
       reduction: ``"none"`` (torchvision's default), ``"mean"`` or ``"sum"``.
 
     Returns:

@@ -211,6 +211,22 @@ def test_linear_heads_traced_soft_cap_not_positive():
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_sigmoid_focal_loss_traced_negative_gamma(reduction):
+    # Refused when concrete; traced, -1 gave a finite, plausible loss.
+    target = (LOGITS > 0).astype(jnp.float32)
+    fn = lambda x, a, g: jxent.sigmoid_focal_loss(
+        x, target, alpha=a, gamma=g, reduction=reduction
+    )
+    for gamma in (-1.0, -1e-3):
+        _check(fn, (LOGITS, jnp.float32(0.25), jnp.float32(gamma)), reduction,
+               rows=tuple(range(N)), dense_rows=True)  # fmt: skip
+    value_fn, grad_fn, _ = _programs(fn, 3)
+    assert np.isfinite(value_fn(LOGITS, jnp.float32(0.25), jnp.float32(0.0))).all()
+    grads = grad_fn(LOGITS, jnp.float32(0.25), jnp.float32(2.0))
+    assert all(np.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_binary_cross_entropy_probability_outside_unit_interval(reduction):
     probs = jax.nn.sigmoid(LOGITS).at[BAD_ROW, 2].set(1.25)
     target = (LOGITS > 0).astype(jnp.float32)

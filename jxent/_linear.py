@@ -990,7 +990,9 @@ def _block_gradients(
                     part = lax.dot_general(
                         d_in, w_j, (((1,), (1,)), ((), ())), preferred_element_type=acc
                     )
-                    dx = add_rows(dx, part, position_c[0])
+                    # An empty chunk (no tokens at all) adds nothing.
+                    first = position_c[0] if position_c.shape[0] else 0
+                    dx = add_rows(dx, part, first)
                 if need["bias"]:
                     dbias_j = dbias_j + jnp.sum(grad, axis=0)
                 return (dw_j, dx, dbias_j), None
@@ -1437,7 +1439,9 @@ def _per_token_block_tangents(
             for t_share, ct in zip(t_shares, cts_o, strict=True):
                 if ct is not None:
                     term = t_share * ct.reshape(t_share.shape)
-                    total = total + jnp.sum(term.reshape(x_c.shape[0], -1), axis=1)
+                    rows = x_c.shape[0]  # may be 0 (an empty batch): no -1
+                    term = term.reshape(rows, term.size // max(rows, 1))
+                    total = total + jnp.sum(term, axis=1)
             return total
 
         return tuple(tangent_of(cts_o) for cts_o in cts_c)

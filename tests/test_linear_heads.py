@@ -799,3 +799,40 @@ def test_cpu_dx_by_the_host_matrix_units(flags, expected, monkeypatch, tmp_path)
         assert jxent._linear._cpu_dx_by() == expected
     finally:
         jxent._linear._cpu_has_bfloat16_matrix_units.cache_clear()
+
+
+@pytest.mark.parametrize("order", ["cpu", "vocab_outer"])
+def test_empty_batch_values_and_gradients(order, monkeypatch):
+    """No positions at all (an empty batch): the LM-head losses give 0 (or
+    empty arrays) and zero gradients of the inputs' shapes in both modes. The
+    per-token heads' tangent reshaped an empty tile with -1 (ZeroDivisionError)
+    and the class blocks read the first token's position (IndexError)."""
+    if order == "vocab_outer":  # the chips' order, also traced on the CPU
+        monkeypatch.setattr(jxent._linear, "_VOCAB_OUTER", True)
+        jax.clear_caches()
+    x, w, b = jnp.zeros((0, 8)), jnp.ones((8, 10)), jnp.zeros(10)
+    t = jnp.zeros((0,), jnp.int32)
+    tx, tw = jnp.zeros((0, 5)), jnp.ones((5, 10))
+    losses = {
+        "log_probs": lambda x, w, b: jnp.sum(
+            jnp.stack(jxent.linear_log_probs(x, w, t, bias=b, return_entropy=True))
+        ),
+        "cross_entropy": lambda x, w, b: jxent.linear_cross_entropy(x, w, t, bias=b),
+        "probabilities": lambda x, w, b: jxent.linear_cross_entropy(
+            x, w, jnp.zeros((0, 10)), bias=b
+        ),
+        "lse": lambda x, w, b: jnp.sum(
+            jxent.linear_cross_entropy(x, w, t, bias=b, return_lse=True)[1]
+        ),
+        "distillation": lambda x, w, b: jxent.linear_distillation_loss(
+            x, w, tx, tw, bias=b, beta=0.5
+        ),
+    }
+    for name, f in losses.items():
+        value, grads = jax.jit(jax.value_and_grad(f, (0, 1, 2)))(x, w, b)
+        assert value == 0.0, name
+        for g, a in zip(grads, (x, w, b), strict=True):
+            assert g.shape == a.shape and not np.any(np.asarray(g)), name
+        assert jax.jvp(f, (x, w, b), (x, w, b))[1] == 0.0, name
+    assert jxent.linear_argmax(x, w).shape == (0,)
+    jax.clear_caches()

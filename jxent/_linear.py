@@ -413,8 +413,8 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
     logits, class block by class block, from what that pass kept per token
     (a head's tapped reductions, integer targets' logsumexp), or else
     (classes split over devices, a program XLA may partition, probability
-    targets) in another pass over the chunks' whole rows each. At (2048, 1024, 131072)
-    bfloat16 on the CPU: 0.85x the time of whole rows again.
+    targets) in another pass over the chunks' whole rows each. At (2048,
+    1024, 131072) bfloat16 on the CPU: 0.85x the time of whole rows again.
     """
     acc = _accumulation_dtype(p)
     class_mask = _class_mask(data, static)
@@ -542,7 +542,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
     carry, out = _over_chunks(body, carry, tokens, static.chunk_size, static.strided)
     kept = ("loss", "rows", "lse")
     grads = {**carry, **{k: v for k, v in out.items() if k not in kept}}
-    if keep_rows or (keep_lse and need["w"]):
+    if keep_rows or keep_lse:  # (split: need["w"])
         if keep_rows:
             values, cts = out["rows"]
             rows = (p.probs, data.target, values, cts)

@@ -406,10 +406,9 @@ def test_two_dw_passes_every_gradient_equals_materialised_float64(
 ):
     """dw in two column ranges (the large 16-bit heads' order, forced here in
     float64), integer targets with every option and a class (or per-token)
-    mask: the
-    second range's dw comes from its own logits, block by block, and the
-    first pass's logsumexps; every input's gradient and a forward-mode
-    tangent against the materialised float64 loss."""
+    mask: the second range's dw comes from its own logits, block by block,
+    and the first pass's logsumexps; every input's gradient and a
+    forward-mode tangent against the materialised float64 loss."""
     monkeypatch.setattr(jxent._linear, "_dw_passes", lambda *_: 2)
     kw = {"where": CLASS_MASK if reduction == "mean" else ROW_MASK}
     with x64():

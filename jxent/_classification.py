@@ -180,8 +180,11 @@ def hard_target_loss(
         logits, weight = _poisoned_inputs(logits, weight, _any(bad))
     terms = target_terms(target, weight, num_classes, ignore_index, dtype, shards)
     weight = None if weight is None else weight.astype(dtype)
+    unsmoothed = None
+    if smoothing and weight is not None:
+        unsmoothed = jnp.asarray(label_smoothing) == 0
     lse, nll, smooth, _, _ = cross_entropy_stats(
-        logits, terms.safe_target, terms.valid, weight, where, soft_cap,
+        logits, terms.safe_target, terms.valid, weight, where, soft_cap, unsmoothed,
         axis, smoothing, shards,
     )  # fmt: skip
     loss = _loss_from_stats(
@@ -322,11 +325,13 @@ def soft_target_loss(
     if smoothing:
         eps = jnp.asarray(label_smoothing, dtype)
         if where is None:
-            q = (1.0 - eps) * q + eps / shards.num_classes(x.shape[axis])
+            uniform = 1.0 / shards.num_classes(x.shape[axis])
         else:
             count = shards.sum(jnp.sum(where, axis=axis, keepdims=True))
-            count = jnp.maximum(count, 1)
-            q = (1.0 - eps) * q + jnp.where(where, eps / count.astype(dtype), 0.0)
+            uniform = jnp.where(where, 1.0 / jnp.maximum(count, 1).astype(dtype), 0.0)
+        # (1 - ε) q + ε u as q + ε (u - q): d/dε is then Σ_c (u_c - q_c) d/dq_c,
+        # +inf for a -inf logit (its d/dq_c) rather than 0 · inf from -q_c.
+        q = q + eps * (uniform - q)
     w = jnp.ones((), dtype)
     if weight is not None:
         w = along_axis(weight.astype(dtype), x.ndim, axis)

@@ -573,7 +573,7 @@ def _shifted_stats(
     return lse, nll, smooth[0], shift, log_sum
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8, 9))
 def cross_entropy_stats(
     logits: jax.Array,
     target: jax.Array,
@@ -581,6 +581,7 @@ def cross_entropy_stats(
     class_weight: jax.Array | None,
     class_mask: jax.Array | None,
     soft_cap: jax.Array | None,
+    unsmoothed: jax.Array | None,
     axis: int,
     smoothing: bool,
     shards: ClassShards = UNSHARDED,
@@ -603,6 +604,11 @@ def cross_entropy_stats(
       class_mask: ``None`` or a boolean array of ``logits.shape``: classes
         where it is False take no part in the softmax or the smoothing.
       soft_cap: ``None`` or a positive scalar.
+      unsmoothed: ``None`` or a boolean scalar, True when the smoothing
+        coefficient that will multiply ``s`` is 0: ``s``'s derivative w.r.t.
+        a class weight whose gap is infinite (a ``-inf`` logit) is then 0,
+        as the loss's own ``0 · s`` is 0, so that the zero cotangent does
+        not meet ``+inf`` in the transpose.
       axis: the (non-negative) class axis.
       smoothing: whether to compute the smoothing term (else it is zeros).
       shards: how the class axis is split across devices (inside shard_map):
@@ -651,7 +657,7 @@ def _one_hot(target: jax.Array, shape: tuple[int, ...], axis: int, dtype) -> jax
 def _tangent_map(
     logits, target, live, class_weight, class_mask, soft_cap, lse,
     t_logits, t_weight, t_cap, *, axis, smoothing, shards, total_weight=None,
-    reference=None,
+    reference=None, unsmoothed=None,
 ):  # fmt: skip
     """The tangents ``(dlse, dnll, ds)`` (see ``cross_entropy_stats``).
 
@@ -733,6 +739,8 @@ def _tangent_map(
             # meet them in the transpose.
             kept = expand(live) if class_mask is None else class_mask & expand(live)
             gap = jnp.where(kept, gap, 0.0)
+            if unsmoothed is not None:
+                gap = jnp.where(unsmoothed & jnp.isinf(gap), 0.0, gap)
             t_w = along_axis(jnp.asarray(t_weight, dtype), x.ndim, axis)
             t_smooth = t_smooth + shards.sum(jnp.sum(t_w * gap, axis=axis))
     return t_lse, t_nll, t_smooth
@@ -748,7 +756,8 @@ def _nonzero(tangent):
 @functools.partial(cross_entropy_stats.defjvp, symbolic_zeros=True)
 def _cross_entropy_stats_jvp(axis, smoothing, shards, primals, tangents):
     out = cross_entropy_stats(*primals, axis, smoothing, shards)
-    t_logits, _, _, t_weight, _, t_cap = map(_nonzero, tangents)
+    *primals, unsmoothed = primals
+    t_logits, _, _, t_weight, _, t_cap, _ = map(_nonzero, tangents)
     if not smoothing:
         t_weight = None
     no_tangents = tuple(jnp.zeros_like(o) for o in out)
@@ -759,8 +768,9 @@ def _cross_entropy_stats_jvp(axis, smoothing, shards, primals, tangents):
         prevent_cse=False,
     )
     tangents = tangent_map(
-        *primals, out[0], t_logits, t_weight, t_cap, reference=out[3:]
-    )
+        *primals, out[0], t_logits, t_weight, t_cap, reference=out[3:],
+        unsmoothed=unsmoothed,
+    )  # fmt: skip
     # lse = shift + log_sum: the shift held fixed, log_sum moves with lse (so
     # the derivatives of the tangent map itself, higher orders, are right).
     return out, (*tangents, no_tangents[3], tangents[0])

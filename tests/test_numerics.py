@@ -415,9 +415,9 @@ def test_ties_far_above_the_target_gradient_matches_torch(big, one_pass, monkeyp
 def test_traced_zero_smoothing_with_a_minus_inf_logit_weight_gradient():
     """README semantics row: with ε traced (the smoothing term is in the
     program) and equal to 0, d loss / d weight of a class whose logit is
-    -inf is NaN (its smoothing derivative, +inf, times ε = 0 in the
-    transpose); the loss and every other gradient are finite and equal the
-    unsmoothed ones, and a concrete ε = 0 gives 0 there."""
+    -inf is 0, as with a concrete ε = 0 (the smoothing sum's derivative
+    there, +inf, never meets the zero coefficient), in both modes and
+    under vmap over ε; the other gradients equal the float64 formula."""
     logits = jnp.array([[2.0, 0.5, -jnp.inf], [1.0, -0.5, -jnp.inf]])
     target = jnp.array([1, 0])
     weight = jnp.array([1.0, 2.0, 0.5])
@@ -425,12 +425,50 @@ def test_traced_zero_smoothing_with_a_minus_inf_logit_weight_gradient():
     def loss(z, w, eps):
         return jxent.cross_entropy(z, target, w, label_smoothing=eps)
 
-    grad = jax.grad(loss, (0, 1))
-    traced = jax.jit(grad)(logits, weight, 0.0)
-    concrete = grad(logits, weight, 0.0)
-    assert np.isnan(traced[1][2]) and concrete[1][2] == 0.0
-    np.testing.assert_allclose(traced[1][:2], concrete[1][:2], rtol=1e-6)
-    np.testing.assert_allclose(traced[0], concrete[0], rtol=1e-6)
-    np.testing.assert_allclose(
-        jax.jit(loss)(logits, weight, 0.0), loss(logits, weight, 0.0), rtol=1e-6
-    )
+    # float64: L = Σ_n w_{y_n} nll_n / Σ_n w_{y_n}
+    z = np.asarray(logits, np.float64)
+    lse = np.log(np.sum(np.exp(z), axis=1))
+    nll = lse - z[[0, 1], target]
+    w_y = np.asarray(weight, np.float64)[target]
+    value = np.sum(w_y * nll) / np.sum(w_y)
+    want_w = np.zeros(3)
+    np.add.at(want_w, np.asarray(target), (nll - value) / np.sum(w_y))
+    p = np.exp(z - lse[:, None])
+    want_z = (w_y / np.sum(w_y))[:, None] * (p - np.eye(3)[target])
+
+    grad = jax.jit(jax.grad(loss, (0, 1)))(logits, weight, 0.0)
+    fwd = jax.jit(jax.jacfwd(loss, 1))(logits, weight, 0.0)
+    assert grad[1][2] == 0.0 and fwd[2] == 0.0
+    np.testing.assert_allclose(grad[1], want_w, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(fwd, want_w, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad[0], want_z, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(jax.jit(loss)(logits, weight, 0.0), value, rtol=1e-6)
+    # Only the zero member of a batch of ε: a positive ε keeps the true +inf
+    # (its loss is +inf too).
+    batched = jax.jit(jax.vmap(jax.grad(loss, 1), (None, None, 0)))
+    both = batched(logits, weight, jnp.array([0.0, 0.1]))
+    np.testing.assert_allclose(both[0], want_w, rtol=1e-6, atol=1e-7)
+    assert both[1][2] == np.inf
+
+
+def test_traced_zero_smoothing_probability_target_minus_inf_logit():
+    """Probability targets, ε traced and 0, a -inf logit where q is 0: the
+    loss and the gradients w.r.t. logits and weight are finite (the float64
+    formula), d/dε is the true one-sided +inf (Σ_c (1/C - q_c) d/dq_c, with
+    d/dq_c = +inf there, as the gradient w.r.t. q), not 0 · inf = NaN."""
+    logits = jnp.array([[2.0, 0.5, -jnp.inf], [1.0, -0.5, -jnp.inf]])
+    q = jnp.array([[0.3, 0.7, 0.0], [1.0, 0.0, 0.0]])
+    weight = jnp.array([1.0, 2.0, 0.5])
+
+    def loss(z, w, eps):
+        return jxent.cross_entropy(z, q, w, label_smoothing=eps)
+
+    z = np.asarray(logits, np.float64)[:, :2]
+    lse = np.log(np.sum(np.exp(z), axis=1, keepdims=True))
+    qq, ww = np.asarray(q, np.float64)[:, :2], np.asarray(weight, np.float64)[:2]
+    want = np.sum(ww * qq * (lse - z)) / 2
+    want_w = np.sum(qq * (lse - z), axis=0) / 2
+    g_z, g_w, g_eps = jax.jit(jax.grad(loss, (0, 1, 2)))(logits, weight, 0.0)
+    np.testing.assert_allclose(jax.jit(loss)(logits, weight, 0.0), want, rtol=1e-6)
+    np.testing.assert_allclose(g_w[:2], want_w, rtol=1e-6)
+    assert g_w[2] == 0.0 and np.all(np.isfinite(g_z)) and g_eps == np.inf

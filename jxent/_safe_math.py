@@ -98,8 +98,12 @@ def poison_gradients(x: jax.Array, flag: jax.Array) -> jax.Array:
     flag's; elsewhere (a flag that varies over more shard_map axes than
     ``x``) it leaves ``x``'s derivatives to the NaN cotangent.
     """
-    del flag
-    return x
+    if not _varying(flag) <= _varying(x):
+        return x
+    # ``x`` selected by the flag (XLA folds the select): under ``vmap`` with
+    # ``x`` shared and the flag batched (a vmap over targets or options), the
+    # output is then batched like its NaN-carrying tangent.
+    return jnp.where(flag, x, x)
 
 
 @functools.partial(poison_gradients.defjvp, symbolic_zeros=True)

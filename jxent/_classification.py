@@ -37,6 +37,7 @@ from jxent._validation import (
     check_bool,
     check_class_mask,
     check_concrete_target_range,
+    check_has_classes,
     check_ignore_index,
     check_int_target_shape,
     check_nonnegative,
@@ -466,6 +467,7 @@ def nll_loss(
     ignore_index = check_ignore_index(ignore_index)
     log_probs = as_float_array(log_probs, "log_probs")
     axis = normalize_axis(axis, log_probs.ndim, "log_probs")
+    check_has_classes(log_probs.shape, axis, "log_probs")
     target = as_int_target(target)
     check_int_target_shape(target.shape, log_probs.shape, axis, "log_probs")
     weight = check_weight(weight, log_probs.shape[axis])
@@ -659,6 +661,7 @@ def cross_entropy(
     return_lse = check_bool(return_lse, "return_lse")
     logits = as_float_array(logits, "logits")
     axis = normalize_axis(axis, logits.ndim, "logits")
+    check_has_classes(logits.shape, axis)
     num_classes = logits.shape[axis]
     weight = check_weight(weight, num_classes)
     label_smoothing = check_unit_interval(label_smoothing, "label_smoothing")

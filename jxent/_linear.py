@@ -31,6 +31,7 @@ statistics first, then one class block at a time over all token chunks.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Literal, NamedTuple, overload
 
@@ -314,6 +315,39 @@ def _token_inputs(p: _Params, data: _Data, static: _Static):
     return (p.x, p.probs, data.target, data.mask if static.row_mask else None)
 
 
+def _live_tokens(target, static: _Static) -> jax.Array | None:
+    """False at the ignored tokens (padding), or None where none can be."""
+    if target is None or static.soft:
+        return None
+    return target != static.ignore_index
+
+
+def _zeroed_if_ignored(a, live):
+    """``a``'s rows, zeros at the ignored tokens (``live`` False).
+
+    Padding's hidden states may be NaN or inf (a fully masked attention
+    row): their tiles' gradients are exactly 0, but ``x_cᵀ dz`` would still
+    form ``NaN · 0`` in ``dw``. Applied chunk by chunk, so that no second
+    (N, D) array exists.
+    """
+    if a is None or live is None:
+        return a
+    return jnp.where(live[:, None], a, jnp.zeros((), a.dtype))
+
+
+def _padding_zeroed(tokens, static: _Static):
+    """A chunk's ``(x_c, probs_c, target_c, ...)``, padding's states zeroed.
+
+    A head's token input (the teacher's hidden states) too.
+    """
+    x_c, probs_c, target_c, *rest = tokens
+    live = _live_tokens(target_c, static)
+    x_c = _zeroed_if_ignored(x_c, live)
+    if static.head is not None:
+        probs_c = _zeroed_if_ignored(probs_c, live)
+    return (x_c, probs_c, target_c, *rest)
+
+
 def _class_mask(data: _Data, static: _Static):
     return None if static.row_mask else data.mask
 
@@ -490,6 +524,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
         return loss, (d_logits, d_probs, d_small), (tuple(values), tuple(cts))
 
     def body(carry, tokens):
+        tokens = _padding_zeroed(tokens, static)
         loss, (d_logits, d_probs, d_small), rows = tile_gradients(tokens, keep_rows)
         out = {"loss": loss}
         if keep_rows:
@@ -527,6 +562,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
         """
 
         def body(dw, tokens):
+            tokens = _padding_zeroed(tokens, static)
             _, (d_logits, _, _), _ = tile_gradients(tokens)
             return accumulate_dw(dw, tokens[0], d_logits, lo, hi), None
 
@@ -892,7 +928,8 @@ def _block_gradients(
     shards = static.shards
     row_mask = data.mask if static.row_mask else None
     position = jnp.arange(num_tokens, dtype=jnp.int32)
-    rows = _vary_like((p.x, position, rows), p.x)
+    live = _live_tokens(data.target, static)
+    rows = _vary_like((p.x, position, live, rows), p.x)
     offset = 0 if not shards.sharded else shards.index() * vocab
     chunk = static.block_tokens
     num_full = num_tokens // chunk
@@ -974,7 +1011,8 @@ def _block_gradients(
 
             def over_tokens(state, tokens):
                 dw_j, dx, dbias_j = state
-                (x_c, position_c, rows_c), mask_c = tokens
+                (x_c, position_c, live_c, rows_c), mask_c = tokens
+                x_c = _zeroed_if_ignored(x_c, live_c)
                 if mask_c is None:
                     mask_c = class_mask
                 logits = _tile_logits(x_c, w_j, bias_j)
@@ -1190,6 +1228,7 @@ def _per_token_chunk_tangents(static: _Static, p: _Params, data: _Data, tp: _Par
     tile = jax.checkpoint(tile, prevent_cse=False)
 
     def body(carry, tokens):
+        tokens = _padding_zeroed(tokens, static)
         x_c, probs_c, target_c, mask_c, t_x_c, t_probs_c = tokens
         mask_c = class_mask if mask_c is None else mask_c
         return carry, tile(x_c, probs_c, target_c, mask_c, t_x_c, t_probs_c)
@@ -1377,6 +1416,7 @@ def _per_token_block_tangents(
         return jnp.minimum(j * block, vocab - block)
 
     def tile(j, tokens, t_w_j, t_bias_j, dx_by: _DxBy):
+        tokens = _padding_zeroed(tokens, static)
         x_c, probs_c, target_c, mask_c, values_c, cts_c, t_x_c = tokens
         start = block_start(j)
 
@@ -1575,12 +1615,12 @@ def _linear_cross_entropy(p: _Params, data: _Data, *, static, reduction, return_
 def _positive_int_or_none(value, name: str, meaning: str):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(
             f"`{name}` must be a positive int ({meaning}) or None (chosen from the "
             f"backend and a memory budget), got {value!r}."
         )
-    return value
+    return int(value)
 
 
 def _power_of_two_at_most(n: int) -> int:
@@ -1649,6 +1689,9 @@ def _block_sizes(
     ``tile_bytes``), with blocks of ``_PER_TOKEN_BLOCK_CLASSES`` and rows of
     ``_BLOCK_TILE_BYTES`` for the ``per_token`` heads.
     """
+    # (validated positive ints, possibly NumPy's)
+    chunk = None if chunk is None else int(chunk)
+    vocab_chunk = None if vocab_chunk is None else int(vocab_chunk)
     if per_token:
         most = _PER_TOKEN_BLOCK_CLASSES
     else:
@@ -1734,6 +1777,10 @@ def check_lm_head(
         raise ValueError(
             f"`w` must have shape (D, V) with D = x.shape[-1] = {x.shape[-1]}, got "
             f"w.shape={w.shape} (x.shape={x.shape})."
+        )
+    if w.shape[1] == 0:
+        raise ValueError(
+            f"`w` must have shape (D, V) with V >= 1 classes, got w.shape={w.shape}."
         )
     dtype = jnp.result_type(x.dtype, w.dtype)
     if bias is not None:
@@ -2105,7 +2152,8 @@ def linear_cross_entropy(
     soft_cap = check_soft_cap(soft_cap)
     mask, row_mask = _class_mask_for_tokens(where, batch_shape, vocab)
     num_tokens = max(1, x[..., 0].size)
-    chunk = _positive_int_or_none(chunk_size, "chunk_size", "tokens per chunk")
+    chunk_size = _positive_int_or_none(chunk_size, "chunk_size", "tokens per chunk")
+    chunk = chunk_size
     if chunk is None:
         chunk = _default_chunk_size(
             num_tokens,
@@ -2114,9 +2162,10 @@ def linear_cross_entropy(
             smoothing=not _is_static_zero(label_smoothing),
             where=mask is not None,
         )
-    vocab_chunk = _positive_int_or_none(
+    vocab_chunk_size = _positive_int_or_none(
         vocab_chunk_size, "vocab_chunk_size", "classes per block"
     )
+    vocab_chunk = vocab_chunk_size
     if vocab_chunk is None:
         vocab_chunk = _default_vocab_chunk_size(x.shape[-1], vocab)
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))

@@ -107,18 +107,6 @@ def _explicit_layout(x, w, class_axis_name, batch_axis_name):
     return explicit_lm_head_layout(x, w)
 
 
-def check_head_inputs(
-    x: ArrayLike, w: ArrayLike, bias: ArrayLike | None
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """``linear_cross_entropy``'s checks of ``(x, w, bias)``, and ``V >= 1``."""
-    x, w, bias = check_lm_head(x, w, bias)
-    if w.shape[1] == 0:
-        raise ValueError(
-            f"`w` must have shape (D, V) with V >= 1 classes, got w.shape={w.shape}."
-        )
-    return x, w, bias
-
-
 def head_chunks(x, vocab, chunk_size, vocab_chunk_size, *, where: bool):
     """``(chunk, vocab_chunk)``: the token chunk and the vocabulary block.
 
@@ -298,7 +286,7 @@ def linear_argmax(
       >>> bool(jnp.all(greedy == jnp.argmax(x @ w, axis=-1)))
       True
     """
-    x, w, bias = check_head_inputs(x, w, bias)
+    x, w, bias = check_lm_head(x, w, bias)
     soft_cap = check_soft_cap(soft_cap)
     layout = _explicit_layout(x, w, class_axis_name, batch_axis_name)
     if layout is not None:
@@ -530,7 +518,7 @@ def linear_log_probs(
     """
     ignore_index = check_ignore_index(ignore_index)
     return_entropy = check_bool(return_entropy, "return_entropy")
-    x, w, bias = check_head_inputs(x, w, bias)
+    x, w, bias = check_lm_head(x, w, bias)
     vocab = w.shape[1]
     target = as_int_target(target)
     if target.shape != x.shape[:-1]:
@@ -631,18 +619,23 @@ def _linear_distillation_loss(p: _Params, data: _Data, *, static, reduction):
     data = _Data(target, None)
     acc = compute_dtype(p.x.dtype)
     valid = target != static.ignore_index
+    num_classes = static.shards.num_classes(p.w.shape[1])
+    bad_target = jnp.any(valid & ~((target >= 0) & (target < num_classes)))
+    bad = safe_temperature(p.temperature, acc)[1] | safe_beta(p.beta, acc)[1]
     if reduction == "none":
         # A bad temperature or beta: NaN values and NaN derivatives (the
-        # ignored positions' too).
-        bad = safe_temperature(p.temperature, acc)[1] | safe_beta(p.beta, acc)[1]
+        # ignored positions' too); a bad target: NaN derivatives of the
+        # shared scalars too (beta's at 0 or 1 had no path to it).
         p = _Params(*(None if v is None else poison_gradients(v, bad) for v in p))
+        scalars = bad | bad_target
+        p = p._replace(
+            temperature=poison_gradients(p.temperature, scalars),
+            beta=poison_gradients(p.beta, scalars),
+        )
         loss, _ = _per_token_loss(static, p, data)
         return loss.reshape(batch_shape)
     # A NaN sum or mean has NaN derivatives w.r.t. every input.
-    num_classes = static.shards.num_classes(p.w.shape[1])
-    bad = jnp.any(valid & ~((target >= 0) & (target < num_classes)))
-    bad = bad | safe_temperature(p.temperature, acc)[1]
-    bad = bad | safe_beta(p.beta, acc)[1]
+    bad = bad | bad_target
     bad = batch_sum(bad.astype(jnp.int32), static.batch_axes) > 0  # one flag
     p = _Params(*(None if v is None else poison_gradients(v, bad) for v in p))
     total = _summed_loss(static, p, data)
@@ -752,7 +745,7 @@ def linear_distillation_loss(
     """
     check_reduction(reduction)
     ignore_index = check_ignore_index(ignore_index)
-    x, w, bias = check_head_inputs(x, w, bias)
+    x, w, bias = check_lm_head(x, w, bias)
     teacher_x = as_float_array(teacher_x, "teacher_x")
     teacher_w = as_float_array(teacher_w, "teacher_w")
     if teacher_w.ndim != 2 or teacher_w.shape[0] != teacher_x.shape[-1]:

@@ -43,6 +43,7 @@ from jxent._validation import (
     check_bool,
     check_class_mask,
     check_concrete_target_range,
+    check_has_classes,
     check_ignore_index,
     check_int_target_shape,
     check_reduction,
@@ -86,9 +87,18 @@ class SoftmaxParts(NamedTuple):
         """``log Σ exp(z - max z)``, class axis kept (size 1)."""
         return jnp.log(self.total)
 
+    def finite_shifted(self) -> jax.Array:
+        """``shifted``, a gap past the dtype's range at its lowest finite value.
+
+        ``z - max z`` of two finite logits can overflow to ``-inf`` (logits
+        of ±3e38 in float32, or a tiny temperature); that class's ``exp`` is 0
+        either way, and its terms ``exp · shifted`` then stay 0, not NaN.
+        """
+        return jnp.maximum(self.shifted, jnp.finfo(self.shifted.dtype).min)
+
     def log_probs(self) -> jax.Array:
         """``log p`` (finite; meaningless at excluded classes)."""
-        return self.shifted - self.log_sum
+        return self.finite_shifted() - self.log_sum
 
     def entropy(self, axis: int, shards: ClassShards) -> jax.Array:
         """``-Σ p log p = log_sum - Σ exp(z - max z) (z - max z) / total``.
@@ -96,7 +106,7 @@ class SoftmaxParts(NamedTuple):
         Two terms >= 0; the row's sum divided once by the total, not each
         class's term (fewer logits-sized operations and derivatives).
         """
-        spread = shards.sum(jnp.sum(self.exp * self.shifted, axis=axis))
+        spread = shards.sum(jnp.sum(self.exp * self.finite_shifted(), axis=axis))
         total = jnp.squeeze(self.total, axis)
         return jnp.squeeze(self.log_sum, axis) - spread / total
 
@@ -406,6 +416,7 @@ def log_probs(
     return_entropy = check_bool(return_entropy, "return_entropy")
     logits = as_float_array(logits, "logits")
     axis = normalize_axis(axis, logits.ndim, "logits")
+    check_has_classes(logits.shape, axis)
     target = check_target_for(target, logits.shape, axis, "logits", ignore_index)
     temperature = check_temperature(temperature)
     where = check_class_mask(where, logits.shape, axis)
@@ -512,12 +523,17 @@ def _distillation_loss(student, teacher, target, temperature, beta, *, axis,
     # A bad temperature or beta makes every value NaN, and every derivative
     # (also the ignored positions', and beta's); a NaN sum or mean over a bad
     # target too, as jxent's other losses.
+    # Per position ("none"), a bad target still reaches the shared scalars:
+    # beta's derivative at 0 or 1 had no path through the selected KL.
     flag = bad_t | bad_beta
+    scalar_flag = flag | jnp.any(bad)
     if reduction != "none":
-        flag = flag | jnp.any(bad)
-    student, teacher, temperature, beta = (
-        poison_gradients(jnp.asarray(v), flag)
-        for v in (student, teacher, temperature, beta)
+        flag = scalar_flag
+    student, teacher = (
+        poison_gradients(jnp.asarray(v), flag) for v in (student, teacher)
+    )
+    temperature, beta = (
+        poison_gradients(jnp.asarray(v), scalar_flag) for v in (temperature, beta)
     )
     temperature = safe_temperature(temperature, dtype)[0]
     beta = safe_beta(beta, dtype)[0]
@@ -623,6 +639,7 @@ def distillation_loss(
         logits.shape, teacher_logits.shape, "logits", "teacher_logits"
     )
     axis = normalize_axis(axis, logits.ndim, "logits")
+    check_has_classes(logits.shape, axis)
     if target is not None:
         target = check_target_for(target, logits.shape, axis, "logits", ignore_index)
     temperature = check_temperature(temperature)

@@ -66,6 +66,16 @@ def normalize_axis(axis: int, ndim: int, name: str = "logits") -> int:
     return int(axis) % ndim
 
 
+def check_has_classes(shape: tuple[int, ...], axis: int, name: str = "logits") -> None:
+    """Raises unless the class axis (non-negative ``axis``) has at least one class."""
+    if shape[axis] == 0:
+        raise ValueError(
+            f"`{name}` must have at least one class on axis {axis}, got "
+            f"{name}.shape={tuple(shape)}: a distribution over no classes has "
+            "no log-probabilities (check the class axis, `axis`)."
+        )
+
+
 def check_ignore_index(ignore_index: int) -> int:
     """Returns ``ignore_index`` as a Python int, raising if it is not an integer."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):

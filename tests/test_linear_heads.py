@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -834,3 +835,95 @@ def test_empty_batch_values_and_gradients(order, monkeypatch):
             assert g.shape == a.shape and not np.any(np.asarray(g)), name
         assert jax.jvp(f, (x, w, b), (x, w, b))[1] == 0.0, name
     assert jxent.linear_argmax(x, w).shape == (0,)
+
+
+def _padded_losses(target, ct):
+    """The LM-head losses as functions of ``(x, w, bias, teacher_x, teacher_w)``:
+    fused, and the float64 formulas on materialised logits (reference)."""
+
+    def cross_entropy(fused, x, w, b, tx, tw):
+        if fused:
+            return jxent.linear_cross_entropy(x, w, target, bias=b, chunk_size=4)
+        z = x @ w + b[None, :]
+        valid = target != -100
+        nll = jax.nn.logsumexp(z, axis=1) - z[np.arange(N), np.where(valid, target, 0)]
+        return jnp.sum(jnp.where(valid, nll, 0.0)) / np.sum(valid)
+
+    def log_probs(fused, x, w, b, tx, tw):
+        if fused:
+            lp, ent = jxent.linear_log_probs(
+                x, w, target, bias=b, temperature=0.8, return_entropy=True, chunk_size=4
+            )
+        else:
+            z = x @ w + b[None, :]
+            lp, ent = ref_log_probs(z, target, 0.8, np.ones((N, V), bool), -1)
+        return jnp.sum(lp * ct) + jnp.sum(ent)
+
+    def distillation(reduction):
+        def loss(fused, x, w, b, tx, tw):
+            if fused:
+                out = jxent.linear_distillation_loss(
+                    x, w, tx, tw, target, bias=b, beta=0.5, reduction=reduction,
+                    chunk_size=4,
+                )  # fmt: skip
+            else:
+                out = ref_distillation(
+                    x @ w + b[None, :], tx @ tw, target, 1.0, 0.5, -1, reduction
+                )
+            return jnp.sum(out * (ct if reduction == "none" else 1.0))
+
+        return loss
+
+    return {
+        "cross_entropy": cross_entropy,
+        "log_probs": log_probs,
+        "distillation sum": distillation("sum"),
+        "distillation none": distillation("none"),
+    }
+
+
+@pytest.mark.parametrize("order", ["cpu", "vocab_outer"])
+@pytest.mark.parametrize("padding", [np.nan, np.inf])
+def test_padding_hidden_states_do_not_reach_the_gradients(order, padding, monkeypatch):
+    """Ignored positions (padding) whose hidden states are NaN or inf (a
+    fully masked attention row), the student's and the teacher's: the losses
+    and every gradient equal the float64 formulas over the other positions,
+    in both modes, and the padding's own dx is exactly 0. ``x_cᵀ dz`` made
+    dw NaN (``NaN · 0``), and with it the forward-mode tangent of a sum."""
+    if order == "vocab_outer":  # the chips' order (a static option: no stale trace)
+        monkeypatch.setattr(jxent._linear, "_VOCAB_OUTER", True)
+    pad = np.array([2, 7])  # TARGET's ignored positions
+    x, tx = X.copy(), TX.copy()
+    x[pad], tx[pad] = padding, padding
+    args = (x, W, BIAS, tx, TW)
+    clean = (
+        np.where(np.isfinite(x), x, 0.0),
+        W,
+        BIAS,
+        np.where(np.isfinite(tx), tx, 0.0),
+        TW,
+    )
+    tangents = tuple(RNG.normal(size=a.shape).astype(np.float32) for a in args)
+    ct = np.arange(1.0, N + 1.0)
+    for name, loss in _padded_losses(TARGET, ct).items():
+        with x64():
+            ref = functools.partial(loss, False)
+            args64 = tuple(a.astype(np.float64) for a in clean)
+            want, want_grads = jax.value_and_grad(ref, range(5))(*args64)
+            want_tangent = jax.jvp(
+                ref, args64, tuple(t.astype(np.float64) for t in tangents)
+            )[1]
+        fused = functools.partial(loss, True)
+        value, grads = jax.jit(jax.value_and_grad(fused, range(5)))(*args)
+        tangent = jax.jit(functools.partial(jax.jvp, fused, tangents=tangents))(args)[1]
+        np.testing.assert_allclose(value, want, rtol=2e-6, err_msg=name)
+        np.testing.assert_allclose(
+            tangent, want_tangent, rtol=2e-5, atol=2e-5, err_msg=name
+        )
+        for i, (g, r) in enumerate(zip(grads, want_grads, strict=True)):
+            np.testing.assert_allclose(
+                g, r, rtol=2e-5, atol=2e-5, err_msg=f"{name} {i}"
+            )
+        assert not np.any(np.asarray(grads[0])[pad]) and not np.any(
+            np.asarray(grads[3])[pad]
+        )

@@ -525,3 +525,100 @@ def test_vmap_and_16_bit_inputs():
         lp = jxent.log_probs(x.astype(dtype), t)
         d = jxent.distillation_loss(x.astype(dtype), teacher.astype(dtype))
         assert lp.dtype == jnp.float32 and d.dtype == jnp.float32
+
+
+def test_gaps_past_the_float_range_give_finite_entropy_and_divergence():
+    """Finite logits whose gap to the row's maximum overflows (±3e38 in
+    float32, or a tiny temperature): that class's probability is 0, and the
+    entropy and the divergences are the float64 formulas' (0 · log 0 = 0),
+    with finite gradients; they were NaN (0 · -inf)."""
+    big = np.array([[3e38, -3e38, 3e38], [3e38, -3e38, 0.0]], np.float32)
+    target = np.array([0, 0])
+    lp, ent = jxent.log_probs(big, target, return_entropy=True)
+    np.testing.assert_allclose(lp, [-np.log(2), 0.0], atol=1e-7)
+    np.testing.assert_allclose(ent, [np.log(2), 0.0], atol=1e-7)
+    grads = jax.grad(
+        lambda z: jnp.sum(jxent.log_probs(z, target, return_entropy=True)[1])
+    )(big)
+    np.testing.assert_allclose(grads, 0.0, atol=1e-7)  # d H / dz = -p (log p + H)
+    teacher = np.array([[3e38, -3e38, 3e38], [3e38, -3e38, 1.0]], np.float32)
+    for beta in (0.0, 0.5, 1.0):
+        kd = jax.value_and_grad(jxent.distillation_loss, (0, 1))
+        value, (gs, gt) = kd(big, teacher, beta=beta, reduction="sum")
+        assert value == 0.0, beta
+        np.testing.assert_allclose(gs, 0.0, atol=1e-7)
+        np.testing.assert_allclose(gt, 0.0, atol=1e-7)
+    # A tiny temperature, concrete or traced: the same limits.
+    x = np.array([[1.0, 0.0]], np.float32)
+    w = np.array([[0.0, -1000.0], [0.0, 0.0]], np.float32)
+    for temperature in (1e-37, jnp.float32(1e-37)):
+        lp, ent = jax.jit(
+            lambda t: jxent.linear_log_probs(
+                x, w, np.array([0]), temperature=t, return_entropy=True
+            )
+        )(temperature)
+        assert lp == 0.0 and ent == 0.0
+        assert jxent.linear_distillation_loss(x, w, x, 0.5 * w, temperature=1e-37) == 0
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_per_position_bad_target_reaches_the_shared_scalars(beta):
+    """``reduction="none"`` with a target out of range under jit: d/dbeta
+    and d/dtemperature of the sum are NaN also at beta 0 and 1 (the selected
+    KL does not depend on beta there: it was 0), fused or not."""
+    x = RNG.normal(size=(4, 3)).astype(np.float32)
+    w = RNG.normal(size=(3, C)).astype(np.float32)
+    tx = RNG.normal(size=(4, 2)).astype(np.float32)
+    tw = RNG.normal(size=(2, C)).astype(np.float32)
+    target = np.array([C, 2, -100, 3])
+
+    def fused(b, t):
+        out = jxent.linear_distillation_loss(
+            x, w, tx, tw, target, beta=b, temperature=t, reduction="none"
+        )
+        return jnp.sum(out)
+
+    def logits(b, t):
+        out = jxent.distillation_loss(
+            x @ w, tx @ tw, target, beta=b, temperature=t, reduction="none"
+        )
+        return jnp.sum(out)
+
+    for f in (fused, logits):
+        value, grads = jax.jit(jax.value_and_grad(f, (0, 1)))(beta, 1.3)
+        assert np.isnan(value) and _nan_everywhere(grads)
+
+
+def test_no_classes_is_a_clear_error():
+    for call in (
+        lambda: jxent.log_probs(np.zeros((3, 0)), np.full(3, -100)),
+        lambda: jxent.distillation_loss(np.zeros((3, 0)), np.zeros((3, 0))),
+        lambda: jxent.cross_entropy(np.zeros((3, 0)), np.full(3, -100)),
+        lambda: jxent.cross_entropy(np.zeros((2, 0, 4)), np.full((2, 4), -100), axis=1),
+    ):
+        with pytest.raises(ValueError, match="at least one class on axis"):
+            call()
+    with pytest.raises(ValueError, match="`log_probs` must have at least one class"):
+        jxent.nll_loss(np.zeros((3, 0)), np.full(3, -100))
+    with pytest.raises(ValueError, match="V >= 1"):
+        jxent.linear_cross_entropy(np.ones((3, 4)), np.ones((4, 0)), np.full(3, -100))
+    # An empty batch is not an error: 0.
+    assert jxent.cross_entropy(np.zeros((0, 4)), np.zeros(0, np.int32)) == 0.0
+
+
+def test_numpy_integer_chunk_sizes():
+    """NumPy integers for chunk_size and vocab_chunk_size, as Python ints
+    (they raised, or failed inside the block sizes)."""
+    x, w = RNG.normal(size=(6, 4)), RNG.normal(size=(4, C))
+    t = np.arange(6) % C
+    want = jxent.linear_cross_entropy(x, w, t, chunk_size=2, vocab_chunk_size=3)
+    got = jxent.linear_cross_entropy(
+        x, w, t, chunk_size=np.int64(2), vocab_chunk_size=np.int32(3)
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    lp = jxent.linear_log_probs(
+        x, w, t, chunk_size=np.int64(4), vocab_chunk_size=np.int32(3)
+    )
+    np.testing.assert_allclose(lp, jxent.linear_log_probs(x, w, t), rtol=1e-6)
+    with pytest.raises(ValueError, match="`chunk_size` must be a positive int"):
+        jxent.linear_cross_entropy(x, w, t, chunk_size=np.int64(0))

@@ -87,18 +87,9 @@ class SoftmaxParts(NamedTuple):
         """``log Σ exp(z - max z)``, class axis kept (size 1)."""
         return jnp.log(self.total)
 
-    def finite_shifted(self) -> jax.Array:
-        """``shifted``, a gap past the dtype's range at its lowest finite value.
-
-        ``z - max z`` of two finite logits can overflow to ``-inf`` (logits
-        of ±3e38 in float32, or a tiny temperature); that class's ``exp`` is 0
-        either way, and its terms ``exp · shifted`` then stay 0, not NaN.
-        """
-        return jnp.maximum(self.shifted, jnp.finfo(self.shifted.dtype).min)
-
     def log_probs(self) -> jax.Array:
         """``log p`` (finite; meaningless at excluded classes)."""
-        return self.finite_shifted() - self.log_sum
+        return self.shifted - self.log_sum
 
     def entropy(self, axis: int, shards: ClassShards) -> jax.Array:
         """``-Σ p log p = log_sum - Σ exp(z - max z) (z - max z) / total``.
@@ -106,7 +97,7 @@ class SoftmaxParts(NamedTuple):
         Two terms >= 0; the row's sum divided once by the total, not each
         class's term (fewer logits-sized operations and derivatives).
         """
-        spread = shards.sum(jnp.sum(self.exp * self.finite_shifted(), axis=axis))
+        spread = shards.sum(jnp.sum(self.exp * self.shifted, axis=axis))
         total = jnp.squeeze(self.total, axis)
         return jnp.squeeze(self.log_sum, axis) - spread / total
 
@@ -130,7 +121,11 @@ def softmax_parts(
                   keepdims=True)  # fmt: skip
     top = shards.max(top)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
-    shifted = jnp.where(excluded, 0.0, z - top)
+    # A gap past the dtype's range (finite logits of ±3e38, a tiny
+    # temperature) at the lowest finite value: its exp is 0 either way, and
+    # the terms exp · shifted of the entropy and divergences stay 0 (not
+    # 0 · -inf); log p[target] there is that value, not -inf.
+    shifted = jnp.where(excluded, 0.0, jnp.maximum(z - top, jnp.finfo(z.dtype).min))
     exp = jnp.where(excluded, 0.0, jnp.exp(shifted))
     total = shards.sum(jnp.sum(exp, axis=axis, keepdims=True))
     # A row without mass (every class excluded) sums to 0; a NaN logit's

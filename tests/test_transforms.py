@@ -755,6 +755,37 @@ def test_vmap_over_targets_and_options_with_shared_logits(one_pass):
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=name)
 
 
+def test_soft_cap_under_vmap_of_a_later_axis():
+    """Probability targets with ``soft_cap``, under ``jit(grad)`` of a
+    ``vmap`` over axis 1 (or over ``w`` in ``x @ w``): the soft-cap's
+    ``custom_jvp`` failed to lower (its rule's selects; jax 0.10.2); now
+    plain operations, equal to plain JAX in both modes."""
+    rng = np.random.default_rng(20)
+    logits = jnp.asarray(rng.normal(size=(5, 3, C)), jnp.float32)
+    q = jax.nn.softmax(jnp.asarray(rng.normal(size=(5, C)), jnp.float32))
+
+    def plain(z):
+        return -jnp.mean(jnp.sum(q * jax.nn.log_softmax(3.0 * jnp.tanh(z / 3.0)), -1))
+
+    def ours(z):
+        return jxent.cross_entropy(z, q, soft_cap=3.0)
+
+    for loss in (ours, plain):
+        total = functools.partial(_summed_over_axis_1, loss)
+        got = (
+            jax.jit(jax.grad(total))(logits),
+            jax.jit(functools.partial(jax.jvp, total))((logits,), (logits,))[1],
+        )
+        if loss is ours:
+            mine = got
+    for a, b in zip(mine, got, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def _summed_over_axis_1(loss, x):
+    return jnp.sum(jax.vmap(loss, in_axes=1)(x))
+
+
 def test_checkpoint_and_scan():
     rng = np.random.default_rng(19)
     logits = jnp.asarray(rng.normal(size=(5, 3, C)), jnp.float32)

@@ -323,26 +323,30 @@ def _live_tokens(target, static: _Static) -> jax.Array | None:
 
 
 def _zeroed_if_ignored(a, live):
-    """``a``'s rows, zeros at the ignored tokens (``live`` False).
+    """``a``, its non-finite entries at the ignored tokens (``live`` False) 0.
 
     Padding's hidden states may be NaN or inf (a fully masked attention
     row): their tiles' gradients are exactly 0, but ``x_cᵀ dz`` would still
-    form ``NaN · 0`` in ``dw``. Applied chunk by chunk, so that no second
-    (N, D) array exists.
+    form ``NaN · 0`` in ``dw``. Finite states are kept, so that a returned
+    logsumexp of an ignored token (and its gradient) stays its own. Applied
+    chunk by chunk, so that no second (N, D) array exists.
     """
     if a is None or live is None:
         return a
-    return jnp.where(live[:, None], a, jnp.zeros((), a.dtype))
+    dead = ~live[:, None] & ~jnp.isfinite(a)
+    return jnp.where(dead, jnp.zeros((), a.dtype), a)
 
 
-def _padding_zeroed(tokens, static: _Static):
-    """A chunk's ``(x_c, probs_c, target_c, ...)``, padding's states zeroed.
+def _padding_zeroed(tokens, static: _Static, *, x: bool = True):
+    """A chunk's ``(x_c, probs_c, target_c, ...)``, padding's bad states zeroed.
 
-    A head's token input (the teacher's hidden states) too.
+    A head's token input (the teacher's hidden states) too; ``x=False``
+    leaves ``x_c`` (whose logits give an ignored token's logsumexp).
     """
     x_c, probs_c, target_c, *rest = tokens
     live = _live_tokens(target_c, static)
-    x_c = _zeroed_if_ignored(x_c, live)
+    if x:
+        x_c = _zeroed_if_ignored(x_c, live)
     if static.head is not None:
         probs_c = _zeroed_if_ignored(probs_c, live)
     return (x_c, probs_c, target_c, *rest)
@@ -523,8 +527,12 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
         d_logits, d_probs, d_small, cts = vjp(ones)
         return loss, (d_logits, d_probs, d_small), (tuple(values), tuple(cts))
 
+    def dw_rows(tokens):
+        """The chunk's ``x_c`` for ``dw`` (padding's non-finite states zeroed)."""
+        return _zeroed_if_ignored(tokens[0], _live_tokens(tokens[2], static))
+
     def body(carry, tokens):
-        tokens = _padding_zeroed(tokens, static)
+        tokens = _padding_zeroed(tokens, static, x=False)
         loss, (d_logits, d_probs, d_small), rows = tile_gradients(tokens, keep_rows)
         out = {"loss": loss}
         if keep_rows:
@@ -543,7 +551,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
             out["probs"] = d_probs.astype(acc)
         new = dict(carry)
         if need["w"]:
-            new["w"] = accumulate_dw(carry["w"], tokens[0], d_logits, *ranges[0])
+            new["w"] = accumulate_dw(carry["w"], dw_rows(tokens), d_logits, *ranges[0])
         if need["bias"]:
             new["bias"] = carry["bias"] + jnp.sum(d_logits, axis=0)
         for name, g in zip(_SMALL, d_small, strict=True):
@@ -562,9 +570,9 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
         """
 
         def body(dw, tokens):
-            tokens = _padding_zeroed(tokens, static)
+            tokens = _padding_zeroed(tokens, static, x=False)
             _, (d_logits, _, _), _ = tile_gradients(tokens)
-            return accumulate_dw(dw, tokens[0], d_logits, lo, hi), None
+            return accumulate_dw(dw, dw_rows(tokens), d_logits, lo, hi), None
 
         last = done[-1][0, 0].astype(acc)
         zero = jnp.where(jnp.isfinite(last), last, 0.0) * 0.0
@@ -1012,7 +1020,6 @@ def _block_gradients(
             def over_tokens(state, tokens):
                 dw_j, dx, dbias_j = state
                 (x_c, position_c, live_c, rows_c), mask_c = tokens
-                x_c = _zeroed_if_ignored(x_c, live_c)
                 if mask_c is None:
                     mask_c = class_mask
                 logits = _tile_logits(x_c, w_j, bias_j)
@@ -1022,8 +1029,9 @@ def _block_gradients(
                 d_in = grad.astype(p.w.dtype)
                 if need["w"]:
                     dw_j = dw_j + lax.dot_general(
-                        x_c, d_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
-                    )
+                        _zeroed_if_ignored(x_c, live_c), d_in,
+                        (((0,), (0,)), ((), ())), preferred_element_type=acc,
+                    )  # fmt: skip
                 if need["x"]:
                     part = lax.dot_general(
                         d_in, w_j, (((1,), (1,)), ((), ())), preferred_element_type=acc

@@ -927,3 +927,36 @@ def test_padding_hidden_states_do_not_reach_the_gradients(order, padding, monkey
         assert not np.any(np.asarray(grads[0])[pad]) and not np.any(
             np.asarray(grads[3])[pad]
         )
+
+
+@pytest.mark.parametrize("order", ["cpu", "vocab_outer"])
+def test_ignored_positions_keep_their_own_logsumexp(order, monkeypatch):
+    """``return_lse``: an ignored position's logsumexp (and its gradient) is
+    its own row's, whatever zeroing the padding's bad states does for dw."""
+    if order == "vocab_outer":
+        monkeypatch.setattr(jxent._linear, "_VOCAB_OUTER", True)
+
+    def loss(fused, x, w, b):
+        if fused:
+            value, lse = jxent.linear_cross_entropy(
+                x, w, TARGET, bias=b, chunk_size=4, return_lse=True
+            )
+        else:
+            z = x @ w + b[None, :]
+            valid = TARGET != -100
+            lse = jax.nn.logsumexp(z, axis=1)
+            nll = lse - z[np.arange(N), np.where(valid, TARGET, 0)]
+            value = jnp.sum(jnp.where(valid, nll, 0.0)) / np.sum(valid)
+        return value + 0.1 * jnp.sum(lse * np.arange(1.0, N + 1.0))
+
+    with x64():
+        args64 = tuple(a.astype(np.float64) for a in (X, W, BIAS))
+        want, want_grads = jax.value_and_grad(functools.partial(loss, False), range(3))(
+            *args64
+        )
+    value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, True), range(3)))(
+        X, W, BIAS
+    )
+    np.testing.assert_allclose(value, want, rtol=2e-6)
+    for g, r in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5)

@@ -758,8 +758,8 @@ def test_vmap_over_targets_and_options_with_shared_logits(one_pass):
 def test_soft_cap_under_vmap_of_a_later_axis():
     """Probability targets with ``soft_cap``, under ``jit(grad)`` of a
     ``vmap`` over axis 1 (or over ``w`` in ``x @ w``): the soft-cap's
-    ``custom_jvp`` failed to lower (its rule's selects; jax 0.10.2); now
-    plain operations, equal to plain JAX in both modes."""
+    ``custom_jvp`` failed to lower (its rule's selects; jax 0.10.2); now a
+    clip, equal to plain JAX in both modes."""
     rng = np.random.default_rng(20)
     logits = jnp.asarray(rng.normal(size=(5, 3, C)), jnp.float32)
     q = jax.nn.softmax(jnp.asarray(rng.normal(size=(5, C)), jnp.float32))

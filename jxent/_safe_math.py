@@ -86,8 +86,10 @@ def _varying(a: jax.Array) -> frozenset:
     return frozenset(getattr(kind, "varying", frozenset()))
 
 
-@jax.custom_jvp
-def poison_gradients(x: jax.Array, flag: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def poison_gradients(
+    x: jax.Array, flag: jax.Array, batched_like_flag: bool = False
+) -> jax.Array:
     """``x`` itself, whose derivatives are NaN when ``flag`` is set.
 
     For ``"mean"``/``"sum"`` over bad data (``flag``: any bad position or
@@ -97,19 +99,24 @@ def poison_gradients(x: jax.Array, flag: jax.Array) -> jax.Array:
     pass. For per-position inputs (logits), whose batch axes include the
     flag's; elsewhere (a flag that varies over more shard_map axes than
     ``x``) it leaves ``x``'s derivatives to the NaN cotangent.
+
+    ``batched_like_flag``: the output is ``x`` selected by the flag, so that
+    under ``vmap`` with ``x`` shared and the flag batched (a vmap over the
+    targets or an option) it is batched like its NaN-carrying tangent
+    (otherwise ``jit`` of the gradient fails to lower). XLA folds the select
+    for the materialised cross-entropy's logits; for ``w`` or a pair of
+    logits arrays it kept a copy, so it is asked for where it is free.
     """
-    if not _varying(flag) <= _varying(x):
-        return x
-    # ``x`` selected by the flag (XLA folds the select): under ``vmap`` with
-    # ``x`` shared and the flag batched (a vmap over targets or options), the
-    # output is then batched like its NaN-carrying tangent.
-    return jnp.where(flag, x, x)
+    if batched_like_flag and _varying(flag) <= _varying(x):
+        return jnp.where(flag, x, x)
+    return x
 
 
 @functools.partial(poison_gradients.defjvp, symbolic_zeros=True)
-def _poison_gradients_jvp(primals, tangents):
+def _poison_gradients_jvp(batched_like_flag, primals, tangents):
     x, flag = primals
     t_x, _ = tangents
+    del batched_like_flag  # (the rule's primal output is x alike)
     if isinstance(t_x, SymbolicZero) or not _varying(flag) <= _varying(t_x):
         return x, t_x
     return x, t_x * jnp.where(flag, jnp.nan, 1.0).astype(t_x.dtype)

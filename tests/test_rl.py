@@ -527,38 +527,16 @@ def test_vmap_and_16_bit_inputs():
         assert lp.dtype == jnp.float32 and d.dtype == jnp.float32
 
 
-def test_gaps_past_the_float_range_give_finite_entropy_and_divergence():
-    """Finite logits whose gap to the row's maximum overflows (±3e38 in
-    float32, or a tiny temperature): that class's probability is 0, and the
-    entropy and the divergences are the float64 formulas' (0 · log 0 = 0),
-    with finite gradients; they were NaN (0 · -inf)."""
-    big = np.array([[3e38, -3e38, 3e38], [3e38, -3e38, 0.0]], np.float32)
-    target = np.array([0, 0])
-    lp, ent = jxent.log_probs(big, target, return_entropy=True)
-    np.testing.assert_allclose(lp, [-np.log(2), 0.0], atol=1e-7)
-    np.testing.assert_allclose(ent, [np.log(2), 0.0], atol=1e-7)
-    grads = jax.grad(
-        lambda z: jnp.sum(jxent.log_probs(z, target, return_entropy=True)[1])
-    )(big)
-    np.testing.assert_allclose(grads, 0.0, atol=1e-7)  # d H / dz = -p (log p + H)
-    teacher = np.array([[3e38, -3e38, 3e38], [3e38, -3e38, 1.0]], np.float32)
-    for beta in (0.0, 0.5, 1.0):
-        kd = jax.value_and_grad(jxent.distillation_loss, (0, 1))
-        value, (gs, gt) = kd(big, teacher, beta=beta, reduction="sum")
-        assert value == 0.0, beta
-        np.testing.assert_allclose(gs, 0.0, atol=1e-7)
-        np.testing.assert_allclose(gt, 0.0, atol=1e-7)
-    # A tiny temperature, concrete or traced: the same limits.
-    x = np.array([[1.0, 0.0]], np.float32)
-    w = np.array([[0.0, -1000.0], [0.0, 0.0]], np.float32)
-    for temperature in (1e-37, jnp.float32(1e-37)):
-        lp, ent = jax.jit(
-            lambda t: jxent.linear_log_probs(
-                x, w, np.array([0]), temperature=t, return_entropy=True
-            )
-        )(temperature)
-        assert lp == 0.0 and ent == 0.0
-        assert jxent.linear_distillation_loss(x, w, x, 0.5 * w, temperature=1e-37) == 0
+def test_gaps_past_the_float_range_are_nan_not_a_number():
+    """README row: finite logits whose gap to the row's maximum overflows
+    (±3e38 in float32) give a NaN entropy and divergence (0 · -inf), never a
+    plausible number; the log-probability itself is right. Flooring the gap
+    cost the materialised distillation's program a logits-sized copy."""
+    big = np.array([[3e38, -3e38, 3e38]], np.float32)
+    lp, ent = jxent.log_probs(big, np.array([0]), return_entropy=True)
+    np.testing.assert_allclose(lp, [-np.log(2)], rtol=1e-6)
+    assert np.isnan(ent[0])
+    assert np.isnan(jxent.distillation_loss(big, big))
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])

@@ -2160,8 +2160,7 @@ def linear_cross_entropy(
     soft_cap = check_soft_cap(soft_cap)
     mask, row_mask = _class_mask_for_tokens(where, batch_shape, vocab)
     num_tokens = max(1, x[..., 0].size)
-    chunk_size = _positive_int_or_none(chunk_size, "chunk_size", "tokens per chunk")
-    chunk = chunk_size
+    chunk = _positive_int_or_none(chunk_size, "chunk_size", "tokens per chunk")
     if chunk is None:
         chunk = _default_chunk_size(
             num_tokens,
@@ -2170,10 +2169,9 @@ def linear_cross_entropy(
             smoothing=not _is_static_zero(label_smoothing),
             where=mask is not None,
         )
-    vocab_chunk_size = _positive_int_or_none(
+    vocab_chunk = _positive_int_or_none(
         vocab_chunk_size, "vocab_chunk_size", "classes per block"
     )
-    vocab_chunk = vocab_chunk_size
     if vocab_chunk is None:
         vocab_chunk = _default_vocab_chunk_size(x.shape[-1], vocab)
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))

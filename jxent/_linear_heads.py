@@ -626,12 +626,11 @@ def _linear_distillation_loss(p: _Params, data: _Data, *, static, reduction):
         # A bad temperature or beta: NaN values and NaN derivatives (the
         # ignored positions' too); a bad target: NaN derivatives of the
         # shared scalars too (beta's at 0 or 1 had no path to it).
-        p = _Params(*(None if v is None else poison_gradients(v, bad) for v in p))
-        scalars = bad | bad_target
-        p = p._replace(
-            temperature=poison_gradients(p.temperature, scalars),
-            beta=poison_gradients(p.beta, scalars),
-        )
+        flags = dict.fromkeys(("temperature", "beta"), bad | bad_target)
+        p = _Params(*(
+            None if v is None else poison_gradients(v, flags.get(name, bad))
+            for name, v in zip(_Params._fields, p, strict=True)
+        ))  # fmt: skip
         loss, _ = _per_token_loss(static, p, data)
         return loss.reshape(batch_shape)
     # A NaN sum or mean has NaN derivatives w.r.t. every input.

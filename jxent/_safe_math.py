@@ -86,10 +86,32 @@ def _varying(a: jax.Array) -> frozenset:
     return frozenset(getattr(kind, "varying", frozenset()))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def poison_gradients(
-    x: jax.Array, flag: jax.Array, batched_like_flag: bool = False
-) -> jax.Array:
+@jax.custom_batching.custom_vmap
+def _batched_like_flag(x: jax.Array, flag: jax.Array) -> jax.Array:
+    """``x`` itself; under ``vmap`` batched whenever ``flag`` is.
+
+    ``poison_gradients``'s tangent is batched like the flag; its primal
+    output must then be batched too (``jax.custom_jvp`` requires the rule's
+    and the function's outputs to agree under ``vmap``, else ``jit`` of the
+    gradient fails to lower). Unbatched, nothing is computed; batched over
+    the flag alone (a vmap over the targets or an option, ``x`` shared),
+    ``x`` is broadcast over the vmapped axis, as everything downstream is.
+    """
+    del flag
+    return x
+
+
+@_batched_like_flag.def_vmap
+def _batched_like_flag_vmap(axis_size, in_batched, x, flag):
+    x_batched, flag_batched = in_batched
+    del flag
+    if flag_batched and not x_batched:
+        return jnp.broadcast_to(x, (axis_size, *x.shape)), True
+    return x, x_batched
+
+
+@jax.custom_jvp
+def poison_gradients(x: jax.Array, flag: jax.Array) -> jax.Array:
     """``x`` itself, whose derivatives are NaN when ``flag`` is set.
 
     For ``"mean"``/``"sum"`` over bad data (``flag``: any bad position or
@@ -100,23 +122,19 @@ def poison_gradients(
     flag's; elsewhere (a flag that varies over more shard_map axes than
     ``x``) it leaves ``x``'s derivatives to the NaN cotangent.
 
-    ``batched_like_flag``: the output is ``x`` selected by the flag, so that
-    under ``vmap`` with ``x`` shared and the flag batched (a vmap over the
-    targets or an option) it is batched like its NaN-carrying tangent
-    (otherwise ``jit`` of the gradient fails to lower). XLA folds the select
-    for the materialised cross-entropy's logits; for ``w`` or a pair of
-    logits arrays it kept a copy, so it is asked for where it is free.
+    Under ``vmap`` with ``x`` shared and the flag batched (a vmap over the
+    targets or an option), the output is ``x`` broadcast over the vmapped
+    axis, like its NaN-carrying tangent (``_batched_like_flag``).
     """
-    if batched_like_flag and _varying(flag) <= _varying(x):
-        return jnp.where(flag, x, x)
+    if _varying(flag) <= _varying(x):
+        return _batched_like_flag(x, flag)
     return x
 
 
 @functools.partial(poison_gradients.defjvp, symbolic_zeros=True)
-def _poison_gradients_jvp(batched_like_flag, primals, tangents):
+def _poison_gradients_jvp(primals, tangents):
     x, flag = primals
     t_x, _ = tangents
-    del batched_like_flag  # (the rule's primal output is x alike)
     if isinstance(t_x, SymbolicZero) or not _varying(flag) <= _varying(t_x):
         return x, t_x
     return x, t_x * jnp.where(flag, jnp.nan, 1.0).astype(t_x.dtype)

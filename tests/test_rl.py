@@ -47,10 +47,11 @@ def ref_divergence(student, teacher, temperature, beta, axis, mask):
     def kl(a, la, lb):
         return jnp.sum(jnp.where(mask, a * (la - lb), 0.0), axis=axis)
 
-    if beta == 0:
-        return kl(q, lq, lp)
-    if beta == 1:
-        return kl(p, lp, lq)
+    if not isinstance(beta, jax.Array):  # (a traced beta: 0 < beta < 1)
+        if beta == 0:
+            return kl(q, lq, lp)
+        if beta == 1:
+            return kl(p, lp, lq)
     # log(beta q + (1-beta) p), in the log domain (no 0 · log 0 from underflow)
     log_m = jnp.logaddexp(jnp.log(beta) + lq, jnp.log1p(-beta) + lp)
     log_m = jnp.where(mask, log_m, 0.0)
@@ -600,3 +601,113 @@ def test_numpy_integer_chunk_sizes():
     np.testing.assert_allclose(lp, jxent.linear_log_probs(x, w, t), rtol=1e-6)
     with pytest.raises(ValueError, match="`chunk_size` must be a positive int"):
         jxent.linear_cross_entropy(x, w, t, chunk_size=np.int64(0))
+
+
+def _sweep_cases():
+    """(name, ours, reference, shared inputs, swept values) for the vmap test.
+
+    ``ours(*shared, v)`` and ``reference(*shared, v)`` give a scalar (the
+    outputs summed); ``v`` is one of the swept values (a target set, a
+    temperature, beta, a class mask).
+    """
+    rng = np.random.default_rng(31)
+    n, d, dt, v = 5, 3, 4, 6
+    x = rng.normal(size=(n, d))
+    w = rng.normal(size=(d, v))
+    tx = rng.normal(size=(n, dt))
+    tw = rng.normal(size=(dt, v))
+    targets = rng.integers(0, v, size=(3, n))
+    targets[0, 1] = targets[2, 4] = -100
+    scalars = np.array([0.25, 0.5, 0.75])
+    masks = np.ones((3, v), bool)
+    masks[0, 5] = masks[1, 2] = False
+    t0 = np.where(targets[0] < 0, 0, targets[0]) % 2  # never masked out
+    all_in = np.ones(v, bool)
+
+    def kd(z, tz, t, temperature, beta, reduction, ref):
+        if ref:
+            return ref_distillation(z, tz, t, temperature, beta, -1, reduction)
+        return jxent.distillation_loss(
+            z, tz, t, temperature=temperature, beta=beta, reduction=reduction
+        )
+
+    def lp(z, t, temperature, mask, ref):
+        if ref:
+            return ref_log_probs(z, t, temperature, mask, -1)
+        return jxent.log_probs(
+            z, t, temperature=temperature, where=mask, return_entropy=True
+        )
+
+    cases = []
+    for linear in (False, True):
+        # Materialised logits, or the LM head's: z = x @ w (teacher tx @ tw).
+        shared = (x, w, tx, tw) if linear else (x @ w, tx @ tw)
+        for reduction, swept, values in (
+            ("mean", "target", targets), ("none", "target", targets),
+            ("sum", "beta", scalars), ("none", "temperature", scalars + 0.5),
+        ):  # fmt: skip
+
+            def run(*args, ref, reduction=reduction, swept=swept, linear=linear):
+                *args, value = args
+                t = value if swept == "target" else targets[0]
+                temperature = value if swept == "temperature" else 1.0
+                beta = value if swept == "beta" else 0.5
+                if linear and not ref:
+                    x_, w_, tx_, tw_ = args
+                    return jxent.linear_distillation_loss(
+                        x_, w_, tx_, tw_, t, temperature=temperature,
+                        beta=beta, reduction=reduction,
+                    ).sum()  # fmt: skip
+                z, tz = (args[0] @ args[1], args[2] @ args[3]) if linear else args
+                return kd(z, tz, t, temperature, beta, reduction, ref).sum()
+
+            name = f"{'linear_' * linear}distillation_loss {reduction} {swept}"
+            cases.append((name, run, shared, values))
+        for swept, values in (("target", targets), ("temperature", scalars + 0.5),
+                              ("where", masks)):  # fmt: skip
+
+            def run(*args, ref, swept=swept, linear=linear):
+                *args, value = args
+                t = value if swept == "target" else t0
+                temperature = value if swept == "temperature" else 1.0
+                mask = value if swept == "where" else all_in
+                if linear and not ref:
+                    out = jxent.linear_log_probs(
+                        args[0], args[1], t, temperature=temperature,
+                        where=mask, return_entropy=True,
+                    )  # fmt: skip
+                else:
+                    z = args[0] @ args[1] if linear else args[0]
+                    out = lp(z, t, temperature, mask, ref)
+                return out[0].sum() + 0.5 * out[1].sum()
+
+            name = f"{'linear_' * linear}log_probs {swept}"
+            cases.append((name, run, shared[:2] if linear else shared[:1], values))
+    return cases
+
+
+def test_vmap_over_targets_and_options_with_shared_inputs():
+    """A vmap over the targets, ``beta``, ``temperature`` or ``where`` with
+    the logits (or x and w) shared: a sweep of label sets or temperatures.
+    ``jit(grad)`` and ``jvp`` raised for every distillation loss and the
+    temperature/where sweeps of the log-probabilities (the gradient-poisoning
+    custom_jvp: its output unbatched, its tangent batched like the flag); now
+    equal to float64 references of the formulas, in both modes."""
+    for name, run, shared, values in _sweep_cases():
+
+        def total(*args, ref, run=run, values=values):
+            ours = functools.partial(run, ref=ref)
+            return jnp.sum(jax.vmap(ours, (None,) * len(args) + (0,))(*args, values))
+
+        f32 = tuple(jnp.asarray(a, jnp.float32) for a in shared)
+        ours = functools.partial(total, ref=False)
+        argnums = tuple(range(len(shared)))
+        grads = jax.jit(jax.grad(ours, argnums))(*f32)
+        tangent = jax.jit(lambda *a, ours=ours: jax.jvp(ours, a, a)[1])(*f32)
+        with x64():
+            ref = functools.partial(total, ref=True)
+            want_grads = jax.grad(ref, argnums)(*shared)
+            want_tangent = jax.jvp(ref, shared, shared)[1]
+        for got, want in zip(grads, want_grads, strict=True):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(tangent, want_tangent, rtol=2e-5, err_msg=name)

@@ -26,7 +26,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from jxent._kernels import compute_dtype, take_target
+from jxent._kernels import _one_hot, compute_dtype, take_target
 from jxent._reduction import reduce_loss
 from jxent._safe_math import poison, poison_gradients
 from jxent._sharding import (
@@ -304,6 +304,36 @@ def safe_temperature(temperature: ArrayLike, dtype) -> tuple[jax.Array, jax.Arra
     return sanitised(t, bad, 1.0), bad
 
 
+class _TokenSetup(NamedTuple):
+    """What ``token_log_probs`` and its tangent map derive from the inputs."""
+
+    temperature: jax.Array  # sanitised
+    valid: jax.Array  # per position: target is not ignore_index
+    target: jax.Array  # in range (0 where it was not)
+    impossible: jax.Array  # per class: a -inf logit
+    excluded: jax.Array  # per class: no part in the softmax
+    impossible_target: jax.Array  # per position: the target's logit is -inf
+    bad: jax.Array  # per position: a bad target or temperature
+
+
+def _token_setup(x, target, temperature, where, axis, ignore_index, shards):
+    num_classes = shards.num_classes(x.shape[axis])
+    temperature, bad_t = safe_temperature(temperature, x.dtype)
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < num_classes)
+    safe_target = jnp.where(valid & in_range, target, 0).astype(jnp.int32)
+    impossible = x == -jnp.inf
+    excluded = impossible | ~_expand(valid, axis)
+    bad = bad_t | (valid & ~in_range)
+    if where is not None:
+        excluded = excluded | ~where
+        bad = bad | (valid & ~pick_flag(where, safe_target, axis, shards))
+    impossible_target = pick_flag(impossible, safe_target, axis, shards)
+    return _TokenSetup(
+        temperature, valid, safe_target, impossible, excluded, impossible_target, bad
+    )
+
+
 def token_log_probs(
     x: jax.Array,
     target: jax.Array,
@@ -322,26 +352,79 @@ def token_log_probs(
     has ``x``'s shape. Ignored positions give 0 with zero derivatives; a bad
     target (out of range, on an excluded class) or temperature gives NaN.
     """
-    num_classes = shards.num_classes(x.shape[axis])
-    temperature, bad_t = safe_temperature(temperature, x.dtype)
-    valid = target != ignore_index
-    in_range = (target >= 0) & (target < num_classes)
-    safe_target = jnp.where(valid & in_range, target, 0).astype(jnp.int32)
-    impossible = x == -jnp.inf
-    excluded = impossible | ~_expand(valid, axis)
-    bad = bad_t | (valid & ~in_range)
-    if where is not None:
-        excluded = excluded | ~where
-        bad = bad | (valid & ~pick_flag(where, safe_target, axis, shards))
-    parts = softmax_parts(x, excluded, temperature, axis, shards)
-    lp = target_log_prob(parts, safe_target, axis, shards)
+    s = _token_setup(x, target, temperature, where, axis, ignore_index, shards)
+    parts = softmax_parts(x, s.excluded, s.temperature, axis, shards)
+    lp = target_log_prob(parts, s.target, axis, shards)
     # A target whose logit is -inf has log-probability -inf (not NaN).
-    impossible_target = pick_flag(impossible, safe_target, axis, shards)
-    lp = jnp.where(valid & impossible_target, -jnp.inf, lp)
-    lp = poison(jnp.where(valid, lp, 0.0), bad)
+    lp = jnp.where(s.valid & s.impossible_target, -jnp.inf, lp)
+    lp = poison(jnp.where(s.valid, lp, 0.0), s.bad)
     if not with_entropy:
         return lp, None
-    return lp, poison(jnp.where(valid, parts.entropy(axis, shards), 0.0), bad)
+    return lp, poison(jnp.where(s.valid, parts.entropy(axis, shards), 0.0), s.bad)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _token_log_probs_rows(x, target, temperature, where, axis, ignore_index,
+                          with_entropy):  # fmt: skip
+    """``token_log_probs`` of materialised logits, hand-derived derivatives.
+
+    Rematerialised (``_token_log_probs_tangent``): reverse mode recomputes the
+    softmax in the pass that writes the gradient instead of keeping
+    logits-sized pieces of it.
+    """
+    lp, ent = token_log_probs(
+        x, target, temperature, where, axis=axis, ignore_index=ignore_index,
+        with_entropy=with_entropy,
+    )  # fmt: skip
+    return (lp, ent) if with_entropy else (lp,)
+
+
+@functools.partial(_token_log_probs_rows.defjvp, symbolic_zeros=True)
+def _token_log_probs_rows_jvp(axis, ignore_index, with_entropy, primals, tangents):
+    out = _token_log_probs_rows(*primals, axis, ignore_index, with_entropy)
+    t_x, _, t_temperature, _ = (
+        None if isinstance(t, SymbolicZero) else t for t in tangents
+    )
+    if t_x is None and t_temperature is None:
+        return out, tuple(jnp.zeros_like(o) for o in out)
+    tangent_map = jax.checkpoint(
+        functools.partial(
+            _token_log_probs_tangent, axis=axis, ignore_index=ignore_index,
+            with_entropy=with_entropy,
+        ),
+        prevent_cse=False,
+    )  # fmt: skip
+    return out, tangent_map(*primals, t_x, t_temperature)
+
+
+def _token_log_probs_tangent(x, target, temperature, where, t_x, t_temperature, *,
+                             axis, ignore_index, with_entropy):  # fmt: skip
+    """The tangent of ``_token_log_probs_rows``, linear in the tangents.
+
+    With ``z = x / T`` and ``dz = (dx - z dT) / T``: ``d log p[t] =
+    Σ_c ([c = t] - p_c) dz_c`` and ``dH = -Σ_c p_c (log p_c + H) dz_c``; 0
+    at ignored positions and at a target whose logit is -inf, NaN where the
+    value is poisoned.
+    """
+    s = _token_setup(x, target, temperature, where, axis, ignore_index, UNSHARDED)
+    parts = softmax_parts(x, s.excluded, s.temperature, axis)
+    dz = 0.0
+    if t_x is not None:
+        dz = jnp.where(s.excluded, 0.0, t_x)
+    if t_temperature is not None:
+        z = jnp.where(s.excluded, 0.0, x) / s.temperature
+        dz = dz - z * t_temperature
+    dz = dz / s.temperature
+    p = parts.probs
+    one_hot = _one_hot(s.target, x.shape, axis, x.dtype)
+    d_lp = jnp.sum((one_hot - p) * dz, axis=axis)
+    keep = s.valid & ~s.impossible_target
+    d_lp = poison(jnp.where(keep, d_lp, 0.0), s.bad)
+    if not with_entropy:
+        return (d_lp,)
+    entropy = jnp.expand_dims(parts.entropy(axis, UNSHARDED), axis)
+    d_ent = -jnp.sum(p * (parts.log_probs() + entropy) * dz, axis=axis)
+    return d_lp, poison(jnp.where(s.valid, d_ent, 0.0), s.bad)
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "ignore_index", "return_entropy"))
@@ -352,11 +435,11 @@ def _log_probs(logits, target, temperature, where, *, axis, ignore_index,
     bad_t = safe_temperature(temperature, compute_dtype(logits.dtype))[1]
     logits = poison_gradients(logits, bad_t)
     temperature = poison_gradients(jnp.asarray(temperature), bad_t)
-    lp, ent = token_log_probs(
+    out = _token_log_probs_rows(
         logits.astype(compute_dtype(logits.dtype)), target, temperature, where,
-        axis=axis, ignore_index=ignore_index, with_entropy=return_entropy,
+        axis, ignore_index, return_entropy,
     )  # fmt: skip
-    return (lp, ent) if return_entropy else lp
+    return out if return_entropy else out[0]
 
 
 def check_target_for(target, shape, axis, name, ignore_index):

@@ -195,6 +195,15 @@ def test_log_probs_extreme_and_impossible_logits():
     # The log-probability of an impossible token is -inf, not NaN.
     lp = jxent.log_probs(x.astype(np.float32), np.array([0, 1, 0]))
     assert lp[1] == -np.inf and np.isfinite(lp[0]) and np.isfinite(lp[2])
+    # A constant: zero derivatives, in both modes.
+    x32 = jnp.asarray(x, jnp.float32)
+
+    def impossible(y):
+        return jxent.log_probs(y, np.array([0, 1, 0]), temperature=0.5)[1]
+
+    assert np.all(jax.jit(jax.grad(impossible))(x32) == 0)
+    tangent = jnp.where(jnp.isfinite(x32), 1.0, 0.0)
+    assert jax.jit(lambda y: jax.jvp(impossible, (y,), (tangent,))[1])(x32) == 0
 
 
 def test_log_probs_check_grads_order_2_both_modes():
@@ -727,5 +736,22 @@ def test_distillation_gradient_keeps_few_logits_sized_temporaries(beta, most):
         return jxent.distillation_loss(s, teacher, target, beta=beta)
 
     program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(z, z, t)
+    temp = program.compile().memory_analysis().temp_size_in_bytes
+    assert temp <= most * n * c * 4, temp / (n * c * 4)
+
+
+@pytest.mark.parametrize(("entropy", "most"), [(False, 0.05), (True, 1.1)])
+def test_log_probs_gradient_keeps_few_logits_sized_temporaries(entropy, most):
+    """``value_and_grad`` of ``log_probs`` on the CPU: none (with the entropy
+    one) float32 logits-sized temporary; autodiffed, 1 and 2."""
+    n, c = 256, 4096
+    z = jax.ShapeDtypeStruct((n, c), jnp.float32)
+    t = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def loss(x, target):
+        out = jxent.log_probs(x, target, temperature=0.9, return_entropy=entropy)
+        return sum(map(jnp.sum, out)) if entropy else jnp.sum(out)
+
+    program = jax.jit(jax.value_and_grad(loss)).lower(z, t)
     temp = program.compile().memory_analysis().temp_size_in_bytes
     assert temp <= most * n * c * 4, temp / (n * c * 4)

@@ -187,13 +187,13 @@ def _kl(a: SoftmaxParts, a_ex, b: SoftmaxParts, b_ex, axis, shards):
     return jnp.where(missing, jnp.inf, value)
 
 
-def _log_mixture(p: SoftmaxParts, p_ex, q: SoftmaxParts, q_ex, beta):
-    """``log m`` for ``m = β q + (1-β) p``, 0 < β < 1.
+def _log_mixture(lp, p_ex, lq, q_ex, beta):
+    """``log m`` for ``m = β q + (1-β) p``, 0 < β < 1, from ``log p, log q``.
 
     Formed in the log domain (no underflow of small masses).
     """
-    from_q = jnp.log(beta) + q.log_probs()
-    from_p = jnp.log1p(-beta) + p.log_probs()
+    from_q = jnp.log(beta) + lq
+    from_p = jnp.log1p(-beta) + lp
     both = jnp.logaddexp(from_q, from_p)
     return jnp.where(q_ex, from_p, jnp.where(p_ex, from_q, both))
 
@@ -201,7 +201,7 @@ def _log_mixture(p: SoftmaxParts, p_ex, q: SoftmaxParts, q_ex, beta):
 def _jsd(p: SoftmaxParts, p_ex, q: SoftmaxParts, q_ex, beta, axis, shards):
     """``β KL(q ‖ m) + (1-β) KL(p ‖ m)``, ``m = β q + (1-β) p``, 0 < β < 1."""
     lp, lq = p.log_probs(), q.log_probs()
-    log_m = _log_mixture(p, p_ex, q, q_ex, beta)
+    log_m = _log_mixture(lp, p_ex, lq, q_ex, beta)
     terms = beta * q.probs * (lq - log_m) + (1.0 - beta) * p.probs * (lp - log_m)
     return shards.sum(jnp.sum(terms, axis=axis))
 
@@ -265,7 +265,7 @@ def _divergence_gradients(p: SoftmaxParts, p_ex, q: SoftmaxParts, q_ex, beta,
         return g_a, g_b
 
     def jsd_gradients(beta):
-        log_m = _log_mixture(p, p_ex, q, q_ex, beta)
+        log_m = _log_mixture(lp, p_ex, lq, q_ex, beta)
         from_p = probs_p * (lp - log_m)
         from_q = probs_q * (lq - log_m)
         kl_p, kl_q = total(from_p), total(from_q)

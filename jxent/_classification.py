@@ -117,7 +117,7 @@ def _poisoned_inputs(
     keeps unbatched weights unbatched under ``vmap`` and lets them vary over
     fewer ``shard_map`` axes than the flag.
     """
-    logits = poison_gradients(logits, flag)
+    logits = poison_gradients(logits, flag, True)
     if weight is not None:
         weight = weight * jnp.where(flag, jnp.nan, 1.0).astype(weight.dtype)
     return logits, weight

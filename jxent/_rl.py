@@ -433,8 +433,8 @@ def _log_probs(logits, target, temperature, where, *, axis, ignore_index,
     # A bad temperature: NaN values and NaN derivatives, the ignored
     # positions' too.
     bad_t = safe_temperature(temperature, compute_dtype(logits.dtype))[1]
-    logits = poison_gradients(logits, bad_t)
-    temperature = poison_gradients(jnp.asarray(temperature), bad_t)
+    logits = poison_gradients(logits, bad_t, True)
+    temperature = poison_gradients(jnp.asarray(temperature), bad_t, True)
     out = _token_log_probs_rows(
         logits.astype(compute_dtype(logits.dtype)), target, temperature, where,
         axis, ignore_index, return_entropy,
@@ -738,10 +738,10 @@ def _distillation_loss(student, teacher, target, temperature, beta, *, axis,
     if reduction != "none":
         flag = scalar_flag
     student, teacher = (
-        poison_gradients(jnp.asarray(v), flag) for v in (student, teacher)
+        poison_gradients(jnp.asarray(v), flag, True) for v in (student, teacher)
     )
     temperature, beta = (
-        poison_gradients(jnp.asarray(v), scalar_flag) for v in (temperature, beta)
+        poison_gradients(jnp.asarray(v), scalar_flag, True) for v in (temperature, beta)
     )
     temperature = safe_temperature(temperature, dtype)[0]
     beta = safe_beta(beta, dtype)[0]

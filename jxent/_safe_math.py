@@ -86,32 +86,15 @@ def _varying(a: jax.Array) -> frozenset:
     return frozenset(getattr(kind, "varying", frozenset()))
 
 
-@jax.custom_batching.custom_vmap
-def _batched_like_flag(x: jax.Array, flag: jax.Array) -> jax.Array:
-    """``x`` itself; under ``vmap`` batched whenever ``flag`` is.
-
-    ``poison_gradients``'s tangent is batched like the flag; its primal
-    output must then be batched too (``jax.custom_jvp`` requires the rule's
-    and the function's outputs to agree under ``vmap``, else ``jit`` of the
-    gradient fails to lower). Unbatched, nothing is computed; batched over
-    the flag alone (a vmap over the targets or an option, ``x`` shared),
-    ``x`` is broadcast over the vmapped axis, as everything downstream is.
-    """
-    del flag
-    return x
+def _zero_batched_like(flag: jax.Array, dtype) -> jax.Array:
+    """A scalar 0 (``select(flag, 0, 0)``: XLA folds it, and ``x + 0``)."""
+    return jnp.where(flag, 0.0, 0.0).astype(dtype)
 
 
-@_batched_like_flag.def_vmap
-def _batched_like_flag_vmap(axis_size, in_batched, x, flag):
-    x_batched, flag_batched = in_batched
-    del flag
-    if flag_batched and not x_batched:
-        return jnp.broadcast_to(x, (axis_size, *x.shape)), True
-    return x, x_batched
-
-
-@jax.custom_jvp
-def poison_gradients(x: jax.Array, flag: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def poison_gradients(
+    x: jax.Array, flag: jax.Array, batched_like_flag: bool = False
+) -> jax.Array:
     """``x`` itself, whose derivatives are NaN when ``flag`` is set.
 
     For ``"mean"``/``"sum"`` over bad data (``flag``: any bad position or
@@ -122,19 +105,32 @@ def poison_gradients(x: jax.Array, flag: jax.Array) -> jax.Array:
     flag's; elsewhere (a flag that varies over more shard_map axes than
     ``x``) it leaves ``x``'s derivatives to the NaN cotangent.
 
-    Under ``vmap`` with ``x`` shared and the flag batched (a vmap over the
-    targets or an option), the output is ``x`` broadcast over the vmapped
-    axis, like its NaN-carrying tangent (``_batched_like_flag``).
+    ``batched_like_flag``: the output is ``x + select(flag, 0, 0)``, so that
+    under ``vmap`` with ``x`` shared and the flag batched (a vmap over the
+    targets or an option) it is batched like its NaN-carrying tangent
+    (otherwise ``jit`` of the gradient fails to lower), and the tangent is
+    ``(dx + select(flag, 0, 0)) · factor``, so that the two share one batch
+    axis also when ``x`` and the flag are batched on different axes. XLA
+    folds both into ``x`` and ``dx · factor`` for the materialised losses'
+    logits (their compiled programs unchanged on the CPU, v5e and H100); it
+    is not asked for on the LM heads' ``x`` and ``w``, where a select kept a
+    copy of ``w`` (so a vmap over their targets alone is left open).
     """
-    if _varying(flag) <= _varying(x):
-        return _batched_like_flag(x, flag)
+    if batched_like_flag and _varying(flag) <= _varying(x):
+        return x + _zero_batched_like(flag, x.dtype)
     return x
 
 
 @functools.partial(poison_gradients.defjvp, symbolic_zeros=True)
-def _poison_gradients_jvp(primals, tangents):
+def _poison_gradients_jvp(batched_like_flag, primals, tangents):
     x, flag = primals
     t_x, _ = tangents
     if isinstance(t_x, SymbolicZero) or not _varying(flag) <= _varying(t_x):
         return x, t_x
+    if batched_like_flag:
+        # The output and its tangent, like the function's own output, are
+        # sums with a zero batched like the flag: one batch axis under vmap.
+        zero = _zero_batched_like(flag, t_x.dtype)
+        factor = jnp.where(flag, jnp.nan, 1.0).astype(t_x.dtype)
+        return x + zero, (t_x + zero) * factor
     return x, t_x * jnp.where(flag, jnp.nan, 1.0).astype(t_x.dtype)

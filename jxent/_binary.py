@@ -38,12 +38,30 @@ LOG_CLAMP = -100.0
 GRAD_EPS = 1e-12
 
 
+@functools.partial(jax.custom_jvp)
 def _scaled(coef: jax.Array, value: jax.Array) -> jax.Array:
     """``coef · value``, and 0 where ``coef`` is 0 even if ``value`` is inf.
 
     A NaN ``value`` (NaN data) stays NaN: a zero weight does not hide it.
+    The derivatives are the product's, ``value`` w.r.t. ``coef`` also where
+    ``coef`` is 0 (a select would give 0 there: wrong second derivatives of
+    the losses whose derivative rules use this, at ``pos_weight = 1``,
+    ``gamma = 0`` or a hard target), ``coef`` w.r.t. ``value``.
     """
     return jnp.where((coef == 0) & ~jnp.isnan(value), 0.0, coef * value)
+
+
+@functools.partial(_scaled.defjvp, symbolic_zeros=True)
+def _scaled_jvp(primals, tangents):
+    coef, value = primals
+    d_coef, d_value = tangents
+    out = _scaled(coef, value)
+    tangent = jnp.zeros_like(out)
+    if not _is_zero(d_coef):
+        tangent = tangent + d_coef * value
+    if not _is_zero(d_value):
+        tangent = tangent + jnp.where(coef == 0, 0.0, coef * d_value)
+    return out, tangent
 
 
 def _is_zero(tangent: object) -> bool:

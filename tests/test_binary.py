@@ -417,3 +417,42 @@ def test_vmap_and_forward_mode_of_the_wide_row_sum():
     _, fwd = jax.jvp(lambda x: loss(x, t[0]), (x[0],), (tangent,))
     rev = jnp.vdot(jax.grad(loss)(x[0], t[0]), tangent)
     np.testing.assert_allclose(fwd, rev, rtol=1e-5)
+
+
+def test_second_derivatives_where_a_coefficient_is_zero():
+    """Hessians w.r.t. every floating input against the float64 formulas,
+    at ``pos_weight = 1`` (the ``pw - 1`` factor of d/dt is 0), soft targets
+    and ``gamma = 0``: the derivative rules' zero-safe products had a zero
+    derivative w.r.t. a zero coefficient (H[t][pw] was 0, not the mixed
+    partial, and H[gamma][gamma] at gamma = 0 was 0)."""
+    x = np.array([0.3, -1.2, 2.0])
+    t = np.array([0.2, 0.5, 0.9])
+
+    def bce_ref(x, t, pw):
+        return jnp.sum((1 - t) * jax.nn.softplus(x) + pw * t * jax.nn.softplus(-x))
+
+    def focal_ref(x, t, alpha, gamma):
+        p = jax.nn.sigmoid(x)
+        ce = (1 - t) * jax.nn.softplus(x) + t * jax.nn.softplus(-x)
+        p_t = p * t + (1 - p) * (1 - t)
+        a_t = alpha * t + (1 - alpha) * (1 - t)
+        return jnp.sum(a_t * ce * (1 - p_t) ** gamma)
+
+    def bce(x, t, pw):
+        return jxent.binary_cross_entropy_with_logits(x, t, pos_weight=pw,
+                                                      reduction="sum")  # fmt: skip
+
+    def focal(x, t, alpha, gamma):
+        return jxent.sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma,
+                                        reduction="sum")  # fmt: skip
+
+    cases = [(bce, bce_ref, (x, t, 1.0)), (focal, focal_ref, (x, t, 0.25, 0.0))]
+    for ours, ref, args in cases:
+        argnums = tuple(range(len(args)))
+        f32 = tuple(np.float32(a) for a in args)
+        for hessian in (jax.hessian, lambda f, a: jax.jacfwd(jax.jacfwd(f, a), a)):
+            got = jax.jit(hessian(ours, argnums))(*f32)
+            with x64():
+                want = hessian(ref, argnums)(*args)
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)

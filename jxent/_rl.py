@@ -273,12 +273,12 @@ def _divergence_gradients(p: SoftmaxParts, p_ex, q: SoftmaxParts, q_ex, beta,
         g_q = beta * (from_q - probs_q * kl_q)
         return g_p, g_q, jnp.squeeze(kl_q - kl_p, axis)
 
-    if mode == "forward":
-        g_q, g_p = kl_gradients(q, lq, p, lp, q_ex, p_ex)
-        return g_p, g_q, jnp.zeros(g_p.shape[:axis] + g_p.shape[axis + 1 :], g_p.dtype)
-    if mode == "reverse":
-        g_p, g_q = kl_gradients(p, lp, q, lq, p_ex, q_ex)
-        return g_p, g_q, jnp.zeros(g_p.shape[:axis] + g_p.shape[axis + 1 :], g_p.dtype)
+    if mode in ("forward", "reverse"):
+        if mode == "forward":
+            g_q, g_p = kl_gradients(q, lq, p, lp, q_ex, p_ex)
+        else:
+            g_p, g_q = kl_gradients(p, lp, q, lq, p_ex, q_ex)
+        return g_p, g_q, jnp.zeros_like(jnp.sum(g_p, axis=axis))
     if mode == "jsd":
         return jsd_gradients(beta)
     at_zero, at_one = beta == 0.0, beta == 1.0
@@ -310,7 +310,6 @@ class _TokenSetup(NamedTuple):
     temperature: jax.Array  # sanitised
     valid: jax.Array  # per position: target is not ignore_index
     target: jax.Array  # in range (0 where it was not)
-    impossible: jax.Array  # per class: a -inf logit
     excluded: jax.Array  # per class: no part in the softmax
     impossible_target: jax.Array  # per position: the target's logit is -inf
     bad: jax.Array  # per position: a bad target or temperature
@@ -330,7 +329,7 @@ def _token_setup(x, target, temperature, where, axis, ignore_index, shards):
         bad = bad | (valid & ~pick_flag(where, safe_target, axis, shards))
     impossible_target = pick_flag(impossible, safe_target, axis, shards)
     return _TokenSetup(
-        temperature, valid, safe_target, impossible, excluded, impossible_target, bad
+        temperature, valid, safe_target, excluded, impossible_target, bad
     )
 
 

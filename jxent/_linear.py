@@ -57,6 +57,7 @@ from jxent._kernels import (
     on_cpu,
 )
 from jxent._reduction import reduce_loss
+from jxent._safe_math import poisoned_tangent
 from jxent._sharding import (
     UNSHARDED,
     ClassShards,
@@ -222,6 +223,26 @@ class _Data(NamedTuple):
 
     target: jax.Array | None  # (N,) class indices (None for probabilities)
     mask: jax.Array | None  # (1, V) class mask or (N, V) token mask
+    # Per input, a flag whose being set makes that input's derivatives NaN
+    # (bad data or options), or None; applied in the custom_jvp rules
+    # (_poisoned_tangents).
+    flags: _Params | None = None
+
+
+def _poisoned_tangents(tp: _Params, data: _Data) -> _Params:
+    """The tangents, NaN where the input's flag in ``data.flags`` is set.
+
+    Inside the rules, not by ``poison_gradients`` on their inputs: under a
+    vmap of the targets or an option alone, the flags are batched and x and
+    w are not, and a custom_jvp's primal and tangent inputs must be batched
+    alike.
+    """
+    if data.flags is None:
+        return tp
+    return _Params(*(
+        t if flag is None else poisoned_tangent(t, flag)
+        for t, flag in zip(tp, data.flags, strict=True)
+    ))  # fmt: skip
 
 
 def _accumulation_dtype(p: _Params):
@@ -1153,7 +1174,7 @@ def _summed_loss(static: _Static, p: _Params, data: _Data):
 @functools.partial(_summed_loss.defjvp, symbolic_zeros=True)
 def _summed_loss_jvp(static, primals, tangents):
     p, data = primals
-    tp, _ = tangents
+    tp = _poisoned_tangents(tangents[0], data)
     need = _needed(tp)
 
     def value_and_tangent(gradients, static):
@@ -1566,7 +1587,7 @@ def _per_token_block_tangents(
 @functools.partial(_per_token_loss.defjvp, symbolic_zeros=True)
 def _per_token_loss_jvp(static, primals, tangents):
     p, data = primals
-    tp, _ = tangents
+    tp = _poisoned_tangents(tangents[0], data)
     need = _needed(tp)
     token_outer = functools.partial(_per_token_chunk_tangents, static, p, data, tp)
     if static.vocab_outer is False or not _per_token_blocks_eligible(static, p, need):

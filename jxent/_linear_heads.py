@@ -58,7 +58,7 @@ from jxent._rl import (
     safe_temperature,
     token_log_probs,
 )
-from jxent._safe_math import poison, poison_gradients
+from jxent._safe_math import poison
 from jxent._sharding import UNSHARDED, ClassShards, as_axis_names, batch_sum
 from jxent._types import Reduction
 from jxent._validation import (
@@ -312,6 +312,14 @@ def linear_argmax(
     return _linear_argmax(x, w, bias, soft_cap, mask, static=static)
 
 
+def _flags(p: _Params, flag_of) -> _Params:
+    """Per given input, ``flag_of(name)``: set, its derivatives are NaN."""
+    return _Params(*(
+        None if v is None else flag_of(name)
+        for name, v in zip(_Params._fields, p, strict=True)
+    ))  # fmt: skip
+
+
 # --- log-probabilities and entropy -----------------------------------------------
 
 
@@ -350,12 +358,11 @@ def _linear_log_probs(p: _Params, data: _Data, *, static, return_entropy):
     mask = data.mask
     if static.row_mask:
         mask = mask.reshape(num_tokens, p.w.shape[1])
-    data = _Data(data.target.reshape(num_tokens), mask)
     # A bad temperature: NaN values and NaN derivatives (the ignored
     # positions' too).
     bad = safe_temperature(p.temperature, p.temperature.dtype)[1]
     bad = bad | invalid_soft_cap(p.soft_cap)
-    p = _Params(*(None if v is None else poison_gradients(v, bad) for v in p))
+    data = _Data(data.target.reshape(num_tokens), mask, _flags(p, lambda _: bad))
     lp, ent = _per_token_loss(static, p, data)
     lp = lp.reshape(batch_shape)
     return (lp, ent.reshape(batch_shape)) if return_entropy else lp
@@ -616,7 +623,6 @@ def _linear_distillation_loss(p: _Params, data: _Data, *, static, reduction):
         probs=p.probs.reshape(num_tokens, p.probs.shape[-1]),
     )
     target = data.target.reshape(num_tokens)
-    data = _Data(target, None)
     acc = compute_dtype(p.x.dtype)
     valid = target != static.ignore_index
     num_classes = static.shards.num_classes(p.w.shape[1])
@@ -627,16 +633,13 @@ def _linear_distillation_loss(p: _Params, data: _Data, *, static, reduction):
         # ignored positions' too); a bad target: NaN derivatives of the
         # shared scalars too (beta's at 0 or 1 had no path to it).
         flags = dict.fromkeys(("temperature", "beta"), bad | bad_target)
-        p = _Params(*(
-            None if v is None else poison_gradients(v, flags.get(name, bad))
-            for name, v in zip(_Params._fields, p, strict=True)
-        ))  # fmt: skip
+        data = _Data(target, None, _flags(p, lambda name: flags.get(name, bad)))
         loss, _ = _per_token_loss(static, p, data)
         return loss.reshape(batch_shape)
     # A NaN sum or mean has NaN derivatives w.r.t. every input.
     bad = bad | bad_target
     bad = batch_sum(bad.astype(jnp.int32), static.batch_axes) > 0  # one flag
-    p = _Params(*(None if v is None else poison_gradients(v, bad) for v in p))
+    data = _Data(target, None, _flags(p, lambda _: bad))
     total = _summed_loss(static, p, data)
     denominator = jnp.sum(valid.astype(acc))
     return reduce_loss(total, reduction, denominator, acc, batch_axes=static.batch_axes)

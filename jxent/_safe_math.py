@@ -112,9 +112,9 @@ def poison_gradients(
     ``(dx + select(flag, 0, 0)) · factor``, so that the two share one batch
     axis also when ``x`` and the flag are batched on different axes. XLA
     folds both into ``x`` and ``dx · factor`` for the materialised losses'
-    logits (their compiled programs unchanged on the CPU, v5e and H100); it
-    is not asked for on the LM heads' ``x`` and ``w``, where a select kept a
-    copy of ``w`` (so a vmap over their targets alone is left open).
+    logits (their compiled programs unchanged on the CPU, v5e and H100). The
+    LM heads poison their tangents inside their own rules instead
+    (``poisoned_tangent``): a select on ``w`` kept a copy of it.
     """
     if batched_like_flag and _varying(flag) <= _varying(x):
         return x + _zero_batched_like(flag, x.dtype)
@@ -125,12 +125,26 @@ def poison_gradients(
 def _poison_gradients_jvp(batched_like_flag, primals, tangents):
     x, flag = primals
     t_x, _ = tangents
-    if isinstance(t_x, SymbolicZero) or not _varying(flag) <= _varying(t_x):
-        return x, t_x
-    if batched_like_flag:
-        # The output and its tangent, like the function's own output, are
-        # sums with a zero batched like the flag: one batch axis under vmap.
-        zero = _zero_batched_like(flag, t_x.dtype)
-        factor = jnp.where(flag, jnp.nan, 1.0).astype(t_x.dtype)
-        return x + zero, (t_x + zero) * factor
-    return x, t_x * jnp.where(flag, jnp.nan, 1.0).astype(t_x.dtype)
+    poisoned = poisoned_tangent(t_x, flag)
+    if not batched_like_flag or poisoned is t_x:
+        return x, poisoned
+    # The output and its tangent, like the function's own output, are sums
+    # with a zero batched like the flag: one batch axis under vmap.
+    zero = _zero_batched_like(flag, t_x.dtype)
+    factor = jnp.where(flag, jnp.nan, 1.0).astype(t_x.dtype)
+    return x + zero, (t_x + zero) * factor
+
+
+def poisoned_tangent(t, flag: jax.Array):
+    """``t · (NaN if flag else 1)``: the tangent of ``poison_gradients``.
+
+    ``t`` None or a symbolic zero is returned as it is, as is a ``t`` that
+    varies over fewer shard_map axes than the flag (its derivatives left to
+    the NaN cotangent). For a custom_jvp rule that takes the flag as a
+    primal input, the tangents poisoned inside it: under ``vmap`` with the
+    flag batched (a vmap over the targets or an option) and the input
+    shared, the rule's primal and tangent inputs are then batched alike.
+    """
+    if t is None or isinstance(t, SymbolicZero) or not _varying(flag) <= _varying(t):
+        return t
+    return t * jnp.where(flag, jnp.nan, 1.0).astype(t.dtype)

@@ -695,29 +695,17 @@ def _sweep_cases(linear: bool):
 
 
 @pytest.mark.parametrize(
-    "linear",
-    [
-        pytest.param(False, id="materialised"),
-        pytest.param(
-            True,
-            id="lm-head",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="left open (README semantics table): the fused heads' "
-                "gradient poisoning of x and w under a vmap that batches only the "
-                "targets or an option",
-            ),
-        ),
-    ],
+    "linear", [pytest.param(False, id="materialised"), pytest.param(True, id="lm-head")]
 )
 def test_vmap_over_targets_and_options_with_shared_inputs(linear):
     """A vmap over the targets, ``beta``, ``temperature`` or ``where`` with
     the logits (or x and w) shared: a sweep of label sets or temperatures.
     ``jit(grad)`` and ``jvp`` raised for ``distillation_loss`` and the
     temperature/where sweeps of ``log_probs`` (the gradient-poisoning
-    custom_jvp: its output unbatched, its tangent batched like the flag); now
-    equal to float64 references of the formulas, in both modes. The LM-head
-    versions still raise (README semantics table, "Left open")."""
+    custom_jvp: its output unbatched, its tangent batched like the flag), and
+    for the LM heads (their inputs' tangents poisoned before their custom_jvp
+    rules: its primal inputs unbatched, its tangents batched); now equal to
+    float64 references of the formulas, in both modes."""
     for name, run, shared, values in _sweep_cases(linear):
 
         def total(*args, ref, run=run, values=values):

@@ -249,9 +249,35 @@ def _ref_distill_vjp(student, teacher, target, temperature, betas, axis, ct):
     return jax.tree.map(lambda *a: jnp.stack(a), *out)
 
 
-@pytest.mark.parametrize(("shape", "axis"), LAYOUTS[:2])
-def test_distillation_matches_float64_reference(shape, axis):
-    """Every beta (traced, one vmapped program), in float64 and float32."""
+@pytest.mark.parametrize(
+    ("shape", "axis", "chips"), [(*LAYOUTS[0], False), (*LAYOUTS[1], False),
+                                 (*LAYOUTS[0], True)],
+)  # fmt: skip
+def test_distillation_matches_float64_reference(shape, axis, chips, monkeypatch):
+    """Every beta (traced, one vmapped program), in float64 and float32.
+    ``chips``: ``on_cpu`` answers "not the CPU", so that the JSD's gradients
+    take the chips' form ``p (g - Σ p g)``."""
+    if chips:
+        import jxent._rl as rl
+
+        chosen = []
+
+        def on_chip(cpu, other):
+            chosen.append(1)
+            return other()
+
+        monkeypatch.setattr(rl, "on_cpu", on_chip)
+        jax.clear_caches()  # no program traced with the CPU's branch
+    try:
+        _check_distillation_against_reference(shape, axis)
+    finally:
+        if chips:
+            jax.clear_caches()
+    if chips:
+        assert chosen, "the chips' form was not taken"
+
+
+def _check_distillation_against_reference(shape, axis):
     student, teacher, target, _ = _case(shape, axis, seed=7)
     ct = np.random.default_rng(2).normal(size=target.shape)
     run = jax.jit(

@@ -235,6 +235,10 @@ def test_gradient_pass_keeps_about_one_logits_tile(dtype):
         )
         temp = fn.lower(x, w).compile().memory_analysis().temp_size_in_bytes
         allowed = (tiles + 0.5 * wide) * tile + 2 * d * block * 4 + wide * dw32
+        if wide and not jxent._linear._cpu_has_bfloat16_matrix_units():
+            # float32 copies of a block of w, of dz and of the chunk's x,
+            # and dz's 16-bit block
+            allowed += (d * block + chunk * block + chunk * d) * 4 + chunk * block * 2
         assert temp <= allowed, (list(options), temp / tile, allowed / tile)
 
 
@@ -687,6 +691,9 @@ def test_two_dw_passes_give_the_same_numbers_in_less_memory(dtype, monkeypatch):
         temp = compiled.memory_analysis().temp_size_in_bytes
         return temp, whole_rows, [np.asarray(a, np.float32) for a in exact], close
 
+    # The 16-bit matmuls (a CPU with bfloat16 matrix units): whole rows' dots.
+    monkeypatch.setattr(jxent._linear, "_cpu_has_bfloat16_matrix_units", lambda: True)
+    jax.clear_caches()
     temp_one, rows_one, exact_one, close_one = measure()
     monkeypatch.setattr(jxent._linear, "_DW_SPLIT_BYTES", 0)
     temp_two, rows_two, exact_two, close_two = measure()
@@ -699,6 +706,7 @@ def test_two_dw_passes_give_the_same_numbers_in_less_memory(dtype, monkeypatch):
         np.testing.assert_allclose(c, a, rtol=ulp, atol=ulp * np.abs(a).max() / 64)
         assert not np.isnan(c).any()
     assert temp_two <= temp_one - 0.4 * 4 * d * v, (temp_one, temp_two)
+    jax.clear_caches()
 
 
 def test_two_dw_passes_at_the_16_bit_heads_whose_dw_would_not_fit():
@@ -711,3 +719,48 @@ def test_two_dw_passes_at_the_16_bit_heads_whose_dw_would_not_fit():
     assert _dw_passes(1024, 131072, jnp.bfloat16) == 2
     assert _dw_passes(2304, 256000, jnp.float16) == 2
     assert _dw_passes(2304, 256000, jnp.float32) == 1
+
+
+@pytest.mark.parametrize("matrix_units", [False, True], ids=["no-amx", "amx"])
+def test_bfloat16_logits_and_dx_from_float32_blocks(matrix_units, monkeypatch):
+    """16-bit ``w`` on a CPU without bfloat16 matrix units: the token chunks'
+    logits and dx come from float32 copies of w's column blocks (13 classes
+    in blocks of 4, the last shifted left over 3 shared columns); with matrix
+    units, from 16-bit matmuls. Values and gradients (x, w, bias; "sum" and a
+    second column range of dw) against the float32 loss of the same rounded
+    inputs, to bfloat16 rounding."""
+    monkeypatch.setattr(
+        jxent._linear, "_cpu_has_bfloat16_matrix_units", lambda: matrix_units
+    )
+    # The 16-bit w's dw in two column ranges (the second recomputed).
+    monkeypatch.setattr(jxent._linear, "_DW_SPLIT_BYTES", 0)
+    rng = np.random.default_rng(13)
+    x = jnp.asarray(rng.normal(size=(10, 6)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(6, 13)), jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=(13,)), jnp.bfloat16)
+    t = jnp.asarray(rng.integers(0, 13, size=10)).at[3].set(-100)
+
+    def ours(x, w, b, reduction):
+        return jxent.linear_cross_entropy(
+            x, w, t, bias=b, reduction=reduction, chunk_size=4, vocab_chunk_size=4
+        )
+
+    def reference(x, w, b, reduction):
+        return jxent.cross_entropy(x @ w + b[None, :], t, reduction=reduction)
+
+    f32 = tuple(a.astype(jnp.float32) for a in (x, w, b))
+    jax.clear_caches()  # no program traced with the other matrix units
+    try:
+        for reduction in ("mean", "sum"):
+            value, grads = jax.value_and_grad(ours, (0, 1, 2))(x, w, b, reduction)
+            want, want_grads = jax.value_and_grad(reference, (0, 1, 2))(*f32, reduction)
+            np.testing.assert_allclose(value.astype(np.float32), want, rtol=4e-3)
+            for got, ref in zip(grads, want_grads, strict=True):
+                assert got.dtype == jnp.bfloat16
+                # dz is rounded to bfloat16 for the matmuls, as in torch.
+                scale = float(jnp.max(jnp.abs(ref)))
+                np.testing.assert_allclose(
+                    got.astype(np.float32), ref, rtol=8e-3, atol=1e-2 * scale
+                )
+    finally:
+        jax.clear_caches()

@@ -177,6 +177,9 @@ class _Static(NamedTuple):
     # Another head's per-tile math in place of the cross-entropy's (see
     # _linear_heads): a hashable callable with _tile_loss's signature.
     head: Callable | None = None
+    # The class blocks' matmuls from float32 copies of 16-bit operands (a
+    # CPU without bfloat16 matrix units, see _loss_and_gradients).
+    float32_blocks: bool = False
 
 
 class _Params(NamedTuple):
@@ -715,7 +718,14 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
             def block_math(s):
                 return _hard_target_block_d_logits(s, p, data, out["lse"])
 
-        later = _range_gradients(static, p, data, block_math, ranges[1:])
+        def later_ranges(float32_blocks: bool):
+            blocks = static._replace(float32_blocks=float32_blocks)
+            return lambda: _range_gradients(blocks, p, data, block_math, ranges[1:])
+
+        if float32_blocks:
+            later = on_cpu(later_ranges(True), later_ranges(False))
+        else:
+            later = later_ranges(False)()
         grads["w"] = (grads["w"][1], *later)
     elif split and need["w"]:
         done = (grads["w"][1],)
@@ -1129,6 +1139,13 @@ def _block_gradients(
                 where_block = _VocabBlock(offset + start)
             info = _Block(functools.partial(take, j=j, start=start), where_block, fresh)
             w_j = take(p.w, j, start)
+
+            # float32 copies: the block's once, each chunk's x_c and dz
+            # (rounded to w's dtype first, as the 16-bit matmuls take it).
+            def for_dot(a):
+                return a.astype(acc) if static.float32_blocks else a
+
+            w_dot = for_dot(w_j)
             bias_j = None if p.bias is None else take(p.bias, j, start)
             class_mask = None
             if data.mask is not None and not static.row_mask:
@@ -1139,20 +1156,22 @@ def _block_gradients(
                 (x_c, position_c, live_c, rows_c), mask_c = tokens
                 if mask_c is None:
                     mask_c = class_mask
-                logits = _tile_logits(x_c, w_j, bias_j)
+                x_dot = for_dot(x_c)
+                logits = _tile_logits(x_dot, w_dot, bias_j)
                 grad = d_logits(logits, rows_c, mask_c, info)
                 if fresh is not None:
                     grad = jnp.where(fresh, grad, 0.0)
-                d_in = grad.astype(p.w.dtype)
+                d_in = for_dot(grad.astype(p.w.dtype))
                 if need["w"]:
                     dw_j = dw_j + lax.dot_general(
-                        _zeroed_if_ignored(x_c, live_c), d_in,
+                        _zeroed_if_ignored(x_dot, live_c), d_in,
                         (((0,), (0,)), ((), ())), preferred_element_type=acc,
                     )  # fmt: skip
                 if need["x"]:
                     part = lax.dot_general(
-                        d_in, w_j, (((1,), (1,)), ((), ())), preferred_element_type=acc
-                    )
+                        d_in, w_dot, (((1,), (1,)), ((), ())),
+                        preferred_element_type=acc,
+                    )  # fmt: skip
                     # An empty chunk (no tokens at all) adds nothing.
                     first = position_c[0] if position_c.shape[0] else 0
                     dx = add_rows(dx, part, first)

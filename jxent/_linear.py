@@ -428,9 +428,7 @@ def _per_token_values(static: _Static, p: _Params, data: _Data):
 
 def _accumulate_outer(acc, x_c, dz, block: int):
     """``acc + x_c^T dz`` in place, over column blocks of ``block`` classes."""
-    vocab = acc.shape[1]
-    block = min(block, vocab)
-    num_blocks = -(-vocab // block)
+    block, num_blocks, start, fresh = _column_blocks(acc.shape[1], block)
 
     def contract(a, b):
         return lax.dot_general(
@@ -441,26 +439,27 @@ def _accumulate_outer(acc, x_c, dz, block: int):
         return acc + contract(x_c, dz)
 
     def body(i, acc):
-        # The last block is shifted left to stay in bounds; the columns it
-        # shares with the previous block are zeroed so they count once.
-        start = jnp.minimum(i * block, vocab - block)
-        dz_block = lax.dynamic_slice_in_dim(dz, start, block, axis=1)
-        column = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
-        dz_block = jnp.where(column >= i * block, dz_block, 0)
-        update = lax.dynamic_slice_in_dim(acc, start, block, axis=1)
+        # The shifted last block's columns shared with the previous block are
+        # zeroed so they count once.
+        dz_block = lax.dynamic_slice_in_dim(dz, start(i), block, axis=1)
+        if fresh(i) is not None:
+            dz_block = jnp.where(fresh(i), dz_block, 0)
+        update = lax.dynamic_slice_in_dim(acc, start(i), block, axis=1)
         update = update + contract(x_c, dz_block)
-        return lax.dynamic_update_slice_in_dim(acc, update, start, axis=1)
+        return lax.dynamic_update_slice_in_dim(acc, update, start(i), axis=1)
 
     return lax.fori_loop(0, num_blocks, body, acc)
 
 
-def _column_block_starts(vocab: int, block: int):
-    """``(num_blocks, start(j), fresh(j))`` for ``block``-class column blocks.
+def _column_blocks(vocab: int, block: int):
+    """``(block, num_blocks, start(j), fresh(j))`` of column blocks.
 
-    The last block is shifted left to stay in bounds; ``fresh(j)`` marks its
-    columns not in an earlier block ((1, block) booleans, None when the
-    blocks divide ``vocab``).
+    Blocks of ``block`` classes (at most ``vocab``); the last one is shifted
+    left to stay in bounds, and ``fresh(j)`` marks its columns not in an
+    earlier block ((1, block) booleans, None when the blocks divide
+    ``vocab``).
     """
+    block = min(block, vocab)
     num_blocks = -(-vocab // block)
 
     def start(j):
@@ -471,7 +470,7 @@ def _column_block_starts(vocab: int, block: int):
             return None
         return start(j) + lax.broadcasted_iota(jnp.int32, (1, block), 1) >= j * block
 
-    return num_blocks, start, fresh
+    return block, num_blocks, start, fresh
 
 
 def _logits_from_float32_blocks(x_c, w, bias, block: int):
@@ -484,8 +483,7 @@ def _logits_from_float32_blocks(x_c, w, bias, block: int):
     """
     acc = jnp.float32
     vocab = w.shape[1]
-    num_blocks, start, _ = _column_block_starts(vocab, min(block, vocab))
-    block = min(block, vocab)
+    block, num_blocks, start, _ = _column_blocks(vocab, block)
     x32 = x_c.astype(acc)
 
     def body(j, logits):
@@ -509,8 +507,7 @@ def _dx_from_float32_blocks(d_in, w, block: int):
     """
     acc = jnp.float32
     vocab = w.shape[1]
-    num_blocks, start, fresh = _column_block_starts(vocab, min(block, vocab))
-    block = min(block, vocab)
+    block, num_blocks, start, fresh = _column_blocks(vocab, block)
 
     def body(j, dx):
         w_j = _class_block(w, start(j), block).astype(acc)
@@ -592,10 +589,11 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
     )  # fmt: skip
 
     # 16-bit w on a CPU without bfloat16 matrix units: the logits and dx
-    # from float32 copies of the column blocks of w (dw's blocks already
-    # are), faster there: at (2048, 512, 65536) bfloat16 value_and_grad in
-    # 0.82-0.85x the time (1.01-1.06x the naive program's, against 1.23-1.25x),
-    # temporaries 156 -> 172 MiB. Not where XLA may partition the classes.
+    # from float32 copies of the column blocks of w, faster there: at (2048,
+    # 512, 65536) bfloat16 value_and_grad in 0.82-0.88x the time (1.01-1.06x
+    # the naive program's, against 1.22-1.25x), temporaries 156 -> 172 MiB
+    # (dw's blocks from float32 copies measured no faster). Not where XLA may
+    # partition the classes.
     float32_blocks = (
         jnp.finfo(p.w.dtype).bits == 16 and not static.strided
         and not _cpu_has_bfloat16_matrix_units()
@@ -1524,8 +1522,9 @@ def _per_token_block_tangents(
     acc = _accumulation_dtype(p)
     num_tokens = p.x.shape[0]
     vocab = p.w.shape[1]
-    block = static.block_classes
-    num_blocks = -(-vocab // block)
+    block, num_blocks, block_start, fresh_columns = _column_blocks(
+        vocab, static.block_classes
+    )
     small = _small(p)
     sliced = _class_sliced(static)
     class_mask = _class_mask(data, static)
@@ -1556,9 +1555,6 @@ def _per_token_block_tangents(
     else:  # larger rows read w fewer times where memory allows
         out, values, cts = on_cpu(tapped(cpu_rows), tapped(chip_rows))
 
-    def block_start(j):
-        return jnp.minimum(j * block, vocab - block)
-
     def tile(j, tokens, t_w_j, t_bias_j, dx_by: _DxBy):
         tokens = _padding_zeroed(tokens, static)
         x_c, probs_c, target_c, mask_c, values_c, cts_c, t_x_c = tokens
@@ -1581,10 +1577,7 @@ def _per_token_block_tangents(
             logits = _tile_logits(x_c, w_j, bias_j)
         # The last block is shifted left to stay in bounds: the columns it
         # shares with the previous block count there only.
-        fresh = None
-        if vocab % block:
-            column = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
-            fresh = column >= j * block
+        fresh = fresh_columns(j)
 
         def shares(z):
             kept = _BlockShares(values_c, _VocabBlock(start), vocab)

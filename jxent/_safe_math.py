@@ -131,8 +131,7 @@ def _poison_gradients_jvp(batched_like_flag, primals, tangents):
     # The output and its tangent, like the function's own output, are sums
     # with a zero batched like the flag: one batch axis under vmap.
     zero = _zero_batched_like(flag, t_x.dtype)
-    factor = jnp.where(flag, jnp.nan, 1.0).astype(t_x.dtype)
-    return x + zero, (t_x + zero) * factor
+    return x + zero, poison(t_x + zero, flag)
 
 
 def poisoned_tangent(t, flag: jax.Array):
@@ -147,4 +146,4 @@ def poisoned_tangent(t, flag: jax.Array):
     """
     if t is None or isinstance(t, SymbolicZero) or not _varying(flag) <= _varying(t):
         return t
-    return t * jnp.where(flag, jnp.nan, 1.0).astype(t.dtype)
+    return poison(t, flag)

@@ -197,6 +197,77 @@ def test_compiled_program_holds_no_logits_sized_buffer():
     )
 
 
+def _temporaries(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def _tied_head_losses(n=256, d=64, v=8192):
+    """The loss of a tied (D, V) matrix, given as it is and as a transpose."""
+    t = jnp.asarray(np.random.default_rng(0).integers(0, v, n))
+    tiles = {"chunk_size": 64, "vocab_chunk_size": 1024}
+
+    def given(x, w):
+        return jxent.linear_cross_entropy(x, w, t, **tiles)
+
+    def transposed(x, embedding):  # embedding: (V, D), the PyTorch layout
+        return jxent.linear_cross_entropy(x, embedding.T, t, **tiles)
+
+    return given, transposed, (n, d, v)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="w given as a transpose (embedding.T): XLA copies the whole of w "
+    "before the loops slice it (docs/language_models.md, 'Tied embeddings')",
+)
+def test_w_given_as_a_transpose_holds_no_copy_of_w():
+    given, transposed, (n, d, v) = _tied_head_losses()
+    x = jnp.zeros((n, d))
+    plain = _temporaries(
+        jax.value_and_grad(given, argnums=(0, 1)), x, jnp.zeros((d, v))
+    )
+    as_transpose = _temporaries(
+        jax.value_and_grad(transposed, argnums=(0, 1)), x, jnp.zeros((v, d))
+    )
+    assert as_transpose < plain + d * v * 4 / 4, (plain, as_transpose)
+
+
+def test_tied_embedding_kept_as_d_by_v_holds_no_copy_of_w():
+    # The docs' advice for tied embeddings: the matrix as a (D, V) parameter,
+    # tokens embedded by gathering its columns. Same loss and gradient as the
+    # (V, D) embedding, computed here from the materialised logits, and no
+    # copy of w in the program.
+    _, _, (n, d, v) = _tied_head_losses()
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, v, n))
+    target = jnp.roll(tokens, -1)
+    w = jnp.asarray(0.1 * rng.normal(size=(d, v)), jnp.float32)
+    tiles = {"chunk_size": 64, "vocab_chunk_size": 1024}
+
+    def fused(w):
+        hidden = jnp.tanh(jnp.moveaxis(jnp.take(w, tokens, axis=1), 0, -1))
+        return jxent.linear_cross_entropy(hidden, w, target, **tiles)
+
+    def materialised(embedding):  # (V, D), float64
+        hidden = jnp.tanh(embedding[tokens])
+        logits = hidden @ embedding.T
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.mean(lse - jnp.take_along_axis(logits, target[:, None], 1)[:, 0])
+
+    value, grad = jax.value_and_grad(fused)(w)
+    with x64():
+        ref_value, ref_grad = jax.value_and_grad(materialised)(
+            jnp.asarray(np.asarray(w).T, jnp.float64)
+        )
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, np.asarray(ref_grad).T, rtol=1e-5, atol=1e-7)
+    given, _, _ = _tied_head_losses()
+    plain = _temporaries(
+        jax.value_and_grad(given, argnums=(0, 1)), jnp.zeros((n, d)), w
+    )
+    assert _temporaries(jax.value_and_grad(fused), w) < plain + d * v * 4 / 4
+
+
 # These hold the CPU's token-outer program to its memory: on a GPU or a TPU
 # the vocabulary-outer program runs instead (tests/test_compiled_targets.py
 # holds it to its own bounds, compiled for a v5e and an H100).

@@ -28,10 +28,16 @@ VOCAB, DIM, HIDDEN, BATCH, SEQ = 4096, 128, 256, 16, 64
 
 
 def init_params(key: jax.Array) -> dict[str, jax.Array]:
-    """Embedding (V, D), a two-layer MLP, and an untied output bias."""
+    """Embedding (D, V), a two-layer MLP, and an untied output bias.
+
+    The embedding, tied to the output projection, is kept as ``(D, V)``, the
+    layout ``linear_cross_entropy`` takes: passed as the transpose of a
+    ``(V, D)`` array, ``w`` would be copied whole (docs/language_models.md,
+    "Tied embeddings").
+    """
     k1, k2, k3 = jax.random.split(key, 3)
     return {
-        "embed": jax.random.normal(k1, (VOCAB, DIM)) * 0.02,
+        "embed": jax.random.normal(k1, (DIM, VOCAB)) * 0.02,
         "w1": jax.random.normal(k2, (DIM, HIDDEN)) / np.sqrt(DIM),
         "w2": jax.random.normal(k3, (HIDDEN, DIM)) / np.sqrt(HIDDEN),
         "bias": jnp.zeros((VOCAB,)),
@@ -40,14 +46,14 @@ def init_params(key: jax.Array) -> dict[str, jax.Array]:
 
 def hidden_states(params: dict[str, jax.Array], tokens: jax.Array) -> jax.Array:
     """A bag-of-previous-token model: embed, MLP, residual."""
-    h = params["embed"][tokens]
+    h = jnp.moveaxis(jnp.take(params["embed"], tokens, axis=1), 0, -1)
     return h + jax.nn.gelu(h @ params["w1"]) @ params["w2"]
 
 
 def loss_unsharded(params, tokens, targets):
     """The reference: the same loss on one device (tied output embedding)."""
     return jxent.linear_cross_entropy(
-        hidden_states(params, tokens), params["embed"].T, targets,
+        hidden_states(params, tokens), params["embed"], targets,
         bias=params["bias"], label_smoothing=0.1, z_loss=1e-4,
     )  # fmt: skip
 
@@ -55,9 +61,9 @@ def loss_unsharded(params, tokens, targets):
 def make_sharded_loss(mesh: jax.sharding.Mesh):
     """The loss under shard_map: tokens split on `data`, vocabulary on `model`."""
 
-    def local(h, embed_t, bias, targets):
+    def local(h, embed, bias, targets):
         return jxent.linear_cross_entropy(
-            h, embed_t, targets, bias=bias, label_smoothing=0.1, z_loss=1e-4,
+            h, embed, targets, bias=bias, label_smoothing=0.1, z_loss=1e-4,
             class_axis_name="model", batch_axis_name="data",
         )  # fmt: skip
 
@@ -69,7 +75,7 @@ def make_sharded_loss(mesh: jax.sharding.Mesh):
 
     def loss(params, tokens, targets):
         return head(
-            hidden_states(params, tokens), params["embed"].T, params["bias"], targets
+            hidden_states(params, tokens), params["embed"], params["bias"], targets
         )
 
     return loss
@@ -108,7 +114,7 @@ def main() -> None:
     targets = jnp.roll(tokens, -1, axis=1).at[:, -1].set(-100)  # next token
     optimizer = optax.adam(1e-3)
 
-    specs = {"embed": P("model"), "w1": P(), "w2": P(), "bias": P("model")}
+    specs = {"embed": P(None, "model"), "w1": P(), "w2": P(), "bias": P("model")}
     sharded_params = {
         k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()
     }

@@ -261,6 +261,41 @@ def _tile_logits(x_c, w, bias):
     return logits if bias is None else logits + bias.astype(acc)[None, :]
 
 
+def _unsaved(fn, *args):
+    """``fn(*args)`` as one opaque call that no ``jax.checkpoint`` policy saves.
+
+    Inside a user's ``jax.checkpoint(..., policy=dots_saveable)`` (or any
+    policy that saves matmuls), JAX's partial evaluation applies the user's
+    policy to the primal matmuls of the per-token tangent maps too, nested
+    checkpoints included, and saves their outputs stacked over the loops'
+    trips: the logits, the very arrays the loops avoid (at (2048, 256,
+    32768) float32 ``linear_log_probs``' value_and_grad held 651 MiB against
+    130). A ``custom_jvp_call`` has no partial-evaluation rule of its own, so
+    a policy sees one call, not a matmul, and recomputes it. Its derivative
+    is ``fn``'s, to any order. Only for primal values: a tangent map's
+    linear terms must stay transposable primitives.
+    """
+
+    @jax.custom_jvp
+    def call(*args):
+        return fn(*args)
+
+    @call.defjvp
+    def call_jvp(primals, tangents):
+        # The primal value opaque again: under a jvp (a tile's math, second
+        # order) the policy would otherwise see the matmul of jvp(fn).
+        return call(*primals), jax.jvp(fn, primals, tangents)[1]
+
+    return call(*args)
+
+
+def _unsaved_tile_logits(x_c, w, bias):
+    """``_tile_logits`` of primal operands, never saved by a checkpoint policy."""
+    if bias is None:
+        return _unsaved(lambda x_c, w: _tile_logits(x_c, w, None), x_c, w)
+    return _unsaved(_tile_logits, x_c, w, bias)
+
+
 def _tile_loss(logits, probs_c, target_c, mask_c, small, static: _Static):
     """Per-token ``(loss, lse)`` of one tile of logits (classes last).
 
@@ -945,7 +980,7 @@ def _tapped_rows(static: _Static, p: _Params, data: _Data, outputs: int):
     def body(carry, tokens):
         x_c, probs_c, target_c, mask_c = tokens
         mask_c = class_mask if mask_c is None else mask_c
-        logits = _tile_logits(x_c, p.w, p.bias)
+        logits = _unsaved_tile_logits(x_c, p.w, p.bias)
 
         def tile(taps):
             tapped = _Tapped(static.shards, vocab, taps)
@@ -1344,7 +1379,7 @@ def _per_token_chunk_tangents(static: _Static, p: _Params, data: _Data, tp: _Par
     t_probs = None if _is_zero(tp.probs) else tp.probs
 
     def tile(x_c, probs_c, target_c, mask_c, t_x_c, t_probs_c):
-        logits = _tile_logits(x_c, p.w, p.bias)
+        logits = _unsaved_tile_logits(x_c, p.w, p.bias)
         t_logits = jnp.zeros_like(logits)
         if t_x_c is not None:
             t_logits = t_logits + _tile_logits(t_x_c, p.w, None)
@@ -1489,9 +1524,12 @@ def _primal_dx_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
     c = jax.grad(weighted)(logits)
     if fresh is not None:
         c = jnp.where(fresh, c, 0.0)
-    a = lax.dot_general(
-        c.astype(w_j.dtype), w_j, (((1,), (1,)), ((), ())),
-        preferred_element_type=logits.dtype,
+    a = _unsaved(
+        lambda c, w_j: lax.dot_general(
+            c.astype(w_j.dtype), w_j, (((1,), (1,)), ((), ())),
+            preferred_element_type=logits.dtype,
+        ),
+        c, w_j,
     )  # fmt: skip
     tangent = jnp.sum(t_x_c * a, axis=1)
     return tangent if t_logits is None else tangent + jnp.sum(c * t_logits, axis=1)
@@ -1572,9 +1610,9 @@ def _per_token_block_tangents(
         )
         bias_j = None if p.bias is None else take(p.bias)
         if dx_by == "transposed":  # a CPU without bfloat16 matrix units
-            logits = _tile_logits(x_c.astype(acc), w_j.astype(acc), bias_j)
+            logits = _unsaved_tile_logits(x_c.astype(acc), w_j.astype(acc), bias_j)
         else:
-            logits = _tile_logits(x_c, w_j, bias_j)
+            logits = _unsaved_tile_logits(x_c, w_j, bias_j)
         # The last block is shifted left to stay in bounds: the columns it
         # shares with the previous block count there only.
         fresh = fresh_columns(j)

@@ -44,6 +44,7 @@ from jxent._linear import (
     _Static,
     _summed_loss,
     _tile_logits,
+    _unsaved_tile_logits,
     check_lm_head,
     explicit_lm_head_layout,
     run_explicit_lm_head,
@@ -599,7 +600,7 @@ class _DistillationHead(NamedTuple):
     def __call__(self, logits, teacher_x_c, target_c, mask_c, small, static):
         del mask_c
         temperature, beta, teacher_w, teacher_bias = small[4:8]
-        teacher = _tile_logits(teacher_x_c, teacher_w, teacher_bias)
+        teacher = _unsaved_tile_logits(teacher_x_c, teacher_w, teacher_bias)
         dtype = logits.dtype
         temperature, bad_t = safe_temperature(temperature, dtype)
         beta, bad_beta = safe_beta(beta, dtype)

@@ -876,3 +876,95 @@ def test_gradient_of_a_vmap_over_a_later_axis_and_of_nested_vmaps():
         for g, r in zip(jax.tree.leaves(got[name]), jax.tree.leaves(want[name]),
                         strict=True):  # fmt: skip
             np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+# --- inside a user's jax.checkpoint with a policy that saves matmuls ----------
+
+CHECKPOINT_POLICIES = {
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": (
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    ),
+}
+
+
+def _per_token_heads(target, teacher_x, teacher_w):
+    """Scalar losses of each per-token output (fused, and on the logits).
+
+    The teacher's hidden states depend on ``x`` (differentiated through the
+    teacher's tile logits too).
+    """
+
+    def fused(x, w, bias):
+        tiles = {"chunk_size": 16, "vocab_chunk_size": 256}
+        lp, ent = jxent.linear_log_probs(
+            x, w, target, bias=bias, temperature=0.9, return_entropy=True, **tiles
+        )
+        ce = jxent.linear_cross_entropy(
+            x, w, target, bias=bias, reduction="none", **tiles
+        )
+        kd = jxent.linear_distillation_loss(
+            x, w, teacher_x + 0.5 * x[:, :5], teacher_w, target, bias=bias, beta=0.5,
+            temperature=0.9, reduction="none", **tiles,
+        )  # fmt: skip
+        return jnp.sum(jnp.exp(lp) + 0.1 * ent + ce**2 + kd**2)
+
+    def materialised(x, w, bias):
+        logits = x @ w + bias[None, :]
+        lp, ent = ref_log_probs(logits, target, 0.9, True, -1)
+        valid = target != -100
+        picked = jnp.take_along_axis(logits, jnp.where(valid, target, 0)[:, None], 1)
+        ce = jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked[:, 0], 0.0)
+        kd = ref_distillation(
+            logits,
+            (teacher_x + 0.5 * x[:, :5]) @ teacher_w,
+            target,
+            0.9,
+            0.5,
+            -1,
+            "none",
+        )
+        return jnp.sum(jnp.exp(lp) + 0.1 * ent + ce**2 + kd**2)
+
+    return fused, materialised
+
+
+@pytest.mark.parametrize("policy", list(CHECKPOINT_POLICIES), ids=str)
+def test_checkpoint_policies_that_save_matmuls_save_no_logits(policy):
+    # A user's jax.checkpoint applies its policy to every matmul inside,
+    # nested checkpoints included: the per-token heads' tile loops saved
+    # their logits, stacked over the loops (2.5x the logits at (2048, 256,
+    # 32768)). Nothing of the logits' size may be saved, and the derivatives
+    # stay those of the formulas.
+    n, d, v = 256, 8, 2048
+    x = jnp.asarray(RNG.normal(size=(n, d)), jnp.float32)
+    w = jnp.asarray(RNG.normal(size=(d, v)) * 0.5, jnp.float32)
+    bias = jnp.asarray(RNG.normal(size=(v,)) * 0.1, jnp.float32)
+    target = jnp.asarray(RNG.integers(0, v, n)).at[3].set(-100)
+    teacher_x = jnp.asarray(RNG.normal(size=(n, 5)), jnp.float32)
+    teacher_w = jnp.asarray(RNG.normal(size=(5, v)), jnp.float32)
+    fused, _ = _per_token_heads(target, teacher_x, teacher_w)
+
+    def step(policy):
+        checkpointed = jax.checkpoint(fused, policy=policy)
+        return jax.jit(jax.value_and_grad(checkpointed, argnums=(0, 1, 2)))
+
+    def temporaries(policy):
+        compiled = step(policy).lower(x, w, bias).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    saving = temporaries(CHECKPOINT_POLICIES[policy])
+    recomputing = temporaries(jax.checkpoint_policies.nothing_saveable)
+    assert saving < recomputing + n * v * 4 / 4, (saving, recomputing, n * v * 4)
+    value, grads = step(CHECKPOINT_POLICIES[policy])(x, w, bias)
+    with x64():
+        as64 = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, w, bias)]
+        teacher64 = [
+            jnp.asarray(np.asarray(a), jnp.float64) for a in (teacher_x, teacher_w)
+        ]
+        _, reference = _per_token_heads(target, *teacher64)
+        ref_value, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(*as64)
+        ref_value, ref_grads = float(ref_value), [np.asarray(g) for g in ref_grads]
+    np.testing.assert_allclose(value, ref_value, rtol=2e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-6 * np.abs(r).max())

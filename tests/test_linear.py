@@ -268,6 +268,75 @@ def test_tied_embedding_kept_as_d_by_v_holds_no_copy_of_w():
     assert _temporaries(jax.value_and_grad(fused), w) < plain + d * v * 4 / 4
 
 
+def _sequence_batch(b=8, s=64, d=16, v=4096):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.3, jnp.float32)
+    t = jnp.asarray(rng.integers(0, v, (b, s))).at[1, :5].set(-100).at[2].set(-100)
+    return x, w, t, {"chunk_size": 32, "vocab_chunk_size": 512}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="vmap over sequences with w shared batches the gradients computed "
+    "with the loss: one dw and one tile per sequence (docs/language_models.md, "
+    "'A batch of sequences')",
+)
+def test_vmap_over_sequences_holds_no_dw_per_sequence():
+    x, w, t, tiles = _sequence_batch()
+
+    def flat(x, w):
+        return jxent.linear_cross_entropy(x, w, t, **tiles)
+
+    def per_sequence(x, w):
+        loss = jax.vmap(lambda h, s: jxent.linear_cross_entropy(h, w, s, **tiles))
+        return jnp.mean(loss(x, t))
+
+    plain = _temporaries(jax.value_and_grad(flat, argnums=(0, 1)), x, w)
+    vmapped = _temporaries(jax.value_and_grad(per_sequence, argnums=(0, 1)), x, w)
+    assert vmapped < plain + 2 * w.size * 4, (plain, vmapped)
+
+
+def test_per_sequence_means_from_per_token_losses():
+    # The docs' way to a loss per sequence: reduction="none" over the whole
+    # batch, then each sequence's mean over its counted tokens (a sequence
+    # with none counts 0). Against float64 formulas on the logits; no
+    # logits-sized temporary.
+    x, w, t, tiles = _sequence_batch()
+
+    def per_sequence(x, w):
+        per_token = jxent.linear_cross_entropy(x, w, t, reduction="none", **tiles)
+        counted = jnp.sum(t != -100, axis=-1)
+        return jnp.sum(per_token, axis=-1) / jnp.maximum(counted, 1)
+
+    def reference(x, w):
+        logits = x @ w
+        valid = t != -100
+        picked = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[..., None], -1)
+        nll = jnp.where(valid, jax.nn.logsumexp(logits, -1) - picked[..., 0], 0.0)
+        return jnp.sum(nll, -1) / jnp.maximum(jnp.sum(valid, -1), 1)
+
+    weights = jnp.linspace(0.5, 1.5, x.shape[0])
+    value, grads = jax.value_and_grad(
+        lambda x, w: jnp.sum(weights * per_sequence(x, w)), argnums=(0, 1)
+    )(x, w)
+    with x64():
+        as64 = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, w)]
+        ref_value, ref_grads = jax.value_and_grad(
+            lambda x, w: jnp.sum(weights.astype(jnp.float64) * reference(x, w)),
+            argnums=(0, 1),
+        )(*as64)
+        ref_value, ref_grads = float(ref_value), [np.asarray(g) for g in ref_grads]
+    assert per_sequence(x, w)[2] == 0.0
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
+    program = jax.value_and_grad(
+        lambda x, w: jnp.mean(per_sequence(x, w)), argnums=(0, 1)
+    )
+    assert _temporaries(program, x, w) < x[..., 0].size * w.shape[1] * 4 / 4
+
+
 # These hold the CPU's token-outer program to its memory: on a GPU or a TPU
 # the vocabulary-outer program runs instead (tests/test_compiled_targets.py
 # holds it to its own bounds, compiled for a v5e and an H100).

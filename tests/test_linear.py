@@ -337,6 +337,67 @@ def test_per_sequence_means_from_per_token_losses():
     assert _temporaries(program, x, w) < x[..., 0].size * w.shape[1] * 4 / 4
 
 
+def _scanned_microbatches(x, w, t, tiles, remat: bool):
+    """The mean loss over microbatches (x's first axis), summed by a scan."""
+
+    def step(xs):
+        return jxent.linear_cross_entropy(xs[0], w, xs[1], **tiles)
+
+    step = jax.checkpoint(step) if remat else step
+    total, _ = jax.lax.scan(lambda c, xs: (c + step(xs), None), 0.0, (x, t))
+    return total / x.shape[0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="differentiating through a scan over microbatches stacks each "
+    "microbatch's dw, computed with its loss (docs/language_models.md, "
+    "'A batch of sequences')",
+)
+def test_scan_over_microbatches_holds_no_dw_per_microbatch():
+    x, w, t, tiles = _sequence_batch()
+    flat = jax.value_and_grad(
+        lambda x, w: jxent.linear_cross_entropy(x, w, t, **tiles), argnums=(0, 1)
+    )
+    scanned = jax.value_and_grad(
+        lambda x, w: _scanned_microbatches(x, w, t, tiles, remat=False),
+        argnums=(0, 1),
+    )
+    plain, stacked = _temporaries(flat, x, w), _temporaries(scanned, x, w)
+    assert stacked < plain + 2 * w.size * 4, (plain, stacked)
+
+
+def test_checkpointed_microbatch_steps_hold_one_dw():
+    # The docs' way: jax.checkpoint around each microbatch's step keeps only
+    # its inputs. Against the float64 mean of the microbatches' means.
+    x, w, t, tiles = _sequence_batch()
+    t = t.at[2].set(0)  # (a microbatch with no counted token would be 0)
+
+    def scanned(x, w):
+        return _scanned_microbatches(x, w, t, tiles, remat=True)
+
+    def reference(x, w):
+        logits = x @ w
+        picked = jnp.take_along_axis(logits, jnp.where(t >= 0, t, 0)[..., None], -1)
+        nll = jnp.where(t >= 0, jax.nn.logsumexp(logits, -1) - picked[..., 0], 0.0)
+        per_batch = jnp.sum(nll, -1) / jnp.sum(t >= 0, -1)
+        return jnp.mean(per_batch)
+
+    program = jax.value_and_grad(scanned, argnums=(0, 1))
+    value, grads = program(x, w)
+    with x64():
+        as64 = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, w)]
+        ref_value, ref_grads = jax.value_and_grad(reference, argnums=(0, 1))(*as64)
+        ref_value, ref_grads = float(ref_value), [np.asarray(g) for g in ref_grads]
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
+    flat = jax.value_and_grad(
+        lambda x, w: jxent.linear_cross_entropy(x, w, t, **tiles), argnums=(0, 1)
+    )
+    assert _temporaries(program, x, w) < _temporaries(flat, x, w) + 2 * w.size * 4
+
+
 # These hold the CPU's token-outer program to its memory: on a GPU or a TPU
 # the vocabulary-outer program runs instead (tests/test_compiled_targets.py
 # holds it to its own bounds, compiled for a v5e and an H100).

@@ -276,27 +276,6 @@ def _sequence_batch(b=8, s=64, d=16, v=4096):
     return x, w, t, {"chunk_size": 32, "vocab_chunk_size": 512}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vmap over sequences with w shared batches the gradients computed "
-    "with the loss: one dw and one tile per sequence (docs/language_models.md, "
-    "'A batch of sequences')",
-)
-def test_vmap_over_sequences_holds_no_dw_per_sequence():
-    x, w, t, tiles = _sequence_batch()
-
-    def flat(x, w):
-        return jxent.linear_cross_entropy(x, w, t, **tiles)
-
-    def per_sequence(x, w):
-        loss = jax.vmap(lambda h, s: jxent.linear_cross_entropy(h, w, s, **tiles))
-        return jnp.mean(loss(x, t))
-
-    plain = _temporaries(jax.value_and_grad(flat, argnums=(0, 1)), x, w)
-    vmapped = _temporaries(jax.value_and_grad(per_sequence, argnums=(0, 1)), x, w)
-    assert vmapped < plain + 2 * w.size * 4, (plain, vmapped)
-
-
 def test_per_sequence_means_from_per_token_losses():
     # The docs' way to a loss per sequence: reduction="none" over the whole
     # batch, then each sequence's mean over its counted tokens (a sequence
@@ -348,23 +327,34 @@ def _scanned_microbatches(x, w, t, tiles, remat: bool):
     return total / x.shape[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="differentiating through a scan over microbatches stacks each "
-    "microbatch's dw, computed with its loss (docs/language_models.md, "
-    "'A batch of sequences')",
-)
-def test_scan_over_microbatches_holds_no_dw_per_microbatch():
-    x, w, t, tiles = _sequence_batch()
-    flat = jax.value_and_grad(
+def _one_call_program(t, tiles):
+    """value_and_grad of the loss of the whole batch in one call."""
+    return jax.value_and_grad(
         lambda x, w: jxent.linear_cross_entropy(x, w, t, **tiles), argnums=(0, 1)
     )
-    scanned = jax.value_and_grad(
-        lambda x, w: _scanned_microbatches(x, w, t, tiles, remat=False),
-        argnums=(0, 1),
-    )
-    plain, stacked = _temporaries(flat, x, w), _temporaries(scanned, x, w)
-    assert stacked < plain + 2 * w.size * 4, (plain, stacked)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a loss per sequence under vmap, or per microbatch under a "
+    "differentiated scan, forms each one's dw with its loss and keeps them all "
+    "(docs/language_models.md, 'A batch of sequences')",
+)
+@pytest.mark.parametrize("batched", ["vmap", "scan"])
+def test_batches_of_sequences_hold_no_dw_per_sequence(batched):
+    x, w, t, tiles = _sequence_batch()
+
+    def vmapped(x, w):
+        loss = jax.vmap(lambda h, s: jxent.linear_cross_entropy(h, w, s, **tiles))
+        return jnp.mean(loss(x, t))
+
+    def scanned(x, w):
+        return _scanned_microbatches(x, w, t, tiles, remat=False)
+
+    per_sequence = {"vmap": vmapped, "scan": scanned}[batched]
+    plain = _temporaries(_one_call_program(t, tiles), x, w)
+    batches = _temporaries(jax.value_and_grad(per_sequence, argnums=(0, 1)), x, w)
+    assert batches < plain + 2 * w.size * 4, (plain, batches)
 
 
 def test_checkpointed_microbatch_steps_hold_one_dw():
@@ -392,10 +382,8 @@ def test_checkpointed_microbatch_steps_hold_one_dw():
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
     for g, r in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
-    flat = jax.value_and_grad(
-        lambda x, w: jxent.linear_cross_entropy(x, w, t, **tiles), argnums=(0, 1)
-    )
-    assert _temporaries(program, x, w) < _temporaries(flat, x, w) + 2 * w.size * 4
+    plain = _temporaries(_one_call_program(t, tiles), x, w)
+    assert _temporaries(program, x, w) < plain + 2 * w.size * 4
 
 
 # These hold the CPU's token-outer program to its memory: on a GPU or a TPU

@@ -12,7 +12,12 @@ from jxent._kernels import compute_dtype
 from jxent._reduction import reduce_loss
 from jxent._safe_math import mass_times_gap, poison, xlogx
 from jxent._types import KLReduction
-from jxent._validation import as_float_array, check_reduction, normalize_axis
+from jxent._validation import (
+    as_float_array,
+    check_reduction,
+    normalize_axis,
+    promoted_dtype,
+)
 
 KL_REDUCTIONS = ("none", "batchmean", "sum", "mean")
 
@@ -52,7 +57,7 @@ def entropy(probs: ArrayLike, axis: int = -1) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("reduction", "log_target"))
 def _kl_div(input, target, *, reduction, log_target):
-    dtype = compute_dtype(jnp.result_type(input.dtype, target.dtype))
+    dtype = compute_dtype(input.dtype, target.dtype)
     log_q = input.astype(dtype)
     t = target.astype(dtype)
     if log_target:
@@ -76,7 +81,7 @@ def _kl_div(input, target, *, reduction, log_target):
         pointwise = poison(pointwise, bad)
     batch = input.shape[0] if input.ndim > 0 else 1
     denominator = batch if reduction == "batchmean" else pointwise.size
-    out_dtype = jnp.result_type(input.dtype, target.dtype)
+    out_dtype = promoted_dtype(input, "input", target, "target")
     return reduce_loss(pointwise, reduction, denominator, out_dtype)
 
 

@@ -39,9 +39,15 @@ from jxent._sharding import UNSHARDED, ClassShards
 T = TypeVar("T")
 
 
-def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    """The accumulation dtype: float32, or float64 for float64 inputs."""
-    return jnp.promote_types(dtype, jnp.float32)
+def compute_dtype(*dtypes: jnp.dtype) -> jnp.dtype:
+    """The accumulation dtype: float32, or float64 if any input is float64.
+
+    The same under either ``jax_numpy_dtype_promotion``: ``jnp.promote_types``
+    would raise under ``"strict"`` for bfloat16 and float16 inputs.
+    """
+    if any(jnp.dtype(d) == jnp.float64 for d in dtypes):
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
 
 
 def along_axis(vector: jax.Array, ndim: int, axis: int) -> jax.Array:

@@ -79,6 +79,7 @@ from jxent._validation import (
     check_unit_interval,
     check_weight,
     is_concrete,
+    promoted_dtype,
 )
 
 # Default token chunk (see _default_chunk_size): the memory budget for
@@ -1955,7 +1956,7 @@ def check_lm_head(
         raise ValueError(
             f"`w` must have shape (D, V) with V >= 1 classes, got w.shape={w.shape}."
         )
-    dtype = jnp.result_type(x.dtype, w.dtype)
+    dtype = promoted_dtype(x, "x", w, "w")
     if bias is not None:
         bias = as_float_array(bias, "bias")
         if bias.shape != (w.shape[1],):

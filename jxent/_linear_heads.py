@@ -71,6 +71,7 @@ from jxent._validation import (
     check_reduction,
     check_soft_cap,
     check_unit_interval,
+    promoted_dtype,
 )
 
 
@@ -823,10 +824,10 @@ def linear_distillation_loss(
         chip_row_chunk=_chip_row_chunk(x, vocab, chunk_size, row_chunk),
         block_classes=block_classes, vocab_outer=linear_module._VOCAB_OUTER,
     )  # fmt: skip
-    acc = compute_dtype(jnp.result_type(x.dtype, teacher_x.dtype))
+    acc = compute_dtype(x.dtype, teacher_x.dtype)
     # The teacher's head in its own dtype (its tiles accumulate in float32): a
     # float32 copy of a 16-bit teacher_w would take twice its memory.
-    teacher_dtype = jnp.result_type(teacher_x.dtype, teacher_w.dtype)
+    teacher_dtype = promoted_dtype(teacher_x, "teacher_x", teacher_w, "teacher_w")
     params = _Params(
         x=x, w=w, bias=bias, probs=teacher_x.astype(teacher_dtype), weight=None,
         label_smoothing=None,

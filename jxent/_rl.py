@@ -727,7 +727,7 @@ def _distillation_tangent(student, teacher, valid, temperature, beta, t_student,
 )
 def _distillation_loss(student, teacher, target, temperature, beta, *, axis,
                        ignore_index, reduction, mode):  # fmt: skip
-    dtype = compute_dtype(jnp.result_type(student.dtype, teacher.dtype))
+    dtype = compute_dtype(student.dtype, teacher.dtype)
     bad_t = safe_temperature(temperature, dtype)[1]
     bad_beta = safe_beta(beta, dtype)[1]
     batch_shape = student.shape[:axis] + student.shape[axis + 1 :]

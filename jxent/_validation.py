@@ -50,6 +50,24 @@ def as_float_array(x: ArrayLike, name: str) -> jax.Array:
     return arr
 
 
+def promoted_dtype(a: jax.Array, a_name: str, b: jax.Array, b_name: str) -> np.dtype:
+    """The dtype two arrays combine in, as ``jnp.result_type`` gives it.
+
+    Under ``jax_numpy_dtype_promotion="strict"`` arrays of different dtypes do
+    not combine: a ``TypeError`` names both arguments, as ``jnp`` would refuse
+    ``a @ b``.
+    """
+    try:
+        return jnp.result_type(a.dtype, b.dtype)
+    except jax.dtypes.TypePromotionError:
+        raise TypeError(
+            f"`{a_name}` ({a.dtype}) and `{b_name}` ({b.dtype}) have different "
+            "dtypes, which jax_numpy_dtype_promotion='strict' does not promote: "
+            f"cast one to the other (e.g. `{b_name}.astype({a_name}.dtype)`), or "
+            "call the loss under jax.numpy_dtype_promotion('standard')."
+        ) from None
+
+
 def normalize_axis(axis: int, ndim: int, name: str = "logits") -> int:
     """Returns ``axis`` as a non-negative index into an array of rank ``ndim``."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):

@@ -29,6 +29,7 @@ from jxent._sharding import (
     axes_of,
     check_class_split,
     explicit_layout,
+    refuse_untyped_derivatives,
 )
 from jxent._types import Reduction
 from jxent._validation import (
@@ -670,6 +671,9 @@ def cross_entropy(
     where = check_class_mask(where, logits.shape, axis)
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
+    logits, weight = refuse_untyped_derivatives(
+        "cross_entropy", shards, batch_axes, logits, weight
+    )
     options = dict(
         reduction=reduction,
         axis=axis,

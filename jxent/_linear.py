@@ -65,6 +65,7 @@ from jxent._sharding import (
     axes_of,
     check_class_split,
     explicit_layout,
+    refuse_untyped_derivatives,
 )
 from jxent._types import Reduction
 from jxent._validation import (
@@ -2342,6 +2343,9 @@ def linear_cross_entropy(
         vocab_chunk = _default_vocab_chunk_size(x.shape[-1], vocab)
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
+    x, w, bias = refuse_untyped_derivatives(
+        "linear_cross_entropy", shards, batch_axes, x, w, bias
+    )
     if target is not None and not shards.sharded:
         check_concrete_target_range(target, vocab, ignore_index)
     row_chunk, block_tokens, block_classes = _block_sizes(

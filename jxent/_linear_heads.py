@@ -60,7 +60,13 @@ from jxent._rl import (
     token_log_probs,
 )
 from jxent._safe_math import poison
-from jxent._sharding import UNSHARDED, ClassShards, as_axis_names, batch_sum
+from jxent._sharding import (
+    UNSHARDED,
+    ClassShards,
+    as_axis_names,
+    batch_sum,
+    refuse_untyped_derivatives,
+)
 from jxent._types import Reduction
 from jxent._validation import (
     as_float_array,
@@ -555,6 +561,9 @@ def linear_log_probs(
     chunk, block = head_chunks(x, vocab, chunk_size, vocab_chunk_size, where=True)
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
+    x, w, bias = refuse_untyped_derivatives(
+        "linear_log_probs", shards, batch_axes, x, w, bias
+    )
     if not shards.sharded:
         check_concrete_target_range(target, vocab, ignore_index)
     row_chunk, block_tokens, block_classes = _block_sizes(
@@ -772,6 +781,10 @@ def linear_distillation_loss(
             )
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
+    x, w, bias, teacher_x, teacher_w, teacher_bias = refuse_untyped_derivatives(
+        "linear_distillation_loss", shards, batch_axes,
+        x, w, bias, teacher_x, teacher_w, teacher_bias,
+    )  # fmt: skip
     if target is None:
         # Every position counts: a class index that is never `ignore_index`.
         target = jnp.zeros(x.shape[:-1], jnp.int32)

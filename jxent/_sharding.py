@@ -9,6 +9,7 @@ logits size stays local: only per-position values cross devices (a few
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -108,6 +109,71 @@ def check_class_split(size: int, mesh, class_axes: AxisNames, what: str) -> None
             f"{count} devices, which do not divide it: pad the classes to a "
             "multiple and exclude the padding with `where`."
         )
+
+
+def untyped_axes(names: AxisNames) -> AxisNames:
+    """The axes among ``names`` over which JAX does not track what varies.
+
+    Those are the manual axes of a ``jax.pmap`` or of a
+    ``jax.shard_map(check_vma=False)``: ``lax.axis_index`` does not vary over
+    them. There JAX transposes ``psum`` to ``psum``, so the derivatives of a
+    loss that sums over devices count each device's copy of it. A ``vmap``
+    axis is not a mesh axis and is not included.
+    """
+    manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+    untyped = []
+    for name in names:
+        kind = getattr(jax.typeof(lax.axis_index(name)), "manual_axis_type", None)
+        if name in manual and name not in getattr(kind, "varying", frozenset()):
+            untyped.append(name)
+    return tuple(untyped)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _without_derivatives(x: jax.Array, message: str) -> jax.Array:
+    """``x`` itself; differentiating through it raises ``message``."""
+    del message
+    return x
+
+
+@_without_derivatives.defjvp
+def _without_derivatives_jvp(message, primals, tangents):
+    del primals, tangents
+    raise ValueError(message)
+
+
+def refuse_untyped_derivatives(
+    function: str, shards: ClassShards, batch_axes: AxisNames, *arrays
+):
+    """``arrays`` unchanged; their derivatives raise where an axis is untyped.
+
+    Inside ``jax.pmap`` or ``shard_map(check_vma=False)`` the values
+    are right but JAX's gradients of the sums over devices are not (8x on 8
+    devices, 64x for the class-sharded ``w`` of ``linear_cross_entropy``):
+    differentiating raises instead. Elsewhere nothing is added to the program.
+    """
+    axes = {"class_axis_name": shards.axis_names, "batch_axis_name": batch_axes}
+    untyped = {arg: untyped_axes(names) for arg, names in axes.items()}
+    untyped = {arg: names for arg, names in untyped.items() if names}
+    if not untyped:
+        return arrays
+    given = ", ".join(
+        f"{arg}={names[0] if len(names) == 1 else names!r}"
+        for arg, names in untyped.items()
+    )
+    message = (
+        f"{function}: derivatives with {given} inside jax.pmap or "
+        "jax.shard_map(check_vma=False) are not supported. There JAX does not "
+        "track which values are the same on every device and transposes psum to "
+        "psum, so the gradients would come out multiplied by the number of "
+        "devices (8x on 8 devices; 64x for a class-sharded `w`). Differentiate "
+        "inside jax.shard_map with check_vma=True (its default), or call the loss "
+        "under jax.jit on sharded arrays without axis names. Values without "
+        "derivatives are right as they are."
+    )
+    return tuple(
+        None if a is None else _without_derivatives(a, message) for a in arrays
+    )
 
 
 def batch_sum(x, batch_axis_names: AxisNames):

@@ -120,7 +120,7 @@ def _poisoned_inputs(
     """
     logits = poison_gradients(logits, flag, True)
     if weight is not None:
-        weight = weight * jnp.where(flag, jnp.nan, 1.0).astype(weight.dtype)
+        weight = poison(weight, flag)
     return logits, weight
 
 

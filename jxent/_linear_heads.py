@@ -139,7 +139,8 @@ def head_chunks(x, vocab, chunk_size, vocab_chunk_size, *, where: bool):
 
 def _first_max(logits: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
     """Per row: the largest value and its first index (+ offset), NaN largest."""
-    index = jnp.argmax(logits, axis=1).astype(jnp.int32)
+    # int32 indices also under jax_enable_x64 (jnp.argmax's would be int64).
+    index = lax.argmax(logits, 1, jnp.int32)
     value = jnp.take_along_axis(logits, index[:, None], axis=1)[:, 0]
     return value, index + offset
 

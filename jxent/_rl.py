@@ -177,7 +177,7 @@ def _kl_parts(a: SoftmaxParts, a_ex, b: SoftmaxParts, b_ex, axis, shards):
     """
     terms = a.probs * (a.log_probs() - b.log_probs())
     value = shards.sum(jnp.sum(terms, axis=axis))
-    missing = shards.sum(jnp.sum((~a_ex & b_ex).astype(jnp.int32), axis=axis)) > 0
+    missing = shards.sum(jnp.sum(~a_ex & b_ex, axis=axis, dtype=jnp.int32)) > 0
     return value, missing
 
 

@@ -50,6 +50,15 @@ def _mass_times_gap_jvp(primals, tangents):
     return out, t_out
 
 
+def _full(value: float, dtype) -> jax.Array:
+    """``value`` as a scalar of ``dtype``.
+
+    A select between two Python floats would be float64 under
+    ``jax_enable_x64``, as large as its condition.
+    """
+    return jnp.asarray(value, dtype)
+
+
 @jax.custom_jvp
 def xlogx(p: jax.Array) -> jax.Array:
     """``p · log p`` with ``0 · log 0 = 0`` and NaN for ``p < 0``.
@@ -59,7 +68,8 @@ def xlogx(p: jax.Array) -> jax.Array:
     """
     positive = p > 0
     value = p * jnp.log(jnp.where(positive, p, 1.0))
-    return jnp.where(positive, value, jnp.where(p == 0, 0.0, jnp.nan))
+    zero_or_nan = jnp.where(p == 0, _full(0.0, p.dtype), _full(jnp.nan, p.dtype))
+    return jnp.where(positive, value, zero_or_nan)
 
 
 @xlogx.defjvp
@@ -77,7 +87,7 @@ def poison(value: jax.Array, bad: jax.Array) -> jax.Array:
     into every tangent and cotangent of ``value``, where ``where(bad, NaN,
     value)`` would give finite derivatives from the other branch.
     """
-    return value * jnp.where(bad, jnp.nan, 1.0).astype(value.dtype)
+    return value * jnp.where(bad, _full(jnp.nan, value.dtype), _full(1.0, value.dtype))
 
 
 def _varying(a: jax.Array) -> frozenset:
@@ -88,7 +98,10 @@ def _varying(a: jax.Array) -> frozenset:
 
 def _zero_batched_like(flag: jax.Array, dtype) -> jax.Array:
     """A scalar 0 (``select(flag, 0, 0)``: XLA folds it, and ``x + 0``)."""
-    return jnp.where(flag, 0.0, 0.0).astype(dtype)
+    # float32 zeros, then cast: XLA folds ``x + convert(select(flag, 0, 0))``
+    # for 16-bit ``x``, not a 16-bit select (a logits-sized temporary).
+    zero = _full(0.0, jnp.float32)
+    return jnp.where(flag, zero, zero).astype(dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

@@ -1,4 +1,4 @@
-"""jxent under ``jax_numpy_dtype_promotion="strict"``.
+"""jxent under users' global dtype settings: strict promotion and x64.
 
 Strict promotion refuses implicit promotions between arrays of different
 dtypes (bfloat16 and float32 included). A user who sets it must still get
@@ -9,9 +9,15 @@ different dtypes would be combined (``x`` with ``w``, ``teacher_x`` with
 ``teacher_w``, ``kl_div``'s ``input`` with its ``target``) does strict mode
 refuse, with a ``TypeError`` naming both arguments, as ``jnp`` would refuse
 ``x @ w``.
+
+Under ``jax_enable_x64`` a float32 or bfloat16 loss must stay a float32
+program: no float64 or int64 array of the logits' size (a select between
+Python floats, or ``jnp.sum`` of booleans, would make one).
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +95,7 @@ def _losses(f, target):
             beta=0.5,
             temperature=f["temperature"],
         ),
+        "forward_kl": jxent.distillation_loss(logits, f["teacher_logits"], target),
         "linear_cross_entropy": jxent.linear_cross_entropy(
             x,
             w,
@@ -110,7 +117,7 @@ def _losses(f, target):
             beta=0.5,
             temperature=f["temperature"],
         ),
-        "linear_argmax": jxent.linear_argmax(x, w, bias=bias).sum(),
+        "linear_argmax": jnp.sum(jxent.linear_argmax(x, w, bias=bias), dtype=jnp.int32),
         "CrossEntropyLoss": jxent.CrossEntropyLoss(
             weight=np.linspace(0.5, 2.0, C, dtype=np.float32), label_smoothing=0.1
         )(logits, target),
@@ -267,3 +274,21 @@ def test_student_and_teacher_in_different_dtypes_need_no_promotion():
             plain,
             jxent.distillation_loss(f["logits"], f["teacher_logits"], TARGET, beta=0.3),
         )
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_x64_keeps_16_and_32_bit_programs_free_of_64_bit_arrays(dtype):
+    """Every loss, its gradients and a jvp, compiled under x64 (int32
+    targets): no float64 or int64 array with more than one element."""
+    f = _floats(jnp.dtype(dtype))
+    with jax.enable_x64(True):
+        f = {k: jnp.asarray(v, v.dtype) for k, v in f.items()}
+        compiled = jax.jit(_values_and_derivatives).lower(f, TARGET).compile()
+        values = compiled(f, TARGET)[0]
+    wide = sorted(
+        set(re.findall(r"[fsu]64\[[0-9,]*[0-9][0-9,]*\]", compiled.as_text()))
+    )
+    wide = [a for a in wide if a.split("[")[1] not in ("1]",)]
+    assert not wide, wide
+    for name, value in values.items():
+        assert np.isfinite(value), name

@@ -8,22 +8,30 @@ import jax
 from jax.typing import ArrayLike
 
 from jxent._kernels import compute_dtype
-from jxent._validation import as_float_array, normalize_axis
+from jxent._validation import as_float_array, check_class_mask, normalize_axis
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
-def _log_softmax(x: jax.Array, axis: int) -> jax.Array:
-    return jax.nn.log_softmax(x.astype(compute_dtype(x.dtype)), axis=axis).astype(
-        x.dtype
-    )
+def _log_softmax(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
+    z = x.astype(compute_dtype(x.dtype))
+    return jax.nn.log_softmax(z, axis=axis, where=where).astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
-def _softmax(x: jax.Array, axis: int) -> jax.Array:
-    return jax.nn.softmax(x.astype(compute_dtype(x.dtype)), axis=axis).astype(x.dtype)
+def _softmax(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
+    z = x.astype(compute_dtype(x.dtype))
+    return jax.nn.softmax(z, axis=axis, where=where).astype(x.dtype)
 
 
-def log_softmax(x: ArrayLike, axis: int = -1) -> jax.Array:
+def _checked(x: ArrayLike, axis: int, where: ArrayLike | None):
+    x = as_float_array(x, "x")
+    axis = normalize_axis(axis, x.ndim, "x")
+    return x, axis, check_class_mask(where, x.shape, axis)
+
+
+def log_softmax(
+    x: ArrayLike, axis: int = -1, where: ArrayLike | None = None
+) -> jax.Array:
     r"""Log-softmax over the class axis: ``x - logsumexp(x)``.
 
     Computes ``log_softmax(x)_c = x_c - log Σ_k exp(x_k)`` with the maximum
@@ -35,25 +43,31 @@ def log_softmax(x: ArrayLike, axis: int = -1) -> jax.Array:
     Args:
       x: floating array of logits.
       axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
+      where: optional boolean mask of the classes to include, broadcast to
+        ``x`` (a length-C mask lies along ``axis``), as in
+        ``jax.nn.log_softmax``: excluded classes leave the sum and their
+        output is ``-inf``, with zero gradient.
 
     Returns:
       An array of the shape and dtype of ``x``.
 
     Raises:
-      TypeError: if ``x`` is not floating.
-      ValueError: if ``axis`` is out of range.
+      TypeError: if ``x`` is not floating or ``where`` not boolean.
+      ValueError: if ``axis`` is out of range or ``where`` does not broadcast.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> import jxent
       >>> jxent.log_softmax(jnp.array([2.8883, 0.1760, 1.0774]))
       Array([-0.2069..., -2.9192..., -2.0178...], dtype=float32)
+      >>> jxent.log_softmax(jnp.array([2.8883, 0.1760, 1.0774]),
+      ...                   where=jnp.array([True, False, True]))
+      Array([-0.1514...,        -inf, -1.9623...], dtype=float32)
     """
-    x = as_float_array(x, "x")
-    return _log_softmax(x, normalize_axis(axis, x.ndim, "x"))
+    return _log_softmax(*_checked(x, axis, where))
 
 
-def softmax(x: ArrayLike, axis: int = -1) -> jax.Array:
+def softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
     r"""Softmax over the class axis: ``exp(x_c) / Σ_k exp(x_k)``.
 
     Computed stably (maximum subtracted) with float32 accumulation for
@@ -62,14 +76,17 @@ def softmax(x: ArrayLike, axis: int = -1) -> jax.Array:
     Args:
       x: floating array of logits.
       axis: the class axis.
+      where: optional boolean mask of the classes to include, broadcast to
+        ``x`` (a length-C mask lies along ``axis``), as in ``jax.nn.softmax``:
+        excluded classes leave the sum and their output is 0.
 
     Returns:
       An array of the shape and dtype of ``x`` whose entries along ``axis`` sum
       to one.
 
     Raises:
-      TypeError: if ``x`` is not floating.
-      ValueError: if ``axis`` is out of range.
+      TypeError: if ``x`` is not floating or ``where`` not boolean.
+      ValueError: if ``axis`` is out of range or ``where`` does not broadcast.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -77,5 +94,4 @@ def softmax(x: ArrayLike, axis: int = -1) -> jax.Array:
       >>> jxent.softmax(jnp.array([2.8883, 0.1760, 1.0774]))
       Array([0.8131..., 0.0540..., 0.1329...], dtype=float32)
     """
-    x = as_float_array(x, "x")
-    return _softmax(x, normalize_axis(axis, x.ndim, "x"))
+    return _softmax(*_checked(x, axis, where))

@@ -305,6 +305,71 @@ def test_bfloat16_softmax_is_float32_math_rounded_once(fn):
     np.testing.assert_array_less(np.abs(got - exact), _bfloat16_ulp(exact) + 1e-30)
 
 
+def _masked_log_softmax64(x, mask, axis):
+    """float64 reference: excluded classes leave the sum and give -inf."""
+    x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+    mask = np.moveaxis(mask, axis, -1)
+    top = np.where(mask, x, -np.inf).max(-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    total = np.where(mask, np.exp(x - top), 0.0).sum(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        out = np.where(mask, x - top - np.log(total), -np.inf)
+    return np.moveaxis(out, -1, axis)
+
+
+@pytest.mark.parametrize("kind", ["per element", "per class"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_softmax_where_excludes_classes(axis, dtype, kind):
+    """``where`` as in ``jax.nn``: a per-element mask, or a length-C one laid
+    along ``axis``; a row with every class excluded gives -inf and 0, not NaN.
+    Values and gradients (both modes) against float64 formulas."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(scale=3.0, size=(4, 6, 5)), dtype)
+    ax = axis % 3
+    if kind == "per element":
+        mask = rng.random(x.shape) < 0.6
+        mask[0] = False  # every class of these rows excluded
+        expanded = mask
+    else:
+        mask = np.array([True, False, True, True, False, True][: x.shape[ax]])
+        shape = [1, 1, 1]
+        shape[ax] = mask.size
+        expanded = np.broadcast_to(mask.reshape(shape), x.shape)
+    want = _masked_log_softmax64(x, expanded, ax)
+    tol = 1e-6 if dtype == "float32" else 1e-2
+    got = jxent.log_softmax(x, axis=axis, where=mask)
+    assert got.dtype == x.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
+    probs = np.asarray(jxent.softmax(x, axis=axis, where=mask), np.float64)
+    np.testing.assert_allclose(probs, np.exp(want), rtol=tol, atol=tol)
+    if dtype != "float32":
+        return
+    # d/dx of sum(c * softmax): p * (c - sum(p * c)) on included classes.
+    c = rng.normal(size=x.shape)
+    p = np.exp(want)
+    expected = p * (c - (p * c).sum(ax, keepdims=True))
+
+    def weighted(x):
+        return jnp.sum(c * jxent.softmax(x, axis=axis, where=mask))
+
+    np.testing.assert_allclose(jax.grad(weighted)(x), expected, rtol=1e-5, atol=1e-6)
+    tangent = jax.jvp(
+        lambda x: jxent.softmax(x, axis=axis, where=mask),
+        (x,),
+        (jnp.asarray(c, x.dtype),),
+    )[1]
+    np.testing.assert_allclose(tangent, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_where_must_be_boolean_and_broadcast():
+    x = jnp.zeros((2, 3))
+    with pytest.raises(TypeError, match="`where` must be a boolean"):
+        jxent.log_softmax(x, where=jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        jxent.softmax(x, where=jnp.ones((2, 4), bool))
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_bfloat16_loss_accumulates_in_float32(smoothing):
     """The loss over 32k bfloat16 logits is the exact loss of those values,

@@ -118,13 +118,17 @@ def untyped_axes(names: AxisNames) -> AxisNames:
     ``jax.shard_map(check_vma=False)``: ``lax.axis_index`` does not vary over
     them. There JAX transposes ``psum`` to ``psum``, so the derivatives of a
     loss that sums over devices count each device's copy of it. A ``vmap``
-    axis is not a mesh axis and is not included.
+    axis is not a mesh axis and is not included, nor is an axis of size 1:
+    its ``psum`` is the identity, so the derivatives are exact (code developed
+    with ``pmap`` on one device differentiates).
     """
     manual = set(jax.sharding.get_abstract_mesh().manual_axes)
     untyped = []
     for name in names:
+        if name not in manual or lax.axis_size(name) == 1:
+            continue
         kind = getattr(jax.typeof(lax.axis_index(name)), "manual_axis_type", None)
-        if name in manual and name not in getattr(kind, "varying", frozenset()):
+        if name not in getattr(kind, "varying", frozenset()):
             untyped.append(name)
     return tuple(untyped)
 

@@ -894,3 +894,77 @@ def test_linear_cross_entropy_explicit_sharded_inputs(x_spec, w_spec, reduction)
     np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
     for g, r in zip(got[1], want[1], strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
+
+
+# --- axis names inside jax.pmap and shard_map(check_vma=False) -----------------
+
+UNTYPED_N, UNTYPED_D, UNTYPED_V = 16, 4, 32
+UNTYPED_X = RNG.normal(size=(UNTYPED_N, UNTYPED_D)).astype(np.float32)
+UNTYPED_W = RNG.normal(size=(UNTYPED_D, UNTYPED_V)).astype(np.float32)
+UNTYPED_T = RNG.integers(0, UNTYPED_V, size=UNTYPED_N).astype(np.int32)
+UNTYPED_T[3] = -100
+UNTYPED_LOSSES = {
+    "cross_entropy": lambda x, w, t, axes: jxent.cross_entropy(
+        x @ w, t, label_smoothing=0.1, **axes
+    ),
+    "linear_cross_entropy": lambda x, w, t, axes: jxent.linear_cross_entropy(
+        x, w, t, **axes
+    ),
+    "linear_log_probs": lambda x, w, t, axes: jxent.linear_log_probs(
+        x, w, t, return_entropy=True, **axes
+    )[1].sum(),
+    "linear_distillation_loss": lambda x, w, t, axes: jxent.linear_distillation_loss(
+        x, w, 0.5 * x, 0.5 * w, t, beta=0.5, **axes
+    ),
+}
+
+
+def _untyped(context, axis, f):
+    """``f(x, w, t)`` over 8 devices, the classes (``w``'s columns) or the
+    batch split, inside ``jax.pmap`` or ``shard_map(check_vma=False)``."""
+    split_w = axis == "class_axis_name"
+    if context == "pmap":
+
+        def run(x, w, t):
+            if split_w:
+                w = w.reshape(UNTYPED_D, 8, -1).transpose(1, 0, 2)
+                return jax.pmap(f, "a", in_axes=(None, 0, None))(x, w, t)[0]
+            x, t = x.reshape(8, -1, UNTYPED_D), t.reshape(8, -1)
+            return jax.pmap(f, "a", in_axes=(0, None, 0))(x, w, t)[0]
+
+        return run
+    mesh = _mesh((8,), ("a",))
+    specs = (P(), P(None, "a"), P()) if split_w else (P("a"), P(), P("a"))
+    return jax.jit(
+        jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)
+    )
+
+
+@pytest.mark.parametrize("context", ["pmap", "shard_map(check_vma=False)"])
+@pytest.mark.parametrize("axis", ["class_axis_name", "batch_axis_name"])
+@pytest.mark.parametrize("name", list(UNTYPED_LOSSES))
+def test_untyped_axes_give_values_and_refuse_derivatives(name, axis, context):
+    """Values equal the unsharded loss's; derivatives, which JAX would scale
+    by the device count there (8x, 64x for dw), raise, in both modes."""
+    loss = UNTYPED_LOSSES[name]
+    args = (UNTYPED_X, UNTYPED_W, UNTYPED_T)
+
+    def value(x, w, t):
+        return loss(x, w, t, {axis: "a"})
+
+    expected = loss(*args, {})
+    if name == "linear_log_probs" and axis == "batch_axis_name":
+        # Per-token outputs: the first device's tokens (no sum over devices).
+        first = UNTYPED_N // 8
+        expected = loss(UNTYPED_X[:first], UNTYPED_W, UNTYPED_T[:first], {})
+    np.testing.assert_allclose(
+        _untyped(context, axis, value)(*args), expected, rtol=2e-6
+    )
+    for derivative in (
+        lambda x, w, t: jax.grad(value, argnums=(0, 1))(x, w, t)[0].sum(),
+        lambda x, w, t: jax.jvp(lambda x: value(x, w, t), (x,), (x,))[1],
+    ):
+        with pytest.raises(ValueError) as info:
+            _untyped(context, axis, derivative)(*args)
+        for expected in (name, f"{axis}='a'", "check_vma=True", "jax.pmap"):
+            assert expected in str(info.value), str(info.value)

@@ -671,8 +671,9 @@ def cross_entropy(
     where = check_class_mask(where, logits.shape, axis)
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
-    logits, weight = refuse_untyped_derivatives(
-        "cross_entropy", shards, batch_axes, logits, weight
+    target = jnp.asarray(target)
+    logits, weight, target = refuse_untyped_derivatives(
+        "cross_entropy", shards, batch_axes, logits, weight, target
     )
     options = dict(
         reduction=reduction,
@@ -689,7 +690,6 @@ def cross_entropy(
         return _explicit_sharded_cross_entropy(
             logits, target, values, layout, ignore_index=ignore_index, **options
         )
-    target = jnp.asarray(target)
     if jnp.issubdtype(target.dtype, jnp.floating):
         if target.shape != logits.shape:
             raise ValueError(

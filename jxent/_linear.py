@@ -2343,8 +2343,8 @@ def linear_cross_entropy(
         vocab_chunk = _default_vocab_chunk_size(x.shape[-1], vocab)
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
-    x, w, bias = refuse_untyped_derivatives(
-        "linear_cross_entropy", shards, batch_axes, x, w, bias
+    x, w, bias, weight, probs = refuse_untyped_derivatives(
+        "linear_cross_entropy", shards, batch_axes, x, w, bias, weight, probs
     )
     if target is not None and not shards.sharded:
         check_concrete_target_range(target, vocab, ignore_index)

@@ -151,6 +151,8 @@ def refuse_untyped_derivatives(
 ):
     """``arrays`` unchanged; their derivatives raise where an axis is untyped.
 
+    ``None`` and non-floating arrays (integer targets) pass through as they are.
+
     Inside ``jax.pmap`` or ``shard_map(check_vma=False)`` the values
     are right but JAX's gradients of the sums over devices are not (8x on 8
     devices, 64x for the class-sharded ``w`` of ``linear_cross_entropy``):
@@ -176,7 +178,10 @@ def refuse_untyped_derivatives(
         "derivatives are right as they are."
     )
     return tuple(
-        None if a is None else _without_derivatives(a, message) for a in arrays
+        _without_derivatives(a, message)
+        if a is not None and jnp.issubdtype(a.dtype, jnp.inexact)
+        else a
+        for a in arrays
     )
 
 

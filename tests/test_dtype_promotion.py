@@ -282,7 +282,6 @@ def test_x64_keeps_16_and_32_bit_programs_free_of_64_bit_arrays(dtype):
     targets): no float64 or int64 array with more than one element."""
     f = _floats(jnp.dtype(dtype))
     with jax.enable_x64(True):
-        f = {k: jnp.asarray(v, v.dtype) for k, v in f.items()}
         compiled = jax.jit(_values_and_derivatives).lower(f, TARGET).compile()
         values = compiled(f, TARGET)[0]
     wide = sorted(

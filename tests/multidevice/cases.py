@@ -968,3 +968,35 @@ def test_untyped_axes_give_values_and_refuse_derivatives(name, axis, context):
             _untyped(context, axis, derivative)(*args)
         for expected in (name, f"{axis}='a'", "check_vma=True", "jax.pmap"):
             assert expected in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("wrt", ["weight", "probabilities"])
+@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+def test_untyped_axes_refuse_derivatives_of_weights_and_probabilities(name, wrt):
+    """Derivatives w.r.t. the class weights or probability targets alone
+    (the logits' tangent zero) are refused too."""
+    probs = np.asarray(
+        jax.nn.softmax(jnp.asarray(RNG.normal(size=(UNTYPED_N, UNTYPED_V)))),
+        np.float32,
+    )
+    weight = RNG.uniform(0.5, 2.0, size=UNTYPED_V).astype(np.float32)
+
+    def loss(x, w, t, c, p):
+        target = p if wrt == "probabilities" else t
+        if name == "cross_entropy":
+            return jxent.cross_entropy(x @ w, target, c, batch_axis_name="a")
+        return jxent.linear_cross_entropy(x, w, target, c, batch_axis_name="a")
+
+    argnum = 3 if wrt == "weight" else 4
+    mesh = _mesh((8,), ("a",))
+    f = jax.jit(
+        jax.shard_map(
+            jax.grad(loss, argnums=argnum),
+            mesh=mesh,
+            in_specs=(P("a"), P(), P("a"), P(), P("a")),
+            out_specs=P(),
+            check_vma=False,
+        )
+    )
+    with pytest.raises(ValueError, match=f"{name}: derivatives with batch_axis_name"):
+        f(UNTYPED_X, UNTYPED_W, UNTYPED_T, weight, probs)

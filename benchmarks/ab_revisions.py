@@ -4,10 +4,14 @@ Both versions run in one process, interleaved in a random order per round, so
 that load on the machine falls on both alike; prints the median time of each
 and their ratio for ``value_and_grad`` (or the forward with ``--forward``).
 ``--heads`` compares ``linear_log_probs`` instead (alone and with the entropy,
-temperature 0.9, ``value_and_grad`` w.r.t. ``x`` and ``w``) at ``N,D,V``.
+temperature 0.9, ``value_and_grad`` w.r.t. ``x`` and ``w``) at ``N,D,V``;
+``--linear`` ``linear_cross_entropy`` (``value_and_grad`` w.r.t. ``x`` and
+``w``) at ``N,D,V``. ``--dtypes`` picks among float32 and bfloat16.
 
     python benchmarks/ab_revisions.py --base ac2f279 --shape 512,131072
     python benchmarks/ab_revisions.py --base b919a5e --heads --shape 2048,512,65536
+    python benchmarks/ab_revisions.py --base 21f2ebb --linear --dtypes bfloat16 \
+        --shape 2048,1024,131072 --repeats 5
 """
 
 from __future__ import annotations
@@ -66,9 +70,9 @@ def report(label: str, med: dict) -> None:
     )
 
 
-def cross_entropy_cases(jxent, base, shape, repeats, forward):
+def cross_entropy_cases(jxent, base, shape, repeats, forward, dtypes):
     n, c = shape
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype in dtypes:
         for name, kw in (
             ("plain", {}),
             (
@@ -92,16 +96,34 @@ def cross_entropy_cases(jxent, base, shape, repeats, forward):
             report(f"{jnp.dtype(dtype).name:9s} {name}", med)
 
 
-def heads_cases(jxent, base, shape, repeats):
+def lm_head_inputs(shape, dtype):
+    """``x`` (N, D), ``w`` (D, V) in ``dtype`` and int32 targets (N,)."""
     n, d, v = shape
     keys = jax.random.split(jax.random.key(0), 3)
-    t = jax.random.randint(keys[2], (n,), 0, v)
-    for dtype in (jnp.float32, jnp.bfloat16):
-        x = jax.random.normal(keys[0], (n, d)).astype(dtype)
-        w = (jax.random.normal(keys[1], (d, v)) * d**-0.5).astype(dtype)
+    x = jax.random.normal(keys[0], (n, d)).astype(dtype)
+    w = (jax.random.normal(keys[1], (d, v)) * d**-0.5).astype(dtype)
+    return x, w, jax.random.randint(keys[2], (n,), 0, v)
+
+
+def linear_cases(jxent, base, shape, repeats, dtypes):
+    for dtype in dtypes:
+        x, w, t = lm_head_inputs(shape, dtype)
+
+        def program(module, t=t):
+            loss = lambda hidden, weight: module.linear_cross_entropy(hidden, weight, t)
+            return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+        fns = {"new": program(jxent), "base": program(base)}
+        med = time_interleaved(fns, (x, w), repeats)
+        report(f"{jnp.dtype(dtype).name:9s} linear_cross_entropy", med)
+
+
+def heads_cases(jxent, base, shape, repeats, dtypes):
+    for dtype in dtypes:
+        x, w, t = lm_head_inputs(shape, dtype)
         for entropy in (False, True):
 
-            def program(module, entropy=entropy):
+            def program(module, entropy=entropy, t=t):
                 def loss(hidden, weight):
                     out = module.linear_log_probs(
                         hidden, weight, t, temperature=0.9, return_entropy=entropy
@@ -123,21 +145,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--forward", action="store_true", help="loss only")
     parser.add_argument("--heads", action="store_true", help="linear_log_probs")
+    parser.add_argument("--linear", action="store_true", help="linear_cross_entropy")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
+    dtypes = [jnp.dtype(name) for name in args.dtypes.split(",")]
+    lm_head = args.heads or args.linear
     sys.path.insert(0, str(ROOT))
     import jxent
 
-    default = "2048,512,65536" if args.heads else "2048,32768"
+    default = "2048,512,65536" if lm_head else "2048,32768"
     shape = tuple(map(int, (args.shape or default).split(",")))
-    if len(shape) != (3 if args.heads else 2):
+    if len(shape) != (3 if lm_head else 2):
         parser.error(f"--shape {args.shape!r}: N,D,V with --heads, else N,C")
     with tempfile.TemporaryDirectory() as tmp:
         base = import_revision(args.base, Path(tmp))
         print(f"this tree vs {args.base}, {shape}, median of {args.repeats}")
         if args.heads:
-            heads_cases(jxent, base, shape, args.repeats)
+            heads_cases(jxent, base, shape, args.repeats, dtypes)
+        elif args.linear:
+            linear_cases(jxent, base, shape, args.repeats, dtypes)
         else:
-            cross_entropy_cases(jxent, base, shape, args.repeats, args.forward)
+            cross_entropy_cases(jxent, base, shape, args.repeats, args.forward, dtypes)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ statistics first, then one class block at a time over all token chunks.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Callable
 from typing import Literal, NamedTuple, overload
@@ -1130,7 +1131,7 @@ def _block_gradients(
             )
             old = lax.dynamic_index_in_dim(view, first, axis=1)
             view = lax.dynamic_update_index_in_dim(view, old + part[:, None], first, 1)
-            view = view.reshape(-1, depth)
+            view = view.reshape(num_full * chunk, depth)
             return view if whole else jnp.concatenate([view, dx[num_full * chunk :]])
         old = lax.dynamic_slice_in_dim(dx, first, part.shape[0])
         return lax.dynamic_update_slice_in_dim(dx, old + part, first, 0)
@@ -1761,7 +1762,7 @@ def _denominator(p: _Params, data: _Data, static: _Static, dtype):
 @functools.partial(jax.jit, static_argnames=("static", "reduction", "return_lse"))
 def _linear_cross_entropy(p: _Params, data: _Data, *, static, reduction, return_lse):
     batch_shape = p.x.shape[:-1]
-    num_tokens = p.x[..., 0].size
+    num_tokens = num_tokens_of(p.x)
     vocab = p.w.shape[1]
     p = p._replace(
         x=p.x.reshape(num_tokens, p.x.shape[-1]),
@@ -1796,6 +1797,11 @@ def _positive_int_or_none(value, name: str, meaning: str):
             f"backend and a memory budget), got {value!r}."
         )
     return int(value)
+
+
+def num_tokens_of(x) -> int:
+    """Positions of hidden states ``x`` (..., D): the product of its batch dims."""
+    return math.prod(x.shape[:-1])
 
 
 def _power_of_two_at_most(n: int) -> int:
@@ -1870,7 +1876,7 @@ def _block_sizes(
     if per_token:
         most = _PER_TOKEN_BLOCK_CLASSES
     else:
-        most = _power_of_two_at_most(_BLOCK_DW_BYTES // (4 * depth))
+        most = _power_of_two_at_most(_BLOCK_DW_BYTES // (4 * max(depth, 1)))
     classes = vocab_chunk or _even_block(vocab, most)
     classes = max(1, min(classes, vocab))
     # The per-token heads' whole rows run on the CPU too, within its budget.
@@ -2326,7 +2332,7 @@ def linear_cross_entropy(
     z_loss = check_nonnegative(z_loss, "z_loss")
     soft_cap = check_soft_cap(soft_cap)
     mask, row_mask = _class_mask_for_tokens(where, batch_shape, vocab)
-    num_tokens = max(1, x[..., 0].size)
+    num_tokens = max(1, num_tokens_of(x))
     chunk = _positive_int_or_none(chunk_size, "chunk_size", "tokens per chunk")
     if chunk is None:
         chunk = _default_chunk_size(

@@ -47,6 +47,7 @@ from jxent._linear import (
     _unsaved_tile_logits,
     check_lm_head,
     explicit_lm_head_layout,
+    num_tokens_of,
     run_explicit_lm_head,
 )
 from jxent._reduction import reduce_loss
@@ -105,7 +106,7 @@ def _chip_row_chunk(x, vocab: int, chunk_size, row_chunk: int) -> int:
     """
     if chunk_size is not None:
         return row_chunk
-    return _row_chunk(max(1, x[..., 0].size), vocab)
+    return _row_chunk(max(1, num_tokens_of(x)), vocab)
 
 
 def _explicit_layout(x, w, class_axis_name, batch_axis_name):
@@ -122,7 +123,7 @@ def head_chunks(x, vocab, chunk_size, vocab_chunk_size, *, where: bool):
     update is a float32 ``(D, block)`` product of at most 16 MiB (a whole
     vocabulary row would form a ``(D, V)`` temporary per chunk).
     """
-    num_tokens = max(1, x[..., 0].size)
+    num_tokens = max(1, num_tokens_of(x))
     chunk = _positive_int_or_none(chunk_size, "chunk_size", "tokens per chunk")
     if chunk is None:
         chunk = _default_chunk_size(num_tokens, x.shape[-1], vocab, where=where)
@@ -199,8 +200,9 @@ def _across_shards(value, index, shards: ClassShards):
 @functools.partial(jax.jit, static_argnames=("static",))
 def _linear_argmax(x, w, bias, soft_cap, mask, *, static: _HeadStatic):
     batch_shape = x.shape[:-1]
-    tokens_x = x.reshape(-1, x.shape[-1])
-    row_mask = mask.reshape(-1, w.shape[1]) if static.row_mask else None
+    num_tokens = num_tokens_of(x)
+    tokens_x = x.reshape(num_tokens, x.shape[-1])
+    row_mask = mask.reshape(num_tokens, w.shape[1]) if static.row_mask else None
     offset = static.shards.index() * w.shape[1] if static.shards.sharded else 0
 
     def over_chunks(chunk: int, block: int):
@@ -313,7 +315,7 @@ def linear_argmax(
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     as_axis_names(batch_axis_name, "batch_axis_name")
     _, chip_chunk, chip_block = _block_sizes(
-        max(1, x[..., 0].size), x.shape[-1], vocab, chunk_size, vocab_chunk_size
+        max(1, num_tokens_of(x)), x.shape[-1], vocab, chunk_size, vocab_chunk_size
     )
     static = _HeadStatic(
         chunk, block, row_mask, shards, _partitioned_by_xla(x), chip_chunk, chip_block
@@ -362,7 +364,7 @@ class _LogProbsHead(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("static", "return_entropy"))
 def _linear_log_probs(p: _Params, data: _Data, *, static, return_entropy):
     batch_shape = p.x.shape[:-1]
-    num_tokens = p.x[..., 0].size
+    num_tokens = num_tokens_of(p.x)
     p = p._replace(x=p.x.reshape(num_tokens, p.x.shape[-1]))
     mask = data.mask
     if static.row_mask:
@@ -568,7 +570,7 @@ def linear_log_probs(
     if not shards.sharded:
         check_concrete_target_range(target, vocab, ignore_index)
     row_chunk, block_tokens, block_classes = _block_sizes(
-        max(1, x[..., 0].size), x.shape[-1], vocab, chunk_size, vocab_chunk_size,
+        max(1, num_tokens_of(x)), x.shape[-1], vocab, chunk_size, vocab_chunk_size,
         per_token=True,
     )  # fmt: skip
     static = _Static(
@@ -629,7 +631,7 @@ class _DistillationHead(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("static", "reduction"))
 def _linear_distillation_loss(p: _Params, data: _Data, *, static, reduction):
     batch_shape = p.x.shape[:-1]
-    num_tokens = p.x[..., 0].size
+    num_tokens = num_tokens_of(p.x)
     p = p._replace(
         x=p.x.reshape(num_tokens, p.x.shape[-1]),
         probs=p.probs.reshape(num_tokens, p.probs.shape[-1]),
@@ -816,7 +818,7 @@ def linear_distillation_loss(
         )  # fmt: skip
     chunk, block = head_chunks(x, vocab, chunk_size, vocab_chunk_size, where=True)
     row_chunk, block_tokens, block_classes = _block_sizes(
-        max(1, x[..., 0].size), x.shape[-1], vocab, chunk_size, vocab_chunk_size,
+        max(1, num_tokens_of(x)), x.shape[-1], vocab, chunk_size, vocab_chunk_size,
         per_token=reduction == "none",
     )  # fmt: skip
     dw_passes = _dw_passes(x.shape[-1], vocab, x.dtype)

@@ -837,6 +837,51 @@ def test_empty_batch_values_and_gradients(order, monkeypatch):
     assert jxent.linear_argmax(x, w).shape == (0,)
 
 
+@pytest.mark.parametrize("order", ["cpu", "vocab_outer"])
+def test_no_hidden_features(order, monkeypatch):
+    """Hidden states of no features (D = 0): every logit is the bias, as
+    ``x @ w + bias`` gives. The heads counted positions with ``x[..., 0]``
+    (IndexError) and ``linear_argmax`` reshaped with -1 (ZeroDivisionError).
+    Values and gradients w.r.t. the bias against float64 formulas; the
+    gradients w.r.t. ``x`` and ``w`` are empty arrays of their shapes."""
+    if order == "vocab_outer":
+        monkeypatch.setattr(jxent._linear, "_VOCAB_OUTER", True)
+    rng = np.random.default_rng(5)
+    x, w = np.zeros((2, 3, 0)), np.zeros((0, 6))
+    b, tb = rng.normal(size=6), rng.normal(size=6)
+    t = np.array([[0, 5, -100], [2, 2, 1]])
+    ct = rng.normal(size=(2, 3))
+    z = lambda b: jnp.broadcast_to(b, (2, 3, 6))
+    losses = {
+        "cross_entropy": (
+            lambda x, w, b: jxent.linear_cross_entropy(x, w, t, bias=b),
+            lambda b: jxent.cross_entropy(z(b), t),
+        ),
+        "log_probs": (
+            lambda x, w, b: jnp.sum(
+                ct * sum(jxent.linear_log_probs(x, w, t, bias=b, return_entropy=True))
+            ),
+            lambda b: jnp.sum(ct * sum(ref_log_probs(z(b), t, 1.0, True, -1))),
+        ),
+        "distillation": (
+            lambda x, w, b: jxent.linear_distillation_loss(
+                x, w, x[..., :0], w[:0], t, bias=b, teacher_bias=tb, beta=0.5
+            ),
+            lambda b: ref_distillation(z(b), z(tb), t, 1.0, 0.5, -1, "mean"),
+        ),
+    }
+    with x64():
+        for name, (fused, ref) in losses.items():
+            value, (dx, dw, db) = jax.value_and_grad(fused, (0, 1, 2))(x, w, b)
+            want, want_db = jax.value_and_grad(ref)(b)
+            np.testing.assert_allclose(value, want, rtol=1e-12, err_msg=name)
+            np.testing.assert_allclose(db, want_db, rtol=1e-12, atol=1e-15)
+            assert dx.shape == x.shape and dw.shape == w.shape, name
+        np.testing.assert_array_equal(
+            jxent.linear_argmax(x, w, bias=b), np.full((2, 3), np.argmax(b))
+        )
+
+
 def _padded_losses(target, ct):
     """The LM-head losses as functions of ``(x, w, bias, teacher_x, teacher_w)``:
     fused, and the float64 formulas on materialised logits (reference)."""

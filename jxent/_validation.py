@@ -160,7 +160,11 @@ def check_buffer(value: object, name: str, *, vector: bool, allow_bool: bool) ->
 
 
 def check_weight(weight: ArrayLike | None, num_classes: int) -> jax.Array | None:
-    """Checks that ``weight`` is ``None`` or a real 1-D vector of length C."""
+    """Checks that ``weight`` is ``None`` or a real 1-D vector of length C.
+
+    Integer weights (``np.array([1, 2, 1])``) come back as float32: the
+    losses scale and poison them as floats.
+    """
     if weight is None:
         return None
     w = jnp.asarray(weight)
@@ -170,7 +174,7 @@ def check_weight(weight: ArrayLike | None, num_classes: int) -> jax.Array | None
             f"`weight` must be a 1-D array of length C={num_classes} (one weight "
             f"per class), got shape {w.shape}."
         )
-    return w
+    return w if jnp.issubdtype(w.dtype, jnp.floating) else w.astype(jnp.float32)
 
 
 def class_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import maybe_jit
 from jax.experimental import checkify
+from oracles import torch_cross_entropy
 from small_batch import LOG_PROBS, LOGITS, PROBS, TARGET, WEIGHT
 
 import jxent
@@ -561,6 +562,39 @@ def test_boolean_weights_count_as_zero_one_for_bce_and_are_refused_for_ce():
         jxent.cross_entropy(x, jnp.array([0, 1]), weight=mask)
     with pytest.raises(TypeError, match=r"`weight`.*bool"):
         jxent.CrossEntropyLoss(mask)
+
+
+def test_integer_class_weights_weigh_as_their_float_values():
+    """``weight=np.array([1, 2, 3])`` (ints, as NumPy writes them): the class
+    losses crashed while poisoning the weights ("cannot convert float NaN to
+    integer"); they now weigh as the same floats, values and gradients, in
+    every function taking class weights and in the loss objects."""
+    logits, target = LOGITS, TARGET
+    as_ints, as_floats = np.array([1, 2, 3]), np.array([1.0, 2.0, 3.0], np.float32)
+    losses = {
+        "cross_entropy": lambda x, w: jxent.cross_entropy(x, target, w),
+        "smoothed": lambda x, w: jxent.cross_entropy(x, target, w, label_smoothing=0.2),
+        "none": lambda x, w: jnp.sum(
+            jxent.cross_entropy(x, target, w, reduction="none")
+        ),
+        "probabilities": lambda x, w: jxent.cross_entropy(
+            x, jax.nn.softmax(x[::-1]), w
+        ),
+        "nll_loss": lambda x, w: jxent.nll_loss(jax.nn.log_softmax(x), target, w),
+        "linear": lambda x, w: jxent.linear_cross_entropy(x, jnp.eye(3), target, w),
+        "module": lambda x, w: jxent.CrossEntropyLoss(w)(x, target),
+        "nll_module": lambda x, w: jxent.NLLLoss(w)(jax.nn.log_softmax(x), target),
+    }
+    for name, f in losses.items():
+        want = jax.value_and_grad(f)(logits, as_floats)
+        for fn in (f, jax.jit(f)):
+            got = jax.value_and_grad(fn)(logits, as_ints)
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-6, err_msg=name)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-6, err_msg=name)
+    torch_value, torch_grad = torch_cross_entropy(logits, target, as_floats)
+    value, grad = jax.value_and_grad(jxent.cross_entropy)(logits, target, as_ints)
+    np.testing.assert_allclose(value, torch_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, torch_grad, rtol=1e-6, atol=1e-7)
 
 
 def test_traced_label_smoothing_gives_nan_outside_and_concrete_raises():

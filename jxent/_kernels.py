@@ -86,8 +86,11 @@ def capped_logits(logits: jax.Array, soft_cap: jax.Array | None) -> jax.Array:
 
 
 def invalid_soft_cap(soft_cap: jax.Array | float | None) -> jax.Array | bool:
-    """Whether a traced ``soft_cap`` is not > 0 (NaN included); None is valid."""
-    return False if soft_cap is None else ~(jnp.asarray(soft_cap) > 0)
+    """Whether a traced ``soft_cap`` is not finite and > 0; None is valid."""
+    if soft_cap is None:
+        return False
+    cap = jnp.asarray(soft_cap)
+    return ~((cap > 0) & (cap < jnp.inf))
 
 
 @jax.custom_jvp

@@ -2246,7 +2246,7 @@ def linear_cross_entropy(
       label_smoothing: ``ε`` in ``[0, 1]`` (a traced value outside makes the
         loss and its gradients NaN).
       z_loss: coefficient ``>= 0`` of ``lse²`` added per non-ignored token.
-      soft_cap: ``None`` or a cap ``> 0``: logits become ``cap·tanh(z/cap)`` (a
+      soft_cap: ``None`` or a finite cap ``> 0``: logits become ``cap·tanh(z/cap)`` (a
         traced cap that is not > 0 makes the loss and its gradients NaN).
       where: optional boolean mask broadcastable to ``(..., V)``; excluded
         classes take no part in the softmax or the smoothing.

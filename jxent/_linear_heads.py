@@ -259,7 +259,7 @@ def linear_argmax(
       x: floating array ``(..., D)`` of hidden states.
       w: floating array ``(D, V)``.
       bias: optional length-V bias.
-      soft_cap: ``None`` or a cap ``> 0`` (a traced cap that is not makes every
+      soft_cap: ``None`` or a finite cap ``> 0`` (a traced cap that is not makes every
         logit NaN: the result is then 0, as ``jnp.argmax`` of NaN logits).
         ``tanh`` saturates, so capped logits can tie where the raw ones do
         not: the result is the argmax of the capped logits, as used.
@@ -483,7 +483,7 @@ def linear_log_probs(
         ``x.shape[:-1]``.
       bias: optional length-V bias.
       temperature: ``T > 0`` (traced: changing it does not recompile).
-      soft_cap: ``None`` or a cap ``> 0``, applied before the temperature (a
+      soft_cap: ``None`` or a finite cap ``> 0``, applied before the temperature (a
         traced cap that is not > 0 makes the results and gradients NaN).
       where: optional boolean mask broadcastable to ``(..., V)``: False
         excludes a class. A target on an excluded class gives NaN.

@@ -263,10 +263,17 @@ def check_nonnegative(value: ArrayLike, name: str) -> ArrayLike:
 
 
 def check_soft_cap(soft_cap: ArrayLike | None) -> ArrayLike | None:
-    """``soft_cap`` is None or a scalar > 0 (checked when concrete)."""
+    """``soft_cap`` is None or a finite scalar > 0 (checked when concrete).
+
+    ``inf`` is refused, not read as "no cap": ``inf · tanh(x / inf)`` is NaN
+    (None turns capping off).
+    """
     if soft_cap is None:
         return None
-    return _check_scalar_option(soft_cap, "soft_cap", lambda v: v > 0.0, "None or > 0")
+    return _check_scalar_option(
+        soft_cap, "soft_cap", lambda v: 0.0 < v < np.inf,
+        "None (no capping) or a finite number > 0",
+    )  # fmt: skip
 
 
 def check_class_mask(

@@ -198,8 +198,14 @@ def test_probability_targets_accept_the_options():
     ("kwargs", "error", "match"),
     [
         ({"z_loss": -0.1}, ValueError, "`z_loss` must be >= 0, got -0.1"),
-        ({"soft_cap": 0.0}, ValueError, "`soft_cap` must be None or > 0, got 0.0"),
-        ({"soft_cap": -2}, ValueError, "`soft_cap` must be None or > 0"),
+        (
+            {"soft_cap": 0.0},
+            ValueError,
+            r"`soft_cap` must be None \(no capping\) or a "
+            "finite number > 0, got 0.0",
+        ),
+        ({"soft_cap": -2}, ValueError, "`soft_cap` must be None .* > 0"),
+        ({"soft_cap": np.inf}, ValueError, "`soft_cap` must be None .*finite.*inf"),
         ({"where": np.ones((3, C), bool)}, ValueError, r"`where` of shape \(3, 7\)"),
         ({"where": np.ones(C)}, TypeError, "`where` must be a boolean array"),
         ({"return_lse": 1}, TypeError, "`return_lse` must be a bool"),

@@ -169,7 +169,8 @@ def test_linear_cross_entropy_traced_label_smoothing(reduction):
 @pytest.mark.parametrize("soft", [False, True], ids=["int", "probs"])
 def test_traced_soft_cap_not_positive(reduction, linear, soft):
     # cap · tanh(z / cap) is even in cap: a traced -2 passed as 2 (a finite,
-    # plausible loss) and 0 as a constant 0 loss with zero gradients.
+    # plausible loss) and 0 as a constant 0 loss with zero gradients; an
+    # infinite cap is refused when concrete (inf · tanh(z / inf) is NaN).
     def make(target):
         if linear:
             return lambda x, w, c: jxent.linear_cross_entropy(
@@ -181,7 +182,7 @@ def test_traced_soft_cap_not_positive(reduction, linear, soft):
 
     args = (X, W) if linear else (LOGITS,)
     fn = make(jax.nn.softmax(LOGITS[::-1]) if soft else TARGET)
-    for cap in (-2.0, 0.0, float("nan")):
+    for cap in (-2.0, 0.0, float("nan"), float("inf"), -float("inf")):
         _check(fn, (*args, jnp.float32(cap)), reduction, rows=tuple(range(N)))
     value_fn, grad_fn, _ = _programs(fn, len(args) + 1)
     assert np.isfinite(value_fn(*args, jnp.float32(2.0))).all()
@@ -196,7 +197,7 @@ def test_linear_heads_traced_soft_cap_not_positive():
     fn = lambda x, w, c: jnp.stack(
         jxent.linear_log_probs(x, w, target, soft_cap=c, return_entropy=True)
     )
-    for cap in (-2.0, 0.0):
+    for cap in (-2.0, 0.0, float("inf")):
         values = jax.jit(fn)(X, W, jnp.float32(cap))
         assert np.isnan(values).all(), values
         grads = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), (0, 1, 2)))(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 from jax.typing import ArrayLike
@@ -10,27 +11,47 @@ from jax.typing import ArrayLike
 from jxent._kernels import compute_dtype
 from jxent._validation import as_float_array, check_class_mask, normalize_axis
 
+Axes = int | tuple[int, ...]
+
 
 @functools.partial(jax.jit, static_argnames=("axis",))
-def _log_softmax(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
+def _log_softmax(x: jax.Array, axis: Axes, where: jax.Array | None) -> jax.Array:
     z = x.astype(compute_dtype(x.dtype))
     return jax.nn.log_softmax(z, axis=axis, where=where).astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
-def _softmax(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
+def _softmax(x: jax.Array, axis: Axes, where: jax.Array | None) -> jax.Array:
     z = x.astype(compute_dtype(x.dtype))
     return jax.nn.softmax(z, axis=axis, where=where).astype(x.dtype)
 
 
-def _checked(x: ArrayLike, axis: int, where: ArrayLike | None):
+def _normalized_axes(axis: int | Sequence[int] | None, ndim: int) -> Axes:
+    """One axis, or a tuple of distinct axes (None: all), as non-negative ints."""
+    if axis is None or isinstance(axis, (tuple, list)):
+        axes = range(ndim) if axis is None else axis
+        axes = tuple(normalize_axis(a, ndim, "x") for a in axes)
+        if len(set(axes)) != len(axes) or not axes:
+            raise ValueError(
+                f"`axis` must name distinct axes of `x` (rank {ndim}), got {axis!r}."
+            )
+        return axes
+    return normalize_axis(axis, ndim, "x")
+
+
+def _checked(x: ArrayLike, axis: int | Sequence[int] | None, where: ArrayLike | None):
     x = as_float_array(x, "x")
-    axis = normalize_axis(axis, x.ndim, "x")
-    return x, axis, check_class_mask(where, x.shape, axis)
+    axis = _normalized_axes(axis, x.ndim)
+    # A length-C mask lies along a single class axis; over several, NumPy's
+    # broadcasting (as jax.nn's).
+    mask_axis = axis if isinstance(axis, int) else x.ndim - 1
+    return x, axis, check_class_mask(where, x.shape, mask_axis)
 
 
 def log_softmax(
-    x: ArrayLike, axis: int = -1, where: ArrayLike | None = None
+    x: ArrayLike,
+    axis: int | Sequence[int] | None = -1,
+    where: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Log-softmax over the class axis: ``x - logsumexp(x)``.
 
@@ -42,7 +63,9 @@ def log_softmax(
 
     Args:
       x: floating array of logits.
-      axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
+      axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout),
+        or, as in ``jax.nn.log_softmax``, a tuple of axes normalised over
+        together (``None``: all of them).
       where: optional boolean mask of the classes to include, broadcast to
         ``x`` (a length-C mask lies along ``axis``), as in
         ``jax.nn.log_softmax``: excluded classes leave the sum and their
@@ -53,7 +76,8 @@ def log_softmax(
 
     Raises:
       TypeError: if ``x`` is not floating or ``where`` not boolean.
-      ValueError: if ``axis`` is out of range or ``where`` does not broadcast.
+      ValueError: if an axis is out of range or repeated, or ``where`` does not
+        broadcast.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -67,7 +91,11 @@ def log_softmax(
     return _log_softmax(*_checked(x, axis, where))
 
 
-def softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
+def softmax(
+    x: ArrayLike,
+    axis: int | Sequence[int] | None = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
     r"""Softmax over the class axis: ``exp(x_c) / Σ_k exp(x_k)``.
 
     Computed stably (maximum subtracted) with float32 accumulation for
@@ -75,7 +103,8 @@ def softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax
 
     Args:
       x: floating array of logits.
-      axis: the class axis.
+      axis: the class axis, or a tuple of axes normalised over together
+        (``None``: all of them), as in ``jax.nn.softmax``.
       where: optional boolean mask of the classes to include, broadcast to
         ``x`` (a length-C mask lies along ``axis``), as in ``jax.nn.softmax``:
         excluded classes leave the sum and their output is 0.
@@ -86,7 +115,8 @@ def softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax
 
     Raises:
       TypeError: if ``x`` is not floating or ``where`` not boolean.
-      ValueError: if ``axis`` is out of range or ``where`` does not broadcast.
+      ValueError: if an axis is out of range or repeated, or ``where`` does not
+        broadcast.
 
     Examples:
       >>> import jax.numpy as jnp

@@ -362,6 +362,61 @@ def test_softmax_where_excludes_classes(axis, dtype, kind):
     np.testing.assert_allclose(tangent, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("axis", [(0, 2), (-1, 1), [2, 0], None])
+def test_softmax_over_several_axes(axis, dtype):
+    """A tuple of axes (or None: all), as ``jax.nn.log_softmax`` and
+    ``jax.nn.softmax`` take them (jxent's raised a TypeError): one
+    distribution over those axes together, with a per-element ``where``.
+    Values and gradients (both modes) against float64 formulas; bfloat16
+    within an ulp-scale tolerance of them (float32 accumulation)."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(scale=3.0, size=(3, 4, 5)), dtype)
+    axes = tuple(range(3)) if axis is None else tuple(a % 3 for a in axis)
+    mask = rng.random(x.shape) < 0.7
+    kept = [a for a in range(3) if a not in axes]
+    # The axes moved last and flattened: one class axis.
+    flat = lambda a: np.transpose(a, kept + list(axes)).reshape(
+        *(a.shape[k] for k in kept), -1
+    )
+    unflat = lambda a: np.transpose(
+        a.reshape(*(x.shape[k] for k in kept), *(x.shape[k] for k in axes)),
+        np.argsort(kept + list(axes)),
+    )
+    tol = 1e-6 if dtype == "float32" else 1e-2
+    for where in (None, mask):
+        full = np.ones(x.shape, bool) if where is None else where
+        want = unflat(_masked_log_softmax64(flat(np.asarray(x)), flat(full), -1))
+        got = jxent.log_softmax(x, axis=axis, where=where)
+        assert got.dtype == x.dtype
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64), want, rtol=tol, atol=tol
+        )
+        probs = jxent.softmax(x, axis=axis, where=where)
+        np.testing.assert_allclose(np.asarray(probs, np.float64), np.exp(want),
+                                   rtol=tol, atol=tol)  # fmt: skip
+    if dtype != "float32":
+        return
+    c = rng.normal(size=x.shape)
+    p = np.exp(want)
+    expected = p * (c - (p * c).sum(axes, keepdims=True))
+    soft = lambda x: jxent.softmax(x, axis=axis, where=mask)
+    np.testing.assert_allclose(
+        jax.grad(lambda x: jnp.sum(c * soft(x)))(x), expected, rtol=1e-5, atol=1e-6
+    )
+    tangent = jax.jvp(soft, (x,), (jnp.asarray(c, x.dtype),))[1]
+    np.testing.assert_allclose(tangent, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_axes_must_be_distinct_and_in_range():
+    x = jnp.zeros((2, 3))
+    for axis, error in (((0, 0), ValueError), ((), ValueError), ((0, 2), ValueError),
+                        ((0, 1.0), TypeError), ("0", TypeError)):  # fmt: skip
+        for fn in (jxent.log_softmax, jxent.softmax):
+            with pytest.raises(error, match="`axis`"):
+                fn(x, axis=axis)
+
+
 def test_softmax_where_must_be_boolean_and_broadcast():
     x = jnp.zeros((2, 3))
     with pytest.raises(TypeError, match="`where` must be a boolean"):

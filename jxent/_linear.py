@@ -571,7 +571,8 @@ def _dx_from_float32_blocks(d_in, w, block: int):
 
 
 def _dw_column_ranges(vocab: int, passes: int) -> list[tuple[int, int]]:
-    """``passes`` contiguous column ranges of ``dw`` (one per pass)."""
+    """``passes`` contiguous column ranges of ``dw`` (one per pass), none empty."""
+    passes = max(1, min(passes, vocab))
     return [(vocab * i // passes, vocab * (i + 1) // passes) for i in range(passes)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 
 import jax
@@ -908,6 +909,19 @@ def test_two_dw_passes_at_the_16_bit_heads_whose_dw_would_not_fit():
     assert _dw_passes(1024, 131072, jnp.bfloat16) == 2
     assert _dw_passes(2304, 256000, jnp.float16) == 2
     assert _dw_passes(2304, 256000, jnp.float32) == 1
+
+
+@pytest.mark.parametrize(("vocab", "passes"), [(1, 2), (2, 2), (3, 2), (7, 3), (2, 5)])
+def test_dw_column_ranges_cover_the_vocabulary_none_empty(vocab, passes):
+    """A pass per range, never an empty one (an empty range divided by its
+    size: ZeroDivisionError with V = 1 and two passes)."""
+    from jxent._linear import _dw_column_ranges
+
+    ranges = _dw_column_ranges(vocab, passes)
+    assert len(ranges) == min(vocab, passes)
+    assert ranges[0][0] == 0 and ranges[-1][1] == vocab
+    assert all(lo < hi for lo, hi in ranges)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous
 
 
 @pytest.mark.parametrize("matrix_units", [False, True], ids=["no-amx", "amx"])

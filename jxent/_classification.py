@@ -611,7 +611,7 @@ def cross_entropy(
       z_loss: coefficient ``>= 0`` of the auxiliary ``lse²`` term (traced; a
         traced negative value makes the loss and its gradients NaN).
       soft_cap: ``None`` or a finite cap ``> 0`` for ``cap · tanh(x / cap)`` (a traced
-        cap that is not > 0 makes the loss and its gradients NaN).
+        cap that is not finite and > 0 makes the loss and its gradients NaN).
       where: optional boolean class mask broadcastable to the logits (a 1-D
         mask of length C lies along ``axis``). A target on an excluded class
         gives NaN.

@@ -73,7 +73,7 @@ def take_target(x: jax.Array, target: jax.Array, axis: int) -> jax.Array:
 def capped_logits(logits: jax.Array, soft_cap: jax.Array | None) -> jax.Array:
     """Logits in the accumulation dtype, soft-capped: ``c · tanh(x / c)``.
 
-    A traced cap that is not > 0 (refused when concrete; ``c · tanh(x / c)``
+    A traced cap that is not finite and > 0 (refused when concrete; ``c · tanh(x / c)``
     is even in ``c``, so a negative one would pass as its absolute value)
     makes every capped logit NaN, with NaN derivatives w.r.t. the logits and
     the cap (``poison``).

@@ -2248,7 +2248,7 @@ def linear_cross_entropy(
         loss and its gradients NaN).
       z_loss: coefficient ``>= 0`` of ``lse²`` added per non-ignored token.
       soft_cap: ``None`` or a finite cap ``> 0``: logits become ``cap·tanh(z/cap)`` (a
-        traced cap that is not > 0 makes the loss and its gradients NaN).
+        traced cap that is not finite and > 0 makes the loss and its gradients NaN).
       where: optional boolean mask broadcastable to ``(..., V)``; excluded
         classes take no part in the softmax or the smoothing.
       chunk_size: tokens per chunk. Default (None): the largest power of two

@@ -484,7 +484,7 @@ def linear_log_probs(
       bias: optional length-V bias.
       temperature: ``T > 0`` (traced: changing it does not recompile).
       soft_cap: ``None`` or a finite cap ``> 0``, applied before the temperature (a
-        traced cap that is not > 0 makes the results and gradients NaN).
+        traced cap that is not finite and > 0 makes the results and gradients NaN).
       where: optional boolean mask broadcastable to ``(..., V)``: False
         excludes a class. A target on an excluded class gives NaN.
       ignore_index: target value whose positions give 0.

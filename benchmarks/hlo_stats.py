@@ -21,7 +21,10 @@ instruction:
 A while loop's body counts times its trip count (the
 ``known_trip_count`` the GPU compiler records, else the constant that the
 condition compares the counter with, from 0 in steps of 1; XLA's own
-``cost_analysis`` counts a body once). A conditional counts its cheapest
+``cost_analysis`` counts a body once). A loop whose condition is a carried
+boolean is jxent's in-place redo (at most one trip, when a check failed, as
+a conditional's fallback): it counts no trip, its body goes to
+``worst_traffic``. A conditional counts its cheapest
 branch, the one with the least traffic (on a tie, the fewest collectives:
 on sharded logits neither branch may move a large array): in these programs
 every conditional is a check with a fallback (jxent's "a logit overflowed,
@@ -240,6 +243,8 @@ def trip_count(instruction: Instruction, computations: dict) -> int:
     if known:
         return int(known.group(1))
     condition = computations[called(instruction, "condition")[0]]
+    if is_redo(instruction, computations):
+        return 0
     root = operands_of = condition.root
     if root.opcode == "fusion":  # the compare wrapped in a fusion (the CPU's)
         root = computations[called(root, "calls")[0]].root
@@ -262,6 +267,17 @@ def trip_count(instruction: Instruction, computations: dict) -> int:
     if op not in ("LT", "LE", "NE"):
         raise ValueError(f"loop condition {op} in {condition.name}")
     return bound + 1 if op == "LE" else bound
+
+
+def is_redo(instruction: Instruction, computations: dict) -> bool:
+    """Whether a while loop runs while a boolean of its carry says so.
+
+    jxent's ``_redone_if``: a loop of at most one trip that recomputes a
+    large carried array in place when a check failed.
+    """
+    condition = computations[called(instruction, "condition")[0]]
+    root = condition.root
+    return root.opcode == "get-tuple-element" and root.type.startswith("pred[]")
 
 
 def _constant(instruction: Instruction) -> int | None:
@@ -454,8 +470,11 @@ def computation_stats(name: str, computations: dict, threshold: float) -> Stats:
         if op == "while":
             trips = trip_count(instruction, computations)
             body = called(instruction, "body")[0]
-            stats.add(computation_stats(body, computations, threshold), trips)
+            body_stats = computation_stats(body, computations, threshold)
+            stats.add(body_stats, trips)
             stats.loops.append(trips)
+            if is_redo(instruction, computations):
+                stats.worst_traffic += body_stats.worst_traffic
         elif op == "conditional":
             branches = called(instruction, "branch_computations") or (
                 called(instruction, "true_computation")

@@ -163,6 +163,7 @@ def hard_target_loss(
     with_z_loss: bool,
     shards: ClassShards = UNSHARDED,
     poison_inputs: bool = False,
+    keep_exps: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-position cross-entropy for integer targets, before the reduction.
 
@@ -171,6 +172,9 @@ def hard_target_loss(
     weight of the mean's denominator, all in the accumulation dtype. With
     ``poison_inputs`` (for a sum or mean over the positions), any bad target
     or option makes every derivative w.r.t. every floating input NaN.
+    ``keep_exps``: let the CPU's derivatives reuse the forward's
+    exponentials (see ``cross_entropy_stats``); not for a tile of a larger
+    loop, which would hold them.
     """
     dtype = compute_dtype(logits.dtype)
     num_classes = shards.num_classes(logits.shape[axis])
@@ -185,9 +189,9 @@ def hard_target_loss(
     unsmoothed = None
     if smoothing and weight is not None:
         unsmoothed = jnp.asarray(label_smoothing) == 0
-    lse, nll, smooth, _, _ = cross_entropy_stats(
+    lse, nll, smooth, *_ = cross_entropy_stats(
         logits, terms.safe_target, terms.valid, weight, where, soft_cap, unsmoothed,
-        axis, smoothing, shards,
+        axis, smoothing, shards, keep_exps,
     )  # fmt: skip
     loss = _loss_from_stats(
         lse, nll, smooth, terms, label_smoothing, z_loss,
@@ -397,6 +401,7 @@ def _hard_cross_entropy(
         logits, target, weight, label_smoothing, z_loss, soft_cap, where,
         ignore_index=ignore_index, axis=axis, smoothing=smoothing,
         with_z_loss=with_z_loss, shards=shards, poison_inputs=reduction != "none",
+        keep_exps=True,
     )  # fmt: skip
     loss = _reduce_hard(loss, target_weight, reduction, logits.dtype, batch_axes)
     return (loss, lse) if return_lse else loss

@@ -18,7 +18,10 @@ passes over the logits stay few:
   so that reverse mode (its transpose) is one fused elementwise pass that
   recomputes the softmax from the saved logsumexp (nothing of logits size is
   saved) with the one-hot target term as arithmetic in the same pass; forward
-  mode and higher orders use the same rule.
+  mode and higher orders use the same rule. On the CPU, where an ``exp``
+  costs more than a pass over memory, float32 and float64 logits without a
+  soft cap keep the forward's exponentials instead, and the pass rescales
+  them (``_keeps_exps``).
 """
 
 from __future__ import annotations
@@ -222,7 +225,7 @@ def on_cpu(cpu: Callable[[], T], other: Callable[[], T]) -> T:
     return lax.platform_dependent(cpu=cpu, default=other)
 
 
-def _sum_exp_shifted(make_x, shift, axis, shape, partitioned):
+def _sum_exp_shifted(make_x, shift, axis, shape, partitioned, keep=False):
     """``Σ exp(x - shift)`` over ``axis`` (``shift`` has the kept axis).
 
     Short, wide rows are cut into more, shorter rows on the CPU, unless the
@@ -233,11 +236,16 @@ def _sum_exp_shifted(make_x, shift, axis, shape, partitioned):
     given (the reshape happens on the raw logits, behind a barrier, so that
     XLA reduces a genuinely 2-D array: fused into the reduction, the split is
     lost again).
+
+    With ``keep``, the pair ``(sum, exp(x - shift))``, the exponentials in
+    the logits' shape.
     """
     split = _row_split(math.prod(shape) // max(shape[axis], 1), shape[axis])
 
     def whole_rows():
-        return jnp.sum(jnp.exp(make_x() - shift), axis=axis)
+        e = jnp.exp(make_x() - shift)
+        total = jnp.sum(e, axis=axis)
+        return (total, e) if keep else total
 
     if axis != len(shape) - 1 or split == 1 or partitioned:
         return whole_rows()
@@ -245,10 +253,23 @@ def _sum_exp_shifted(make_x, shift, axis, shape, partitioned):
     def split_rows():
         rows = make_x((-1, shape[-1] // split))
         row_shift = jnp.repeat(shift.reshape(-1), split).reshape(-1, 1)
-        partial_sums = jnp.sum(jnp.exp(rows - row_shift), axis=-1)
-        return jnp.sum(partial_sums.reshape(*shape[:-1], split), axis=-1)
+        e = jnp.exp(rows - row_shift)
+        partial_sums = jnp.sum(e, axis=-1)
+        total = jnp.sum(partial_sums.reshape(*shape[:-1], split), axis=-1)
+        return (total, e.reshape(shape)) if keep else total
 
     return on_cpu(split_rows, whole_rows)
+
+
+def _redone_if(todo: jax.Array, value: jax.Array, redo: Callable[[], jax.Array]):
+    """``redo()`` where the scalar ``todo`` is True, else ``value``.
+
+    A while loop of at most one trip, not a ``lax.cond``: XLA copies a large
+    operand that a conditional passes through unchanged, but updates a loop's
+    carry in place.
+    """
+    done = jnp.zeros((), bool)
+    return lax.while_loop(lambda c: c[1], lambda c: (redo(), done), (value, todo))[0]
 
 
 def _scaled_log(weight_sum, log_sum):
@@ -263,8 +284,9 @@ def _row_max(x, axis, shards):
 
 
 def _shift_and_log_sum(
-    make_x, make_x_again, x_target, axis, shards, shape, partitioned, extra=None
-):
+    make_x, make_x_again, x_target, axis, shards, shape, partitioned, extra=None,
+    keep=False,
+):  # fmt: skip
     """A per-position shift ``s`` and ``log Σ_c exp(x_c - s)`` (sum: the lse).
 
     The shift is the target's logit, which saves the pass that finds the row
@@ -280,9 +302,14 @@ def _shift_and_log_sum(
     value and whether each position trusts it, ``fallback(s, log_sum)`` the
     value computed the slow way. One check (one all-reduce on a sharded batch)
     then decides both, and ``(s, log_sum, value)`` is returned.
+
+    ``keep``: also return ``exp(x - s)`` (last), the first pass's
+    exponentials, recomputed in place when the batch was redone.
     """
     shift = jnp.expand_dims(x_target, axis)
-    sum_exp = _sum_exp_shifted(make_x, shift, axis, shape, partitioned)
+    sum_exp = _sum_exp_shifted(make_x, shift, axis, shape, partitioned, keep)
+    if keep:
+        sum_exp, exps = sum_exp
     log_sum = jnp.log(shards.sum(sum_exp))
 
     def with_row_max():
@@ -299,7 +326,18 @@ def _shift_and_log_sum(
         value, trusted = extra[0](x_target, log_sum)
         checked = jnp.where(trusted, log_sum, jnp.inf)
         fast = (*fast, value)
-    return lax.cond(jnp.isfinite(jnp.sum(checked)), lambda: fast, with_row_max)
+    stats = lax.cond(jnp.isfinite(jnp.sum(checked)), lambda: fast, with_row_max)
+    if not keep:
+        return stats
+    s = jnp.expand_dims(stats[0], axis)
+    # Rows whose shift is still the target's logit keep their exponentials
+    # (NaN != NaN: a row of NaN logits is redone).
+    exps = _redone_if(
+        jnp.any(stats[0] != x_target),
+        exps,
+        lambda: jnp.exp(make_x_again(shield=True) - s),
+    )
+    return (*stats, exps)
 
 
 def _fast_smoothing(
@@ -377,6 +415,33 @@ def _bfloat16_class_dot(logits: jax.Array, w: jax.Array, axis: int) -> jax.Array
         preferred_element_type=w.dtype,
     )
     return jnp.sum(by_part, axis=-1)
+
+
+# None: chosen by the default backend (``_keeps_exps``). Tests set it.
+_KEEP_EXPS: bool | None = None
+
+
+def _keeps_exps(logits: jax.Array, soft_cap, shards: ClassShards) -> bool:
+    """Whether the CPU's forward keeps ``exp(x - shift)`` for the derivatives.
+
+    On the CPU an ``exp`` costs more than a pass over memory: the gradient
+    then reads the forward's exponentials (one logits-sized array held
+    between the passes, as optax's logsumexp holds) instead of recomputing
+    them, 0.75-0.95x optax's value_and_grad time instead of 1.0-1.4x at
+    float32 (``benchmarks/bench_cross_entropy.py``). Only for float32 and
+    float64 logits without a soft cap, with every class on this device, and
+    in a process whose default backend is the CPU (programs lowered from it
+    for another platform do not read them there; compiled together with the
+    derivatives, the placeholder costs nothing). 16-bit logits keep the
+    recomputation: their float32 exponentials would double the traffic.
+    """
+    if _ONE_PASS or soft_cap is not None or shards.sharded:
+        return False
+    if logits.dtype not in (jnp.float32, jnp.float64) or _partitioned_by_xla(logits):
+        return False
+    if _KEEP_EXPS is not None:
+        return _KEEP_EXPS
+    return jax.default_backend() == "cpu"
 
 
 # None: chosen by platform and size (below). Tests set it.
@@ -474,8 +539,9 @@ def _shield(x: jax.Array, tag: int) -> jax.Array:
 
 
 def _forward(
-    logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards
-):
+    logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards,
+    keep=False,
+):  # fmt: skip
     def transformed(source, rows=None):
         mask = class_mask
         if rows is not None:
@@ -519,28 +585,43 @@ def _forward(
             transformed, again, x_target,
         )  # fmt: skip
 
-    if _ONE_PASS is not None:
-        return one_pass() if _ONE_PASS else shifted()
-    if not _one_pass_off_cpu(logits.size, smoothing):
-        return shifted()
-    if _partitioned_by_xla(logits):
-        # The TPU's partitioner splits a variadic reduction over a sharded
-        # class axis with an all-gather per operand (four with smoothing):
-        # there sharded logits take the shifted sums' all-reduces.
-        return lax.platform_dependent(cpu=shifted, tpu=shifted, default=one_pass)
-    return on_cpu(shifted, one_pass)
+    def elsewhere():
+        if _ONE_PASS is not None:
+            return one_pass() if _ONE_PASS else shifted()
+        if not _one_pass_off_cpu(logits.size, smoothing):
+            return shifted()
+        if _partitioned_by_xla(logits):
+            # The TPU's partitioner splits a variadic reduction over a sharded
+            # class axis with an all-gather per operand (four with smoothing):
+            # there sharded logits take the shifted sums' all-reduces.
+            return lax.platform_dependent(cpu=shifted, tpu=shifted, default=one_pass)
+        return on_cpu(shifted, one_pass)
+
+    if not keep:
+        return elsewhere()
+
+    def kept():
+        return _shifted_stats(
+            logits, class_weight, class_mask, soft_cap, axis, smoothing, shards,
+            transformed, again, x_target, keep=True,
+        )  # fmt: skip
+
+    # Elsewhere the derivatives do not read the placeholder (the logits):
+    # compiled in one program with them, it costs nothing.
+    return on_cpu(kept, lambda: (*elsewhere(), logits))
 
 
 def _shifted_stats(
     logits, class_weight, class_mask, soft_cap, axis, smoothing, shards,
-    transformed, again, x_target,
+    transformed, again, x_target, keep=False,
 ):  # fmt: skip
     """The forward's statistics from shifted sums (the CPU's path).
 
     With smoothing and no class mask, the overflow check and the fast
     smoothing sum's check are one (one all-reduce on a sharded batch): a
     batch that fails either is redone with the row maximum and the exact
-    smoothing sum.
+    smoothing sum. ``keep``: ``exp(x - shift)`` is appended to the five
+    statistics.
     """
     shape = jax.ShapeDtypeStruct(logits.shape, compute_dtype(logits.dtype))
     num_classes = logits.shape[axis]
@@ -565,7 +646,7 @@ def _shifted_stats(
                 class_weight=class_weight, total_weight=total_weight, shards=shards,
             )  # fmt: skip
             extra = (fast, exact)
-    shift, log_sum, *smooth = _shift_and_log_sum(
+    shift, log_sum, *rest = _shift_and_log_sum(
         lambda rows=None: transformed(logits, rows),
         again,
         x_target,
@@ -574,19 +655,23 @@ def _shifted_stats(
         logits.shape,
         _partitioned_by_xla(logits),
         extra,
+        keep,
     )
+    exps = (rest.pop(),) if keep else ()
     lse = shift + log_sum
     # (s - x_t) + log Σ exp(x - s) keeps the digits that lse - x_t would lose
     # to rounding when the logits are large.
     nll = (shift - x_target) + log_sum
     if not smoothing:
-        return lse, nll, jnp.zeros_like(lse), shift, log_sum
-    if class_mask is not None:
-        return lse, nll, exact(shift, log_sum), shift, log_sum
-    return lse, nll, smooth[0], shift, log_sum
+        smooth = jnp.zeros_like(lse)
+    elif class_mask is not None:
+        smooth = exact(shift, log_sum)
+    else:
+        smooth = rest[0]
+    return lse, nll, smooth, shift, log_sum, *exps
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8, 9))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7, 8, 9, 10))
 def cross_entropy_stats(
     logits: jax.Array,
     target: jax.Array,
@@ -598,7 +683,8 @@ def cross_entropy_stats(
     axis: int,
     smoothing: bool,
     shards: ClassShards = UNSHARDED,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    keep_exps: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Per-position statistics of the logits needed by cross-entropy.
 
     With ``x = soft_cap · tanh(logits / soft_cap)`` (or the logits) and
@@ -627,15 +713,20 @@ def cross_entropy_stats(
       shards: how the class axis is split across devices (inside shard_map):
         ``logits``, ``class_weight`` and ``class_mask`` are then this device's
         slice, ``target`` holds global indices.
+      keep_exps: whether the derivatives may reuse the forward's
+        exponentials where that pays (``_keeps_exps``).
 
     Returns:
-      ``(lse, nll, s, shift, log_sum)`` in the accumulation dtype, each of the
-      target's shape: ``lse = log Σ_c exp(x_c)``, ``nll = lse - x[target]``,
-      ``s = Σ_c w_c (lse - x_c)`` over included classes, and the forward's
-      own split of ``lse = shift + log_sum`` (``shift`` the target's logit
-      or the row maximum, ``log_sum = log Σ_c exp(x_c - shift)``), kept
-      unrounded for the derivatives (tangents: 0 and ``dlse``; not for the
-      loss).
+      ``(lse, nll, s, shift, log_sum, exps)`` in the accumulation dtype, the
+      first five of the target's shape: ``lse = log Σ_c exp(x_c)``,
+      ``nll = lse - x[target]``, ``s = Σ_c w_c (lse - x_c)`` over included
+      classes, and the forward's own split of ``lse = shift + log_sum``
+      (``shift`` the target's logit or the row maximum,
+      ``log_sum = log Σ_c exp(x_c - shift)``), kept unrounded for the
+      derivatives (tangents: 0 and ``dlse``; not for the loss). ``exps`` is
+      None, or on the CPU (see ``_keeps_exps``) the logits-shaped
+      ``exp(x - shift)`` (tangent ``exp(x - shift) dx``), for the
+      derivatives only.
 
     Derivatives (any order, forward and reverse mode) come from a
     ``jax.custom_jvp`` whose tangent map is linear in the tangents of the
@@ -644,14 +735,18 @@ def cross_entropy_stats(
     ``ds = (Σ_c w_c) dlse - Σ_c w_c dx_c + Σ_c dw_c (lse - x_c)``. Reverse mode
     transposes it into one fused elementwise pass that writes the gradient;
     the map is rematerialised (``jax.checkpoint``), so nothing of logits size
-    is saved between the passes: only the logits and the O(N) statistics
-    (``p`` is formed as ``exp((x - shift) - log_sum)``, which keeps the
-    digits that a rounded large ``lse`` or ``nll`` would lose: a row whose
-    top classes tie far above its target still gets ``p = 1/k`` for them).
+    is saved between the passes but the CPU's ``exps``: only the logits and
+    the O(N) statistics (``p`` is formed as ``exp((x - shift) - log_sum)``,
+    or ``exps · exp(-log_sum)``, which keeps the digits that a rounded large
+    ``lse`` or ``nll`` would lose: a row whose top classes tie far above its
+    target still gets ``p = 1/k`` for them).
     """
-    return _forward(
-        logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards
-    )
+    keep = keep_exps and _keeps_exps(logits, soft_cap, shards)
+    stats = _forward(
+        logits, target, class_weight, class_mask, soft_cap, axis, smoothing, shards,
+        keep,
+    )  # fmt: skip
+    return (*stats, None) if not keep else stats
 
 
 def _one_hot(target: jax.Array, shape: tuple[int, ...], axis: int, dtype) -> jax.Array:
@@ -670,12 +765,14 @@ def _one_hot(target: jax.Array, shape: tuple[int, ...], axis: int, dtype) -> jax
 def _tangent_map(
     logits, target, live, class_weight, class_mask, soft_cap, lse,
     t_logits, t_weight, t_cap, *, axis, smoothing, shards, total_weight=None,
-    reference=None, unsmoothed=None,
+    reference=None, unsmoothed=None, exps=None,
 ):  # fmt: skip
     """The tangents ``(dlse, dnll, ds)`` (see ``cross_entropy_stats``).
 
     ``reference``: the forward's ``(shift, log_sum)``, from which ``p`` is
     formed; without it (a caller holding only ``lse``), from ``lse``.
+    ``exps``: with ``reference``, the forward's ``exp(x - shift)`` (no soft
+    cap), which the CPU's ``p`` rescales instead of recomputing.
 
     ``total_weight`` (``Σ_c w_c`` over included classes) is computed from
     the class weights and mask when not given (a caller holding only a block
@@ -731,7 +828,19 @@ def _tangent_map(
     zeros = jnp.zeros_like(lse, dtype=dtype)  # keeps the varying mesh axes
     t_lse = t_nll = t_smooth = zeros
     if t_x is not None:
-        p = jnp.exp((x - expand(ref)) - expand(rel))
+
+        def recomputed():
+            return jnp.exp((x - expand(ref)) - expand(rel))
+
+        def rescaled():
+            # exp(x - shift) · exp((shift - ref) - rel): usable rows scale by
+            # exp(-log_sum), live ones with non-finite statistics by
+            # exp(shift - lse) (NaN where the recomputation has NaN), and
+            # ignored non-finite rows take the recomputation's 1.
+            factor = jnp.exp((reference[0] - ref) - rel)
+            return jnp.where(expand(dead), 1.0, exps * expand(factor))
+
+        p = recomputed() if exps is None else on_cpu(rescaled, recomputed)
         local_target, here = shards.localise(target, logits.shape[axis])
         one_hot = _one_hot(local_target, x.shape, axis, dtype)
         if shards.sharded:
@@ -767,13 +876,14 @@ def _nonzero(tangent):
 
 
 @functools.partial(cross_entropy_stats.defjvp, symbolic_zeros=True)
-def _cross_entropy_stats_jvp(axis, smoothing, shards, primals, tangents):
-    out = cross_entropy_stats(*primals, axis, smoothing, shards)
+def _cross_entropy_stats_jvp(axis, smoothing, shards, keep_exps, primals, tangents):
+    out = cross_entropy_stats(*primals, axis, smoothing, shards, keep_exps)
     *primals, unsmoothed = primals
+    exps = out[5]
     t_logits, _, _, t_weight, _, t_cap, _ = map(_nonzero, tangents)
     if not smoothing:
         t_weight = None
-    no_tangents = tuple(jnp.zeros_like(o) for o in out)
+    no_tangents = tuple(None if o is None else jnp.zeros_like(o) for o in out)
     if t_logits is None and t_weight is None and t_cap is None:
         return out, no_tangents
     tangent_map = jax.checkpoint(
@@ -781,9 +891,17 @@ def _cross_entropy_stats_jvp(axis, smoothing, shards, primals, tangents):
         prevent_cse=False,
     )
     tangents = tangent_map(
-        *primals, out[0], t_logits, t_weight, t_cap, reference=out[3:],
-        unsmoothed=unsmoothed,
+        *primals, out[0], t_logits, t_weight, t_cap, reference=out[3:5],
+        unsmoothed=unsmoothed, exps=exps,
     )  # fmt: skip
     # lse = shift + log_sum: the shift held fixed, log_sum moves with lse (so
-    # the derivatives of the tangent map itself, higher orders, are right).
-    return out, (*tangents, no_tangents[3], tangents[0])
+    # the derivatives of the tangent map itself, higher orders, are right),
+    # and exps = exp(x - shift) with x (there is no soft cap).
+    t_exps = no_tangents[5]
+    if exps is not None and t_logits is not None:
+        class_mask = primals[4]
+        t_x = t_logits.astype(exps.dtype)
+        if class_mask is not None:
+            t_x = jnp.where(class_mask, t_x, 0.0)
+        t_exps = exps * t_x
+    return out, (*tangents, no_tangents[3], tangents[0], t_exps)

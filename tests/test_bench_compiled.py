@@ -150,6 +150,47 @@ def test_bound_on_the_left_and_le():
     assert hlo_stats.program_stats(text, THRESHOLD).loops == [7]
 
 
+REDO = """
+HloModule m, is_scheduled=true
+
+%fused_exp (p0: f32[1024,1024]) -> f32[1024,1024] {
+  %p0 = f32[1024,1024]{1,0} parameter(0)
+  ROOT %e = f32[1024,1024]{1,0} exponential(%p0)
+}
+
+%body (arg: (f32[1024,1024], pred[], f32[1024,1024])) -> (f32[1024,1024], pred[], f32[1024,1024]) {
+  %arg = (f32[1024,1024]{1,0}, pred[], f32[1024,1024]{1,0}) parameter(0)
+  %x = f32[1024,1024]{1,0} get-tuple-element(%arg), index=2
+  %e = f32[1024,1024]{1,0} fusion(%x), kind=kLoop, calls=%fused_exp
+  %done = pred[] constant(false)
+  ROOT %t = (f32[1024,1024]{1,0}, pred[], f32[1024,1024]{1,0}) tuple(%e, %done, %x)
+}
+
+%cond (arg: (f32[1024,1024], pred[], f32[1024,1024])) -> pred[] {
+  %arg = (f32[1024,1024]{1,0}, pred[], f32[1024,1024]{1,0}) parameter(0)
+  ROOT %todo = pred[] get-tuple-element(%arg), index=1
+}
+
+ENTRY %main (kept: f32[1024,1024], todo: pred[], x: f32[1024,1024]) -> f32[1024,1024] {
+  %kept = f32[1024,1024]{1,0} parameter(0)
+  %todo = pred[] parameter(1)
+  %x = f32[1024,1024]{1,0} parameter(2)
+  %init = (f32[1024,1024]{1,0}, pred[], f32[1024,1024]{1,0}) tuple(%kept, %todo, %x)
+  %w = (f32[1024,1024]{1,0}, pred[], f32[1024,1024]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[1024,1024]{1,0} get-tuple-element(%w), index=0
+}
+"""  # noqa: E501
+
+
+def test_redo_loop_is_a_fallback():
+    """A loop on a carried flag (jxent's in-place redo) runs no trip."""
+    stats = hlo_stats.program_stats(REDO, THRESHOLD)
+    assert stats.loops == [0]
+    assert stats.traffic == 0
+    # Redone, the exp fusion would read and write 4 MiB each.
+    assert stats.worst_traffic == 8 * MiB
+
+
 def test_fallback_branch_is_not_counted_and_gathers_read_what_they_pick():
     stats = hlo_stats.program_stats(CONDITIONAL, THRESHOLD)
     # The gather fusion reads 1024 picked floats (not the 4 MiB logits, though

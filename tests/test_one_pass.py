@@ -102,3 +102,82 @@ def test_one_pass_with_classes_on_axis_one():
     got, got_grad = _on_path(True, jax.value_and_grad(loss), logits)
     np.testing.assert_allclose(got, want, rtol=2e-6)
     np.testing.assert_allclose(got_grad, want_grad, rtol=2e-6, atol=1e-7)
+
+
+# --- the CPU's kept exponentials ----------------------------------------------
+# On the CPU, float32 and float64 logits without a soft cap keep the forward's
+# exp(x - shift) for the gradient (``kernels._keeps_exps``); the recomputing
+# path is the one other platforms compile. Both against each other here, and
+# each against torch elsewhere (the oracle grid runs the default path).
+
+NON_FINITE = jnp.asarray(
+    [
+        [1.0, jnp.nan, 0.0, 2.0, -1.0],  # NaN logit
+        [jnp.inf, 1.0, 0.0, 2.0, -1.0],  # +inf logit
+        [-jnp.inf] * 5,  # every class impossible
+        [200.0, 0.0, 1.0, -3.0, 2.0],  # a logit 200 above the target's
+        [1.0, 2.0, 3.0, 4.0, 5.0],
+        [jnp.nan, 0.0, jnp.inf, 1.0, 2.0],  # ignored: dead row
+    ],
+    jnp.float32,
+)
+KEPT_CASES = {
+    **{k: v for k, v in CASES.items() if "soft_cap" not in v[1]},
+    "z_loss": (LOGITS, {"z_loss": 1e-3}),
+    "non-finite": (NON_FINITE, {}),
+    "non-finite+smoothing": (NON_FINITE, {"weight": WEIGHT, "label_smoothing": 0.1}),
+}
+
+
+def _kept(keep: bool, fn, *args):
+    """``jax.jit(fn)(*args)`` traced with or without the kept exponentials."""
+    kernels._KEEP_EXPS = keep
+    jax.clear_caches()
+    try:
+        return jax.jit(fn)(*args)
+    finally:
+        kernels._KEEP_EXPS = None
+        jax.clear_caches()
+
+
+def _tangent_outputs(logits, options):
+    rng = np.random.default_rng(3)
+    tangent = jnp.asarray(rng.normal(size=logits.shape), logits.dtype)
+    out = {}
+    for reduction in ("none", "mean"):
+        loss = lambda x, r=reduction: jxent.cross_entropy(
+            x, TARGET, reduction=r, **options
+        )
+        out[reduction] = jax.jvp(loss, (logits,), (tangent,))[1]
+    return out
+
+
+@pytest.mark.parametrize("case", list(KEPT_CASES))
+def test_kept_exponentials_equal_recomputed(case):
+    logits, options = KEPT_CASES[case]
+    for fn in (_losses_and_grads, _tangent_outputs):
+        want = _kept(False, lambda x, f=fn: f(x, options), logits)
+        got = _kept(True, lambda x, f=fn: f(x, options), logits)
+        for got_leaf, want_leaf in zip(
+            jax.tree.leaves(got), jax.tree.leaves(want), strict=True
+        ):
+            got_leaf, want_leaf = np.asarray(got_leaf), np.asarray(want_leaf)
+            # A row with a +inf logit: NaN wherever the recomputation has one
+            # (and possibly more).
+            assert np.all(np.isnan(got_leaf)[np.isnan(want_leaf)]), case
+            both = np.isfinite(want_leaf)
+            assert np.all(np.isfinite(got_leaf)[both]), case
+            scale = np.abs(want_leaf[both]).max(initial=1.0)
+            np.testing.assert_allclose(
+                got_leaf[both], want_leaf[both], rtol=2e-6, atol=2e-6 * scale
+            )
+
+
+def test_kept_exponentials_only_where_they_pay():
+    """float32/float64 on the CPU without a soft cap; never 16-bit logits."""
+    x32 = jnp.zeros((2, 3), jnp.float32)
+    shards = kernels.UNSHARDED
+    assert kernels._keeps_exps(x32, None, shards) == (jax.default_backend() == "cpu")
+    assert not kernels._keeps_exps(x32, jnp.float32(5.0), shards)
+    assert not kernels._keeps_exps(x32.astype(jnp.bfloat16), None, shards)
+    assert not kernels._keeps_exps(x32.astype(jnp.float16), None, shards)

@@ -814,7 +814,7 @@ def test_checkpoint_and_scan():
 
 
 @functools.cache
-def _compiled_value_and_grad(n, c, dtype, smoothing):
+def _compiled_value_and_grad(n, c, dtype, smoothing, keep=None):
     x = jax.ShapeDtypeStruct((n, c), dtype)
     t = jax.ShapeDtypeStruct((n,), jnp.int32)
     w = jax.ShapeDtypeStruct((c,), jnp.float32)
@@ -822,14 +822,34 @@ def _compiled_value_and_grad(n, c, dtype, smoothing):
     def loss(x, t, w):
         return jxent.cross_entropy(x, t, w, label_smoothing=0.1 if smoothing else 0.0)
 
-    return jax.jit(jax.value_and_grad(loss)).lower(x, t, w).compile()
+    kernels._KEEP_EXPS = keep
+    jax.clear_caches()
+    try:
+        return jax.jit(jax.value_and_grad(loss)).lower(x, t, w).compile()
+    finally:
+        kernels._KEEP_EXPS = None
+        jax.clear_caches()
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "dtype,keep",
+    [(jnp.float32, False), (jnp.float32, True), (jnp.bfloat16, None)],
+    ids=["float32-recomputed", "float32-kept", "bfloat16"],
+)
 @pytest.mark.parametrize("smoothing", [False, True])
-def test_value_and_grad_has_no_logits_sized_temporary(dtype, smoothing):
-    """The custom_jvp's transposed tangent map fuses into the gradient's pass."""
+def test_value_and_grad_has_no_logits_sized_temporary(dtype, keep, smoothing):
+    """The custom_jvp's transposed tangent map fuses into the gradient's pass.
+
+    On the CPU's float32 path the gradient rescales the forward's kept
+    exponentials instead of recomputing them, and XLA writes it over them.
+    """
     n, c = 256, 4096
-    compiled = _compiled_value_and_grad(n, c, dtype, smoothing)
+    compiled = _compiled_value_and_grad(n, c, dtype, smoothing, keep)
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 0.05 * n * c * jnp.dtype(dtype).itemsize, temp
+    recomputed = [
+        line
+        for line in compiled.as_text().splitlines()
+        if f"f32[{n},{c}]{{1,0}} exponential(" in line and "transpose(" in line
+    ]
+    assert len(recomputed) == (0 if keep else 1), recomputed

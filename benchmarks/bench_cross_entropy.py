@@ -48,7 +48,7 @@ except ImportError:  # torch is optional: its columns are then left out.
     F = None
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL_SHAPES = ((8192, 1024), (2048, 32768), (512, 131072))
+FULL_SHAPES = ((4096, 1024), (8192, 1024), (2048, 32768), (512, 131072))
 QUICK_SHAPES = ((256, 512), (32, 8192))
 DTYPES = ("float32", "bfloat16")
 PASSES = ("fwd", "fwd+bwd")

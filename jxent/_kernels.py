@@ -316,8 +316,13 @@ def _shift_and_log_sum(
         m = _row_max(make_x_again(shield=True), axis, shards)
         sum_exp = _sum_exp_shifted(make_x_again, m, axis, shape, partitioned)
         log_sum = jnp.log(shards.sum(sum_exp))
-        m = jnp.squeeze(m, axis)
-        return (m, log_sum) if extra is None else (m, log_sum, extra[1](m, log_sum))
+        if extra is None:
+            return jnp.squeeze(m, axis), log_sum
+        # The smoothing sum gets the maximum (and the logits) through a barrier
+        # of its own: shared with the exp-sum, XLA stored the maximum broadcast
+        # to the logits' shape and the upcast logits.
+        shift = jnp.squeeze(m, axis)
+        return shift, log_sum, extra[1](shift, log_sum, row_max=m)
 
     # One sum instead of all(isfinite): it is finite iff every entry is (the
     # entries are at most ~88 + log C each).
@@ -365,16 +370,20 @@ def _fast_smoothing(
 
 def _exact_smoothing(
     make_x_again, shift, log_sum, *, class_weight, class_mask, total_weight, axis,
-    shards,
+    shards, row_max=None,
 ):  # fmt: skip
     """The smoothing sum term by term, from the row maximum (none negative).
 
     ``lse - max`` is formed as ``(shift - max) + log_sum``: the rounding of a
-    large ``lse`` costs no digits either.
+    large ``lse`` costs no digits either. ``row_max``: the maximum when the
+    caller has it (kept axis), else found here.
     """
-    x = make_x_again()
+    if row_max is None:
+        x = make_x_again()
+        m = _row_max(make_x_again(shield=True), axis, shards)
+    else:
+        x, m = make_x_again(tie=row_max)
     w = _smoothing_weights(class_weight, class_mask, x.ndim, axis, x.dtype)
-    m = _row_max(make_x_again(shield=True), axis, shards)
     gap = m - x
     if w is None:
         weighted_gap = shards.sum(jnp.sum(gap, axis=axis))
@@ -425,15 +434,18 @@ def _keeps_exps(logits: jax.Array, soft_cap, shards: ClassShards) -> bool:
     """Whether the CPU's forward keeps ``exp(x - shift)`` for the derivatives.
 
     On the CPU an ``exp`` costs more than a pass over memory: the gradient
-    then reads the forward's exponentials (one logits-sized array held
-    between the passes, as optax's logsumexp holds) instead of recomputing
-    them, 0.75-0.95x optax's value_and_grad time instead of 1.0-1.4x at
-    float32 (``benchmarks/bench_cross_entropy.py``). Only for float32 and
-    float64 logits without a soft cap, with every class on this device, and
-    in a process whose default backend is the CPU (programs lowered from it
-    for another platform do not read them there; compiled together with the
-    derivatives, the placeholder costs nothing). 16-bit logits keep the
-    recomputation: their float32 exponentials would double the traffic.
+    then rescales the forward's exponentials instead of recomputing them,
+    0.52-0.95x the float32 value_and_grad time of recomputing them
+    (``benchmarks/ab_revisions.py --base 163b51e``). XLA writes the gradient
+    over them; logits computed in the same program stay alive beside them
+    until the overflow check, as optax's logsumexp holds its own.
+
+    Only for float32 and float64 logits without a soft cap (16-bit logits
+    would double their traffic with float32 exponentials), with every class
+    on this device, and in a process whose default backend is the CPU: a
+    program lowered from it for another platform takes that platform's
+    recomputation and leaves the placeholder unread (free when compiled with
+    the derivatives; a backward compiled apart would receive it).
     """
     if _ONE_PASS or soft_cap is not None or shards.sharded:
         return False
@@ -561,7 +573,10 @@ def _forward(
         x_target = jnp.where(included, x_target, -jnp.inf)
     x_target = shards.pick(x_target, here)
 
-    def again(rows=None, shield=False):
+    def again(rows=None, shield=False, tie=None):
+        if tie is not None:  # the logits and ``tie`` through one barrier
+            source, tie = lax.optimization_barrier((shielded, tie))
+            return transformed(source, rows), tie
         return transformed(_shield(shielded, 2) if shield else shielded, rows)
 
     def one_pass():

@@ -426,8 +426,10 @@ def _bfloat16_class_dot(logits: jax.Array, w: jax.Array, axis: int) -> jax.Array
     return jnp.sum(by_part, axis=-1)
 
 
-# None: chosen by the default backend (``_keeps_exps``). Tests set it.
+# None: chosen by the default backend and the size (``_keeps_exps``). Tests
+# set it.
 _KEEP_EXPS: bool | None = None
+_KEEP_EXPS_MAX_BYTES = 1 << 28
 
 
 def _keeps_exps(logits: jax.Array, soft_cap, shards: ClassShards) -> bool:
@@ -438,7 +440,10 @@ def _keeps_exps(logits: jax.Array, soft_cap, shards: ClassShards) -> bool:
     0.52-0.95x the float32 value_and_grad time of recomputing them
     (``benchmarks/ab_revisions.py --base 163b51e``). XLA writes the gradient
     over them; logits computed in the same program stay alive beside them
-    until the overflow check, as optax's logsumexp holds its own.
+    until the overflow check, as optax's logsumexp holds its own. So only up
+    to 256 MiB of them: at (2048, 131072) float32 logits computed from
+    (2048, 1024) states, the program held 2 GiB instead of 1 and took 1.06x
+    the time (at (2048, 65536), 0.93x).
 
     Only for float32 and float64 logits without a soft cap (16-bit logits
     would double their traffic with float32 exponentials), with every class
@@ -453,7 +458,12 @@ def _keeps_exps(logits: jax.Array, soft_cap, shards: ClassShards) -> bool:
         return False
     if _KEEP_EXPS is not None:
         return _KEEP_EXPS
-    return jax.default_backend() == "cpu"
+    size = logits.size * logits.dtype.itemsize
+    return (
+        known_sizes(size)
+        and size <= _KEEP_EXPS_MAX_BYTES
+        and jax.default_backend() == "cpu"
+    )
 
 
 # None: chosen by platform and size (below). Tests set it.

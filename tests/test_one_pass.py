@@ -174,10 +174,19 @@ def test_kept_exponentials_equal_recomputed(case):
 
 
 def test_kept_exponentials_only_where_they_pay():
-    """float32/float64 on the CPU without a soft cap; never 16-bit logits."""
-    x32 = jnp.zeros((2, 3), jnp.float32)
+    """float32/float64 on the CPU without a soft cap, up to 256 MiB of them."""
     shards = kernels.UNSHARDED
-    assert kernels._keeps_exps(x32, None, shards) == (jax.default_backend() == "cpu")
-    assert not kernels._keeps_exps(x32, jnp.float32(5.0), shards)
-    assert not kernels._keeps_exps(x32.astype(jnp.bfloat16), None, shards)
-    assert not kernels._keeps_exps(x32.astype(jnp.float16), None, shards)
+    on_cpu = jax.default_backend() == "cpu"
+
+    def keeps(shape, dtype, soft_cap=None):
+        logits = jax.ShapeDtypeStruct(shape, dtype)
+        return kernels._keeps_exps(logits, soft_cap, shards)
+
+    assert keeps((2, 3), jnp.float32) == on_cpu
+    assert keeps((2048, 32768), jnp.float32) == on_cpu  # 256 MiB
+    assert not keeps((2048, 32768 + 1), jnp.float32)
+    assert keeps((1024, 32768), jnp.float64) == on_cpu
+    assert not keeps((2048, 32768), jnp.float64)
+    assert not keeps((2, 3), jnp.float32, jnp.float32(5.0))
+    assert not keeps((2, 3), jnp.bfloat16)
+    assert not keeps((2, 3), jnp.float16)

@@ -320,9 +320,12 @@ def _shift_and_log_sum(
             return jnp.squeeze(m, axis), log_sum
         # The smoothing sum gets the maximum (and the logits) through a barrier
         # of its own: shared with the exp-sum, XLA stored the maximum broadcast
-        # to the logits' shape and the upcast logits.
+        # to the logits' shape and the upcast logits. Not over class shards,
+        # where the barrier would make the all-reduced maximum vary like the
+        # logits' slice (shard_map's types).
         shift = jnp.squeeze(m, axis)
-        return shift, log_sum, extra[1](shift, log_sum, row_max=m)
+        tied = None if shards.sharded else m
+        return shift, log_sum, extra[1](shift, log_sum, row_max=tied)
 
     # One sum instead of all(isfinite): it is finite iff every entry is (the
     # entries are at most ~88 + log C each).

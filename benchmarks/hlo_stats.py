@@ -243,8 +243,6 @@ def trip_count(instruction: Instruction, computations: dict) -> int:
     if known:
         return int(known.group(1))
     condition = computations[called(instruction, "condition")[0]]
-    if is_redo(instruction, computations):
-        return 0
     root = operands_of = condition.root
     if root.opcode == "fusion":  # the compare wrapped in a fusion (the CPU's)
         root = computations[called(root, "calls")[0]].root
@@ -468,12 +466,13 @@ def computation_stats(name: str, computations: dict, threshold: float) -> Stats:
     for instruction in computation.instructions:
         op = instruction.opcode
         if op == "while":
-            trips = trip_count(instruction, computations)
+            redo = is_redo(instruction, computations)
+            trips = 0 if redo else trip_count(instruction, computations)
             body = called(instruction, "body")[0]
             body_stats = computation_stats(body, computations, threshold)
             stats.add(body_stats, trips)
             stats.loops.append(trips)
-            if is_redo(instruction, computations):
+            if redo:  # the fallback, like a conditional's dearest branch
                 stats.worst_traffic += body_stats.worst_traffic
         elif op == "conditional":
             branches = called(instruction, "branch_computations") or (

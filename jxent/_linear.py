@@ -181,7 +181,7 @@ class _Static(NamedTuple):
     # _linear_heads): a hashable callable with _tile_loss's signature.
     head: Callable | None = None
     # The class blocks' matmuls from float32 copies of 16-bit operands (a
-    # CPU without bfloat16 matrix units, see _loss_and_gradients).
+    # CPU whose 16-bit matmuls are slow, see _loss_and_gradients).
     float32_blocks: bool = False
 
 
@@ -528,8 +528,8 @@ def _logits_from_float32_blocks(x_c, w, bias, block: int):
 
     ``x_c`` and each ``block`` columns of ``w`` are converted to float32
     (one block at a time: no float32 copy of ``w``), their product written
-    into the tile in place. For a CPU without bfloat16 matrix units, whose
-    XLA runs float32 matmuls faster than 16-bit ones with float32 results.
+    into the tile in place. For a CPU whose XLA runs float32 matmuls faster
+    than 16-bit ones with float32 results (``_cpu_has_fast_bfloat16_matmuls``).
     """
     acc = jnp.float32
     vocab = w.shape[1]
@@ -639,7 +639,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
         and not static.shards.sharded and not static.strided
     )  # fmt: skip
 
-    # 16-bit w on a CPU without bfloat16 matrix units: the logits and dx
+    # 16-bit w on a CPU with slow 16-bit matmuls: the logits and dx
     # from float32 copies of the column blocks of w, faster there: at (2048,
     # 512, 65536) bfloat16 value_and_grad in 0.82-0.88x the time (1.01-1.06x
     # the naive program's, against 1.22-1.25x), temporaries 156 -> 172 MiB
@@ -647,7 +647,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
     # partition the classes.
     float32_blocks = (
         jnp.finfo(p.w.dtype).bits == 16 and not static.strided
-        and not _cpu_has_bfloat16_matrix_units()
+        and not _cpu_has_fast_bfloat16_matmuls()
     )  # fmt: skip
 
     def logits_of(x_c):
@@ -1455,46 +1455,60 @@ def _class_block(a: jax.Array, start: jax.Array, block: int) -> jax.Array:
 # matmul (_primal_dx_tangent); "transposed", through the tangent's float32
 # dx w_j, whose transpose in reverse mode is one matmul of the block's summed
 # cotangent, however many outputs, and the tile's logits recomputed from
-# float32 copies of x_c and w_j (a CPU without bfloat16 matrix units);
+# float32 copies of x_c and w_j (a CPU with slow 16-bit matmuls);
 # "tangent" (the chips'), "primal" for a head with one output and
 # "transposed" for two, 16-bit logits matmuls.
 _DxBy = Literal["primal", "tangent", "transposed"]
 
 
 @functools.cache
-def _cpu_has_bfloat16_matrix_units() -> bool:
-    """Whether this host's CPU has AMX (``amx_bf16`` in Linux's cpuinfo).
+def _cpu_has_fast_bfloat16_matmuls() -> bool:
+    """Whether XLA multiplies 16-bit operands fast on this host's CPU.
 
-    There XLA runs a matmul of 16-bit operands with float32 results 2-4x
-    faster than a float32 one, and a 16-bit head's dx takes each output's
-    primal matmul (with the entropy, two of them). Elsewhere 16-bit matmuls
-    are no faster (a Xeon with ``avx512_bf16`` alone: bfloat16
-    ``linear_log_probs`` took 1.26x its float32 time at (2048, 512, 65536)),
-    and the transposed float32 one, one for every output, is faster: with
-    the entropy 0.71x the time of two primal matmuls there, alone 0.88x of
-    one. There a matmul of float32 copies of a block's operands also beats
-    XLA's 16-bit one (151 against 230 GFLOP/s at (1024, 512) x (512, 8192)),
-    so the class blocks recompute their logits from those: 0.87x the time
-    again (bfloat16, (2048, 512, 65536), alone or with the entropy), the
-    copies taking less memory than the 16-bit matmul's own temporaries
-    (value_and_grad 392 -> 376 MiB at (2048, 1024, 131072)). Converting w
-    for the whole rows' pass too gained nothing there and cost a float32
-    copy of w (888 MiB, over the budget). Only speed depends on it
-    (unknown: not AMX).
+    Read from Linux's cpuinfo: AMX (``amx_bf16``), or an AMD CPU with
+    ``avx512_bf16``. There XLA runs a matmul of 16-bit operands with
+    float32 results faster than a float32 one (2-4x with AMX; 1.6-1.9x on a
+    2-core AMD EPYC, 270-330 against 170-190 GFLOP/s at (1024, 512) x (512,
+    8192) and (1024, 1024) x (1024, 8192)), and a 16-bit head's dx takes
+    each output's primal matmul (with the entropy, two of them). On an
+    Intel Xeon with ``avx512_bf16`` alone, 16-bit matmuls were slower (151
+    against 230 GFLOP/s at (1024, 512) x (512, 8192); bfloat16
+    ``linear_log_probs`` took 1.26x its float32 time at (2048, 512,
+    65536)), and the transposed float32 one, one for every output, is
+    faster: with the entropy 0.71x the time of two primal matmuls there,
+    alone 0.88x of one. There a matmul of float32 copies of a block's
+    operands also beats XLA's 16-bit one, so the class blocks recompute
+    their logits from those: 0.87x the time again (bfloat16, (2048, 512,
+    65536), alone or with the entropy). On the EPYC the same float32 copies
+    cost time: bfloat16 value_and_grad at (2048, 1024, 131072) with them
+    and with the 16-bit matmuls took, against the naive program's,
+    ``linear_cross_entropy`` 1.38 and 0.89, ``linear_log_probs`` 1.20 and
+    0.92, ``linear_distillation_loss`` 0.97 and 0.70 (1.29 and 0.85, 1.15
+    and 0.91, 0.84 and 0.66 at (2048, 512, 65536)). Only speed depends on
+    it (unknown: the float32 copies).
     """
+    flags: list[str] = []
+    vendor = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            return any(
-                line.startswith("flags") and "amx_bf16" in line.split()
-                for line in cpuinfo
-            )
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    flags = value.split()
+                elif key.strip() == "vendor_id":
+                    vendor = value.strip()
+                if flags and vendor:
+                    break
     except OSError:
         return False
+    if "amx_bf16" in flags:
+        return True
+    return vendor == "AuthenticAMD" and "avx512_bf16" in flags
 
 
 def _cpu_dx_by() -> _DxBy:
     """How a 16-bit head's class blocks give dx on this host's CPU."""
-    return "primal" if _cpu_has_bfloat16_matrix_units() else "transposed"
+    return "primal" if _cpu_has_fast_bfloat16_matmuls() else "transposed"
 
 
 def _primal_dx_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
@@ -1507,12 +1521,12 @@ def _primal_dx_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
     matmul is then ours to write, on ``c`` rounded to ``w``'s dtype as
     ``linear_cross_entropy`` does; reverse mode's ``dx`` is the per-token
     cotangent times ``a``, and for 16-bit ``w`` the matmul has 16-bit
-    operands (XLA's CPU backend runs those 2-3x faster than float32 where
-    the chip has bfloat16 matrix units) instead of the transpose of the
-    tangent's float32 ``dx w_j``. Off the CPU a head with one output takes
-    it (one matmul either way); on a CPU with bfloat16 matrix units every
+    operands (1.6-4x faster than float32 on the CPUs that
+    ``_cpu_has_fast_bfloat16_matmuls`` names) instead of the transpose of
+    the tangent's float32 ``dx w_j``. Off the CPU a head with one output takes
+    it (one matmul either way); on a CPU with fast 16-bit matmuls every
     16-bit head does (with two outputs, two 16-bit matmuls for one float32
-    one); on other CPUs none (``_cpu_has_bfloat16_matrix_units``).
+    one); on other CPUs none (``_cpu_has_fast_bfloat16_matmuls``).
     """
 
     def weighted(z):
@@ -1611,7 +1625,7 @@ def _per_token_block_tangents(
             for name, v in zip(_SMALL, small, strict=True)
         )
         bias_j = None if p.bias is None else take(p.bias)
-        if dx_by == "transposed":  # a CPU without bfloat16 matrix units
+        if dx_by == "transposed":  # a CPU with slow 16-bit matmuls
             logits = _unsaved_tile_logits(x_c.astype(acc), w_j.astype(acc), bias_j)
         else:
             logits = _unsaved_tile_logits(x_c, w_j, bias_j)
@@ -1719,7 +1733,7 @@ def _per_token_block_tangents(
         return lax.scan(body, (zeros,) * outputs, xs)[0]
 
     if jnp.finfo(p.w.dtype).bits == 16:
-        # On the CPU, stacked blocks, and dx as the host's matrix units
+        # On the CPU, stacked blocks, and dx as the host's 16-bit matmuls
         # prefer (_cpu_dx_by).
         stacked = not vocab % block and (need["w"] or need["bias"])
         cpu_dx = _cpu_dx_by()

@@ -425,7 +425,7 @@ def test_gradient_pass_keeps_about_one_logits_tile(dtype):
         )
         temp = fn.lower(x, w).compile().memory_analysis().temp_size_in_bytes
         allowed = (tiles + 0.5 * wide) * tile + 2 * d * block * 4 + wide * dw32
-        if wide and not jxent._linear._cpu_has_bfloat16_matrix_units():
+        if wide and not jxent._linear._cpu_has_fast_bfloat16_matmuls():
             # float32 copies of a block of w, of dz and of the chunk's x,
             # and dz's 16-bit block
             allowed += (d * block + chunk * block + chunk * d) * 4 + chunk * block * 2
@@ -881,8 +881,8 @@ def test_two_dw_passes_give_the_same_numbers_in_less_memory(dtype, monkeypatch):
         temp = compiled.memory_analysis().temp_size_in_bytes
         return temp, whole_rows, [np.asarray(a, np.float32) for a in exact], close
 
-    # The 16-bit matmuls (a CPU with bfloat16 matrix units): whole rows' dots.
-    monkeypatch.setattr(jxent._linear, "_cpu_has_bfloat16_matrix_units", lambda: True)
+    # The 16-bit matmuls (a CPU with fast ones): whole rows' dots.
+    monkeypatch.setattr(jxent._linear, "_cpu_has_fast_bfloat16_matmuls", lambda: True)
     jax.clear_caches()
     temp_one, rows_one, exact_one, close_one = measure()
     monkeypatch.setattr(jxent._linear, "_DW_SPLIT_BYTES", 0)
@@ -924,17 +924,15 @@ def test_dw_column_ranges_cover_the_vocabulary_none_empty(vocab, passes):
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous
 
 
-@pytest.mark.parametrize("matrix_units", [False, True], ids=["no-amx", "amx"])
-def test_bfloat16_logits_and_dx_from_float32_blocks(matrix_units, monkeypatch):
-    """16-bit ``w`` on a CPU without bfloat16 matrix units: the token chunks'
+@pytest.mark.parametrize("fast", [False, True], ids=["slow-16-bit", "fast-16-bit"])
+def test_bfloat16_logits_and_dx_from_float32_blocks(fast, monkeypatch):
+    """16-bit ``w`` on a CPU with slow 16-bit matmuls: the token chunks'
     logits and dx come from float32 copies of w's column blocks (13 classes
-    in blocks of 4, the last shifted left over 3 shared columns); with matrix
-    units, from 16-bit matmuls. Values and gradients (x, w, bias; "sum" and a
+    in blocks of 4, the last shifted left over 3 shared columns); with fast
+    ones, from 16-bit matmuls. Values and gradients (x, w, bias; "sum" and a
     second column range of dw) against the float32 loss of the same rounded
     inputs, to bfloat16 rounding."""
-    monkeypatch.setattr(
-        jxent._linear, "_cpu_has_bfloat16_matrix_units", lambda: matrix_units
-    )
+    monkeypatch.setattr(jxent._linear, "_cpu_has_fast_bfloat16_matmuls", lambda: fast)
     # The 16-bit w's dw in two column ranges (the second recomputed).
     monkeypatch.setattr(jxent._linear, "_DW_SPLIT_BYTES", 0)
     rng = np.random.default_rng(13)
@@ -952,7 +950,7 @@ def test_bfloat16_logits_and_dx_from_float32_blocks(matrix_units, monkeypatch):
         return jxent.cross_entropy(x @ w + b[None, :], t, reduction=reduction)
 
     f32 = tuple(a.astype(jnp.float32) for a in (x, w, b))
-    jax.clear_caches()  # no program traced with the other matrix units
+    jax.clear_caches()  # no program traced with the other matmuls
     try:
         for reduction in ("mean", "sum"):
             value, grads = jax.value_and_grad(ours, (0, 1, 2))(x, w, b, reduction)

@@ -261,7 +261,7 @@ def test_linear_log_probs_matches_float64_reference(option):
 @pytest.fixture(params=["primal", "transposed"])
 def cpu_dx(request, monkeypatch):
     """Each way a 16-bit head's class blocks give dx on the CPU, forced
-    (``_cpu_dx_by``: the host's AMX decides), with its calls at trace time.
+    (``_cpu_dx_by``: the host's 16-bit matmuls decide), with its calls at trace time.
     Caches are cleared: the mode is not a static argument of the programs."""
     calls = []
 
@@ -774,20 +774,33 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        ("fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", "primal"),
-        ("fpu avx512f avx512_bf16", "transposed"),
+        (("GenuineIntel", "fpu avx512f avx512_bf16 amx_bf16 amx_tile"), "primal"),
+        (("GenuineIntel", "fpu avx512f avx512_bf16"), "transposed"),
+        (("AuthenticAMD", "fpu avx512f avx512_bf16 avx512_vnni"), "primal"),
+        (("AuthenticAMD", "fpu avx2 fma"), "transposed"),
+        ((None, "fpu avx512f avx512_bf16"), "transposed"),  # no vendor line
         (None, "transposed"),  # no /proc/cpuinfo (not Linux)
     ],
-)
-def test_cpu_dx_by_the_host_matrix_units(flags, expected, monkeypatch, tmp_path):
-    """AMX (``amx_bf16`` among the flags) keeps the 16-bit primal matmuls,
-    anything else, an unreadable cpuinfo included, the transposed one."""
+    ids=["intel-amx", "intel-avx512-bf16", "amd-avx512-bf16", "amd-avx2",
+         "no-vendor", "no-cpuinfo"],
+)  # fmt: skip
+def test_cpu_dx_by_the_host_bfloat16_matmuls(flags, expected, monkeypatch, tmp_path):
+    """AMX (``amx_bf16`` among the flags) or an AMD CPU with ``avx512_bf16``
+    keeps the 16-bit primal matmuls (both measured faster than float32
+    ones), anything else, an unreadable cpuinfo included, the transposed
+    one (an Intel CPU with ``avx512_bf16`` alone measured slower)."""
     import builtins
 
     real_open = builtins.open
     cpuinfo = tmp_path / "cpuinfo"
     if flags is not None:
-        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n")
+        vendor, flag_list = flags
+        vendor_line = "" if vendor is None else f"vendor_id\t: {vendor}\n"
+        cpuinfo.write_text(
+            f"processor\t: 0\n{vendor_line}cpu family\t: 25\n"
+            f"flags\t\t: {flag_list}\n\nprocessor\t: 1\n{vendor_line}"
+            f"flags\t\t: {flag_list}\n\n"
+        )
 
     def fake_open(path, *args, **kwargs):
         if path == "/proc/cpuinfo":
@@ -795,11 +808,11 @@ def test_cpu_dx_by_the_host_matrix_units(flags, expected, monkeypatch, tmp_path)
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", fake_open)
-    jxent._linear._cpu_has_bfloat16_matrix_units.cache_clear()
+    jxent._linear._cpu_has_fast_bfloat16_matmuls.cache_clear()
     try:
         assert jxent._linear._cpu_dx_by() == expected
     finally:
-        jxent._linear._cpu_has_bfloat16_matrix_units.cache_clear()
+        jxent._linear._cpu_has_fast_bfloat16_matmuls.cache_clear()
 
 
 @pytest.mark.parametrize("order", ["cpu", "vocab_outer"])

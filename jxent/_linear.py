@@ -1456,36 +1456,24 @@ def _class_block(a: jax.Array, start: jax.Array, block: int) -> jax.Array:
 # dx w_j, whose transpose in reverse mode is one matmul of the block's summed
 # cotangent, however many outputs, and the tile's logits recomputed from
 # float32 copies of x_c and w_j (a CPU with slow 16-bit matmuls);
-# "tangent" (the chips'), "primal" for a head with one output and
-# "transposed" for two, 16-bit logits matmuls.
+# "tangent" (the chips' and an AMD CPU's with avx512_bf16), "primal" for a
+# head with one output and "transposed" for two, 16-bit logits matmuls.
 _DxBy = Literal["primal", "tangent", "transposed"]
 
 
 @functools.cache
-def _cpu_has_fast_bfloat16_matmuls() -> bool:
-    """Whether XLA multiplies 16-bit operands fast on this host's CPU.
+def _cpu_bfloat16_matmuls() -> Literal["amx", "avx512", "slow"]:
+    """How fast XLA multiplies 16-bit operands on this host's CPU.
 
-    Read from Linux's cpuinfo: AMX (``amx_bf16``), or an AMD CPU with
-    ``avx512_bf16``. There XLA runs a matmul of 16-bit operands with
-    float32 results faster than a float32 one (2-4x with AMX; 1.6-1.9x on a
-    2-core AMD EPYC, 270-330 against 170-190 GFLOP/s at (1024, 512) x (512,
-    8192) and (1024, 1024) x (1024, 8192)), and a 16-bit head's dx takes
-    each output's primal matmul (with the entropy, two of them). On an
-    Intel Xeon with ``avx512_bf16`` alone, 16-bit matmuls were slower (151
-    against 230 GFLOP/s at (1024, 512) x (512, 8192); bfloat16
+    Read from Linux's cpuinfo: ``"amx"`` with AMX (``amx_bf16``),
+    ``"avx512"`` on an AMD CPU with ``avx512_bf16``, else ``"slow"``. With
+    AMX, XLA runs a matmul of 16-bit operands with float32 results 2-4x
+    faster than a float32 one; on a 2-core AMD EPYC 1.6-1.9x (270-330
+    against 170-190 GFLOP/s at (1024, 512) x (512, 8192) and (1024, 1024) x
+    (1024, 8192)). On an Intel Xeon with ``avx512_bf16`` alone they were
+    slower (151 against 230 GFLOP/s at (1024, 512) x (512, 8192); bfloat16
     ``linear_log_probs`` took 1.26x its float32 time at (2048, 512,
-    65536)), and the transposed float32 one, one for every output, is
-    faster: with the entropy 0.71x the time of two primal matmuls there,
-    alone 0.88x of one. There a matmul of float32 copies of a block's
-    operands also beats XLA's 16-bit one, so the class blocks recompute
-    their logits from those: 0.87x the time again (bfloat16, (2048, 512,
-    65536), alone or with the entropy). On the EPYC the same float32 copies
-    cost time: bfloat16 value_and_grad at (2048, 1024, 131072) with them
-    and with the 16-bit matmuls took, against the naive program's,
-    ``linear_cross_entropy`` 1.38 and 0.89, ``linear_log_probs`` 1.20 and
-    0.92, ``linear_distillation_loss`` 0.97 and 0.70 (1.29 and 0.85, 1.15
-    and 0.91, 0.84 and 0.66 at (2048, 512, 65536)). Only speed depends on
-    it (unknown: the float32 copies).
+    65536)). Only speed depends on it (unknown: ``"slow"``).
     """
     flags: list[str] = []
     vendor = ""
@@ -1500,15 +1488,46 @@ def _cpu_has_fast_bfloat16_matmuls() -> bool:
                 if flags and vendor:
                     break
     except OSError:
-        return False
+        return "slow"
     if "amx_bf16" in flags:
-        return True
-    return vendor == "AuthenticAMD" and "avx512_bf16" in flags
+        return "amx"
+    if vendor == "AuthenticAMD" and "avx512_bf16" in flags:
+        return "avx512"
+    return "slow"
+
+
+def _cpu_has_fast_bfloat16_matmuls() -> bool:
+    """Whether 16-bit matmuls beat float32 copies of their operands here.
+
+    Where they do not (``_cpu_bfloat16_matmuls``: ``"slow"``), a matmul of
+    float32 copies of a block's operands beats XLA's 16-bit one, so the
+    class blocks recompute their logits from those: 0.87x the time
+    (bfloat16 ``linear_log_probs``, (2048, 512, 65536), alone or with the
+    entropy, on the Xeon). On the EPYC the same copies cost time: bfloat16
+    value_and_grad at (2048, 1024, 131072) with them and with the 16-bit
+    matmuls took, against the naive program's, ``linear_cross_entropy``
+    1.38 and 0.89, ``linear_log_probs`` 1.20 and 0.92,
+    ``linear_distillation_loss`` 0.97 and 0.70 (1.29 and 0.85, 1.15 and
+    0.91, 0.84 and 0.66 at (2048, 512, 65536)).
+    """
+    return _cpu_bfloat16_matmuls() != "slow"
 
 
 def _cpu_dx_by() -> _DxBy:
-    """How a 16-bit head's class blocks give dx on this host's CPU."""
-    return "primal" if _cpu_has_fast_bfloat16_matmuls() else "transposed"
+    """How a 16-bit head's class blocks give dx on this host's CPU.
+
+    With AMX, each output's primal 16-bit matmul (with the entropy, two of
+    them). With slow 16-bit matmuls, the transposed float32 one, one for
+    every output: with the entropy 0.71x the time of two primal matmuls on
+    the Xeon, alone 0.88x of one. On the EPYC, the chips' choice (primal
+    alone, transposed with the entropy, 16-bit logits): at (2048, 512,
+    65536) bfloat16, against the naive program's time, 0.93 alone and 0.95
+    with the entropy, against 0.94 and 1.00 with two primal matmuls and
+    1.20 and 1.05 transposed with float32 copies.
+    """
+    return {"amx": "primal", "avx512": "tangent", "slow": "transposed"}[
+        _cpu_bfloat16_matmuls()
+    ]
 
 
 def _primal_dx_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
@@ -1523,10 +1542,11 @@ def _primal_dx_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
     cotangent times ``a``, and for 16-bit ``w`` the matmul has 16-bit
     operands (1.6-4x faster than float32 on the CPUs that
     ``_cpu_has_fast_bfloat16_matmuls`` names) instead of the transpose of
-    the tangent's float32 ``dx w_j``. Off the CPU a head with one output takes
-    it (one matmul either way); on a CPU with fast 16-bit matmuls every
-    16-bit head does (with two outputs, two 16-bit matmuls for one float32
-    one); on other CPUs none (``_cpu_has_fast_bfloat16_matmuls``).
+    the tangent's float32 ``dx w_j``. Off the CPU, and on an AMD CPU with
+    ``avx512_bf16``, a head with one output takes it (one matmul either
+    way); on a CPU with AMX every 16-bit head does (with two outputs, two
+    16-bit matmuls for one float32 one); on other CPUs none
+    (``_cpu_dx_by``).
     """
 
     def weighted(z):

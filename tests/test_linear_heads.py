@@ -258,10 +258,11 @@ def test_linear_log_probs_matches_float64_reference(option):
     assert np.all(np.asarray(grads[0])[[2, 7]] == 0)
 
 
-@pytest.fixture(params=["primal", "transposed"])
+@pytest.fixture(params=["primal", "tangent", "transposed"])
 def cpu_dx(request, monkeypatch):
     """Each way a 16-bit head's class blocks give dx on the CPU, forced
-    (``_cpu_dx_by``: the host's 16-bit matmuls decide), with its calls at trace time.
+    (``_cpu_dx_by``: the host's 16-bit matmuls decide), with its calls at
+    trace time.
     Caches are cleared: the mode is not a static argument of the programs."""
     calls = []
 
@@ -279,10 +280,11 @@ def cpu_dx(request, monkeypatch):
 def test_linear_log_probs_bfloat16_gradients(option, cpu_dx):
     """bfloat16 x, w and bias with the entropy, in class blocks of 4 (the
     last shifted left: 4 does not divide V), each of the CPU's ways to dx
-    (each output's primal matmul, or one transposed float32 matmul for
-    both). Values, and gradients w.r.t. x, w and bias (the class blocks'
-    inputs), within bfloat16 rounding of the float64 formulas on the
-    rounded inputs (normwise)."""
+    (each output's primal matmul, one transposed float32 matmul for both,
+    or the chips' choice: the transposed one with 16-bit logits). Values,
+    and gradients w.r.t. x, w and bias (the class blocks' inputs), within
+    bfloat16 rounding of the float64 formulas on the rounded inputs
+    (normwise)."""
     ct = np.arange(1.0, N + 1.0)
     rounded = tuple(a.astype(jnp.bfloat16) for a in _head_inputs())  # NumPy's cast
     cap = 2.5 if option != "row mask+cap" else 4.0
@@ -776,7 +778,7 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
     [
         (("GenuineIntel", "fpu avx512f avx512_bf16 amx_bf16 amx_tile"), "primal"),
         (("GenuineIntel", "fpu avx512f avx512_bf16"), "transposed"),
-        (("AuthenticAMD", "fpu avx512f avx512_bf16 avx512_vnni"), "primal"),
+        (("AuthenticAMD", "fpu avx512f avx512_bf16 avx512_vnni"), "tangent"),
         (("AuthenticAMD", "fpu avx2 fma"), "transposed"),
         ((None, "fpu avx512f avx512_bf16"), "transposed"),  # no vendor line
         (None, "transposed"),  # no /proc/cpuinfo (not Linux)
@@ -785,10 +787,11 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
          "no-vendor", "no-cpuinfo"],
 )  # fmt: skip
 def test_cpu_dx_by_the_host_bfloat16_matmuls(flags, expected, monkeypatch, tmp_path):
-    """AMX (``amx_bf16`` among the flags) or an AMD CPU with ``avx512_bf16``
-    keeps the 16-bit primal matmuls (both measured faster than float32
-    ones), anything else, an unreadable cpuinfo included, the transposed
-    one (an Intel CPU with ``avx512_bf16`` alone measured slower)."""
+    """AMX (``amx_bf16`` among the flags) keeps every output's 16-bit primal
+    matmul, an AMD CPU with ``avx512_bf16`` the chips' choice (primal for
+    one output, transposed for two, 16-bit logits), anything else, an
+    unreadable cpuinfo included, the transposed float32 one (an Intel CPU
+    with ``avx512_bf16`` alone measured slower 16-bit matmuls)."""
     import builtins
 
     real_open = builtins.open
@@ -808,11 +811,13 @@ def test_cpu_dx_by_the_host_bfloat16_matmuls(flags, expected, monkeypatch, tmp_p
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", fake_open)
-    jxent._linear._cpu_has_fast_bfloat16_matmuls.cache_clear()
+    jxent._linear._cpu_bfloat16_matmuls.cache_clear()
     try:
         assert jxent._linear._cpu_dx_by() == expected
+        fast = expected != "transposed"
+        assert jxent._linear._cpu_has_fast_bfloat16_matmuls() == fast
     finally:
-        jxent._linear._cpu_has_fast_bfloat16_matmuls.cache_clear()
+        jxent._linear._cpu_bfloat16_matmuls.cache_clear()
 
 
 @pytest.mark.parametrize("order", ["cpu", "vocab_outer"])

@@ -253,7 +253,11 @@ def linear_argmax(
     The ``(N, V)`` logits never exist: tokens are processed ``chunk_size`` at
     a time and each chunk's logits ``vocab_chunk_size`` classes at a time,
     each block reduced to a per-token maximum and its index. Not
-    differentiable (the result is an integer).
+    differentiable (the result is an integer). Each block is its own matmul,
+    whose sums (and soft cap) XLA may round differently from one matmul of
+    the whole ``x @ w``: logits within a few float32 ulps of each other
+    (columns of ``w`` equal to ~1e-7) may then be ordered differently; exact
+    ties, as from equal columns, go to the first index.
 
     Args:
       x: floating array ``(..., D)`` of hidden states.
@@ -773,6 +777,8 @@ def linear_distillation_loss(
     check_same_logits_shapes(
         (*x.shape[:-1], w.shape[1]), (*teacher_x.shape[:-1], teacher_w.shape[1]),
         "x @ w", "teacher_x @ teacher_w",
+        f" (x.shape={x.shape}, w.shape={w.shape}, teacher_x.shape="
+        f"{teacher_x.shape}, teacher_w.shape={teacher_w.shape})",
     )  # fmt: skip
     vocab = w.shape[1]
     if teacher_bias is not None:

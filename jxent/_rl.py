@@ -764,14 +764,18 @@ def _distillation_loss(student, teacher, target, temperature, beta, *, axis,
 
 
 def check_same_logits_shapes(
-    student_shape, teacher_shape, student_name: str, teacher_name: str
+    student_shape, teacher_shape, student_name: str, teacher_name: str, inputs=""
 ) -> None:
-    """Student and teacher need the same positions and vocabulary."""
+    """Student and teacher need the same positions and vocabulary.
+
+    ``inputs``: the shapes the logits' come from, for the message.
+    """
     if tuple(student_shape) != tuple(teacher_shape):
         raise ValueError(
             f"`{student_name}` and `{teacher_name}` must have the same shape (the "
             f"same positions and vocabulary): `{student_name}`.shape="
-            f"{tuple(student_shape)}, `{teacher_name}`.shape={tuple(teacher_shape)}."
+            f"{tuple(student_shape)}, `{teacher_name}`.shape={tuple(teacher_shape)}"
+            f"{inputs}."
         )
 
 

@@ -614,8 +614,10 @@ def test_linear_distillation_bad_input():
     with pytest.raises(TypeError, match="`teacher_x`"):
         jxent.linear_distillation_loss(X, W, TX.astype(np.int32), TW)
     message = r"`x @ w`.shape=\(11, 13\), `teacher_x @ teacher_w`.shape=\(10, 13\)"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as raised:
         jxent.linear_distillation_loss(X, W, TX[:10], TW)
+    inputs = f"x.shape={X.shape}, w.shape={W.shape}, teacher_x.shape={TX[:10].shape}"
+    assert inputs in str(raised.value)  # the inputs' shapes too
     message = r"`x @ w`.shape=\(11, 13\), `teacher_x @ teacher_w`.shape=\(11, 12\)"
     with pytest.raises(ValueError, match=message):
         jxent.linear_distillation_loss(X, W, TX, TW[:, :12])

@@ -768,7 +768,7 @@ def check_same_logits_shapes(
 ) -> None:
     """Student and teacher need the same positions and vocabulary.
 
-    ``inputs``: the shapes the logits' come from, for the message.
+    ``inputs``: the shapes the logits come from, for the message.
     """
     if tuple(student_shape) != tuple(teacher_shape):
         raise ValueError(

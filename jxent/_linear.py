@@ -1152,7 +1152,11 @@ def _block_gradients(
             static.strided and num_blocks > 1 and (lo, hi) == (0, vocab)
             and vocab % block == 0
         )  # fmt: skip
-        dw_range = jnp.zeros((depth, hi - lo), p.w.dtype) if need["w"] else None
+        # 16-bit dw_range as its bits until the blocks are all written
+        # (_as_bits).
+        dw_range = None
+        if need["w"]:
+            dw_range = _as_bits(jnp.zeros((depth, hi - lo), p.w.dtype))
 
         def take(a, j, start):
             """Block ``j`` of the columns ``[lo, hi)`` of ``a`` (classes last)."""
@@ -1242,7 +1246,8 @@ def _block_gradients(
                 static.strided,
             )
             if need["w"]:
-                dw_range = put(dw_range, dw_j.astype(p.w.dtype), j, start, fresh, lo)
+                dw_j = _as_bits(dw_j.astype(p.w.dtype))
+                dw_range = put(dw_range, dw_j, j, start, fresh, lo)
             if need["bias"]:
                 dbias = put(dbias, dbias_j, j, start, fresh)
             return dw_range, dx, dbias
@@ -1251,6 +1256,8 @@ def _block_gradients(
         # Varying like the tokens and like w's class shards.
         state = _vary_like(_vary_like((dw_range, dx, dbias), p.x), p.w)
         dw_range, dx, dbias = lax.fori_loop(0, num_blocks, over_blocks, state)
+        if need["w"]:
+            dw_range = _from_bits(dw_range, p.w.dtype)
         return (dx, dbias), dw_range
 
     carry = (
@@ -1431,6 +1438,27 @@ def _per_token_blocks_eligible(static: _Static, p: _Params, need: dict) -> bool:
         and not static.strided
         and not any(need[name] for name in others)
     )
+
+
+def _as_bits(a: jax.Array) -> jax.Array:
+    """A 16-bit float array as its unsigned-integer bits (others unchanged).
+
+    XLA's CPU backend updates a slice of a 16-bit float array in float32: it
+    converts the whole array to float32 and back, a copy per update instead
+    of a write in place. Writing 16-bit ``dw`` class block by class block
+    that way took 5.5 s for 40 blocks of (2304, 3200) bfloat16 into (2304,
+    128000), against 0.4 s into the integer bits, carried as such through
+    the loop (a bitcast inside it is fused into a pass over the whole
+    array too).
+    """
+    if jnp.issubdtype(a.dtype, jnp.floating) and jnp.finfo(a.dtype).bits == 16:
+        return lax.bitcast_convert_type(a, jnp.uint16)
+    return a
+
+
+def _from_bits(a: jax.Array, dtype) -> jax.Array:
+    """The inverse of ``_as_bits`` for an array of ``dtype``."""
+    return a if a.dtype == dtype else lax.bitcast_convert_type(a, dtype)
 
 
 def _class_block(a: jax.Array, start: jax.Array, block: int) -> jax.Array:

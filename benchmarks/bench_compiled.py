@@ -161,18 +161,25 @@ def cross_entropy_programs(n, c, dtype):
     ]
 
 
-def linear_programs(n, d, v, dtype):
-    """(name, f, argument shapes/dtypes, logits bytes) for jxent and naive."""
+def linear_programs(n, d, v, dtype, reduction="mean"):
+    """(name, f, argument shapes/dtypes, logits bytes) for jxent and naive.
+
+    ``reduction="none"``: the per-token losses, differentiated through the
+    sum of their squares (a per-token cotangent, as a weighted loss has).
+    """
     import jax
     import jax.numpy as jnp
 
     import jxent
 
+    def reduced(loss):
+        return loss if reduction != "none" else jnp.sum(jnp.square(loss))
+
     def ours(x, w, t):
-        return jxent.linear_cross_entropy(x, w, t)
+        return reduced(jxent.linear_cross_entropy(x, w, t, reduction=reduction))
 
     def naive(x, w, t):
-        return jxent.cross_entropy(x @ w, t)
+        return reduced(jxent.cross_entropy(x @ w, t, reduction=reduction))
 
     args = [((n, d), dtype), ((d, v), dtype), ((n,), jnp.int32)]
     logits = n * v * jnp.dtype(dtype).itemsize

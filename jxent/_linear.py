@@ -183,6 +183,9 @@ class _Static(NamedTuple):
     # The class blocks' matmuls from float32 copies of 16-bit operands (a
     # CPU whose 16-bit matmuls are slow, see _loss_and_gradients).
     float32_blocks: bool = False
+    # The cross-entropy's per-token lse is an output (return_lse); else the
+    # per-token rule gives zeros for it and differentiates the loss alone.
+    per_token_lse: bool = True
 
 
 class _Params(NamedTuple):
@@ -1357,8 +1360,16 @@ def _summed_loss_jvp(static, primals, tangents):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _per_token_loss(static: _Static, p: _Params, data: _Data):
-    """Per-token ``(loss, lse)`` (accumulation dtype)."""
-    return _per_token_values(static, p, data)
+    """Per-token ``(loss, lse)`` (accumulation dtype; lse 0 unless an output)."""
+    loss, lse = _per_token_values(static, p, data)
+    return loss, _lse_output(lse, static)
+
+
+def _lse_output(lse, static: _Static):
+    """The per-token lse output: zeros unless it is returned (``per_token_lse``)."""
+    if static.head is None and not static.per_token_lse:
+        return jnp.zeros_like(lse)
+    return lse
 
 
 def _per_token_chunk_tangents(static: _Static, p: _Params, data: _Data, tp: _Params):
@@ -1419,21 +1430,22 @@ def _per_token_chunk_tangents(static: _Static, p: _Params, data: _Data, tp: _Par
         return carry, tile(x_c, probs_c, target_c, mask_c, t_x_c, t_probs_c)
 
     tokens = (*_token_inputs(p, data, static), t_x, t_probs)
-    _, (values, tangents_out) = _over_chunks(
+    _, ((loss, lse), (t_loss, t_lse)) = _over_chunks(
         body, None, tokens, static.chunk_size, static.strided
     )
-    return values, tangents_out
+    return (loss, _lse_output(lse, static)), (t_loss, _lse_output(t_lse, static))
 
 
 def _per_token_blocks_eligible(static: _Static, p: _Params, need: dict) -> bool:
-    """Whether a head's per-token tangents can go class block by class block.
+    """Whether per-token tangents can go class block by class block.
 
-    A head's tile math, tangents of ``x``, ``w`` and ``bias`` only, whole
-    classes on one device, tokens not split by XLA.
+    A head's tile math or the cross-entropy of integer targets, tangents of
+    ``x``, ``w`` and ``bias`` only, whole classes on one device, tokens not
+    split by XLA.
     """
     others = (name for name in _Params._fields if name not in ("x", "w", "bias"))
     return (
-        static.head is not None
+        (static.head is not None or not static.soft)
         and not static.shards.sharded
         and not static.strided
         and not any(need[name] for name in others)
@@ -1584,7 +1596,13 @@ def _primal_dx_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
                 total = total + jnp.sum(share * ct.reshape(share.shape))
         return total
 
-    c = jax.grad(weighted)(logits)
+    return _gradient_dx_tangent(
+        jax.grad(weighted)(logits), fresh, w_j, t_x_c, t_logits, logits.dtype
+    )
+
+
+def _gradient_dx_tangent(c, fresh, w_j, t_x_c, t_logits, dtype):
+    """``_primal_dx_tangent`` given ``c = d out / d z`` over the block."""
     if fresh is not None:
         c = jnp.where(fresh, c, 0.0)
     a = _opaque(
@@ -1592,7 +1610,7 @@ def _primal_dx_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
             c.astype(w_j.dtype),
             w_j,
             (((1,), (1,)), ((), ())),
-            preferred_element_type=logits.dtype,
+            preferred_element_type=dtype,
         )
     )(c, w_j)
     tangent = jnp.sum(t_x_c * a, axis=1)
@@ -1649,13 +1667,35 @@ def _per_token_block_tangents(
         cpu_rows = min(cpu_rows, static.chunk_size)
     chip_rows = static.chip_row_chunk or cpu_rows
 
+    cross_entropy = static.head is None
+    if cross_entropy:
+        # The lse when it is an output; the loss alone otherwise.
+        outputs = 2 if static.per_token_lse else 1
+
     def tapped(rows: int):
-        return lambda: _tapped_rows(static._replace(row_chunk=rows), p, data, outputs)
+        if not cross_entropy:
+            return lambda: _tapped_rows(
+                static._replace(row_chunk=rows), p, data, outputs
+            )
+
+        def rows_of_the_cross_entropy():
+            """``out``, the rows of ``d_logits`` and each output's cotangents."""
+            forward = static._replace(chunk_size=rows)
+            loss, lse = _per_token_values(forward, p, data)
+            ce_rows, _ = _hard_target_block_d_logits(static, p, data, lse)
+            ones, zeros = jnp.ones_like(lse), jnp.zeros_like(lse)
+            # The lse's: d lse = 1, the statistics nll and s not in it.
+            cts = (ce_rows[3], (ones, zeros, zeros))[:outputs]
+            return (loss, _lse_output(lse, static)), ce_rows, cts
+
+        return rows_of_the_cross_entropy
 
     if chip_rows == cpu_rows:
         out, values, cts = tapped(cpu_rows)()
     else:  # larger rows read w fewer times where memory allows
         out, values, cts = on_cpu(tapped(cpu_rows), tapped(chip_rows))
+    if cross_entropy:
+        ce_d_logits = _hard_target_block_d_logits(static, p, data, out[1])[1]
 
     def tile(j, tokens, t_w_j, t_bias_j, dx_by: _DxBy):
         tokens = _padding_zeroed(tokens, static)
@@ -1703,6 +1743,26 @@ def _per_token_block_tangents(
             return t_logits if fresh is None else jnp.where(fresh, t_logits, 0.0)
 
         primal_dx = dx_by == "primal" or (dx_by == "tangent" and len(cts_c) == 1)
+        if cross_entropy:
+            block_info = _Block(take, _VocabBlock(start), fresh)
+
+            def gradient(cts_o):
+                """``d out / d z`` over the block (the rows' own only)."""
+                rows_o = (*values_c[:3], cts_o, values_c[4])
+                return ce_d_logits(logits, rows_o, mask_j, block_info)
+
+            if t_x_c is not None and primal_dx:
+                t_logits = logits_tangent(None)
+                return tuple(
+                    _gradient_dx_tangent(
+                        gradient(cts_o), fresh, w_j, t_x_c, t_logits, acc
+                    )
+                    for cts_o in cts_c
+                )
+            t_logits = logits_tangent(t_x_c)
+            if t_logits is None:
+                return tuple(jnp.zeros((x_c.shape[0],), acc) for _ in cts_c)
+            return tuple(jnp.sum(gradient(cts_o) * t_logits, axis=1) for cts_o in cts_c)
         if t_x_c is not None and primal_dx:
             t_logits = logits_tangent(None)
             return tuple(
@@ -2421,6 +2481,16 @@ def linear_cross_entropy(
         num_tokens, x.shape[-1], vocab, chunk_size, vocab_chunk_size,
         tile_bytes=_LOSS_BLOCK_TILE_BYTES,
     )  # fmt: skip
+    chip_row_chunk = 0
+    if (reduction == "none" or return_lse) and probs is None:
+        # Per-token outputs of integer targets go class block by class block
+        # (_per_token_block_tangents), in the heads' blocks: whole rows sized
+        # for the CPU there, the chips' rows elsewhere.
+        chip_row_chunk = row_chunk
+        row_chunk, block_tokens, block_classes = _block_sizes(
+            num_tokens, x.shape[-1], vocab, chunk_size, vocab_chunk_size,
+            per_token=True,
+        )  # fmt: skip
     static = _Static(
         ignore_index=ignore_index,
         smoothing=not _is_static_zero(label_smoothing),
@@ -2433,10 +2503,12 @@ def linear_cross_entropy(
         batch_axes=batch_axes,
         dw_passes=_dw_passes(x.shape[-1], vocab, dtype),
         row_chunk=row_chunk,
+        chip_row_chunk=chip_row_chunk,
         block_tokens=block_tokens,
         block_classes=block_classes,
         vocab_outer=_VOCAB_OUTER,
         strided=_partitioned_by_xla(x),
+        per_token_lse=return_lse,
     )
     acc = compute_dtype(dtype)
     params = _Params(

@@ -13,6 +13,8 @@ that page reports to bounds, in ratio form:
   (2048, 4096, 131072) the vocabulary-outer gradient of the chips measures
   0.06x (v5e) and 0.19x (H100); the token-outer program that the CPU compiles
   would measure 5.3x and 2.3x there (``_linear._VOCAB_OUTER = False``);
+* so are ``linear_cross_entropy``'s per-token losses (``reduction="none"``,
+  at (8192, 4096, 131072): at most 0.26x, see the test);
 * ``linear_log_probs`` with the entropy (per-token outputs, bfloat16): its
   temporaries at most 0.25x the naive ``log_probs(x @ w, t)``'s (reverse
   mode in the vocabulary-outer order), at the issue's head (8192, 4096,
@@ -40,6 +42,7 @@ prints the measurements as JSON.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -114,7 +117,10 @@ def measure(target_names: list[str], meshes=tuple(MESHES)) -> dict:
              (*CROSS_ENTROPY_SHAPE, jnp.dtype(dtype)))
             for dtype in ("float32", "bfloat16")
         ] + [("linear bfloat16", bench.linear_programs,
-              (*LINEAR_SHAPE, jnp.bfloat16))]  # fmt: skip
+              (*LINEAR_SHAPE, jnp.bfloat16)),
+             ("linear none bfloat16", functools.partial(
+                 bench.linear_programs, reduction="none"),
+              (*HEAD_SHAPE, jnp.bfloat16))]  # fmt: skip
         for case, programs, args in jobs:
             cases[case] = {}
             for program, f, arguments, logits in programs(*args):
@@ -269,12 +275,21 @@ def test_cross_entropy_moves_less_than_optax(measured, target, dtype):
     assert ours["temp_bytes"] <= 16 * MiB, ours["temp_bytes"]
 
 
-@pytest.mark.parametrize("case", ["linear bfloat16", "log_probs bfloat16 head"])
+@pytest.mark.parametrize(
+    "case", ["linear bfloat16", "linear none bfloat16", "log_probs bfloat16 head"]
+)
 @pytest.mark.parametrize("target", TARGETS)
 def test_lm_head_holds_a_quarter_of_the_naive_memory(measured, target, case):
-    """linear_cross_entropy, and linear_log_probs with the entropy (per-token
-    outputs: reverse mode in the vocabulary-outer order, no float32 dw of the
-    head's size), against the naive programs on materialised logits."""
+    """linear_cross_entropy ("mean", and "none": per-token losses), and
+    linear_log_probs with the entropy (per-token outputs: reverse mode in the
+    vocabulary-outer order, no float32 dw of the head's size), against the
+    naive programs on materialised logits. ``reduction="none"`` held 1.06x
+    the naive program's temporaries on the v5e (2.13 against 2.0 GiB at
+    (8192, 4096, 131072)) while it went token chunk by token chunk; class
+    block by class block 0.2505x there (0.12x on the H100): the forward's
+    whole rows, two float32 (512, V) tiles, against a naive program that
+    holds just its bfloat16 logits on the v5e (the H100's, 4 GiB, a float32
+    copy too), hence its bound of 0.26."""
     _require(target)
     records = measured[target][case]
     ours, naive = records["jxent"], records["naive"]
@@ -282,7 +297,8 @@ def test_lm_head_holds_a_quarter_of_the_naive_memory(measured, target, case):
     n, _, v = LINEAR_SHAPE if case == "linear bfloat16" else HEAD_SHAPE
     assert naive["temp_bytes"] >= n * v * 2, naive["temp_bytes"]
     temp_ratio = ours["temp_bytes"] / naive["temp_bytes"]
-    assert temp_ratio <= 0.25, (ours["temp_bytes"] / MiB, naive["temp_bytes"] / MiB)
+    bound = 0.26 if case == "linear none bfloat16" else 0.25
+    assert temp_ratio <= bound, (ours["temp_bytes"] / MiB, naive["temp_bytes"] / MiB)
     flops_ratio = ours["flops"] / naive["flops"]
     assert flops_ratio <= 1.34, flops_ratio
 

@@ -16,7 +16,9 @@ forward mode and higher orders all work:
   again (Hessians).
 * ``"none"``/``return_lse``: the rule pushes the tangents through each chunk
   inside a ``jax.checkpoint``, so reverse mode recomputes each chunk's logits
-  instead of saving them.
+  instead of saving them: for integer targets and tangents of x, w and bias
+  alone class block by class block (``_per_token_block_tangents``, no
+  float32 ``dw`` of the head's size), else token chunk by token chunk.
 
 Accumulators (logsumexp, loss, dx, dw, dbias and the O(V) class-weight
 gradient) are float32 for 16- and 32-bit inputs, float64 for float64 inputs.

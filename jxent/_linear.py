@@ -461,15 +461,19 @@ def _varying(a) -> frozenset:
 # --- forward: per-token loss and lse ------------------------------------------
 
 
-def _per_token_values(static: _Static, p: _Params, data: _Data):
-    """Per-token ``(loss, lse)`` over all chunks, no derivatives."""
+def _per_token_values(static: _Static, p: _Params, data: _Data, logits_of=None):
+    """Per-token ``(loss, lse)`` over all chunks, no derivatives.
+
+    ``logits_of``: how a chunk's logits are formed (``_tile_logits``).
+    """
     small = _small(p)
     class_mask = _class_mask(data, static)
+    logits_of = logits_of or _tile_logits
 
     def body(carry, tokens):
         x_c, probs_c, target_c, mask_c = tokens
         mask_c = class_mask if mask_c is None else mask_c
-        logits = _tile_logits(x_c, p.w, p.bias)
+        logits = logits_of(x_c, p.w, p.bias)
         return carry, _tile_loss(logits, probs_c, target_c, mask_c, small, static)
 
     _, (loss, lse) = _over_chunks(
@@ -1683,7 +1687,9 @@ def _per_token_block_tangents(
         def rows_of_the_cross_entropy():
             """``out``, the rows of ``d_logits`` and each output's cotangents."""
             forward = static._replace(chunk_size=rows)
-            loss, lse = _per_token_values(forward, p, data)
+            # Never saved by a user's checkpoint policy (_opaque), as the
+            # heads' whole rows.
+            loss, lse = _per_token_values(forward, p, data, _unsaved_tile_logits)
             ce_rows, _ = _hard_target_block_d_logits(static, p, data, lse)
             ones, zeros = jnp.ones_like(lse), jnp.zeros_like(lse)
             # The lse's: d lse = 1, the statistics nll and s not in it.

@@ -658,6 +658,21 @@ def test_per_token_block_gradients_equal_materialised_float64(return_lse, kw):
     _assert_fused_is_materialised(*results)
 
 
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_per_token_block_check_grads_order_2(return_lse):
+    """Numerical derivatives of order 2, both modes, of the per-token losses
+    class block by class block (tangents of x, w and bias; the options'
+    values on, not differentiated): with the lse, two outputs."""
+    with x64():
+        args = tuple(np.asarray(a, np.float64) for a in X64_ARGS)
+        f = _loss_fn("none", return_lse, False, True)
+
+        def g(x, w, b):
+            return f(x, w, b, *args[3:])
+
+        check_grads(g, args[:3], order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+
+
 # ~45 s of compilation each: CI checks the richest mode (the lse output,
 # probability targets, a class mask), pytest --full the plainest too.
 CHECK_GRADS_MODES = [MODES[3], full_only(MODES[0])]

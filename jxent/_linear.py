@@ -884,6 +884,16 @@ def _hard_target_block_d_logits(static: _Static, p: _Params, data: _Data, lse):
         total = _total_weight(weight, data.mask, shape, 1, shards)
         total_weight = jnp.broadcast_to(jnp.reshape(total, (-1,)), (num_tokens,))
     rows = (terms.safe_target, terms.valid, lse, cts, total_weight)
+    return rows, _hard_target_d_logits(static, p)
+
+
+def _hard_target_d_logits(static: _Static, p: _Params):
+    """Integer targets' ``d_logits(logits, rows_c, mask_c, block)``.
+
+    A block's gradient from its logits and its tokens' rows (as
+    ``_hard_target_block_d_logits`` forms them, cotangents among them).
+    """
+    weight, _, _, soft_cap = _small(p)[:4]
     tangent_map = functools.partial(_tangent_map, axis=1, smoothing=static.smoothing)
 
     def d_logits(logits, rows_c, mask_c, block: _Block):
@@ -901,7 +911,7 @@ def _hard_target_block_d_logits(static: _Static, p: _Params, data: _Data, lse):
         # smoothing sum's tangent is zeros that vary like the tokens only.
         return transpose(jax.tree.map(_vary_like, cts_c, outs))[0]
 
-    return rows, d_logits
+    return d_logits
 
 
 class _Tapped:
@@ -1703,7 +1713,7 @@ def _per_token_block_tangents(
     else:  # larger rows read w fewer times where memory allows
         out, values, cts = on_cpu(tapped(cpu_rows), tapped(chip_rows))
     if cross_entropy:
-        ce_d_logits = _hard_target_block_d_logits(static, p, data, out[1])[1]
+        ce_d_logits = _hard_target_d_logits(static, p)
 
     def tile(j, tokens, t_w_j, t_bias_j, dx_by: _DxBy):
         tokens = _padding_zeroed(tokens, static)

@@ -60,6 +60,7 @@ from jxent._kernels import (
     on_cpu,
 )
 from jxent._reduction import reduce_loss
+from jxent._rounded_dot import rounded_transpose_dot
 from jxent._safe_math import poisoned_tangent
 from jxent._sharding import (
     UNSHARDED,
@@ -69,6 +70,7 @@ from jxent._sharding import (
     check_class_split,
     explicit_layout,
     refuse_untyped_derivatives,
+    vary_like,
 )
 from jxent._types import Reduction
 from jxent._validation import (
@@ -435,29 +437,6 @@ def _class_mask(data: _Data, static: _Static):
     return None if static.row_mask else data.mask
 
 
-def _vary_like(tree, like):
-    """Marks ``tree`` as varying over the shard_map axes that ``like`` varies on.
-
-    Inside ``jax.shard_map`` the tokens vary over the batch axes; values that
-    combine with them per chunk (accumulators, tangents, the loss options)
-    are cast once, before the loop, so that no chunk triggers a collective and
-    a scan carry keeps its type.
-    """
-    axes = _varying(like)
-
-    def cast(a):
-        missing = tuple(sorted(axes - _varying(a)))
-        return lax.pcast(a, missing, to="varying") if missing else a
-
-    return jax.tree.map(cast, tree)
-
-
-def _varying(a) -> frozenset:
-    """The shard_map axes over which ``a`` varies (empty outside shard_map)."""
-    kind = getattr(jax.typeof(a), "manual_axis_type", None)
-    return frozenset(getattr(kind, "varying", frozenset()))
-
-
 # --- forward: per-token loss and lse ------------------------------------------
 
 
@@ -553,7 +532,7 @@ def _logits_from_float32_blocks(x_c, w, bias, block: int):
 
     logits = jnp.zeros((x_c.shape[0], vocab), acc)
     # Varying like the tokens and like w's class shards.
-    logits = _vary_like(_vary_like(logits, x_c), w)
+    logits = vary_like(vary_like(logits, x_c), w)
     logits = lax.fori_loop(0, num_blocks, body, logits)
     return logits if bias is None else logits + bias.astype(acc)[None, :]
 
@@ -576,7 +555,7 @@ def _dx_from_float32_blocks(d_in, w, block: int):
         return dx + lax.dot_general(d_j, w_j, (((1,), (1,)), ((), ())))
 
     dx = jnp.zeros((d_in.shape[0], w.shape[0]), acc)
-    return lax.fori_loop(0, num_blocks, body, _vary_like(_vary_like(dx, d_in), w))
+    return lax.fori_loop(0, num_blocks, body, vary_like(vary_like(dx, d_in), w))
 
 
 def _dw_column_ranges(vocab: int, passes: int) -> list[tuple[int, int]]:
@@ -608,13 +587,13 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
     class_mask = _class_mask(data, static)
     # The options vary like the tokens: their per-chunk gradients are then
     # local partial sums, added up once (no collective per chunk).
-    small = _vary_like(_small(p), p.x)
+    small = vary_like(_small(p), p.x)
     ranges = _dw_column_ranges(p.w.shape[1], static.dw_passes if need["w"] else 1)
     split = len(ranges) > 1
 
     def dw_carry(lo, hi):
         # Varying like w (its class shards) as well as like the tokens.
-        zeros = _vary_like(jnp.zeros((p.w.shape[0], hi - lo), acc), p.w)
+        zeros = vary_like(jnp.zeros((p.w.shape[0], hi - lo), acc), p.w)
         return (zeros, zeros.astype(p.w.dtype)) if split else zeros
 
     def accumulate_dw(dw, x_c, d_logits, lo, hi):
@@ -632,7 +611,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
     for name, value in zip(_SMALL, small, strict=True):
         if need[name]:
             carry[name] = jnp.zeros_like(value, dtype=acc)
-    carry = _vary_like(carry, p.x)
+    carry = vary_like(carry, p.x)
 
     # A head's later column ranges of dw recompute only their own columns'
     # logits (_range_gradients): the first pass keeps, per token, the tile
@@ -690,7 +669,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
                 lambda z, q, s: _tile_loss(z, q, target_c, mask_c, s, static),
                 logits, probs_c, small,
             )  # fmt: skip
-            ones = _vary_like((jnp.ones_like(loss), jnp.zeros_like(lse)), loss)
+            ones = vary_like((jnp.ones_like(loss), jnp.zeros_like(lse)), loss)
             return loss, vjp(ones), lse
 
         def tile(z, q, s, taps):
@@ -700,13 +679,13 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
 
         _, values = jax.eval_shape(tile, logits, probs_c, small, None)
         taps = [
-            _vary_like(jnp.zeros(v.shape, v.dtype), x_c) if _floating(v) else None
+            vary_like(jnp.zeros(v.shape, v.dtype), x_c) if _floating(v) else None
             for v in values
         ]
         (loss, lse), vjp, values = jax.vjp(
             tile, logits, probs_c, small, taps, has_aux=True
         )
-        ones = _vary_like((jnp.ones_like(loss), jnp.zeros_like(lse)), loss)
+        ones = vary_like((jnp.ones_like(loss), jnp.zeros_like(lse)), loss)
         d_logits, d_probs, d_small, cts = vjp(ones)
         return loss, (d_logits, d_probs, d_small), (tuple(values), tuple(cts))
 
@@ -756,7 +735,7 @@ def _loss_and_gradients(static: _Static, p: _Params, data: _Data, need: dict):
         zero = jnp.where(jnp.isfinite(last), last, 0.0) * 0.0
         init = jax.tree.map(lambda z: z + zero.astype(z.dtype), dw_carry(lo, hi))
         (_, dw), _ = _over_chunks(
-            body, _vary_like(init, p.x), tokens, static.chunk_size, static.strided
+            body, vary_like(init, p.x), tokens, static.chunk_size, static.strided
         )
         return dw
 
@@ -909,7 +888,7 @@ def _hard_target_d_logits(static: _Static, p: _Params):
         outs, transpose = jax.vjp(tangents, jnp.zeros_like(logits))
         # Each cotangent varies like its output: without smoothing the
         # smoothing sum's tangent is zeros that vary like the tokens only.
-        return transpose(jax.tree.map(_vary_like, cts_c, outs))[0]
+        return transpose(jax.tree.map(vary_like, cts_c, outs))[0]
 
     return d_logits
 
@@ -1031,7 +1010,7 @@ def _tapped_rows(static: _Static, p: _Params, data: _Data, outputs: int):
         cts = []
         for k in range(outputs):
             unit = tuple(
-                _vary_like(jnp.ones_like(o) if i == k else jnp.zeros_like(o), o)
+                vary_like(jnp.ones_like(o) if i == k else jnp.zeros_like(o), o)
                 for i, o in enumerate(out)
             )
             cts.append(tuple(vjp(unit)[0]))
@@ -1132,7 +1111,7 @@ def _block_gradients(
     row_mask = data.mask if static.row_mask else None
     position = jnp.arange(num_tokens, dtype=jnp.int32)
     live = _live_tokens(data.target, static)
-    rows = _vary_like((p.x, position, live, rows), p.x)
+    rows = vary_like((p.x, position, live, rows), p.x)
     offset = 0 if not shards.sharded else shards.index() * vocab
     chunk = static.block_tokens
     num_full = num_tokens // chunk
@@ -1259,7 +1238,7 @@ def _block_gradients(
             mask_rows = None if row_mask is None else take(row_mask, j, start)
             (dw_j, dx, dbias_j), _ = _over_chunks(
                 over_tokens,
-                _vary_like(_vary_like(init, p.x), p.w),
+                vary_like(vary_like(init, p.x), p.w),
                 (rows, mask_rows),
                 static.block_tokens,
                 static.strided,
@@ -1273,7 +1252,7 @@ def _block_gradients(
 
         dx, dbias = carry
         # Varying like the tokens and like w's class shards.
-        state = _vary_like(_vary_like((dw_range, dx, dbias), p.x), p.w)
+        state = vary_like(vary_like((dw_range, dx, dbias), p.x), p.w)
         dw_range, dx, dbias = lax.fori_loop(0, num_blocks, over_blocks, state)
         if need["w"]:
             dw_range = _from_bits(dw_range, p.w.dtype)
@@ -1357,7 +1336,7 @@ def _summed_loss_jvp(static, primals, tangents):
             functools.partial(gradients, static, need=need), opaque_under_jvp=False
         )(p, data)
         total = jnp.sum(loss)
-        return total, _vary_like(_contract(grads, tp, static, total.dtype), total)
+        return total, vary_like(_contract(grads, tp, static, total.dtype), total)
 
     token_outer = functools.partial(value_and_tangent, _loss_and_gradients, static)
     if not _vocab_outer_eligible(static, need) or static.vocab_outer is False:
@@ -1402,10 +1381,10 @@ def _per_token_chunk_tangents(static: _Static, p: _Params, data: _Data, tp: _Par
         # Tangents shared by all chunks, cast once to the accumulation dtype
         # and to the tokens' varying axes: the transposed loop then
         # accumulates their cotangents locally in float32 (summed once).
-        return None if _is_zero(t) else _vary_like(t.astype(acc), p.x)
+        return None if _is_zero(t) else vary_like(t.astype(acc), p.x)
 
     t_w, t_bias = upcast(tp.w), upcast(tp.bias)
-    small = _vary_like(_small(p), p.x)
+    small = vary_like(_small(p), p.x)
     t_small = tuple(
         upcast(t) if not _is_zero(t) else None if v is None else jnp.zeros_like(v)
         for v, t in zip(small, _small(tp), strict=True)
@@ -1507,14 +1486,16 @@ def _class_block(a: jax.Array, start: jax.Array, block: int) -> jax.Array:
     return lax.dynamic_slice_in_dim(a, start, block, axis=a.ndim - 1)
 
 
-# How a class block's tile gives dx: "primal", every output's through its own
-# matmul (_primal_dx_tangent); "transposed", through the tangent's float32
-# dx w_j, whose transpose in reverse mode is one matmul of the block's summed
-# cotangent, however many outputs, and the tile's logits recomputed from
-# float32 copies of x_c and w_j (a CPU with slow 16-bit matmuls);
-# "tangent" (the chips' and an AMD CPU's with avx512_bf16), "primal" for a
-# head with one output and "transposed" for two, 16-bit logits matmuls.
-_DxBy = Literal["primal", "tangent", "transposed"]
+# How a class block's tile gives dx: "tangent" (the chips'), for a head with
+# one output through its primal matmul (_primal_dx_tangent), for two through
+# the tangent's float32 dx w_j, whose transpose in reverse mode is one matmul
+# of the block's summed cotangent; "rounded" (a CPU with fast 16-bit
+# matmuls), the same with that dx w_j through rounded_transpose_dot, whose
+# transpose rounds the summed cotangent to w's dtype: one matmul of 16-bit
+# operands; "transposed" (a CPU with slow 16-bit matmuls), every head's
+# through the float32 dx w_j, the tile's logits recomputed from float32
+# copies of x_c and w_j.
+_DxBy = Literal["tangent", "transposed", "rounded"]
 
 
 @functools.cache
@@ -1572,16 +1553,18 @@ def _cpu_has_fast_bfloat16_matmuls() -> bool:
 def _cpu_dx_by() -> _DxBy:
     """How a 16-bit head's class blocks give dx on this host's CPU.
 
-    With AMX, each output's primal 16-bit matmul (with the entropy, two of
-    them). With slow 16-bit matmuls, the transposed float32 one, one for
-    every output: with the entropy 0.71x the time of two primal matmuls on
-    the Xeon, alone 0.88x of one. On the EPYC, the chips' choice (primal
-    alone, transposed with the entropy, 16-bit logits): at (2048, 512,
-    65536) bfloat16, against the naive program's time, 0.93 alone and 0.95
-    with the entropy, against 0.94 and 1.00 with two primal matmuls and
-    1.20 and 1.05 transposed with float32 copies.
+    With fast 16-bit matmuls (AMX, or an AMD CPU with ``avx512_bf16``),
+    ``"rounded"``: one matmul of 16-bit operands per block however many
+    outputs. At (2048, 512, 65536) bfloat16 on the EPYC, value_and_grad of
+    ``linear_log_probs`` with the entropy took 0.885x the time of the
+    chips' ``"tangent"`` (a float32 transposed matmul), 1.05x
+    ``linear_log_probs`` alone (was 1.18x); alone unchanged (0.99x). With
+    AMX it replaces two primal 16-bit matmuls of the same form (not
+    measured: no such CPU here). With slow 16-bit matmuls, the transposed
+    float32 one, one for every output: with the entropy 0.71x the time of
+    two primal matmuls on the Xeon, alone 0.88x of one.
     """
-    return {"amx": "primal", "avx512": "tangent", "slow": "transposed"}[
+    return {"amx": "rounded", "avx512": "rounded", "slow": "transposed"}[
         _cpu_bfloat16_matmuls()
     ]
 
@@ -1598,10 +1581,8 @@ def _primal_dx_tangent(shares, logits, cts, fresh, w_j, t_x_c, t_logits):
     cotangent times ``a``, and for 16-bit ``w`` the matmul has 16-bit
     operands (1.6-4x faster than float32 on the CPUs that
     ``_cpu_has_fast_bfloat16_matmuls`` names) instead of the transpose of
-    the tangent's float32 ``dx w_j``. Off the CPU, and on an AMD CPU with
-    ``avx512_bf16``, a head with one output takes it (one matmul either
-    way); on a CPU with AMX every 16-bit head does (with two outputs, two
-    16-bit matmuls for one float32 one); on other CPUs none
+    the tangent's float32 ``dx w_j``. A head with one output takes it (one
+    matmul either way), except on a CPU with slow 16-bit matmuls
     (``_cpu_dx_by``).
     """
 
@@ -1749,7 +1730,9 @@ def _per_token_block_tangents(
         def logits_tangent(t_x_c):
             """``dz`` of the block (None when zero)."""
             terms = []
-            if t_x_c is not None:
+            if t_x_c is not None and dx_by == "rounded":
+                terms.append(rounded_transpose_dot(t_x_c, w_j))
+            elif t_x_c is not None:
                 terms.append(_tile_logits(t_x_c, w_j.astype(acc), None))
             if t_w_j is not None:
                 terms.append(_tile_logits(x_c.astype(acc), t_w_j, None))
@@ -1760,7 +1743,7 @@ def _per_token_block_tangents(
             t_logits = functools.reduce(jnp.add, terms)
             return t_logits if fresh is None else jnp.where(fresh, t_logits, 0.0)
 
-        primal_dx = dx_by == "primal" or (dx_by == "tangent" and len(cts_c) == 1)
+        primal_dx = dx_by != "transposed" and len(cts_c) == 1
         if cross_entropy:
             block_info = _Block(take, _VocabBlock(start), fresh)
 
@@ -1806,7 +1789,7 @@ def _per_token_block_tangents(
     # Each tile's logits and tile math are recomputed in reverse mode.
     tile = jax.checkpoint(tile, prevent_cse=False, static_argnums=(4,))
     # dx accumulates over the blocks in float32.
-    t_x = None if not need["x"] else _vary_like(tp.x.astype(acc), p.x)
+    t_x = None if not need["x"] else vary_like(tp.x.astype(acc), p.x)
     row_mask = data.mask if static.row_mask else None
     tokens = (p.x, p.probs, data.target, row_mask, values, cts, t_x)
 
@@ -1834,7 +1817,7 @@ def _per_token_block_tangents(
         else:
             t_j = lax.dynamic_slice_in_dim(t, block_start(j), block, axis=t.ndim - 1)
         # A block's dw accumulates over the token chunks in float32.
-        return _vary_like(t_j.astype(acc), p.x)
+        return vary_like(t_j.astype(acc), p.x)
 
     t_w = tp.w if need["w"] else None
     t_bias = tp.bias if need["bias"] else None
@@ -1850,7 +1833,7 @@ def _per_token_block_tangents(
         _, t_block = _over_chunks(over_tokens, None, tokens, chunk)
         return tuple(a + b for a, b in zip(t_out, t_block, strict=True)), None
 
-    zeros = _vary_like(jnp.zeros((num_tokens,), acc), p.x)
+    zeros = vary_like(jnp.zeros((num_tokens,), acc), p.x)
 
     def over_all_blocks(stacked: bool, dx_by: _DxBy):
         xs = (jnp.arange(num_blocks, dtype=jnp.int32),

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jxent._sharding import varying
+
 
 def _zero_safe_product(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a · b``, 0 where ``a`` is 0 (even if ``b`` is infinite)."""
@@ -90,12 +92,6 @@ def poison(value: jax.Array, bad: jax.Array) -> jax.Array:
     return value * jnp.where(bad, _full(jnp.nan, value.dtype), _full(1.0, value.dtype))
 
 
-def _varying(a: jax.Array) -> frozenset:
-    """The shard_map axes over which ``a`` varies (empty outside shard_map)."""
-    kind = getattr(jax.typeof(a), "manual_axis_type", None)
-    return frozenset(getattr(kind, "varying", frozenset()))
-
-
 def _zero_batched_like(flag: jax.Array, dtype) -> jax.Array:
     """A scalar 0 (``select(flag, 0, 0)``: XLA folds it, and ``x + 0``)."""
     # float32 zeros, then cast: XLA folds ``x + convert(select(flag, 0, 0))``
@@ -129,7 +125,7 @@ def poison_gradients(
     LM heads poison their tangents inside their own rules instead
     (``poisoned_tangent``): a select on ``w`` kept a copy of it.
     """
-    if batched_like_flag and _varying(flag) <= _varying(x):
+    if batched_like_flag and varying(flag) <= varying(x):
         return x + _zero_batched_like(flag, x.dtype)
     return x
 
@@ -157,6 +153,6 @@ def poisoned_tangent(t, flag: jax.Array):
     flag batched (a vmap over the targets or an option) and the input
     shared, the rule's primal and tangent inputs are then batched alike.
     """
-    if t is None or isinstance(t, SymbolicZero) or not _varying(flag) <= _varying(t):
+    if t is None or isinstance(t, SymbolicZero) or not varying(flag) <= varying(t):
         return t
     return poison(t, flag)

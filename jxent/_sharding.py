@@ -225,3 +225,26 @@ def explicit_layout(logits: jax.Array, axis: int):
 def axes_of(entries) -> tuple[str, ...]:
     """The mesh axis names used by a sequence of PartitionSpec entries."""
     return tuple(name for entry in entries for name in _explicit_axes(entry))
+
+
+def vary_like(tree, like):
+    """Marks ``tree`` as varying over the shard_map axes that ``like`` varies on.
+
+    Inside ``jax.shard_map`` the tokens vary over the batch axes; values that
+    combine with them per chunk (accumulators, tangents, the loss options)
+    are cast once, before the loop, so that no chunk triggers a collective and
+    a scan carry keeps its type.
+    """
+    axes = varying(like)
+
+    def cast(a):
+        missing = tuple(sorted(axes - varying(a)))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, tree)
+
+
+def varying(a) -> frozenset:
+    """The shard_map axes over which ``a`` varies (empty outside shard_map)."""
+    kind = getattr(jax.typeof(a), "manual_axis_type", None)
+    return frozenset(getattr(kind, "varying", frozenset()))

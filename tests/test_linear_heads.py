@@ -258,7 +258,7 @@ def test_linear_log_probs_matches_float64_reference(option):
     assert np.all(np.asarray(grads[0])[[2, 7]] == 0)
 
 
-@pytest.fixture(params=["primal", "tangent", "transposed"])
+@pytest.fixture(params=["rounded", "tangent", "transposed"])
 def cpu_dx(request, monkeypatch):
     """Each way a 16-bit head's class blocks give dx on the CPU, forced
     (``_cpu_dx_by``: the host's 16-bit matmuls decide), with its calls at
@@ -280,8 +280,9 @@ def cpu_dx(request, monkeypatch):
 def test_linear_log_probs_bfloat16_gradients(option, cpu_dx):
     """bfloat16 x, w and bias with the entropy, in class blocks of 4 (the
     last shifted left: 4 does not divide V), each of the CPU's ways to dx
-    (each output's primal matmul, one transposed float32 matmul for both,
-    or the chips' choice: the transposed one with 16-bit logits). Values,
+    (one transposed matmul of the cotangent rounded to bfloat16, one
+    transposed float32 matmul with float32 copies of the operands, or the
+    chips' choice: the transposed float32 one with 16-bit logits). Values,
     and gradients w.r.t. x, w and bias (the class blocks' inputs), within
     bfloat16 rounding of the float64 formulas on the rounded inputs
     (normwise)."""
@@ -778,9 +779,9 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (("GenuineIntel", "fpu avx512f avx512_bf16 amx_bf16 amx_tile"), "primal"),
+        (("GenuineIntel", "fpu avx512f avx512_bf16 amx_bf16 amx_tile"), "rounded"),
         (("GenuineIntel", "fpu avx512f avx512_bf16"), "transposed"),
-        (("AuthenticAMD", "fpu avx512f avx512_bf16 avx512_vnni"), "tangent"),
+        (("AuthenticAMD", "fpu avx512f avx512_bf16 avx512_vnni"), "rounded"),
         (("AuthenticAMD", "fpu avx2 fma"), "transposed"),
         ((None, "fpu avx512f avx512_bf16"), "transposed"),  # no vendor line
         (None, "transposed"),  # no /proc/cpuinfo (not Linux)
@@ -789,11 +790,11 @@ def test_value_and_grad_fits_the_linear_cross_entropy_budget(head, dtype):
          "no-vendor", "no-cpuinfo"],
 )  # fmt: skip
 def test_cpu_dx_by_the_host_bfloat16_matmuls(flags, expected, monkeypatch, tmp_path):
-    """AMX (``amx_bf16`` among the flags) keeps every output's 16-bit primal
-    matmul, an AMD CPU with ``avx512_bf16`` the chips' choice (primal for
-    one output, transposed for two, 16-bit logits), anything else, an
-    unreadable cpuinfo included, the transposed float32 one (an Intel CPU
-    with ``avx512_bf16`` alone measured slower 16-bit matmuls)."""
+    """AMX (``amx_bf16`` among the flags) and an AMD CPU with
+    ``avx512_bf16`` take 16-bit matmuls (primal for one output, the rounded
+    transpose for two), anything else, an unreadable cpuinfo included, the
+    transposed float32 one (an Intel CPU with ``avx512_bf16`` alone measured
+    slower 16-bit matmuls)."""
     import builtins
 
     real_open = builtins.open

@@ -378,8 +378,15 @@ def _over_chunks(body, carry, tokens, chunk: int, strided: bool = False):
             def merge(o):
                 return o.reshape(full, *o.shape[2:])
 
-        carry, out = lax.scan(body, carry, jax.tree.map(split, tokens))
-        outs.append(jax.tree.map(merge, out))
+        if num == 1:
+            # One chunk: no loop. XLA drops a loop of one trip itself, but not
+            # under x64, whose int64 loop counters kept the TPU's loop over
+            # the tokens of each class block, and a float32 dw block with it.
+            carry, out = body(carry, jax.tree.map(lambda a: a[:full], tokens))
+        else:
+            carry, out = lax.scan(body, carry, jax.tree.map(split, tokens))
+            out = jax.tree.map(merge, out)
+        outs.append(out)
     if n > full or not full:
         carry, out = body(carry, jax.tree.map(lambda a: a[full:], tokens))
         outs.append(out)

@@ -62,11 +62,14 @@ def _batch_dims(ndim: int) -> tuple[int, ...]:
     return tuple(range(ndim - 2))
 
 
+def _dimension_numbers(ndim: int):
+    """``t @ w``'s: ``t``'s last axis against ``w``'s second-to-last."""
+    batch = _batch_dims(ndim)
+    return ((ndim - 1,), (ndim - 2,)), (batch, batch)
+
+
 def _product(t, w):
-    batch = _batch_dims(t.ndim)
-    return lax.dot_general(
-        t, w.astype(t.dtype), (((t.ndim - 1,), (t.ndim - 2,)), (batch, batch))
-    )
+    return lax.dot_general(t, w.astype(t.dtype), _dimension_numbers(t.ndim))
 
 
 _rounded_transpose_dot_p.def_impl(_product)
@@ -78,11 +81,10 @@ mlir.register_lowering(
 @_rounded_transpose_dot_p.def_abstract_eval
 def _abstract_eval(t, w):
     """``dot_general``'s: shape, sharding and varying manual axes."""
-    batch = _batch_dims(t.ndim)
     out, _ = lax.dot_general_p.abstract_eval(
         t,
         w,
-        dimension_numbers=(((t.ndim - 1,), (t.ndim - 2,)), (batch, batch)),
+        dimension_numbers=_dimension_numbers(t.ndim),
         precision=None,
         preferred_element_type=t.dtype,
         out_sharding=None,

@@ -243,7 +243,7 @@ def trip_count(instruction: Instruction, computations: dict) -> int:
     if known:
         return int(known.group(1))
     condition = computations[called(instruction, "condition")[0]]
-    root = operands_of = condition.root
+    root = operands_of = _low_word_compare(condition) or condition.root
     if root.opcode == "fusion":  # the compare wrapped in a fusion (the CPU's)
         root = computations[called(root, "calls")[0]].root
     direction = re.search(r"direction=(\w+)", root.attrs)
@@ -265,6 +265,50 @@ def trip_count(instruction: Instruction, computations: dict) -> int:
     if op not in ("LT", "LE", "NE"):
         raise ValueError(f"loop condition {op} in {condition.name}")
     return bound + 1 if op == "LE" else bound
+
+
+def _low_word_compare(condition: Computation) -> Instruction | None:
+    """The low word's compare of a 64-bit counter split in two 32-bit words.
+
+    Under x64 a TPU program's loop counter is an ``s64`` held as two ``u32``
+    words, and ``counter < bound`` becomes ``bitcast(high) < 0 or (high == 0
+    and low < bound)``. From 0 in steps of 1 (the high word stays 0 for fewer
+    than 2³² trips), the loop runs as long as ``low < bound``: that compare,
+    or None for any other condition.
+    """
+    root = condition.root
+    if root.opcode != "or" or len(root.operands) != 2:
+        return None
+    parts = [condition.by_name[o] for o in root.operands]
+    if sorted(p.opcode for p in parts) != ["and", "compare"]:
+        return None
+    negative, both = sorted(parts, key=lambda p: p.opcode != "compare")
+    words = [condition.by_name[o] for o in both.operands]
+    if len(words) != 2 or any(w.opcode != "compare" for w in words):
+        return None
+
+    def direction(c: Instruction) -> str:
+        found = re.search(r"direction=(\w+)", c.attrs)
+        return found.group(1) if found else ""
+
+    def zero_bound(c: Instruction) -> bool:
+        return any(_constant(condition.by_name[o]) == 0 for o in c.operands)
+
+    def variable(c: Instruction) -> Instruction | None:
+        rest = [condition.by_name[o] for o in c.operands]
+        rest = [r for r in rest if _constant(r) is None]
+        return rest[0] if len(rest) == 1 else None
+
+    high = [w for w in words if direction(w) == "EQ" and zero_bound(w)]
+    low = [w for w in words if w not in high]
+    if len(high) != 1 or len(low) != 1:
+        return None
+    signed, word = variable(negative), variable(high[0])
+    if direction(negative) != "LT" or not zero_bound(negative):
+        return None
+    if None in (signed, word) or signed.opcode != "bitcast-convert":
+        return None
+    return low[0] if signed.operands == [word.name] else None
 
 
 def is_redo(instruction: Instruction, computations: dict) -> bool:

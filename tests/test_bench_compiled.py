@@ -145,6 +145,52 @@ def test_known_trip_count_wins_over_the_condition():
     assert hlo_stats.program_stats(text, THRESHOLD).loops == [3]
 
 
+# Under x64 a TPU loop's s64 counter is two u32 words (low, high) and
+# ``counter < 6`` reads ``bitcast(high) < 0 or (high == 0 and low < 6)``.
+SPLIT_COUNTER = """
+%cond (arg: (u32[], u32[], f32[1024,1024])) -> pred[] {
+  %arg = (u32[], u32[], f32[1024,1024]{1,0}) parameter(0)
+  %zero = u32[] constant(0)
+  %n = u32[] constant(6)
+  %szero = s32[] constant(0)
+  %high = u32[] get-tuple-element(%arg), index=1
+  %high_zero = pred[] compare(%high, %zero), direction=EQ
+  %low = u32[] get-tuple-element(%arg), index=0
+  %low_below = pred[] compare(%low, %n), direction=LT
+  %both = pred[] and(%high_zero, %low_below)
+  %signed = s32[] bitcast-convert(%high)
+  %negative = pred[] compare(%signed, %szero), direction=LT
+  ROOT %go = pred[] or(%negative, %both)
+}
+"""
+
+
+def _with_condition(condition: str) -> str:
+    start = LOOP.index("%cond (")
+    end = LOOP.index("ENTRY")
+    return LOOP[:start] + condition.strip() + "\n\n" + LOOP[end:]
+
+
+def test_a_counter_split_in_two_words_counts_its_low_words_bound():
+    assert hlo_stats.program_stats(_with_condition(SPLIT_COUNTER), THRESHOLD).loops == [
+        6
+    ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("bitcast-convert(%high)", "bitcast-convert(%low)"),  # not the high word
+        ("(%high, %zero), direction=EQ", "(%high, %zero), direction=NE"),
+        ("or(%negative, %both)", "and(%negative, %both)"),
+    ],
+)
+def test_other_two_word_conditions_are_not_guessed(change):
+    text = _with_condition(SPLIT_COUNTER.replace(*change))
+    with pytest.raises(ValueError, match="loop condition"):
+        hlo_stats.program_stats(text, THRESHOLD)
+
+
 def test_bound_on_the_left_and_le():
     text = LOOP.replace("(%i, %n), direction=LT", "(%n, %i), direction=GE")
     assert hlo_stats.program_stats(text, THRESHOLD).loops == [7]

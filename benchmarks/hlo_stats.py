@@ -20,7 +20,8 @@ instruction:
 
 A while loop's body counts times its trip count (the
 ``known_trip_count`` the GPU compiler records, else the constant that the
-condition compares the counter with, from 0 in steps of 1; XLA's own
+condition compares the counter with, from 0 in steps of 1, or under x64 on
+a TPU the low word's bound of a counter split in two 32-bit words; XLA's own
 ``cost_analysis`` counts a body once). A loop whose condition is a carried
 boolean is jxent's in-place redo (at most one trip, when a check failed, as
 a conditional's fallback): it counts no trip, its body goes to

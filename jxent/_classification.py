@@ -35,6 +35,7 @@ from jxent._types import Reduction
 from jxent._validation import (
     as_float_array,
     as_int_target,
+    as_target_array,
     check_bool,
     check_class_mask,
     check_concrete_target_range,
@@ -676,7 +677,7 @@ def cross_entropy(
     where = check_class_mask(where, logits.shape, axis)
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
-    target = jnp.asarray(target)
+    target = as_target_array(target)
     logits, weight, target = refuse_untyped_derivatives(
         "cross_entropy", shards, batch_axes, logits, weight, target
     )

@@ -76,6 +76,7 @@ from jxent._types import Reduction
 from jxent._validation import (
     as_float_array,
     as_int_target,
+    as_target_array,
     check_bool,
     check_concrete_target_range,
     check_ignore_index,
@@ -2220,7 +2221,7 @@ def run_explicit_lm_head(
 
 def _check_target(target, x, vocab: int, ignore_index: int):
     """Returns ``(target, probs)``: integer indices or class probabilities."""
-    target = jnp.asarray(target)
+    target = as_target_array(target)
     if jnp.issubdtype(target.dtype, jnp.floating):
         expected = (*x.shape[:-1], vocab)
         if target.shape != expected:

@@ -95,11 +95,18 @@ def check_has_classes(shape: tuple[int, ...], axis: int, name: str = "logits") -
 
 
 def check_ignore_index(ignore_index: int) -> int:
-    """Returns ``ignore_index`` as a Python int, raising if it is not an integer."""
+    """``ignore_index`` as a Python int (an int32 one; int64 under x64)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(
             f"`ignore_index` must be a Python int, got {ignore_index!r} "
             f"({type(ignore_index).__name__})."
+        )
+    indices = jnp.iinfo(jax.dtypes.canonicalize_dtype(np.int64))
+    if not indices.min <= ignore_index <= indices.max:
+        raise ValueError(
+            f"`ignore_index` must fit the {indices.dtype} class indices, in "
+            f"[{indices.min}, {indices.max}], got {ignore_index}: no target can "
+            "equal it. Pass the value your padding uses (PyTorch's default is -100)."
         )
     return int(ignore_index)
 
@@ -398,11 +405,58 @@ def check_concrete_probabilities(probs: jax.Array, name: str = "probs") -> None:
 
 
 def as_int_target(target: ArrayLike) -> jax.Array:
-    """``target`` as an array of integer class indices (``TypeError`` if not)."""
+    """``target`` as signed integer class indices (``TypeError`` if not integers).
+
+    Narrow and unsigned indices become ``int32`` (``int64`` for 64-bit ones
+    under x64), so that comparing them with a negative ``ignore_index`` is
+    exact: a ``uint8`` 156 is class 156, not ``-100`` wrapped. Unsigned
+    values past the signed maximum (outside any class range) saturate there.
+    A concrete index that JAX would wrap to 32 bits (without x64) raises.
+    """
+    passed = target
     target = jnp.asarray(target)
     if not jnp.issubdtype(target.dtype, jnp.integer):
         raise TypeError(
             "`target` must hold integer class indices (int32, int64, uint8, ...), "
             f"got {target.dtype}."
         )
-    return target
+    _check_not_wrapped(passed, target)
+    if jnp.issubdtype(target.dtype, jnp.signedinteger) and target.dtype.itemsize >= 4:
+        return target
+    if target.dtype.itemsize < 4:
+        return target.astype(jnp.int32)
+    signed = jnp.int32 if target.dtype.itemsize == 4 else jnp.int64
+    top = jnp.iinfo(signed).max
+    if is_concrete(target) and target.size and int(jnp.max(target)) > top:
+        raise ValueError(
+            f"`target` contains class index {int(jnp.max(target))}, outside "
+            f"[0, C) for any number of classes C (the most is {top})."
+        )
+    return jnp.minimum(target, top).astype(signed)
+
+
+def as_target_array(target: ArrayLike) -> jax.Array:
+    """``target`` as an array; class indices as ``as_int_target`` gives them."""
+    array = jnp.asarray(target)
+    if jnp.issubdtype(array.dtype, jnp.integer):
+        return as_int_target(target)
+    return array
+
+
+def _check_not_wrapped(passed: object, target: jax.Array) -> None:
+    """Raises if converting the concrete ``passed`` to ``target`` changed a value."""
+    if isinstance(passed, jax.Array) or target.size == 0:
+        return
+    given = np.asarray(passed)
+    if given.dtype.itemsize <= target.dtype.itemsize:
+        return
+    # (In NumPy: under jit, ``target`` is a tracer even for a NumPy constant.)
+    converted = given.astype(target.dtype)
+    wrapped = converted.astype(given.dtype) != given
+    if wrapped.any():
+        raise ValueError(
+            f"`target` contains class index {given[wrapped].flat[0]}, which does "
+            f"not fit the {target.dtype} that JAX converts {given.dtype} to without "
+            f"`jax_enable_x64` (it would wrap to {converted[wrapped].flat[0]}). "
+            "Class indices must be in [0, C) or equal to ignore_index."
+        )

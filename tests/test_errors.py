@@ -728,6 +728,89 @@ def test_out_of_range_with_small_integer_dtypes(dtype):
     np.testing.assert_array_equal(f(TARGET.astype(dtype)), f(TARGET))
 
 
+def _wide_head(num_classes: int, rows: int = 3, depth: int = 8):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(rows, depth))
+    w = rng.normal(size=(depth, num_classes)) / np.sqrt(depth)
+    logits = x @ w
+    lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1))
+    return x, w, logits, lse + logits.max(-1)
+
+
+# Every public function that takes class indices, as a per-position NLL.
+_INDEX_LOSSES = {
+    "cross_entropy": lambda x, w, t: jxent.cross_entropy(x @ w, t, reduction="none"),
+    "nll_loss": lambda x, w, t: jxent.nll_loss(
+        jax.nn.log_softmax(x @ w), t, reduction="none"
+    ),
+    "linear_cross_entropy": lambda x, w, t: jxent.linear_cross_entropy(
+        x, w, t, reduction="none"
+    ),
+    "log_probs": lambda x, w, t: -jxent.log_probs(x @ w, t),
+    "linear_log_probs": lambda x, w, t: -jxent.linear_log_probs(x, w, t),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_INDEX_LOSSES))
+@pytest.mark.parametrize(
+    ("dtype", "index"), [(np.uint8, 156), (np.uint16, 65436), (np.uint32, 2**32 - 100)]
+)
+def test_unsigned_index_equal_to_ignore_index_mod_two_to_the_bits(name, dtype, index):
+    # uint8 156, uint16 65436 and uint32 2**32 - 100 are -100 wrapped: the
+    # first two are classes (the float64 NLL, as torch gives), the third is
+    # outside any class range (ValueError; NaN under jit), never ignored.
+    num_classes = min(index + 1, 65437)
+    x, w, logits, lse = _wide_head(num_classes)
+    x, w = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    loss = _INDEX_LOSSES[name]
+    target = np.array([min(index, num_classes - 1), 3, 0], dtype)
+    expected = lse - logits[np.arange(3), target.astype(np.int64)]
+    jitted = jax.jit(loss)(x, w, jnp.asarray(target))
+    if index < num_classes:
+        np.testing.assert_allclose(loss(x, w, target), expected, rtol=2e-5)
+        np.testing.assert_allclose(jitted, expected, rtol=2e-5)
+        return
+    target[0] = index
+    with pytest.raises(ValueError, match=rf"class index {index},"):
+        loss(x, w, target)
+    jitted = np.asarray(jax.jit(loss)(x, w, jnp.asarray(target)))
+    assert np.isnan(jitted[0])
+    np.testing.assert_allclose(jitted[1:], expected[1:], rtol=2e-5)
+
+
+def test_int64_index_that_jax_would_wrap_to_32_bits_raises():
+    # Without x64 jnp.asarray wraps a NumPy int64 2**32 + 1 to class 1.
+    target = np.array([0, 2**32 + 1, 2], np.int64)
+    for loss in _INDEX_LOSSES.values():
+        x, w, _, _ = _wide_head(C)
+        with pytest.raises(ValueError, match=r"class index 4294967297.*wrap to 1"):
+            loss(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), target)
+        # The same NumPy constant under jit (a tracer once converted).
+        with pytest.raises(ValueError, match=r"class index 4294967297.*wrap to 1"):
+            jax.jit(lambda x, w, loss=loss: loss(x, w, target))(
+                jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+            )
+
+
+def test_ignore_index_beyond_a_narrow_target_dtype():
+    # An int8 target and ignore_index=-1000 (no int8 equals it): every
+    # position counts, as torch (int64 targets) gives.
+    _, _, logits, lse = _wide_head(C)
+    target = np.array([0, 2, 1], np.int8)
+    out = jxent.cross_entropy(
+        jnp.asarray(logits, jnp.float32), target, ignore_index=-1000, reduction="none"
+    )
+    np.testing.assert_allclose(out, lse - logits[np.arange(3), target], rtol=1e-6)
+
+
+@pytest.mark.parametrize("ignore_index", [2**31, -(2**40)])
+def test_ignore_index_no_class_index_can_equal(ignore_index):
+    # Without x64 class indices are int32: such an ignore_index is an error
+    # naming it, not an OverflowError from inside the comparison.
+    with pytest.raises(ValueError, match=rf"`ignore_index`.*got {ignore_index}"):
+        ce(LOGITS, TARGET, ignore_index=ignore_index)
+
+
 def test_traced_minus_one_is_not_last_class():
     f = jax.jit(lambda t: ce(LOGITS, t, reduction="none"))
     minus_one = f(jnp.array([-1, -1, -1, -1]))

@@ -268,7 +268,8 @@ def _redone_if(todo: jax.Array, value: jax.Array, redo: Callable[[], jax.Array])
     operand that a conditional passes through unchanged, but updates a loop's
     carry in place.
     """
-    done = jnp.zeros((), bool)
+    # False, varying over the manual axes that ``todo`` varies over.
+    done = jnp.logical_and(todo, False)
     return lax.while_loop(lambda c: c[1], lambda c: (redo(), done), (value, todo))[0]
 
 

@@ -190,6 +190,44 @@ def test_shard_map_gradients_of_every_input(mesh_def, reduction, logits):
         np.testing.assert_allclose(g, r, rtol=2e-5, atol=1e-6 * np.abs(r).max())
 
 
+def _float64_nll(logits, weight):
+    """Per-row weighted NLL (0 where ignored) and the weights, float64."""
+    z = np.asarray(logits, np.float64)
+    lse = np.log(np.sum(np.exp(z - z.max(-1, keepdims=True)), -1)) + z.max(-1)
+    kept = TARGET != -100
+    y = np.where(kept, TARGET, 0)
+    w = np.where(kept, weight[y], 0.0)
+    return w * (lse - z[np.arange(N), y]), w
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("logits", ["normal", "overflow"])
+def test_batch_axis_alone_on_a_two_axis_mesh(reduction, logits):
+    # Rows split over "data", "model" unused: the forward alone (no
+    # derivative), whose overflow check is a loop whose flag varies over
+    # "data" only, and value_and_grad; against the float64 formula.
+    x = OVERFLOW_LOGITS if logits == "overflow" else LOGITS
+    mesh = _mesh(*MESHES[1])
+    sharded = jax.shard_map(
+        lambda x, t, w: jxent.cross_entropy(
+            x, t, w, reduction=reduction, batch_axis_name="data"
+        ),
+        mesh=mesh, in_specs=(P("data"), P("data"), P()), out_specs=P(),
+    )  # fmt: skip
+    nll, w = _float64_nll(x, WEIGHT.astype(np.float64))
+    want = nll.sum() / (w.sum() if reduction == "mean" else 1.0)
+    np.testing.assert_allclose(jax.jit(sharded)(x, TARGET, WEIGHT), want, rtol=2e-6)
+    value, grad = jax.jit(jax.value_and_grad(sharded))(x, TARGET, WEIGHT)
+    np.testing.assert_allclose(value, want, rtol=2e-6)
+    z = np.asarray(x, np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    onehot = np.eye(C)[np.where(TARGET != -100, TARGET, 0)]
+    want_grad = w[:, None] * (p - onehot)
+    want_grad /= w.sum() if reduction == "mean" else 1.0
+    np.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=1e-7)
+
+
 def _collectives(compiled_text):
     """(op, element count) of every collective in a compiled HLO module."""
     found = []

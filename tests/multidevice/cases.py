@@ -228,6 +228,19 @@ def test_batch_axis_alone_on_a_two_axis_mesh(reduction, logits):
     np.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=1e-7)
 
 
+def test_explicit_rows_split_and_classes_whole():
+    # The same split with Explicit shardings (logits on P("data", None)),
+    # eager and under jit: the float64 weighted mean.
+    mesh = _mesh(*MESHES[1], kind=AxisType.Explicit)
+    x = jax.device_put(OVERFLOW_LOGITS, NamedSharding(mesh, P("data", None)))
+    nll, w = _float64_nll(OVERFLOW_LOGITS, WEIGHT.astype(np.float64))
+    with jax.set_mesh(mesh):
+        eager = jxent.cross_entropy(x, TARGET, WEIGHT)
+        jitted = jax.jit(lambda x: jxent.cross_entropy(x, TARGET, WEIGHT))(x)
+    for got in (eager, jitted):
+        np.testing.assert_allclose(got, nll.sum() / w.sum(), rtol=2e-6)
+
+
 def _collectives(compiled_text):
     """(op, element count) of every collective in a compiled HLO module."""
     found = []

@@ -413,13 +413,25 @@ def as_int_target(target: ArrayLike) -> jax.Array:
     values past the signed maximum (outside any class range) saturate there.
     A concrete index that JAX would wrap to 32 bits (without x64) raises.
     """
-    passed = target
-    target = jnp.asarray(target)
-    if not jnp.issubdtype(target.dtype, jnp.integer):
+    array = jnp.asarray(target)
+    if not jnp.issubdtype(array.dtype, jnp.integer):
         raise TypeError(
             "`target` must hold integer class indices (int32, int64, uint8, ...), "
-            f"got {target.dtype}."
+            f"got {array.dtype}."
         )
+    return _signed_indices(target, array)
+
+
+def as_target_array(target: ArrayLike) -> jax.Array:
+    """``target`` as an array; class indices as ``as_int_target`` gives them."""
+    array = jnp.asarray(target)
+    if jnp.issubdtype(array.dtype, jnp.integer):
+        return _signed_indices(target, array)
+    return array
+
+
+def _signed_indices(passed: object, target: jax.Array) -> jax.Array:
+    """``target = jnp.asarray(passed)``, integers, as ``as_int_target`` gives it."""
     _check_not_wrapped(passed, target)
     if jnp.issubdtype(target.dtype, jnp.signedinteger) and target.dtype.itemsize >= 4:
         return target
@@ -427,20 +439,13 @@ def as_int_target(target: ArrayLike) -> jax.Array:
         return target.astype(jnp.int32)
     signed = jnp.int32 if target.dtype.itemsize == 4 else jnp.int64
     top = jnp.iinfo(signed).max
-    if is_concrete(target) and target.size and int(jnp.max(target)) > top:
+    largest = int(jnp.max(target)) if is_concrete(target) and target.size else 0
+    if largest > top:
         raise ValueError(
-            f"`target` contains class index {int(jnp.max(target))}, outside "
-            f"[0, C) for any number of classes C (the most is {top})."
+            f"`target` contains class index {largest}, outside [0, C) for any "
+            f"number of classes C (the most is {top})."
         )
     return jnp.minimum(target, top).astype(signed)
-
-
-def as_target_array(target: ArrayLike) -> jax.Array:
-    """``target`` as an array; class indices as ``as_int_target`` gives them."""
-    array = jnp.asarray(target)
-    if jnp.issubdtype(array.dtype, jnp.integer):
-        return as_int_target(target)
-    return array
 
 
 def _check_not_wrapped(passed: object, target: jax.Array) -> None:

@@ -148,7 +148,7 @@ def measure(target_names: list[str], meshes=tuple(MESHES)) -> dict:
                 *LINEAR_SHAPE, jnp.bfloat16
             )[0]
             compiled = bench.compile_program(f, arguments, one)
-        # (The TPU splits its 64-bit loop counters into two 32-bit words.)
+        # (hlo_stats reads the TPU's 64-bit loop counters, split in two words.)
         record = bench.measure(compiled, logits, target)
         cases["linear x64 bfloat16"] = {"jxent": _summary(record)}
         cases["jsd bfloat16"] = {}

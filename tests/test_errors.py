@@ -778,6 +778,14 @@ def test_unsigned_index_equal_to_ignore_index_mod_two_to_the_bits(name, dtype, i
     np.testing.assert_allclose(jitted[1:], expected[1:], rtol=2e-5)
 
 
+@pytest.mark.parametrize("index", [2**31 - 1, 2**31])
+def test_uint32_index_at_the_int32_limit(index):
+    # Either side of the signed maximum: the index as given, never wrapped.
+    target = np.array([0, index, 2], np.uint32)
+    with pytest.raises(ValueError, match=rf"class index {index},"):
+        jxent.cross_entropy(jnp.zeros((3, C)), target)
+
+
 def test_int64_index_that_jax_would_wrap_to_32_bits_raises():
     # Without x64 jnp.asarray wraps a NumPy int64 2**32 + 1 to class 1.
     target = np.array([0, 2**32 + 1, 2], np.int64)

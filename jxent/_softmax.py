@@ -6,6 +6,7 @@ import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent._kernels import compute_dtype
@@ -40,7 +41,19 @@ def _normalized_axes(axis: int | Sequence[int] | None, ndim: int) -> Axes:
 
 
 def _checked(x: ArrayLike, axis: int | Sequence[int] | None, where: ArrayLike | None):
+    """``x`` as a float array of rank >= 1, its normalised axes and mask.
+
+    A 0-d ``x`` is one class along axis 0 (or -1), as in ``torch.softmax``:
+    it is computed as a length-1 vector (callers restore the shape).
+    """
     x = as_float_array(x, "x")
+    if x.ndim == 0:
+        if axis not in (0, -1, None, (0,), (-1,), [0], [-1]):
+            raise ValueError(
+                f"`axis` must be 0, -1 or None for a 0-d `x` (a single class, as "
+                f"in torch.softmax), got {axis!r}."
+            )
+        x = x.reshape(1)
     axis = _normalized_axes(axis, x.ndim)
     # A length-C mask lies along a single class axis; over several, NumPy's
     # broadcasting (as jax.nn's).
@@ -62,7 +75,9 @@ def log_softmax(
     dtype). A ``-inf`` logit gives ``-inf`` with a zero gradient.
 
     Args:
-      x: floating array of logits.
+      x: floating array of logits. A 0-d one is a single class, as in
+        ``torch.log_softmax``: its log-softmax is 0 (NaN for a NaN or
+        infinite logit).
       axis: the class axis (``1`` for PyTorch's ``(N, C, d1, ...)`` layout),
         or, as in ``jax.nn.log_softmax``, a tuple of axes normalised over
         together (``None``: all of them).
@@ -88,7 +103,7 @@ def log_softmax(
       ...                   where=jnp.array([True, False, True]))
       Array([-0.1514...,        -inf, -1.9623...], dtype=float32)
     """
-    return _log_softmax(*_checked(x, axis, where))
+    return _log_softmax(*_checked(x, axis, where)).reshape(jnp.shape(x))
 
 
 def softmax(
@@ -102,7 +117,8 @@ def softmax(
     bfloat16 and float16 inputs; the result has the input's dtype.
 
     Args:
-      x: floating array of logits.
+      x: floating array of logits. A 0-d one is a single class, as in
+        ``torch.softmax``: its softmax is 1 (NaN for a NaN or infinite logit).
       axis: the class axis, or a tuple of axes normalised over together
         (``None``: all of them), as in ``jax.nn.softmax``.
       where: optional boolean mask of the classes to include, broadcast to
@@ -124,4 +140,4 @@ def softmax(
       >>> jxent.softmax(jnp.array([2.8883, 0.1760, 1.0774]))
       Array([0.8131..., 0.0540..., 0.1329...], dtype=float32)
     """
-    return _softmax(*_checked(x, axis, where))
+    return _softmax(*_checked(x, axis, where)).reshape(jnp.shape(x))

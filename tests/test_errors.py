@@ -299,6 +299,7 @@ _SOFTMAX_CASES = [
         ("axis-too-large", 2, LOGITS, ValueError, r"`axis`.*\[-2, 2\).*got 2"),
         ("axis-too-small", -3, LOGITS, ValueError, r"`axis`.*\[-2, 2\).*got -3"),
         ("axis-1d", 1, LOGITS[0], ValueError, r"`axis`.*\[-1, 1\).*got 1"),
+        ("axis-0d", 1, LOGITS[0, 0], ValueError, r"`axis`.*0, -1 or None.*0-d.*got 1"),
     )
 ] + [
     (

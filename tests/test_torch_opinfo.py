@@ -1,18 +1,25 @@
-"""PyTorch's own OpInfo samples for the multi-class losses, against jxent.
+"""PyTorch's own test inputs for the multi-class losses, against jxent.
 
 torch's test suite checks ``F.cross_entropy``, ``F.nll_loss``, ``F.kl_div``,
-``torch.softmax`` and ``torch.log_softmax`` on the samples its OpInfo database
-generates (class axis 1, or 0 unbatched; a 0-d input to the softmaxes; empty
-arrays). Each sample runs here through jxent with torch's layout (``axis=1``)
-in float64: the value, and the gradient of ``<output, ct>`` w.r.t. every
-tensor torch differentiates (the input, and probability or KL targets).
-The binary losses' samples are in test_binary_api.py, and
+``torch.softmax`` and ``torch.log_softmax`` on the samples of its OpInfo
+database (class axis 1, or 0 unbatched; a 0-d input to the softmaxes; empty
+arrays), and ``nn.CrossEntropyLoss``, ``nn.NLLLoss``, ``nn.KLDivLoss``,
+``nn.BCELoss`` and ``nn.BCEWithLogitsLoss`` on the inputs of its ModuleInfo
+database (probability targets, K-dimensional inputs, label smoothing with
+``ignore_index``, 0-d inputs, NaN data). Each runs here through jxent's
+function or loss object with torch's layout (``axis=1``) in float64: the
+value, and the gradient of ``<output, ct>`` w.r.t. every tensor torch
+differentiates (the input, probability or KL targets), except where the
+README's semantics table deviates on purpose (``_expected``).
+The binary losses' OpInfo samples are in test_binary_api.py, and
 ``F.linear_cross_entropy``'s in test_linear_opinfo.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +32,9 @@ import jxent
 
 try:
     from torch.testing._internal.common_methods_invocations import op_db
+    from torch.testing._internal.common_modules import module_db
 except Exception:  # torch's test helpers need expecttest
-    op_db = None
+    op_db = module_db = None
 
 pytestmark = pytest.mark.skipif(
     torch is None or op_db is None, reason="torch's OpInfo database not importable"
@@ -47,7 +55,7 @@ def _softmaxes(f):
 
 
 # torch's op name -> jxent on (input, *args, **kwargs) with torch's layout.
-_OURS = {
+_FUNCTIONS = {
     "nn.functional.cross_entropy": lambda x, t, weight=None, **kw: jxent.cross_entropy(
         x, t, weight, axis=_class_axis(x), **kw
     ),
@@ -59,127 +67,214 @@ _OURS = {
     "log_softmax": _softmaxes(jxent.log_softmax),
 }
 
+# torch's loss class -> jxent's, and whether it takes ``axis``.
+_MODULES = {
+    "CrossEntropyLoss": (jxent.CrossEntropyLoss, True),
+    "NLLLoss": (jxent.NLLLoss, True),
+    "KLDivLoss": (jxent.KLDivLoss, False),
+    "BCELoss": (jxent.BCELoss, False),
+    "BCEWithLogitsLoss": (jxent.BCEWithLogitsLoss, False),
+}
+
+
+@dataclasses.dataclass
+class Case:
+    """One torch test input: the same arguments to torch and to jxent."""
+
+    name: str
+    torch_fn: Callable  # (*args, **kwargs) -> tensor
+    jxent_fn: Callable  # (*args, **kwargs) -> array, tensors as NumPy
+    args: tuple
+    kwargs: dict
+    options: dict  # what configures the call (for keys and features)
+
+    def leaves(self):
+        """The distinct tensors torch differentiates (one tensor may be given
+        twice, as input and target: its gradient is the sum)."""
+        leaves = []
+        for v in (*self.args, *self.kwargs.values()):
+            differentiated = isinstance(v, torch.Tensor) and v.requires_grad
+            if differentiated and all(v is not u for u in leaves):
+                leaves.append(v)
+        return leaves
+
+    def key(self):
+        described = (*self.args, *sorted(self.options.items()))
+        return (self.name, tuple(_describe(a) for a in described))
+
+    def features(self):
+        """Each argument's rank, emptiness, dtype and differentiation, and
+        each option's value, each with the input's rank."""
+        rank = self.args[0].ndim
+        named = {**dict(enumerate(self.args)), **self.options}
+        return {
+            (self.name, rank, k, _structure(_describe(v))) for k, v in named.items()
+        }
+
 
 def _describe(a):
     if isinstance(a, torch.Tensor):
         return (tuple(a.shape), str(a.dtype), a.requires_grad)
+    if isinstance(a, tuple):  # an option (name, value)
+        return (a[0], _describe(a[1]))
     return repr(a)
 
 
-def _features(name, sample):
-    """What a sample exercises: each argument's rank, emptiness, dtype and
-    differentiation, and each option's value, each with the input's rank."""
-    args = {"input": sample.input, **dict(enumerate(sample.args)), **sample.kwargs}
-    rank = sample.input.ndim
-    return {
-        (name, rank, k, (len(d[0]), 0 in d[0], *d[1:]) if isinstance(d, tuple) else d)
-        for k, d in ((k, _describe(v)) for k, v in args.items())
-    }
+def _structure(described):
+    if isinstance(described, tuple) and isinstance(described[0], tuple):
+        shape, *rest = described
+        return (len(shape), 0 in shape, *rest)
+    return described
 
 
-def _samples(every):
-    """(op name, sample) pairs: every distinct sample (shapes, dtypes and
-    options), or (``every=False``) a covering subset, in which each feature
-    of every sample (``_features``) appears at least once."""
-    chosen, seen = {}, set()
+def _opinfo_cases():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for op in op_db:
-            if op.name not in _OURS:
+            if op.name in _FUNCTIONS:
+                for s in op.sample_inputs("cpu", torch.float64, requires_grad=True):
+                    yield Case(
+                        op.name, op, _FUNCTIONS[op.name], (s.input, *s.args),
+                        dict(s.kwargs), dict(s.kwargs),
+                    )  # fmt: skip
+
+
+def _moduleinfo_cases():
+    torch.manual_seed(0)  # the inputs are random
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in module_db:
+            name = m.module_cls.__name__
+            if name not in _MODULES:
                 continue
-            for s in op.sample_inputs("cpu", torch.float64, requires_grad=True):
-                key = (
-                    op.name,
-                    tuple(_describe(a) for a in (s.input, *s.args)),
-                    tuple(sorted((k, _describe(v)) for k, v in s.kwargs.items())),
+            ours, has_axis = _MODULES[name]
+            inputs = m.module_inputs_func(
+                m, device="cpu", dtype=torch.float64, requires_grad=True, training=True
+            )
+            for i in inputs:
+                c, f = i.constructor_input, i.forward_input
+                theirs = m.module_cls(*c.args, **c.kwargs)
+                options = {k: _as_numpy(v) for k, v in c.kwargs.items()}
+                if has_axis:
+                    options["axis"] = _class_axis(f.args[0])
+
+                def jxent_fn(*a, _options=options, _ours=ours, **kw):
+                    return _ours(**_options)(*a, **kw)
+
+                yield Case(
+                    name, theirs, jxent_fn, tuple(f.args), dict(f.kwargs), c.kwargs
                 )
-                new = _features(op.name, s) - seen
-                if key not in chosen and (every or new):
-                    chosen[key] = (op.name, s)
-                    seen |= new
+
+
+def _cases(every):
+    """Every distinct case (shapes, dtypes and options), or (``every=False``)
+    a covering subset, in which each of every case's features appears."""
+    chosen, seen = {}, set()
+    for case in (*_opinfo_cases(), *_moduleinfo_cases()):
+        new = case.features() - seen
+        if case.key() not in chosen and (every or new):
+            chosen[case.key()] = case
+            seen |= new
     return list(chosen.values())
 
 
-def _leaves(sample):
-    """The sample's arguments as NumPy, and the names torch differentiates."""
-    named = {"input": sample.input}
-    named.update({f"arg{i}": a for i, a in enumerate(sample.args)})
-    named.update(sample.kwargs)
-    diff = [
-        k for k, v in named.items() if isinstance(v, torch.Tensor) and v.requires_grad
-    ]
-    arrays = {
-        k: v.detach().numpy() if isinstance(v, torch.Tensor) else v
-        for k, v in named.items()
-    }
-    return named, arrays, diff
+def _as_numpy(v):
+    return v.detach().numpy() if isinstance(v, torch.Tensor) else v
 
 
-def _torch_value_and_grads(name, sample):
-    named, _, diff = _leaves(sample)
-    op = next(o for o in op_db if o.name == name)
+def _torch_value_and_grads(case):
+    leaves = case.leaves()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = op(sample.input, *sample.args, **sample.kwargs)
+        out = case.torch_fn(*case.args, **case.kwargs)
     ct = torch.linspace(1.0, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
-    grads = (
-        torch.autograd.grad(
-            (out * ct).sum(), [named[k] for k in diff], allow_unused=True
-        )
-        if out.numel()
-        else [None] * len(diff)
-    )
+    grads = [None] * len(leaves)
+    if out.numel() and leaves:
+        grads = torch.autograd.grad((out * ct).sum(), leaves, allow_unused=True)
     return (
         out.detach().numpy(),
         ct.numpy(),
-        {
-            k: np.zeros(named[k].shape) if g is None else g.numpy()
-            for k, g in zip(diff, grads, strict=True)
-        },
+        [
+            np.zeros(t.shape) if g is None else g.numpy()
+            for t, g in zip(leaves, grads, strict=True)
+        ],
     )
 
 
-def _jxent_value_and_grads(name, sample, ct):
-    _, arrays, diff = _leaves(sample)
-    n_args = len(sample.args)
+def _jxent_value_and_grads(case, ct):
+    leaves = case.leaves()
 
-    def call(diff_arrays):
-        a = {**arrays, **diff_arrays}
-        args = [a[f"arg{i}"] for i in range(n_args)]
-        kwargs = {k: a[k] for k in sample.kwargs}
-        out = _OURS[name](a["input"], *args, **kwargs)
+    def position(v):
+        return next((i for i, u in enumerate(leaves) if v is u), None)
+
+    def call(diff):
+        def arg(v):
+            i = position(v)
+            return _as_numpy(v) if i is None else diff[i]
+
+        args = [arg(v) for v in case.args]
+        out = case.jxent_fn(*args, **{k: arg(v) for k, v in case.kwargs.items()})
         return jnp.sum(out * ct), out
 
     with x64():
-        # One program per sample: eagerly, every op would compile on its own.
+        # One program per case: eagerly, every op would compile on its own.
         (_, out), grads = jax.jit(jax.value_and_grad(call, has_aux=True))(
-            {k: jnp.asarray(arrays[k]) for k in diff}
+            [jnp.asarray(_as_numpy(t)) for t in leaves]
         )
-    return np.asarray(out), {k: np.asarray(g) for k, g in grads.items()}
+    return np.asarray(out), [np.asarray(g) for g in grads]
 
 
-def test_every_opinfo_sample_matches_torch(full):
-    """Every distinct sample with ``pytest --full`` (108 with torch 2.13); in
-    CI a covering subset (each sample compiles anew)."""
-    samples = _samples(every=full)
+def _expected(case, value, grads):
+    """torch's value and gradients, as the README's semantics table changes
+    them for jxent:
+
+    - a ``"mean"`` over no counted target (every one ignored) is 0 with zero
+      gradients, where torch's is NaN;
+    - NaN data poisons: a NaN in ``kl_div``'s input or target, or a negative
+      target without ``log_target``, gives NaN gradients at that element
+      with ``"none"`` and everywhere otherwise (torch's gradient there, and
+      elsewhere, is finite).
+    """
+    floats = [np.asarray(_as_numpy(a)) for a in case.args if _is_float(a)]
+    has_nan = any(np.isnan(a).any() for a in floats)
+    reduced = value.ndim == 0 and case.name not in ("softmax", "log_softmax")
+    if reduced and np.isnan(value) and not has_nan:  # a zero denominator
+        return np.zeros(()), [np.zeros_like(g) for g in grads]
+    if case.name in ("nn.functional.kl_div", "KLDivLoss"):
+        x, t = floats[:2]
+        bad = np.isnan(x) | np.isnan(t)
+        if not case.options.get("log_target", False):
+            bad |= t < 0
+        if bad.any():
+            none = case.options.get("reduction", "mean") == "none"
+            grads = [np.where(bad if none else True, np.nan, g) for g in grads]
+    return value, grads
+
+
+def _is_float(a):
+    return isinstance(a, torch.Tensor) and a.is_floating_point()
+
+
+def test_every_torch_sample_matches(full):
+    """Every distinct case with ``pytest --full`` (108 OpInfo samples and 155
+    ModuleInfo inputs with torch 2.13); in CI a covering subset (each case
+    compiles anew)."""
+    cases = _cases(every=full)
     failures = []
-    for name, sample in samples:
-        want, ct, want_grads = _torch_value_and_grads(name, sample)
+    for case in cases:
+        value, ct, grads = _torch_value_and_grads(case)
+        want, want_grads = _expected(case, value, grads)
         try:
-            got, grads = _jxent_value_and_grads(name, sample, ct)
-            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+            got, got_grads = _jxent_value_and_grads(case, ct)
             assert got.shape == want.shape, (got.shape, want.shape)
-            for k, g in want_grads.items():
-                record_deviation(f"{name} OpInfo", grads[k], g)
-                np.testing.assert_allclose(
-                    grads[k], g, rtol=1e-10, atol=1e-14, err_msg=k
-                )
-        except Exception as e:  # an error is a failing sample
-            shapes = [
-                tuple(getattr(a, "shape", ())) for a in (sample.input, *sample.args)
-            ]
-            failures.append(f"{name} {shapes} {sample.kwargs}: {type(e).__name__} {e}")
-    names = {name for name, _ in samples}
-    assert names == set(_OURS), names
-    print(f"\nOpInfo samples agreeing: {len(samples) - len(failures)}/{len(samples)}")
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+            for g, w in zip(got_grads, want_grads, strict=True):
+                record_deviation(f"{case.name} OpInfo/ModuleInfo", g, w)
+                np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
+        except Exception as e:  # an error is a failing case
+            shapes = [tuple(getattr(a, "shape", ())) for a in case.args]
+            failures.append(f"{case.name} {shapes} {case.options}: {e!r}")
+    names = {case.name for case in cases}
+    assert names == set(_FUNCTIONS) | set(_MODULES), names
+    print(f"\ntorch samples agreeing: {len(cases) - len(failures)}/{len(cases)}")
     assert not failures, "\n".join(failures[:5])

@@ -394,7 +394,10 @@ def check_concrete_probabilities(probs: jax.Array, name: str = "probs") -> None:
     """
     if not is_concrete(probs) or probs.size == 0:
         return
-    p = np.asarray(probs.astype(jnp.float32) if probs.dtype == jnp.bfloat16 else probs)
+    # In NumPy: under an outer trace (a constant captured by a jitted
+    # function), probs.astype would be a tracer.
+    p = np.asarray(probs)
+    p = p.astype(np.float32) if probs.dtype == jnp.bfloat16 else p
     bad = ~((p >= 0) & (p <= 1))
     if bad.any():
         raise ValueError(
@@ -439,7 +442,10 @@ def _signed_indices(passed: object, target: jax.Array) -> jax.Array:
         return target.astype(jnp.int32)
     signed = jnp.int32 if target.dtype.itemsize == 4 else jnp.int64
     top = jnp.iinfo(signed).max
-    largest = int(jnp.max(target)) if is_concrete(target) and target.size else 0
+    # In NumPy: under an outer trace (a constant captured by a jitted
+    # function), jnp.max of a concrete array would be a tracer.
+    concrete = is_concrete(target) and target.size
+    largest = int(np.max(np.asarray(target))) if concrete else 0
     if largest > top:
         raise ValueError(
             f"`target` contains class index {largest}, outside [0, C) for any "

@@ -787,6 +787,45 @@ def test_uint32_index_at_the_int32_limit(index):
         jxent.cross_entropy(jnp.zeros((3, C)), target)
 
 
+@pytest.mark.parametrize("name", sorted(_INDEX_LOSSES))
+def test_concrete_unsigned_target_captured_by_a_jitted_function(name):
+    # A jax.Array constant closed over by a jitted function is concrete, but
+    # jnp ops on it are staged into the trace: the range check once took
+    # jnp.max of it and raised a ConcretizationTypeError. The float64 NLL;
+    # an index beyond int32 still raises, naming it.
+    x, w, logits, lse = _wide_head(C)
+    x, w = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    target = jnp.asarray([2, 0, 1], jnp.uint32)
+    loss = _INDEX_LOSSES[name]
+    got = jax.jit(lambda x, w: loss(x, w, target))(x, w)
+    np.testing.assert_allclose(got, lse - logits[np.arange(3), [2, 0, 1]], rtol=2e-5)
+    beyond = jnp.asarray([2, 2**31, 1], jnp.uint32)
+    with pytest.raises(ValueError, match=rf"class index {2**31},"):
+        jax.jit(lambda x, w: loss(x, w, beyond))(x, w)
+
+
+def test_concrete_arrays_captured_by_checkify_and_jit():
+    # check_target on a captured uint32 target, and bfloat16 probabilities
+    # captured by a jitted binary_cross_entropy (once a TracerArrayConversion).
+    target = jnp.asarray([1, 2], jnp.uint32)
+    checked = checkify.checkify(lambda: jxent.check_target(target, 3))
+    assert checked()[0].get() is None
+    assert jax.jit(checked)()[0].get() is None
+    bad = jnp.asarray([1, 3], jnp.uint32)
+    error, _ = jax.jit(checkify.checkify(lambda: jxent.check_target(bad, 3)))()
+    with pytest.raises(checkify.JaxRuntimeError, match="got 3"):
+        error.throw()
+    probs = jnp.asarray([0.5, 0.25], jnp.bfloat16)
+    t = jnp.asarray([1.0, 0.0], jnp.bfloat16)
+    got = jax.jit(lambda t: jxent.binary_cross_entropy(probs, t, reduction="none"))(t)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64), [np.log(2), -np.log(0.75)], rtol=1e-2
+    )
+    outside = jnp.asarray([0.5, 1.5], jnp.bfloat16)
+    with pytest.raises(ValueError, match="probabilities in"):
+        jax.jit(lambda t: jxent.binary_cross_entropy(outside, t))(t)
+
+
 def test_int64_index_that_jax_would_wrap_to_32_bits_raises():
     # Without x64 jnp.asarray wraps a NumPy int64 2**32 + 1 to class 1.
     target = np.array([0, 2**32 + 1, 2], np.int64)

@@ -25,6 +25,7 @@ import functools
 from typing import Any, dataclass_transform
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
@@ -121,7 +122,7 @@ def _check_label_smoothing_values(value: object) -> None:
     if arr.ndim == 0:
         check_unit_interval(value, "label_smoothing")
         return
-    if not np.issubdtype(arr.dtype, np.number) or np.any((arr < 0) | (arr > 1)):
+    if not jnp.issubdtype(arr.dtype, jnp.number) or np.any((arr < 0) | (arr > 1)):
         raise ValueError(
             "`label_smoothing` must be real values in [0, 1] (one per member of "
             f"a stacked loss), got {value!r}."

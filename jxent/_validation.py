@@ -123,7 +123,7 @@ def _check_scalar_option(value, name: str, ok, allowed: str):
     arr = np.asarray(value)
     if np.iscomplexobj(arr):
         raise TypeError(f"`{name}` must be a real scalar ({allowed}), got {value!r}.")
-    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
+    if arr.ndim != 0 or not jnp.issubdtype(arr.dtype, jnp.number):
         raise ValueError(f"`{name}` must be a real scalar ({allowed}), got {value!r}.")
     if not ok(float(arr)):
         raise ValueError(f"`{name}` must be {allowed}, got {float(arr)!r}.")

@@ -826,6 +826,64 @@ def test_concrete_arrays_captured_by_checkify_and_jit():
         jax.jit(lambda t: jxent.binary_cross_entropy(outside, t))(t)
 
 
+# (option, good value, value outside its range) per function taking it.
+_SCALAR_OPTIONS = [
+    ("cross_entropy", "label_smoothing", 0.1, 1.5),
+    ("cross_entropy", "z_loss", 1e-3, -1.0),
+    ("cross_entropy", "soft_cap", 5.0, -5.0),
+    ("linear_cross_entropy", "label_smoothing", 0.1, 1.5),
+    ("log_probs", "temperature", 0.7, -0.7),
+    ("linear_log_probs", "temperature", 0.7, 0.0),
+    ("distillation_loss", "beta", 0.5, 1.5),
+    ("linear_distillation_loss", "beta", 0.5, -0.5),
+    ("sigmoid_focal_loss", "gamma", 2.0, -1.0),
+]
+
+
+def _with_option(name, option, value):
+    x, w, logits, _ = _wide_head(C)
+    x, w, logits = (jnp.asarray(a, jnp.float32) for a in (x, w, logits))
+    target = jnp.asarray([2, 0, 1])
+    calls = {
+        "cross_entropy": lambda **o: jxent.cross_entropy(logits, target, **o),
+        "linear_cross_entropy": lambda **o: jxent.linear_cross_entropy(
+            x, w, target, **o
+        ),
+        "log_probs": lambda **o: jxent.log_probs(logits, target, **o),
+        "linear_log_probs": lambda **o: jxent.linear_log_probs(x, w, target, **o),
+        "distillation_loss": lambda **o: jxent.distillation_loss(
+            logits, logits[::-1], **o
+        ),
+        "linear_distillation_loss": lambda **o: jxent.linear_distillation_loss(
+            x, w, x[::-1], w, **o
+        ),
+        "sigmoid_focal_loss": lambda **o: jxent.sigmoid_focal_loss(
+            logits, (logits > 0).astype(jnp.float32), **o
+        ),
+    }
+    return calls[name](**{option: value})
+
+
+@pytest.mark.parametrize(("name", "option", "good", "bad"), _SCALAR_OPTIONS)
+def test_bfloat16_scalar_options_are_real_numbers(name, option, good, bad):
+    # A bfloat16 scalar (NumPy's dtype for it is not np.number) was refused
+    # as "not a real scalar". It is the float32 number it holds; outside the
+    # option's range it is refused as that number.
+    value = jnp.asarray(good, jnp.bfloat16)
+    np.testing.assert_array_equal(
+        _with_option(name, option, value), _with_option(name, option, float(value))
+    )
+    with pytest.raises(ValueError, match=rf"`{option}` must be"):
+        _with_option(name, option, jnp.asarray(bad, jnp.bfloat16))
+
+
+def test_stacked_bfloat16_label_smoothing_of_a_loss_object():
+    ls = jnp.asarray([0.1, 0.2], jnp.bfloat16)
+    assert jxent.CrossEntropyLoss(label_smoothing=ls).label_smoothing is not None
+    with pytest.raises(ValueError, match="`label_smoothing` must be real values"):
+        jxent.CrossEntropyLoss(label_smoothing=ls.at[1].set(1.5))
+
+
 def test_int64_index_that_jax_would_wrap_to_32_bits_raises():
     # Without x64 jnp.asarray wraps a NumPy int64 2**32 + 1 to class 1.
     target = np.array([0, 2**32 + 1, 2], np.int64)

@@ -55,9 +55,10 @@ def _checked(x: ArrayLike, axis: int | Sequence[int] | None, where: ArrayLike | 
             )
         x = x.reshape(1)
     axis = _normalized_axes(axis, x.ndim)
-    # A length-C mask lies along a single class axis; over several, NumPy's
-    # broadcasting (as jax.nn's).
-    mask_axis = axis if isinstance(axis, int) else x.ndim - 1
+    # A length-C mask lies along a single class axis (an int or a 1-tuple);
+    # over several, NumPy's broadcasting (as jax.nn's).
+    single = axis if isinstance(axis, int) else axis[0] if len(axis) == 1 else None
+    mask_axis = x.ndim - 1 if single is None else single
     return x, axis, check_class_mask(where, x.shape, mask_axis)
 
 

@@ -319,14 +319,15 @@ def _masked_log_softmax64(x, mask, axis):
 
 @pytest.mark.parametrize("kind", ["per element", "per class"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("axis", [-1, 1])
+@pytest.mark.parametrize("axis", [-1, 1, (1,)])
 def test_softmax_where_excludes_classes(axis, dtype, kind):
     """``where`` as in ``jax.nn``: a per-element mask, or a length-C one laid
-    along ``axis``; a row with every class excluded gives -inf and 0, not NaN.
+    along ``axis``, an int or a 1-tuple (a 1-tuple's was laid along the last
+    axis); a row with every class excluded gives -inf and 0, not NaN.
     Values and gradients (both modes) against float64 formulas."""
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(scale=3.0, size=(4, 6, 5)), dtype)
-    ax = axis % 3
+    ax = (axis[0] if isinstance(axis, tuple) else axis) % 3
     if kind == "per element":
         mask = rng.random(x.shape) < 0.6
         mask[0] = False  # every class of these rows excluded

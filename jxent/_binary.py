@@ -91,19 +91,41 @@ def sigmoid_terms(x: jax.Array) -> SigmoidTerms:
 
     With ``e = exp(-|x|) ∈ [0, 1]``: ``softplus(±x) = log1p(e) + max(±x, 0)``
     (torch's form) and ``sigmoid(|x|) = 1 / (1 + e)``,
-    ``sigmoid(-|x|) = e / (1 + e)``; nothing overflows or cancels.
+    ``sigmoid(-|x|) = e / (1 + e)``; nothing overflows or cancels (XLA
+    computes the one ``e`` that both pairs form).
     """
+    softplus_pos, softplus_neg = _softplus_pair(x)
+    sigmoid_pos, sigmoid_neg = _sigmoid_pair(x)
+    return SigmoidTerms(softplus_pos, softplus_neg, sigmoid_pos, sigmoid_neg)
+
+
+def _sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(σ(x), σ(-x))`` from ``e = exp(-|x|)``."""
     e = jnp.exp(-jnp.abs(x))
-    log1p_e = jnp.log1p(e)
     big = 1.0 / (1.0 + e)
     small = e * big
     positive = x >= 0
-    return SigmoidTerms(
-        softplus_pos=log1p_e + jnp.maximum(x, 0.0),
-        softplus_neg=log1p_e + jnp.maximum(-x, 0.0),
-        sigmoid_pos=jnp.where(positive, big, small),
-        sigmoid_neg=jnp.where(positive, small, big),
-    )
+    return jnp.where(positive, big, small), jnp.where(positive, small, big)
+
+
+@jax.custom_jvp
+def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(softplus(x), softplus(-x))`` as ``log1p(e) + max(±x, 0)``.
+
+    Its derivatives are ``±σ(±x)`` at every order. The pieces' own are not at
+    ``x = 0``: there JAX takes ``|x|``'s as 1 and ``max``'s as 1/2, which
+    would give 0 and -1 instead of ±1/2 (the second derivatives of the
+    binary losses at a zero logit, a zero-initialised head's, were wrong).
+    """
+    log1p_e = jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return log1p_e + jnp.maximum(x, 0.0), log1p_e + jnp.maximum(-x, 0.0)
+
+
+@_softplus_pair.defjvp
+def _softplus_pair_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    sigmoid_pos, sigmoid_neg = _sigmoid_pair(x)
+    return _softplus_pair(x), (sigmoid_pos * dx, -sigmoid_neg * dx)
 
 
 @functools.partial(jax.custom_jvp)

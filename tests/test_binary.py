@@ -424,9 +424,11 @@ def test_second_derivatives_where_a_coefficient_is_zero():
     at ``pos_weight = 1`` (the ``pw - 1`` factor of d/dt is 0), soft targets
     and ``gamma = 0``: the derivative rules' zero-safe products had a zero
     derivative w.r.t. a zero coefficient (H[t][pw] was 0, not the mixed
-    partial, and H[gamma][gamma] at gamma = 0 was 0)."""
-    x = np.array([0.3, -1.2, 2.0])
-    t = np.array([0.2, 0.5, 0.9])
+    partial, and H[gamma][gamma] at gamma = 0 was 0). Also at a zero logit
+    (a zero-initialised head's), where softplus's pieces (|x|, max) have
+    one-sided derivatives and 102 Hessian entries were wrong."""
+    x = np.array([0.3, -1.2, 2.0, 0.0, 0.0])
+    t = np.array([0.2, 0.5, 0.9, 0.3, 1.0])
 
     def bce_ref(x, t, pw):
         return jnp.sum((1 - t) * jax.nn.softplus(x) + pw * t * jax.nn.softplus(-x))
@@ -446,7 +448,12 @@ def test_second_derivatives_where_a_coefficient_is_zero():
         return jxent.sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma,
                                         reduction="sum")  # fmt: skip
 
-    cases = [(bce, bce_ref, (x, t, 1.0)), (focal, focal_ref, (x, t, 0.25, 0.0))]
+    cases = [
+        (bce, bce_ref, (x, t, 1.0)),
+        (bce, bce_ref, (x, t, 2.0)),
+        (focal, focal_ref, (x, t, 0.25, 0.0)),
+        (focal, focal_ref, (x[3:], t[3:], 0.25, 2.0)),
+    ]
     for ours, ref, args in cases:
         argnums = tuple(range(len(args)))
         f32 = tuple(np.float32(a) for a in args)

@@ -34,6 +34,7 @@ from typing import TypeVar
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_batching import custom_vmap
 from jax.custom_derivatives import SymbolicZero
 
 from jxent._safe_math import poison
@@ -261,13 +262,29 @@ def _sum_exp_shifted(make_x, shift, axis, shape, partitioned, keep=False):
     return on_cpu(split_rows, whole_rows)
 
 
+@custom_vmap
+def _unbatched_any(flag: jax.Array) -> jax.Array:
+    """``flag``; under ``vmap``, whether any member's is True (unbatched)."""
+    return flag
+
+
+@_unbatched_any.def_vmap
+def _unbatched_any_vmap(axis_size, in_batched, flag):
+    del axis_size
+    return (jnp.any(flag) if in_batched[0] else flag), False
+
+
 def _redone_if(todo: jax.Array, value: jax.Array, redo: Callable[[], jax.Array]):
     """``redo()`` where the scalar ``todo`` is True, else ``value``.
 
     A while loop of at most one trip, not a ``lax.cond``: XLA copies a large
     operand that a conditional passes through unchanged, but updates a loop's
-    carry in place.
+    carry in place. Under ``vmap`` the whole batch is redone if any member
+    must be (redoing is always right), so the loop's predicate stays a
+    scalar: ``checkify`` refuses a loop with a batched one ("Checkify does
+    not support batched while-loops", with or without a check of its own).
     """
+    todo = _unbatched_any(todo)
     # False, varying over the manual axes that ``todo`` varies over.
     done = jnp.logical_and(todo, False)
     return lax.while_loop(lambda c: c[1], lambda c: (redo(), done), (value, todo))[0]

@@ -1000,6 +1000,34 @@ def test_checkify_passes_good_targets_and_ignore_index(name, positions):
     np.testing.assert_allclose(value, expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("order", ["checkify(vmap)", "vmap(checkify)"])
+def test_checkify_with_a_loss_per_example_under_vmap(order):
+    # A loss per example (vmap) inside or around checkify (float checks, and
+    # check_target): the CPU's overflow-redo loop had a batched predicate,
+    # which checkify refuses ("Checkify does not support batched
+    # while-loops"), even with no check of its own. Values against the
+    # float64 NLL, one member's logits overflowing the fast path.
+    rng = np.random.default_rng(3)
+    x = rng.normal(scale=3.0, size=(4, 3, C)).astype(np.float32)
+    x[1, 0, 2] = 200.0
+    t = rng.integers(0, C, (4, 3))
+    t[1, 0] = 0
+    lp = x - np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True))
+    lp -= x.max(-1, keepdims=True)
+    want = -np.take_along_axis(lp, t[..., None], -1)[..., 0].mean(-1)
+    loss = jax.vmap(_checked_ce)
+    if order == "checkify(vmap)":
+        checked = jax.jit(checkify.checkify(loss, errors=checkify.all_checks))
+    else:
+        checked = jax.jit(jax.vmap(checkify.checkify(_checked_ce)))
+    err, value = checked(jnp.asarray(x), jnp.asarray(t))
+    assert err.get() is None
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    err, value = checked(jnp.asarray(x), jnp.asarray(t).at[2, 1].set(C + 4))
+    assert re.search(rf"got {C + 4}\b", err.get()), err.get()
+    assert np.isnan(value[2]) and np.isfinite(np.delete(value, 2)).all()
+
+
 def test_checkify_multidim_and_empty_targets():
     checked = checkify.checkify(jax.jit(lambda t: jxent.check_target(t, C)))
     err, out = checked(jnp.array([[0, 1], [-100, 2]]))

@@ -228,6 +228,17 @@ def test_sigmoid_focal_loss_traced_negative_gamma(reduction):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_sigmoid_focal_loss_target_outside_unit_interval(reduction):
+    # torchvision extends its formula (a finite number); jxent's 1 - p_t may
+    # be negative there: NaN (README), also for a target rounded past 1.
+    fn = lambda x, t: jxent.sigmoid_focal_loss(x, t, reduction=reduction)
+    soft = jax.nn.sigmoid(LOGITS[::-1])
+    for bad in (1.0000001, 2.0, -0.5):
+        _check(fn, (LOGITS, soft.at[BAD_ROW, 2].set(bad)), reduction)
+    assert np.isfinite(_programs(fn, 2)[1](LOGITS, soft)[0]).all()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_binary_cross_entropy_probability_outside_unit_interval(reduction):
     probs = jax.nn.sigmoid(LOGITS).at[BAD_ROW, 2].set(1.25)
     target = (LOGITS > 0).astype(jnp.float32)

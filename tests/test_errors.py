@@ -1005,25 +1005,32 @@ def test_checkify_with_a_loss_per_example_under_vmap(order):
     # A loss per example (vmap) inside or around checkify (float checks, and
     # check_target): the CPU's overflow-redo loop had a batched predicate,
     # which checkify refuses ("Checkify does not support batched
-    # while-loops"), even with no check of its own. Values against the
-    # float64 NLL, one member's logits overflowing the fast path.
+    # while-loops"), even with no check of its own. Values and gradients
+    # against the float64 NLL, one member's logits overflowing the fast path
+    # (its gradient reads the exponentials that the loop redoes).
     rng = np.random.default_rng(3)
     x = rng.normal(scale=3.0, size=(4, 3, C)).astype(np.float32)
     x[1, 0, 2] = 200.0
     t = rng.integers(0, C, (4, 3))
     t[1, 0] = 0
-    lp = x - np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True))
-    lp -= x.max(-1, keepdims=True)
+    x64_ = x.astype(np.float64)
+    lp = x64_ - x64_.max(-1, keepdims=True)
+    lp -= np.log(np.sum(np.exp(lp), -1, keepdims=True))
     want = -np.take_along_axis(lp, t[..., None], -1)[..., 0].mean(-1)
-    loss = jax.vmap(_checked_ce)
+    want_grad = (np.exp(lp) - np.eye(C)[t]) / t.shape[1]
+    value_and_grad = jax.value_and_grad(_checked_ce)
     if order == "checkify(vmap)":
-        checked = jax.jit(checkify.checkify(loss, errors=checkify.all_checks))
+        checked = checkify.checkify(
+            jax.vmap(value_and_grad), errors=checkify.all_checks
+        )
     else:
-        checked = jax.jit(jax.vmap(checkify.checkify(_checked_ce)))
-    err, value = checked(jnp.asarray(x), jnp.asarray(t))
+        checked = jax.vmap(checkify.checkify(value_and_grad))
+    checked = jax.jit(checked)
+    err, (value, grad) = checked(jnp.asarray(x), jnp.asarray(t))
     assert err.get() is None
     np.testing.assert_allclose(value, want, rtol=1e-6)
-    err, value = checked(jnp.asarray(x), jnp.asarray(t).at[2, 1].set(C + 4))
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+    err, (value, _) = checked(jnp.asarray(x), jnp.asarray(t).at[2, 1].set(C + 4))
     assert re.search(rf"got {C + 4}\b", err.get()), err.get()
     assert np.isnan(value[2]) and np.isfinite(np.delete(value, 2)).all()
 

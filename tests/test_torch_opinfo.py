@@ -1,6 +1,7 @@
-"""PyTorch's own test inputs for the multi-class losses, against jxent.
+"""PyTorch's own test inputs for the classification losses, against jxent.
 
 torch's test suite checks ``F.cross_entropy``, ``F.nll_loss``, ``F.kl_div``,
+``F.binary_cross_entropy``, ``F.binary_cross_entropy_with_logits``,
 ``torch.softmax`` and ``torch.log_softmax`` on the samples of its OpInfo
 database (class axis 1, or 0 unbatched; a 0-d input to the softmaxes; empty
 arrays), and ``nn.CrossEntropyLoss``, ``nn.NLLLoss``, ``nn.KLDivLoss``,
@@ -11,8 +12,8 @@ function or loss object with torch's layout (``axis=1``) in float64: the
 value, and the gradient of ``<output, ct>`` w.r.t. every tensor torch
 differentiates (the input, probability or KL targets), except where the
 README's semantics table deviates on purpose (``_expected``).
-The binary losses' OpInfo samples are in test_binary_api.py, and
-``F.linear_cross_entropy``'s in test_linear_opinfo.py.
+``F.linear_cross_entropy``'s samples are in test_linear_opinfo.py (a block
+layout of their own).
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ _FUNCTIONS = {
         x, t, weight, axis=_class_axis(x), **kw
     ),
     "nn.functional.kl_div": jxent.kl_div,
+    "nn.functional.binary_cross_entropy": jxent.binary_cross_entropy,
+    "nn.functional.binary_cross_entropy_with_logits": (
+        jxent.binary_cross_entropy_with_logits
+    ),
     "softmax": _softmaxes(jxent.softmax),
     "log_softmax": _softmaxes(jxent.log_softmax),
 }
@@ -166,13 +171,22 @@ def _moduleinfo_cases():
                 )
 
 
+# Cheap enough that CI runs every sample (37 OpInfo samples with torch 2.13).
+_EVERY_SAMPLE_IN_CI = {
+    "nn.functional.binary_cross_entropy",
+    "nn.functional.binary_cross_entropy_with_logits",
+}
+
+
 def _cases(every):
     """Every distinct case (shapes, dtypes and options), or (``every=False``)
-    a covering subset, in which each of every case's features appears."""
+    a covering subset, in which each of every case's features appears (and
+    every case of ``_EVERY_SAMPLE_IN_CI``)."""
     chosen, seen = {}, set()
     for case in (*_opinfo_cases(), *_moduleinfo_cases()):
         new = case.features() - seen
-        if case.key() not in chosen and (every or new):
+        every_one = every or case.name in _EVERY_SAMPLE_IN_CI
+        if case.key() not in chosen and (every_one or new):
             chosen[case.key()] = case
             seen |= new
     return list(chosen.values())
@@ -256,7 +270,7 @@ def _is_float(a):
 
 
 def test_every_torch_sample_matches(full):
-    """Every distinct case with ``pytest --full`` (108 OpInfo samples and 155
+    """Every distinct case with ``pytest --full`` (145 OpInfo samples and 155
     ModuleInfo inputs with torch 2.13); in CI a covering subset (each case
     compiles anew)."""
     cases = _cases(every=full)

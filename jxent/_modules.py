@@ -35,6 +35,7 @@ from jxent._information import KL_REDUCTIONS, kl_div
 from jxent._types import KLReduction, Reduction
 from jxent._validation import (
     REDUCTIONS,
+    check_axis,
     check_bool,
     check_buffer,
     check_ignore_index,
@@ -207,6 +208,9 @@ def _loss_pytree(cls: type) -> type:
             value = getattr(self, name)
             if isinstance(value, np.ndarray | list | tuple):
                 object.__setattr__(self, name, _read_only_copy(value))
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                # label_smoothing=0 is the default 0.0: equal, one program.
+                object.__setattr__(self, name, float(value))
 
     cls.__init__ = __init__
     jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
@@ -256,6 +260,7 @@ class NLLLoss(_LossModule):
         check_reduction(self.reduction, REDUCTIONS)
         check_ignore_index(self.ignore_index)
         check_buffer(self.weight, "weight", vector=True, allow_bool=False)
+        check_axis(self.axis)
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
         """The loss of log-probabilities ``input`` against ``target``."""
@@ -306,6 +311,7 @@ class CrossEntropyLoss(_LossModule):
         check_ignore_index(self.ignore_index)
         check_buffer(self.weight, "weight", vector=True, allow_bool=False)
         _check_label_smoothing_values(self.label_smoothing)
+        check_axis(self.axis)
 
     def __call__(self, input: ArrayLike, target: ArrayLike) -> jax.Array:
         """The loss of logits ``input`` against ``target``."""

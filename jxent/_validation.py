@@ -36,9 +36,24 @@ def check_reduction(reduction: str, allowed: Collection[str] = REDUCTIONS) -> No
         )
 
 
+def as_array(value: object, name: str) -> jax.Array:
+    """``jnp.asarray(value)``; a ``TypeError`` naming ``name`` if it is no array.
+
+    A string, a dict or a ragged list is refused by ``jnp.asarray`` with a
+    message that does not say which argument it was.
+    """
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"`{name}` must be an array (a jax or NumPy array, a number or a "
+            f"nested list of numbers), got {value!r} ({e})."
+        ) from None
+
+
 def as_float_array(x: ArrayLike, name: str) -> jax.Array:
     """Converts ``x`` to an array; ``TypeError`` unless its dtype is floating."""
-    arr = jnp.asarray(x)
+    arr = as_array(x, name)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         # The dtype the caller passed (a NumPy int64 array, not the int32 that
         # jnp.asarray turns it into without x64).
@@ -68,10 +83,15 @@ def promoted_dtype(a: jax.Array, a_name: str, b: jax.Array, b_name: str) -> np.d
         ) from None
 
 
-def normalize_axis(axis: int, ndim: int, name: str = "logits") -> int:
-    """Returns ``axis`` as a non-negative index into an array of rank ``ndim``."""
+def check_axis(axis: object) -> None:
+    """Raises a ``TypeError`` unless ``axis`` is an int (not a bool)."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"`axis` must be an int, got {axis!r}.")
+
+
+def normalize_axis(axis: int, ndim: int, name: str = "logits") -> int:
+    """Returns ``axis`` as a non-negative index into an array of rank ``ndim``."""
+    check_axis(axis)
     if ndim == 0:
         raise ValueError(
             f"`{name}` must have at least one dimension (the class axis), got a scalar."
@@ -174,7 +194,7 @@ def check_weight(weight: ArrayLike | None, num_classes: int) -> jax.Array | None
     """
     if weight is None:
         return None
-    w = jnp.asarray(weight)
+    w = as_array(weight, "weight")
     _check_real_dtype(w.dtype, "weight", allow_bool=False)
     if w.shape != (num_classes,):
         raise ValueError(
@@ -292,13 +312,13 @@ def check_class_mask(
     """
     if where is None:
         return None
-    mask = jnp.asarray(where)
+    mask = as_array(where, "where")
     if mask.dtype != jnp.bool_:
         raise TypeError(f"`where` must be a boolean array, got dtype {mask.dtype}.")
     if mask.ndim == 1 and mask.shape[0] == shape[axis] and len(shape) > 1:
         mask = along_axis(mask, len(shape), axis)
     try:
-        broadcast = np.broadcast_shapes(mask.shape, shape)
+        broadcast = jnp.broadcast_shapes(mask.shape, tuple(shape))
     except ValueError:
         broadcast = None
     if broadcast != tuple(shape):
@@ -343,7 +363,7 @@ def as_elementwise_target(
     Integer and boolean targets are returned as they are; the loss casts them to
     its accumulation dtype.
     """
-    target = jnp.asarray(target)
+    target = as_array(target, "target")
     if not (
         jnp.issubdtype(target.dtype, jnp.floating)
         or jnp.issubdtype(target.dtype, jnp.integer)
@@ -370,10 +390,10 @@ def check_broadcast_weight(
     """
     if weight is None:
         return None
-    w = jnp.asarray(weight)
+    w = as_array(weight, name)
     _check_real_dtype(w.dtype, name, allow_bool=True)
     try:
-        broadcast = np.broadcast_shapes(w.shape, tuple(shape))
+        broadcast = jnp.broadcast_shapes(w.shape, tuple(shape))
     except ValueError:
         broadcast = None
     if broadcast != tuple(shape):
@@ -416,7 +436,7 @@ def as_int_target(target: ArrayLike) -> jax.Array:
     values past the signed maximum (outside any class range) saturate there.
     A concrete index that JAX would wrap to 32 bits (without x64) raises.
     """
-    array = jnp.asarray(target)
+    array = as_array(target, "target")
     if not jnp.issubdtype(array.dtype, jnp.integer):
         raise TypeError(
             "`target` must hold integer class indices (int32, int64, uint8, ...), "
@@ -427,7 +447,7 @@ def as_int_target(target: ArrayLike) -> jax.Array:
 
 def as_target_array(target: ArrayLike) -> jax.Array:
     """``target`` as an array; class indices as ``as_int_target`` gives them."""
-    array = jnp.asarray(target)
+    array = as_array(target, "target")
     if jnp.issubdtype(array.dtype, jnp.integer):
         return _signed_indices(target, array)
     return array

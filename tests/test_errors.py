@@ -28,6 +28,7 @@ NEGATIVE_EPS = jnp.float32(-0.5)
 
 ce = jxent.cross_entropy
 nll = jxent.nll_loss
+bce_logits = jxent.binary_cross_entropy_with_logits
 
 # --------------------------------------------------------------------------
 # Trace-time errors: (id, fn, args, exception, regex matched against message).
@@ -533,6 +534,49 @@ def test_constructor_rejects_bad_reduction_before_any_call(make):
 def test_constructor_rejects_bad_buffers_before_any_call(make, exc, regex):
     with pytest.raises(exc, match=regex):
         make()
+
+
+@pytest.mark.parametrize("bad", ["abc", {"a": 1.0}, [[1.0, 2.0], [3.0]]])
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("logits", lambda v: ce(v, TARGET)),
+        ("target", lambda v: ce(LOGITS, v)),
+        ("weight", lambda v: ce(LOGITS, TARGET, v)),
+        ("where", lambda v: ce(LOGITS, TARGET, where=v)),
+        ("log_probs", lambda v: nll(v, TARGET)),
+        ("x", lambda v: jxent.log_softmax(v)),
+        ("weight", lambda v: jxent.binary_cross_entropy(PROBS, PROBS, v)),
+        ("target", lambda v: jxent.binary_cross_entropy(PROBS, v)),
+        ("pos_weight", lambda v: bce_logits(LOGITS, PROBS, pos_weight=v)),
+        ("target", lambda v: jxent.log_probs(LOGITS, v)),
+    ],
+    ids=["ce-logits", "ce-target", "ce-weight", "ce-where", "nll", "log_softmax",
+         "bce-weight", "bce-target", "bce-pos-weight", "log-probs-target"],
+)  # fmt: skip
+def test_what_is_no_array_is_named(name, call, bad):
+    """A string, a dict or a ragged list reached jnp.asarray, whose TypeError
+    names no argument ("Value 'abc' with dtype <U3 is not a valid JAX array
+    type")."""
+    with pytest.raises(TypeError, match=rf"^`{name}` must be an array.*got "):
+        call(bad)
+
+
+@pytest.mark.parametrize("make", [jxent.CrossEntropyLoss, jxent.NLLLoss])
+@pytest.mark.parametrize("axis", [1.5, "1", True, None])
+def test_constructor_rejects_a_bad_axis_before_any_call(make, axis):
+    with pytest.raises(TypeError, match=r"`axis` must be an int, got "):
+        make(axis=axis)
+    assert make(axis=np.int64(1)).axis == 1
+
+
+def test_equal_options_give_equal_loss_objects():
+    """label_smoothing=0 is the default 0.0: equal, hashed alike (one program
+    under jit, one cache entry as a static argument)."""
+    made = jxent.CrossEntropyLoss(label_smoothing=0)
+    assert made == jxent.CrossEntropyLoss()
+    assert hash(made) == hash(jxent.CrossEntropyLoss())
+    assert jxent.BCELoss(weight=2) == jxent.BCELoss(weight=2.0)
 
 
 def test_constructor_accepts_real_buffers_and_leaves_traced_ones_to_the_call():

@@ -101,6 +101,89 @@ def test_binary_cross_entropy_with_logits_exports_for_any_class_count():
     np.testing.assert_allclose(grad, want_grads["input"], rtol=2e-5, atol=1e-10)
 
 
+@pytest.mark.parametrize("weights", ["weight", "pos_weight", "both"])
+def test_binary_losses_with_weights_export_for_any_batch(weights):
+    # The weights' broadcast to the input's shape was checked with NumPy's
+    # broadcast_shapes, which refuses a symbolic dimension (a raw TypeError).
+    rng = np.random.default_rng(3)
+    c = 7
+    w = rng.uniform(0.5, 2.0, size=c).astype(np.float32)
+    pw = rng.uniform(0.5, 3.0, size=c).astype(np.float32)
+    options = {
+        "weight": {"weight": w},
+        "pos_weight": {"pos_weight": pw},
+        "both": {"weight": w, "pos_weight": pw},
+    }[weights]
+
+    def inputs(n):
+        return (
+            rng.normal(scale=2.0, size=(n, c)).astype(np.float32),
+            rng.uniform(size=(n, c)).astype(np.float32),
+        )
+
+    def loss(x, t):
+        module = jxent.BCEWithLogitsLoss(**options)
+        return jax.value_and_grad(module)(x, t)
+
+    exported = _export(loss, inputs(2), ("b, 7", "b, 7"))
+    x, t = inputs(9)
+    value, grad = exported.call(x, t)
+    want, want_grads = torch_binary_cross_entropy(x, t, **options, logits=True)
+    np.testing.assert_allclose(value, want, rtol=2e-6)
+    np.testing.assert_allclose(grad, want_grads["input"], rtol=2e-5, atol=1e-10)
+    if "pos_weight" not in options:  # BCELoss takes the weight alone
+        p = 1 / (1 + np.exp(-x.astype(np.float64)))
+        exported = _export(
+            lambda p, t: jax.value_and_grad(jxent.BCELoss(w))(p, t),
+            (p[:2].astype(np.float32), t[:2]),
+            ("b, 7", "b, 7"),
+        )
+        value, grad = exported.call(p.astype(np.float32), t)
+        want, want_grads = torch_binary_cross_entropy(p.astype(np.float32), t, w)
+        np.testing.assert_allclose(value, want, rtol=2e-6)
+        np.testing.assert_allclose(grad, want_grads["input"], rtol=2e-5)
+
+
+@pytest.mark.parametrize("mask_spec", ["7", "b, 7"])
+def test_a_class_mask_exports_for_any_batch(mask_spec):
+    # `where` was broadcast-checked with NumPy too: a symbolic batch failed
+    # with a raw TypeError. Against float64 formulas on the kept classes.
+    rng = np.random.default_rng(4)
+    c = 7
+
+    def inputs(n):
+        logits = rng.normal(scale=3.0, size=(n, c)).astype(np.float32)
+        mask = rng.uniform(size=(n, c) if "b" in mask_spec else (c,)) < 0.7
+        mask[..., 2] = True
+        target = np.full(n, 2, np.int32)
+        return logits, target, mask
+
+    def losses(logits, target, mask):
+        def ce(z):
+            return jxent.cross_entropy(z, target, where=mask)
+
+        value, grad = jax.value_and_grad(ce)(logits)
+        return value, grad, jxent.log_softmax(logits, where=mask)
+
+    exported = _export(losses, inputs(2), ("b, 7", "b", mask_spec))
+    logits, target, mask = inputs(6)
+    value, grad, log_probs = exported.call(logits, target, mask)
+    z = np.where(mask, logits.astype(np.float64), -np.inf)
+    shifted = z - z.max(-1, keepdims=True)
+    ref_log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    ref_value = -ref_log_probs[:, 2].mean()
+    ref_grad = np.where(mask, np.exp(ref_log_probs), 0.0)
+    ref_grad[:, 2] -= 1.0
+    ref_grad /= len(target)
+    np.testing.assert_allclose(value, ref_value, rtol=2e-6)
+    np.testing.assert_allclose(grad, ref_grad, rtol=2e-5, atol=1e-9)
+    kept = np.broadcast_to(mask, logits.shape)
+    # (z - lse: float32 cancellation near 0 gives ~1e-7 absolute.)
+    np.testing.assert_allclose(
+        log_probs[kept], ref_log_probs[kept], rtol=2e-6, atol=2e-7
+    )
+
+
 @pytest.mark.parametrize(
     "name", ["linear_cross_entropy", "linear_log_probs", "linear_argmax"]
 )

@@ -167,3 +167,92 @@ def test_flax_nnx_optimizer_never_trains_loss_buffers(case, wrap):
         step(model, optimizer)
     assert model(X, target) < first
     _assert_bit_identical(before, _buffers(model.criterion))
+
+
+def _weights_made_inside(kind):
+    """Class weights and label smoothing as a jitted constructor writes them."""
+    values = ([1.0, 2.0, 0.5], 0.1)
+    if kind == "numpy":
+        return np.asarray(values[0], np.float32), values[1]
+    if kind == "list":
+        return values
+    return jnp.asarray(values[0]), jnp.asarray(values[1])  # traced under jit
+
+
+@pytest.mark.parametrize("kind", ["numpy", "list", "jnp"])
+def test_equinox_model_built_under_filter_jit(kind):
+    # README, "Loss objects in equinox and flax": under a jitted constructor a
+    # jnp array is traced, so the loss holds it as a leaf, which gradients and
+    # weight decay reach; NumPy arrays, lists and Python numbers stay concrete
+    # (static, never trained).
+    eqx = pytest.importorskip("equinox")
+
+    class Classifier(eqx.Module):
+        linear: eqx.nn.Linear
+        criterion: jxent.CrossEntropyLoss
+
+        def __init__(self, key):
+            self.linear = eqx.nn.Linear(6, 3, key=key)
+            weight, smoothing = _weights_made_inside(kind)
+            self.criterion = jxent.CrossEntropyLoss(weight, label_smoothing=smoothing)
+
+        def __call__(self, x, y):
+            return self.criterion(jax.vmap(self.linear)(x), y)
+
+    model = eqx.filter_jit(Classifier)(jax.random.key(0))
+    leaves = jax.tree.leaves(model.criterion)
+    if kind == "jnp":
+        assert len(leaves) == 2  # the documented pitfall
+        return
+    assert leaves == []
+    before = _buffers(model.criterion)
+    optimizer = optax.adamw(0.1, weight_decay=0.5)
+    state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(model, state):
+        loss, grads = eqx.filter_value_and_grad(lambda m: m(X, Y))(model)
+        params = eqx.filter(model, eqx.is_inexact_array)
+        updates, state = optimizer.update(grads, state, params)
+        return eqx.apply_updates(model, updates), state, loss
+
+    first = model(X, Y)
+    for _ in range(5):
+        model, state, _ = step(model, state)
+    assert model(X, Y) < first
+    _assert_bit_identical(before, _buffers(model.criterion))
+    expected = jxent.cross_entropy(
+        jax.vmap(model.linear)(X), Y, jnp.asarray([1.0, 2.0, 0.5]), label_smoothing=0.1
+    )
+    np.testing.assert_allclose(model(X, Y), expected, rtol=1e-6)
+
+
+def test_flax_nnx_model_built_under_nnx_jit_with_numpy_buffers():
+    # The README's advice for nnx's jitted init: NumPy buffers (a jnp array
+    # made there would be a tracer kept on a plain attribute, and escape).
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Classifier(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(6, 3, rngs=rngs)
+            weight, smoothing = _weights_made_inside("numpy")
+            self.criterion = jxent.CrossEntropyLoss(weight, label_smoothing=smoothing)
+
+        def __call__(self, x, y):
+            return self.criterion(self.linear(x), y)
+
+    model = nnx.jit(lambda: Classifier(nnx.Rngs(0)))()
+    before = _buffers(model.criterion)
+    optimizer = nnx.Optimizer(model, optax.adamw(0.1, weight_decay=0.5), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: m(X, Y))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    first = model(X, Y)
+    for _ in range(5):
+        step(model, optimizer)
+    assert model(X, Y) < first
+    _assert_bit_identical(before, _buffers(model.criterion))

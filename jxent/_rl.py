@@ -117,12 +117,27 @@ def softmax_parts(
     before anything, so they get exactly zero derivatives). A row with no
     included class gives zeros. ``temperature`` must be > 0 (sanitised).
     """
-    z = jnp.where(excluded, 0.0, logits) / temperature
-    top = jnp.max(jnp.where(excluded, -jnp.inf, lax.stop_gradient(z)), axis=axis,
-                  keepdims=True)  # fmt: skip
+    kept = jnp.where(excluded, 0.0, logits)
+    # The lowest finite number, not -inf, where a class is excluded: a row
+    # without any class (an ignored position) has a finite maximum.
+    lowest = jnp.finfo(logits.dtype).min
+
+    def row_max(source):
+        source = jnp.where(excluded, lowest, lax.stop_gradient(source))
+        return jnp.max(source, axis=axis, keepdims=True)
+
+    # The same maximum; which array it reads changes XLA's fusions only. On
+    # the CPU the raw logits (from `kept`, which the max also read, the
+    # gradient of log_probs wrote a logits-sized temporary), elsewhere `kept`
+    # (from the raw logits, a TPU v5e read the logits of a matmul twice more).
+    top = on_cpu(lambda: row_max(logits), lambda: row_max(kept))
     top = shards.max(top)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    shifted = jnp.where(excluded, 0.0, z - top)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # a NaN or +inf logit
+    # Shifted, then divided: the largest class's is exactly 0 at any
+    # temperature. (z - max z with z = logits / T rounds z twice, the fused
+    # max's copy and the difference's, which XLA may round apart: at T = 1e-10
+    # one ulp of z was the whole log-probability, -inf or -500.)
+    shifted = jnp.where(excluded, 0.0, (kept - top) / temperature)
     exp = jnp.where(excluded, 0.0, jnp.exp(shifted))
     total = shards.sum(jnp.sum(exp, axis=axis, keepdims=True))
     # A row without mass (every class excluded) sums to 0; a NaN logit's
@@ -421,8 +436,9 @@ def _token_log_probs_tangent(x, target, temperature, where, t_x, t_temperature, 
     if t_x is not None:
         dz = jnp.where(s.excluded, 0.0, t_x)
     if t_temperature is not None:
-        z = jnp.where(s.excluded, 0.0, x) / s.temperature
-        dz = dz - z * t_temperature
+        # z shifted by its row's maximum: the same tangent (Σ_c of either
+        # factor below is 0), without z's cancellation at a tiny T.
+        dz = dz - parts.shifted * t_temperature
     dz = dz / s.temperature
     p = parts.probs
     one_hot = _one_hot(s.target, x.shape, axis, x.dtype)

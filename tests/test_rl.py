@@ -206,6 +206,64 @@ def test_log_probs_extreme_and_impossible_logits():
     assert jax.jit(lambda y: jax.jvp(impossible, (y,), (tangent,))[1])(x32) == 0
 
 
+@pytest.mark.parametrize("temperature", [1e-3, 1e-6, 1e-10, 1e-30])
+def test_tiny_temperatures_log_probs_of_the_likeliest_token(temperature):
+    """Near-greedy sampling: z = logits / T of 1e3..1e31 (in float32 range).
+
+    The log-probability of the largest logit is 0 and its entropy 0. With the
+    shift taken after dividing, XLA rounded the fused max's z and the
+    difference's z apart: one ulp of z was the answer (-inf, -548.7 at T =
+    1e-10), and the fused head's gradients were off by 15% at T = 1e-6.
+    Against float64 on the float32 inputs; other targets' log-probabilities
+    too (large negative numbers, relative precision).
+    """
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    w = rng.normal(size=(4, 11)).astype(np.float32)
+    target = np.argmax(x @ w, -1)
+    target[0] = (target[0] + 1) % 11  # a less likely token: log p ~ -gap / T
+
+    def heads(x, w, fused):
+        if fused:
+            lp, ent = jxent.linear_log_probs(
+                x, w, target, temperature=temperature, return_entropy=True
+            )
+        else:
+            lp, ent = jxent.log_probs(
+                x @ w, target, temperature=temperature, return_entropy=True
+            )
+        return lp, ent
+
+    def summed(x, w, fused, k):
+        return jnp.sum(heads(x, w, fused)[k])
+
+    with x64():
+        x64_, w64_ = jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64)
+
+        every = np.ones((6, 11), bool)
+
+        def ref(x, w, k):
+            lp, ent = ref_log_probs(x @ w, target, temperature, every, -1)
+            return jnp.sum((lp, ent)[k])
+
+        ref_lp, ref_ent = ref_log_probs(x64_ @ w64_, target, temperature, every, -1)
+        ref_grads = [jax.grad(ref, (0, 1))(x64_, w64_, k) for k in (0, 1)]
+    for fused in (False, True):
+        lp, ent = jax.jit(heads, static_argnums=2)(x, w, fused)
+        assert np.all(lp[1:] == 0) and np.all(ent[1:] == 0), (fused, lp, ent)
+        np.testing.assert_allclose(lp, ref_lp, rtol=1e-5)
+        np.testing.assert_allclose(ent, ref_ent, atol=1e-6)
+        for k in (0, 1):
+            grads = jax.jit(jax.grad(summed, (0, 1)), static_argnums=(2, 3))(
+                x, w, fused, k
+            )
+            for g, r in zip(grads, ref_grads[k], strict=True):
+                # log p's gradient is (w_t - w_argmax) / T: float32 rounding of
+                # it; the entropy's is 0 (~1e-100 in float64).
+                scale = np.abs(ref_grads[0][0]).max() if k else np.abs(r).max()
+                np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_log_probs_check_grads_order_2_both_modes():
     logits, _, target, mask1d = _case((3, 2, C), -1, seed=3)
     with x64():

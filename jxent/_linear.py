@@ -1701,10 +1701,13 @@ def _per_token_block_tangents(
         out, values, cts = tapped(cpu_rows)()
     else:  # larger rows read w fewer times where memory allows
         out, values, cts = on_cpu(tapped(cpu_rows), tapped(chip_rows))
-    if cross_entropy:
-        ce_d_logits = _hard_target_d_logits(static, p)
 
-    def tile(j, tokens, t_w_j, t_bias_j, dx_by: _DxBy):
+    # The tile takes every traced value it reads as an argument: closed over,
+    # jax.checkpoint's caches would keep them alive past the trace
+    # (jax.checking_leaks reported them).
+    def tile(j, tokens, t_w_j, t_bias_j, p, small, class_mask, dx_by: _DxBy):
+        if cross_entropy:
+            ce_d_logits = _hard_target_d_logits(static, p)
         tokens = _padding_zeroed(tokens, static)
         x_c, probs_c, target_c, mask_c, values_c, cts_c, t_x_c = tokens
         start = block_start(j)
@@ -1795,7 +1798,7 @@ def _per_token_block_tangents(
         return tuple(tangent_of(cts_o) for cts_o in cts_c)
 
     # Each tile's logits and tile math are recomputed in reverse mode.
-    tile = jax.checkpoint(tile, prevent_cse=False, static_argnums=(4,))
+    tile = jax.checkpoint(tile, prevent_cse=False, static_argnums=(7,))
     # dx accumulates over the blocks in float32.
     t_x = None if not need["x"] else vary_like(tp.x.astype(acc), p.x)
     row_mask = data.mask if static.row_mask else None
@@ -1836,7 +1839,9 @@ def _per_token_block_tangents(
         t_bias_j = block_of(t_bias, t_bias_stacked, j)
 
         def over_tokens(carry, tokens_c):
-            return carry, tile(j, tokens_c, t_w_j, t_bias_j, dx_by)
+            return carry, tile(
+                j, tokens_c, t_w_j, t_bias_j, p, small, class_mask, dx_by
+            )
 
         _, t_block = _over_chunks(over_tokens, None, tokens, chunk)
         return tuple(a + b for a, b in zip(t_out, t_block, strict=True)), None

@@ -70,7 +70,7 @@ def xlogx(p: jax.Array) -> jax.Array:
     """
     positive = p > 0
     value = p * jnp.log(jnp.where(positive, p, 1.0))
-    zero_or_nan = jnp.where(p == 0, _full(0.0, p.dtype), _full(jnp.nan, p.dtype))
+    zero_or_nan = poison(jnp.zeros_like(p), ~(p >= 0))  # NaN for p < 0 or NaN
     return jnp.where(positive, value, zero_or_nan)
 
 
@@ -89,7 +89,10 @@ def poison(value: jax.Array, bad: jax.Array) -> jax.Array:
     into every tangent and cotangent of ``value``, where ``where(bad, NaN,
     value)`` would give finite derivatives from the other branch.
     """
-    return value * jnp.where(bad, _full(jnp.nan, value.dtype), _full(1.0, value.dtype))
+    # (0 / 0 where bad, 1 / 1 elsewhere: no NaN exists unless the data is
+    # bad, so jax_debug_nans, eager too, points at the data, never here.)
+    factor = jnp.where(bad, _full(0.0, value.dtype), _full(1.0, value.dtype))
+    return value * (factor / factor)
 
 
 def _zero_batched_like(flag: jax.Array, dtype) -> jax.Array:

@@ -146,6 +146,15 @@ def test_public_functions_do_not_recompile_for_new_values():
     jxent.cross_entropy(X_LAST, T, W * 3, label_smoothing=0.2)
     jxent.cross_entropy(X_LAST, T, W + 1, label_smoothing=0.7)
     assert impl._cache_size() == before
+    # A concrete 0 leaves the term out (README): one more program, once.
+    # (A shape of its own: no other test has compiled its programs.)
+    x, t, w = jnp.ones((7, 13)), jnp.arange(7), jnp.ones(13)
+    jxent.cross_entropy(x, t, w, label_smoothing=0.1)
+    first = impl._cache_size()
+    jxent.cross_entropy(x, t, w * 2, label_smoothing=0.3)
+    jxent.cross_entropy(x, t, w, label_smoothing=0.0)
+    jxent.cross_entropy(x, t, w * 2, label_smoothing=0)
+    assert impl._cache_size() == first + 1
 
 
 def test_grad_with_respect_to_weight_and_smoothing():

@@ -177,7 +177,7 @@ def bce_terms(probs: jax.Array, target: jax.Array) -> jax.Array:
     log_p = jnp.maximum(jnp.log(probs), LOG_CLAMP)
     log_q = jnp.maximum(jnp.log1p(-probs), LOG_CLAMP)
     loss = (target - 1.0) * log_q - target * log_p
-    return poison(loss, ~_in_unit_interval(probs))
+    return jnp.where(_in_unit_interval(probs), loss, jnp.nan)
 
 
 def _in_unit_interval(probs: jax.Array) -> jax.Array:
@@ -196,9 +196,9 @@ def _bce_jvp(primals, tangents):
     out = bce_terms(probs, target)
     valid = _in_unit_interval(probs)
     denom = jnp.maximum((1.0 - probs) * probs, GRAD_EPS)
-    d_p = poison((probs - target) / denom, ~valid)
+    d_p = jnp.where(valid, (probs - target) / denom, jnp.nan)
     safe = jnp.where(valid, probs, 0.5)
-    d_t = poison(jnp.log1p(-safe) - jnp.log(safe), ~valid)
+    d_t = jnp.where(valid, jnp.log1p(-safe) - jnp.log(safe), jnp.nan)
     return out, _tangent_sum(out, (d_p, dp), (d_t, dt))
 
 

@@ -154,7 +154,27 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# binary_cross_entropy (of probabilities) keeps its NaN constant for p
+# outside [0, 1]: each NaN made of the data instead (0 / 0 where bad, or the
+# logarithms' own NaN) cost XLA's CPU program of value_and_grad at (2048,
+# 4096) 55% more bytes accessed (302 -> 470 MB) and 5% more time.
+_KEEPS_A_NAN_CONSTANT = {"binary_cross_entropy"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.xfail(
+                strict=True, raises=FloatingPointError, reason="a NaN constant"
+            ),
+        )
+        if name in _KEEPS_A_NAN_CONSTANT
+        else name
+        for name in CASES
+    ],
+)
 def test_no_nan_made_op_by_op_on_valid_data(name):
     fn, args = CASES[name]
     argnums = tuple(range(len(args)))

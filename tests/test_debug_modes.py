@@ -217,23 +217,23 @@ def test_per_token_heads_make_no_inf_with_ignored_positions(name):
         jax.jvp(fn, args, args)
 
 
-@pytest.mark.parametrize("tiles", [{}, TILES], ids=["default-tiles", "small-tiles"])
 @pytest.mark.parametrize(
     "head", ["linear_log_probs", "linear_cross_entropy-none", "return_lse"]
 )
-def test_per_token_heads_leak_no_tracer(head, tiles):
+def test_per_token_heads_leak_no_tracer(head):
     # The user's function closes over its arrays, as a training step does
     # (a leak showed then: JAX's checkpoint cache kept the heads' tile, a
-    # closure over the traced inputs).
+    # closure over the traced inputs). Default tiles: small ones leaked alike,
+    # in four times the time.
     x, w, t = X, W, TARGET
 
     def loss(x, w):
         if head == "linear_log_probs":
-            return jnp.sum(jxent.linear_log_probs(x, w, t, **tiles))
+            return jnp.sum(jxent.linear_log_probs(x, w, t))
         if head == "return_lse":
-            out = jxent.linear_cross_entropy(x, w, t, return_lse=True, **tiles)
+            out = jxent.linear_cross_entropy(x, w, t, return_lse=True)
             return jnp.sum(out[1])
-        return jnp.sum(jxent.linear_cross_entropy(x, w, t, reduction="none", **tiles))
+        return jnp.sum(jxent.linear_cross_entropy(x, w, t, reduction="none"))
 
     with jax.checking_leaks():
         jax.grad(lambda w: loss(x, w))(w)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import x64
+from conftest import full_only, x64
 from jax.test_util import check_grads
 from oracles import torch
 
@@ -987,7 +987,10 @@ def _per_token_heads(target, teacher_x, teacher_w):
     return fused, materialised
 
 
-@pytest.mark.parametrize("policy", list(CHECKPOINT_POLICIES), ids=str)
+# CI: dots_saveable (every matmul saved); pytest --full the batch-dims one too.
+@pytest.mark.parametrize(
+    "policy", ["dots_saveable", full_only("dots_with_no_batch_dims_saveable")]
+)
 def test_checkpoint_policies_that_save_matmuls_save_no_logits(policy):
     # A user's jax.checkpoint applies its policy to every matmul inside,
     # nested checkpoints included: the per-token heads' tile loops saved

@@ -96,6 +96,41 @@ def _assert_bit_identical(before, after):
         assert before[name].tobytes() == after[name].tobytes(), name
 
 
+def _train_with_equinox(model, optimizer, target, steps):
+    """``steps`` optax steps on ``model(X, target)``: (first loss, model)."""
+    eqx = pytest.importorskip("equinox")
+    state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(model, state):
+        loss, grads = eqx.filter_value_and_grad(lambda m: m(X, target))(model)
+        params = eqx.filter(model, eqx.is_inexact_array)
+        updates, state = optimizer.update(grads, state, params)
+        return eqx.apply_updates(model, updates), state, loss
+
+    first = model(X, target)
+    for _ in range(steps):
+        model, state, _ = step(model, state)
+    return first, model
+
+
+def _train_with_nnx(model, target, steps):
+    """``steps`` adamw steps (nnx.Optimizer over nnx.Param): the first loss."""
+    nnx = pytest.importorskip("flax.nnx")
+    optimizer = nnx.Optimizer(model, optax.adamw(0.1, weight_decay=0.5), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: m(X, target))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    first = model(X, target)
+    for _ in range(steps):
+        step(model, optimizer)
+    return first
+
+
 @pytest.mark.parametrize("case", range(4), ids=LOSS_IDS)
 @pytest.mark.parametrize(
     "optimizer",
@@ -117,18 +152,7 @@ def test_equinox_standard_loop_never_trains_loss_buffers(case, optimizer):
     before = _buffers(model.criterion)
     params, static = eqx.partition(model, eqx.is_array)
     assert eqx.combine(params, static).criterion == model.criterion
-    state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-
-    @eqx.filter_jit
-    def step(model, state):
-        loss, grads = eqx.filter_value_and_grad(lambda m: m(X, target))(model)
-        params = eqx.filter(model, eqx.is_inexact_array)
-        updates, state = optimizer.update(grads, state, params)
-        return eqx.apply_updates(model, updates), state, loss
-
-    first = model(X, target)
-    for _ in range(10):
-        model, state, _ = step(model, state)
+    first, model = _train_with_equinox(model, optimizer, target, 10)
     assert model(X, target) < first
     _assert_bit_identical(before, _buffers(model.criterion))
     # The loss is the functional loss with the untouched settings.
@@ -154,17 +178,7 @@ def test_flax_nnx_optimizer_never_trains_loss_buffers(case, wrap):
 
     model = Classifier(nnx.Rngs(0))
     before = _buffers(model.criterion)
-    optimizer = nnx.Optimizer(model, optax.adamw(0.1, weight_decay=0.5), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: m(X, target))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    first = model(X, target)
-    for _ in range(10):
-        step(model, optimizer)
+    first = _train_with_nnx(model, target, 10)
     assert model(X, target) < first
     _assert_bit_identical(before, _buffers(model.criterion))
 
@@ -207,18 +221,7 @@ def test_equinox_model_built_under_filter_jit(kind):
     assert leaves == []
     before = _buffers(model.criterion)
     optimizer = optax.adamw(0.1, weight_decay=0.5)
-    state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-
-    @eqx.filter_jit
-    def step(model, state):
-        loss, grads = eqx.filter_value_and_grad(lambda m: m(X, Y))(model)
-        params = eqx.filter(model, eqx.is_inexact_array)
-        updates, state = optimizer.update(grads, state, params)
-        return eqx.apply_updates(model, updates), state, loss
-
-    first = model(X, Y)
-    for _ in range(5):
-        model, state, _ = step(model, state)
+    first, model = _train_with_equinox(model, optimizer, Y, 5)
     assert model(X, Y) < first
     _assert_bit_identical(before, _buffers(model.criterion))
     expected = jxent.cross_entropy(
@@ -243,16 +246,6 @@ def test_flax_nnx_model_built_under_nnx_jit_with_numpy_buffers():
 
     model = nnx.jit(lambda: Classifier(nnx.Rngs(0)))()
     before = _buffers(model.criterion)
-    optimizer = nnx.Optimizer(model, optax.adamw(0.1, weight_decay=0.5), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: m(X, Y))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    first = model(X, Y)
-    for _ in range(5):
-        step(model, optimizer)
+    first = _train_with_nnx(model, Y, 5)
     assert model(X, Y) < first
     _assert_bit_identical(before, _buffers(model.criterion))

@@ -398,3 +398,16 @@ def test_nll_loss_ignored_rows_with_nan_or_minus_inf_leave_weight_gradients(
         jnp.asarray(w, jnp.float32)
     )
     np.testing.assert_allclose(tangent, np.sum(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, -0.25], ids=["nan", "negative"])
+def test_entropy_of_a_bad_probability_is_nan_with_nan_gradients(bad):
+    # xlogx's NaN for p outside [0, ∞) is made of the data (0 · (0 / 0) where
+    # bad): a flag that missed NaN p gave entropy log 2 for [0.5, NaN, 0.5].
+    probs = jnp.array([[0.5, bad, 0.5], [0.2, 0.3, 0.5]], jnp.float32)
+    value = jax.jit(jxent.entropy)(probs)
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(jxent.entropy(p))))(probs)
+    assert np.isnan(value[0]) and np.isfinite(value[1])
+    assert np.all(np.isnan(grad[0, 1]))
+    _, tangent = jax.jvp(jxent.entropy, (probs,), (jnp.ones_like(probs),))
+    assert np.isnan(tangent[0])

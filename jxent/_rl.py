@@ -126,10 +126,10 @@ def softmax_parts(
         source = jnp.where(excluded, lowest, lax.stop_gradient(source))
         return jnp.max(source, axis=axis, keepdims=True)
 
-    # The same maximum; which array it reads changes XLA's fusions only. On
-    # the CPU the raw logits (from `kept`, which the max also read, the
-    # gradient of log_probs wrote a logits-sized temporary), elsewhere `kept`
-    # (from the raw logits, a TPU v5e read the logits of a matmul twice more).
+    # The same maximum either way; the array it reads changes only XLA's
+    # fusions. The CPU reads the raw logits (reading `kept`, the gradient of
+    # log_probs wrote a logits-sized temporary); elsewhere `kept` (reading the
+    # raw logits, a TPU v5e read a matmul's logits twice more).
     top = on_cpu(lambda: row_max(logits), lambda: row_max(kept))
     top = shards.max(top)
     top = jnp.where(jnp.isfinite(top), top, 0.0)  # a NaN or +inf logit

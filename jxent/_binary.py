@@ -172,21 +172,23 @@ def bce_terms(probs: jax.Array, target: jax.Array) -> jax.Array:
     """Unweighted per-element ``binary_cross_entropy``, torch's clamped form.
 
     ``ℓ = -(t · max(log p, -100) + (1 - t) · max(log(1 - p), -100))``; NaN where
-    ``p`` is outside [0, 1] (or NaN), never a clamped number.
+    ``p`` or ``t`` is outside [0, 1] (or NaN), never a clamped number or a
+    negative loss (torch refuses such targets).
     """
     log_p = jnp.maximum(jnp.log(probs), LOG_CLAMP)
     log_q = jnp.maximum(jnp.log1p(-probs), LOG_CLAMP)
     loss = (target - 1.0) * log_q - target * log_p
-    return jnp.where(_in_unit_interval(probs), loss, jnp.nan)
+    return jnp.where(_valid_bce_inputs(probs, target), loss, jnp.nan)
 
 
-def _in_unit_interval(probs: jax.Array) -> jax.Array:
-    return (probs >= 0) & (probs <= 1)
+def _valid_bce_inputs(probs: jax.Array, target: jax.Array) -> jax.Array:
+    return (probs >= 0) & (probs <= 1) & (target >= 0) & (target <= 1)
 
 
 @functools.partial(bce_terms.defjvp, symbolic_zeros=True)
 def _bce_jvp(primals, tangents):
-    """PyTorch's derivatives, finite at ``p`` = 0 and 1; NaN outside [0, 1].
+    """PyTorch's derivatives, finite at ``p`` = 0 and 1; NaN where ``p`` or
+    ``t`` is outside [0, 1].
 
     ``∂ℓ/∂p = (p - t) / max((1 - p) · p, 1e-12)`` and
     ``∂ℓ/∂t = log(1 - p) - log(p)`` (torch's ``-logit(p)``, not clamped).
@@ -194,7 +196,7 @@ def _bce_jvp(primals, tangents):
     probs, target = primals
     dp, dt = tangents
     out = bce_terms(probs, target)
-    valid = _in_unit_interval(probs)
+    valid = _valid_bce_inputs(probs, target)
     denom = jnp.maximum((1.0 - probs) * probs, GRAD_EPS)
     d_p = jnp.where(valid, (probs - target) / denom, jnp.nan)
     safe = jnp.where(valid, probs, 0.5)
@@ -342,7 +344,7 @@ def binary_cross_entropy(
     Args:
       probs: floating array of probabilities in [0, 1], any shape.
       target: array of ``probs``' shape: floating values in [0, 1], or integer
-        or boolean labels (cast to the accumulation dtype).
+        (0 or 1) or boolean labels (cast to the accumulation dtype).
       weight: optional real array broadcastable to ``probs`` (NumPy's rule: a
         vector weights the last axis).
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
@@ -350,12 +352,14 @@ def binary_cross_entropy(
     Returns:
       The loss in ``probs``' dtype (bfloat16/float16 accumulate in float32):
       ``probs``' shape for ``"none"``, else a scalar. Elements whose ``probs``
-      are outside [0, 1] or NaN give NaN under ``jit`` (value and gradient).
+      or ``target`` are outside [0, 1] or NaN give NaN under ``jit`` (value
+      and gradient).
 
     Raises:
       TypeError: non-floating ``probs``, a complex target or weight.
       ValueError: a bad ``reduction``, a ``target`` of another shape, a
-        ``weight`` that does not broadcast, or concrete ``probs`` outside [0, 1].
+        ``weight`` that does not broadcast, or concrete ``probs`` or ``target``
+        outside [0, 1].
 
     Examples:
       >>> import jax.numpy as jnp
@@ -369,6 +373,10 @@ def binary_cross_entropy(
     target = as_elementwise_target(target, probs.shape, "probs")
     weight = check_broadcast_weight(weight, probs.shape, "weight", "probs")
     check_concrete_probabilities(probs, "probs")
+    check_concrete_probabilities(
+        target, "target", "Binary targets are labels or soft labels in [0, 1] "
+        "(torch refuses others too): clip soft targets that may round past 1."
+    )  # fmt: skip
     return _binary_cross_entropy(probs, target, weight, reduction=reduction)
 
 

@@ -406,11 +406,17 @@ def check_broadcast_weight(
     return w.reshape((1,) * (len(shape) - w.ndim) + w.shape)
 
 
-def check_concrete_probabilities(probs: jax.Array, name: str = "probs") -> None:
+def check_concrete_probabilities(
+    probs: jax.Array,
+    name: str = "probs",
+    fix: str = "Pass logits to `binary_cross_entropy_with_logits` instead of "
+    "probabilities, or clip.",
+) -> None:
     """Raises ``ValueError`` when a concrete ``probs`` has entries outside [0, 1].
 
     NaN counts as outside (torch refuses it too). Traced values cannot be
-    inspected: the loss is then NaN for those entries.
+    inspected: the loss is then NaN for those entries. ``fix``: the message's
+    likely fix.
     """
     if not is_concrete(probs) or probs.size == 0:
         return
@@ -422,8 +428,7 @@ def check_concrete_probabilities(probs: jax.Array, name: str = "probs") -> None:
     if bad.any():
         raise ValueError(
             f"`{name}` must hold probabilities in [0, 1]; got {p[bad].flat[0]!r} "
-            f"({int(bad.sum())} such entries). Pass logits to "
-            "`binary_cross_entropy_with_logits` instead of probabilities, or clip."
+            f"({int(bad.sum())} such entries). {fix}"
         )
 
 

@@ -248,6 +248,19 @@ def test_binary_cross_entropy_probability_outside_unit_interval(reduction):
     _check(fn, (probs, target), reduction)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_binary_cross_entropy_target_outside_unit_interval(reduction):
+    # torch raises; the formula would give a plausible number (a negative
+    # loss at t = 1.5, p = 0.5 would even lower the mean).
+    probs = jax.nn.sigmoid(LOGITS)
+    fn = lambda p, t: jxent.binary_cross_entropy(p, t, reduction=reduction)
+    for bad in (1.5, -0.5):
+        target = (LOGITS > 0).astype(jnp.float32).at[BAD_ROW, 2].set(bad)
+        with pytest.raises(ValueError, match=r"`target` must hold .*clip soft"):
+            fn(probs, target)  # concrete: refused
+        _check(fn, (probs, target), reduction)
+
+
 @pytest.mark.parametrize("reduction", ["none", "batchmean", "sum", "mean"])
 def test_kl_div_negative_target(reduction):
     target = jax.nn.softmax(LOGITS[::-1]).at[BAD_ROW, 1].set(-0.1)

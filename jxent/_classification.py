@@ -21,7 +21,12 @@ from jxent._kernels import (
     take_target,
 )
 from jxent._reduction import reduce_loss
-from jxent._safe_math import mass_times_gap, poison, poison_gradients
+from jxent._safe_math import (
+    mass_times_gap,
+    poison,
+    poison_gradients,
+    smoothed_target,
+)
 from jxent._sharding import (
     UNSHARDED,
     ClassShards,
@@ -336,9 +341,8 @@ def soft_target_loss(
         else:
             count = shards.sum(jnp.sum(where, axis=axis, keepdims=True))
             uniform = jnp.where(where, 1.0 / jnp.maximum(count, 1).astype(dtype), 0.0)
-        # (1 - ε) q + ε u as q + ε (u - q): d/dε is then Σ_c (u_c - q_c) d/dq_c,
-        # +inf for a -inf logit (its d/dq_c) rather than 0 · inf from -q_c.
-        q = q + eps * (uniform - q)
+        # d/dq and d/dε each one product with -log p (+inf at a -inf logit).
+        q = smoothed_target(q, eps, uniform)
     w = jnp.ones((), dtype)
     if weight is not None:
         w = along_axis(weight.astype(dtype), x.ndim, axis)

@@ -52,6 +52,34 @@ def _mass_times_gap_jvp(primals, tangents):
     return out, t_out
 
 
+@jax.custom_jvp
+def smoothed_target(q: jax.Array, eps: jax.Array, uniform) -> jax.Array:
+    """``(1 - ε) q + ε u``: a target smoothed towards ``uniform``.
+
+    Its partial derivatives, ``1 - ε`` w.r.t. ``q`` and ``u - q`` w.r.t.
+    ``ε``, each multiply the loss's cotangent once. Autodiff of either
+    written form would form ``ct - ε ct`` (for ``q + ε (u - q)``) or ``u ct -
+    q ct`` (for ``(1 - ε) q + ε u``): ``inf - inf``, NaN, where the
+    cotangent is the infinite ``-log p`` of a ``-inf`` logit, whose true
+    derivatives (torch's) are ``+inf`` w.r.t. ``q`` and ``(u - q) · inf``
+    w.r.t. ``ε``.
+    """
+    return q + eps * (uniform - q)
+
+
+@functools.partial(smoothed_target.defjvp, symbolic_zeros=True)
+def _smoothed_target_jvp(primals, tangents):
+    q, eps, uniform = primals
+    t_q, t_eps, _ = tangents  # uniform: a constant of the class mask
+    out = smoothed_target(q, eps, uniform)
+    t_out = jnp.zeros_like(out)
+    if not isinstance(t_q, SymbolicZero):
+        t_out = t_out + (1.0 - eps) * t_q
+    if not isinstance(t_eps, SymbolicZero):
+        t_out = t_out + (uniform - q) * t_eps
+    return out, t_out
+
+
 def _full(value: float, dtype) -> jax.Array:
     """``value`` as a scalar of ``dtype``.
 

@@ -593,3 +593,40 @@ def test_traced_zero_smoothing_probability_target_minus_inf_logit():
     np.testing.assert_allclose(jax.jit(loss)(logits, weight, 0.0), want, rtol=1e-6)
     np.testing.assert_allclose(g_w[:2], want_w, rtol=1e-6)
     assert g_w[2] == 0.0 and np.all(np.isfinite(g_z)) and g_eps == np.inf
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_probability_target_gradient_at_a_minus_inf_logit_with_smoothing(reduction):
+    """d loss / d q with ε > 0 where a logit is -inf: torch's +inf there (the
+    smoothed target's derivative 1 - ε times -log p = +inf) and its finite
+    values elsewhere; reverse mode was ∞ - ∞ = NaN (autodiff of q + ε (u - q)
+    formed ct - ε ct). Forward mode gives +inf along that entry; along a
+    direction that leaves it 0 it gives inf · 0 = NaN, as torch's."""
+    logits = jnp.array([[-jnp.inf, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    q = jnp.array([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    weight = jnp.array([1.0, 2.0, 0.5])
+
+    def loss(q, eps):
+        return jxent.cross_entropy(
+            logits, q, weight, label_smoothing=eps, reduction=reduction
+        )
+
+    tq = torch.tensor(np.asarray(q, np.float64), requires_grad=True)
+    torch.nn.functional.cross_entropy(
+        torch.tensor(np.asarray(logits, np.float64)), tq,
+        torch.tensor(np.asarray(weight, np.float64)), label_smoothing=0.1,
+        reduction=reduction,
+    ).backward()  # fmt: skip
+    want = tq.grad.numpy()
+    assert want[0, 0] == np.inf
+    got = jax.jit(jax.grad(loss))(q, 0.1)
+    assert got[0, 0] == np.inf
+    np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=1e-6)
+    np.testing.assert_allclose(got[1, 0], want[1, 0], rtol=1e-6)
+    along = jnp.zeros_like(q).at[0, 0].set(1.0)
+    assert (
+        jax.jit(jax.jvp, static_argnums=0)(lambda q: loss(q, 0.1), (q,), (along,))[1]
+        == np.inf
+    )
+    # d/dε: Σ (u - q) · w · (-log p), +inf through the -inf logit (u > q = 0).
+    assert jax.jit(jax.grad(loss, 1))(q, 0.1) == np.inf

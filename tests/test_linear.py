@@ -658,7 +658,8 @@ def test_per_token_block_gradients_equal_materialised_float64(return_lse, kw):
     _assert_fused_is_materialised(*results)
 
 
-@pytest.mark.parametrize("return_lse", [False, True])
+# CI: with the lse (two outputs); pytest --full the loss alone too.
+@pytest.mark.parametrize("return_lse", [full_only(False), True])
 def test_per_token_block_check_grads_order_2(return_lse):
     """Numerical derivatives of order 2, both modes, of the per-token losses
     class block by class block (tangents of x, w and bias; the options'
@@ -897,7 +898,7 @@ def test_default_chunk_size_follows_the_options():
 
 
 @cpu_program
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, full_only(jnp.float16)])
 def test_two_dw_passes_give_the_same_numbers_in_less_memory(dtype, monkeypatch):
     # 16-bit inputs with a large dw accumulate it in two column halves, with
     # one float32 half instead of the whole float32 dw beside the result: the

@@ -648,3 +648,47 @@ def test_smoothing_sum_of_logits_near_a_common_value(num_classes):
     for g, e in zip(np.asarray(got), (0.1, 1.0), strict=True):
         want, _ = torch_cross_entropy(x.astype(np.float64), target, label_smoothing=e)
         np.testing.assert_allclose(g, want, rtol=2e-6)
+
+
+def test_zero_weight_on_the_targets_minus_inf_logit():
+    """README semantics row: torch gives NaN (0 · inf); the weight excludes
+    the position, as ignore_index would: the loss and gradients are those of
+    the other rows (float64 formula), the excluded row's gradient 0."""
+    logits = jnp.array([[0.0, -jnp.inf, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    target = jnp.array([1, 2])
+    weight = jnp.array([1.0, 0.0, 1.0, 1.0])
+    want = np.log(np.sum(np.exp([0.0, 1.0, 2.0, 3.0]))) - 2.0
+    for reduction in ("mean", "sum"):  # (row 0 weighs 0: both are row 1's)
+        value, grad = jax.jit(
+            jax.value_and_grad(
+                lambda z, r=reduction: jxent.cross_entropy(
+                    z, target, weight, reduction=r
+                )
+            )
+        )(logits)
+        np.testing.assert_allclose(value, want, rtol=1e-6)
+        assert np.all(grad[0] == 0.0) and np.all(np.isfinite(grad[1]))
+    torch_value, _ = torch_cross_entropy(np.asarray(logits, np.float64), target, weight)
+    assert np.isnan(torch_value)  # the deviation
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_plus_inf_logit_is_not_finite(reduction):
+    """README semantics row: a +inf logit makes the loss +inf or NaN and that
+    row's gradient NaN somewhere, never all finite (torch: NaN everywhere)."""
+    inf = jnp.inf
+    target = jnp.array([1, 2])
+    for row, eps in ((jnp.array([inf, 1.0, 2.0, 3.0]), 0.0),
+                     (jnp.array([inf, 1.0, 2.0, 3.0]), 0.1),
+                     (jnp.array([0.0, inf, 2.0, 3.0]), 0.0)):  # fmt: skip
+        logits = jnp.stack([row, jnp.array([0.0, 1.0, 2.0, 3.0])])
+
+        def loss(z, eps=eps):
+            out = jxent.cross_entropy(
+                z, target, label_smoothing=eps, reduction=reduction
+            )
+            return jnp.sum(out), out
+
+        grad, out = jax.jit(jax.grad(loss, has_aux=True))(logits)
+        assert not np.isfinite(np.asarray(out).ravel()[0])
+        assert np.isnan(grad[0]).any()

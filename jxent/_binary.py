@@ -189,10 +189,9 @@ def _valid_bce_inputs(probs: jax.Array, target: jax.Array) -> jax.Array:
 def _bce_jvp(primals, tangents):
     """PyTorch's derivatives, finite at ``p`` = 0 and 1; NaN off [0, 1].
 
-    NaN where ``p`` or ``t`` is outside [0, 1].
-
     ``∂ℓ/∂p = (p - t) / max((1 - p) · p, 1e-12)`` and
-    ``∂ℓ/∂t = log(1 - p) - log(p)`` (torch's ``-logit(p)``, not clamped).
+    ``∂ℓ/∂t = log(1 - p) - log(p)`` (torch's ``-logit(p)``, not clamped);
+    both NaN where ``p`` or ``t`` is outside [0, 1].
     """
     probs, target = primals
     dp, dt = tangents

@@ -105,8 +105,9 @@ def _summary(record: dict) -> dict:
     return {key: record[key] for key in keys}
 
 
-def measure(target_names: list[str], meshes=tuple(MESHES)) -> dict:
-    """{target: {case: {program: figures}}} of bench_compiled's programs."""
+def measure(target_names: list[str], meshes=tuple(MESHES), full: bool = True) -> dict:
+    """{target: {case: {program: figures}}} of bench_compiled's programs
+    (without ``full``: not linear_log_probs' traffic case, 35 s of compiles)."""
     import jax
     import jax.numpy as jnp
 
@@ -132,8 +133,10 @@ def measure(target_names: list[str], meshes=tuple(MESHES)) -> dict:
                 cases[case][program] = _summary(bench.measure(compiled, logits, target))
         # linear_log_probs with the entropy: per-token outputs (RL); its
         # memory at the issue's head, its traffic at the linear case's shape.
-        for case, shape in (("log_probs bfloat16", LINEAR_SHAPE),
-                            ("log_probs bfloat16 head", HEAD_SHAPE)):  # fmt: skip
+        log_probs_cases = [("log_probs bfloat16 head", HEAD_SHAPE)]
+        if full:
+            log_probs_cases.append(("log_probs bfloat16", LINEAR_SHAPE))
+        for case, shape in log_probs_cases:
             cases[case] = {}
             for head, program, f, arguments, logits in bench.head_programs(
                 *shape, jnp.bfloat16
@@ -344,7 +347,12 @@ FORWARD_TRAFFIC = {
 }
 
 
-@pytest.mark.parametrize("case", list(FORWARD_TRAFFIC))
+# CI: linear_cross_entropy; pytest --full linear_log_probs too (its compiles,
+# 35 s, run only then).
+@pytest.mark.parametrize(
+    "case",
+    ["linear bfloat16", pytest.param("log_probs bfloat16", marks=pytest.mark.full)],
+)
 @pytest.mark.parametrize("target", TARGETS)
 def test_lm_head_forward_reads_w_in_few_chunks(measured, target, case):
     """The forward's whole-row chunks each read all of w: at this shape 128
@@ -452,7 +460,7 @@ def main(argv: list[str]) -> int:
         out, argv = Path(argv[1]), argv[2:]
     full = argv[:1] == ["--full"]
     meshes = MESHES if full else MESHES[:1]
-    text = json.dumps(measure(argv[full:] or TARGETS, meshes), indent=1)
+    text = json.dumps(measure(argv[full:] or TARGETS, meshes, full), indent=1)
     if out is None:
         print(text)
     else:

@@ -4,6 +4,8 @@ and the exhaustive sweeps that ``pytest --full`` adds to the CI suite."""
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -30,9 +32,69 @@ def pytest_configure(config):
         "full: an exhaustive sweep's extra case, beyond the covering subset that "
         "CI runs; skipped unless pytest --full",
     )
+    _share_compiled_programs(config)
+
+
+# Programs that take at least this long to compile go to the run's cache.
+CACHE_MIN_COMPILE_SECONDS = 0.1
+
+
+def _share_compiled_programs(config) -> None:
+    """One JAX compilation cache for the whole run, pytest-xdist's workers
+    and the tests' child processes (``compilation_cache_env``) included.
+
+    Many tests compile the same programs (check_grads' numerical derivatives,
+    the same loss under several tests): a cache hit skips XLA's compile,
+    never a trace or an assertion. The directory is new for each run and
+    removed after it, unless ``JAX_COMPILATION_CACHE_DIR`` names one.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return
+    worker = getattr(config, "workerinput", None)
+    if worker is not None and "jxent_compilation_cache" in worker:
+        directory = worker["jxent_compilation_cache"]
+    else:
+        directory = tempfile.mkdtemp(prefix="jxent-compilation-cache-")
+        config.jxent_compilation_cache_owned = directory
+    config.jxent_compilation_cache = directory
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS
+    )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist: the workers share the controller's compilation cache."""
+    directory = getattr(node.config, "jxent_compilation_cache", None)
+    if directory is not None:
+        node.workerinput["jxent_compilation_cache"] = directory
+
+
+def pytest_unconfigure(config):
+    directory = getattr(config, "jxent_compilation_cache_owned", None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def compilation_cache_env() -> dict[str, str]:
+    """Environment variables that give a child process the run's cache."""
+    directory = jax.config.jax_compilation_cache_dir
+    if not directory:
+        return {}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": directory,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(
+            jax.config.jax_persistent_cache_min_compile_time_secs
+        ),
+    }
 
 
 def pytest_collection_modifyitems(config, items):
+    # The slowest tests (marked heavy: child processes, larger shapes) first,
+    # in their order: pytest-xdist hands tests out in this order, and one
+    # started last would leave the other workers idle until it ends.
+    items.sort(key=lambda item: "heavy" not in item.keywords)
     if config.getoption("--full"):
         return
     skip = pytest.mark.skip(reason=FULL_REASON)

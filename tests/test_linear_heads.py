@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import full_only, x64
+from conftest import compilation_cache_env, full_only, x64
 from jax.test_util import check_grads
 from test_rl import ref_distillation, ref_log_probs
 
@@ -692,6 +692,7 @@ def test_heads_on_eight_devices(full):
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
         "JAX_PLATFORMS": "cpu",
+        **compilation_cache_env(),
     }
     root = CASES.parents[2]
     result = subprocess.run(

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import compilation_cache_env
 
 CASES = Path(__file__).parent / "multidevice" / "cases.py"
 
@@ -19,6 +20,7 @@ def _run_cases(
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
         "JAX_PLATFORMS": "cpu",
+        **compilation_cache_env(),
     }
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join(

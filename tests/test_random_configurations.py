@@ -8,7 +8,7 @@ and the code path (token- or vocabulary-outer order, one or two ``dw``
 passes), and compares the value, a VJP and a JVP w.r.t. every floating
 input with the materialised formulas (``cross_entropy`` on ``x @ w + b``,
 itself checked against torch, and ``test_rl``'s float64 references). CI runs
-a few seeds; ``pytest --full`` forty (a run of 400 such draws found the
+two seeds per head; ``pytest --full`` forty (a run of 400 such draws found the
 empty ``dw`` range at V = 1).
 """
 
@@ -26,8 +26,8 @@ import jxent._linear
 import jxent._linear_heads
 
 HEADS = ("cross_entropy", "log_probs", "distillation")
-CI_SEEDS = range(4)
-SEEDS = [*CI_SEEDS, *(full_only(seed) for seed in range(4, 40))]
+CI_SEEDS = range(2)
+SEEDS = [*CI_SEEDS, *(full_only(seed) for seed in range(2, 40))]
 
 
 def _with_bias(z, b):

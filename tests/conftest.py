@@ -4,8 +4,12 @@ and the exhaustive sweeps that ``pytest --full`` adds to the CI suite."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import jax
 import pytest
@@ -41,7 +45,7 @@ CACHE_MIN_COMPILE_SECONDS = 0.1
 
 def _share_compiled_programs(config) -> None:
     """One JAX compilation cache for the whole run, pytest-xdist's workers
-    and the tests' child processes (``compilation_cache_env``) included.
+    and the 8-device child processes (``run_on_eight_devices``) included.
 
     Many tests compile the same programs (check_grads' numerical derivatives,
     the same loss under several tests): a cache hit skips XLA's compile,
@@ -77,7 +81,7 @@ def pytest_unconfigure(config):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def compilation_cache_env() -> dict[str, str]:
+def _compilation_cache_env() -> dict[str, str]:
     """Environment variables that give a child process the run's cache."""
     directory = jax.config.jax_compilation_cache_dir
     if not directory:
@@ -88,6 +92,35 @@ def compilation_cache_env() -> dict[str, str]:
             jax.config.jax_persistent_cache_min_compile_time_secs
         ),
     }
+
+
+def run_on_eight_devices(
+    cases: Path, *pytest_args: str, full: bool = False, pythonpath: str | None = None
+) -> None:
+    """Runs the test file ``cases`` in a fresh process that sees 8 CPU devices
+    (with ``full``, the exhaustive sweeps' extra cases too: ``pytest --full``),
+    with this run's compilation cache, and fails unless all pass."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        **_compilation_cache_env(),
+    }
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (pythonpath, os.environ.get("PYTHONPATH")) if p
+        )
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "pytest", str(cases), "-q", "-p",
+               "no:cacheprovider", "-c", str(root / "pyproject.toml"),
+               *pytest_args, *(["--full"] if full else [])]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        check=False,
+    )  # fmt: skip
+    print(result.stdout[-3000:])
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import compilation_cache_env, full_only, x64
+from conftest import full_only, run_on_eight_devices, x64
 from jax.test_util import check_grads
 from test_rl import ref_distillation, ref_log_probs
 
@@ -688,22 +686,7 @@ CASES = Path(__file__).parent / "multidevice" / "heads_cases.py"
 @pytest.mark.heavy
 def test_heads_on_eight_devices(full):
     """shard_map with class and batch axes: tests/multidevice/heads_cases.py."""
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-        **compilation_cache_env(),
-    }
-    root = CASES.parents[2]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(CASES), "-q", "-p",
-         "no:cacheprovider", "-c", str(root / "pyproject.toml"),
-         *(["--full"] if full else [])],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-        check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout
+    run_on_eight_devices(CASES, full=full)
 
 
 BUDGET_SHAPE = (2048, 1024, 131072)

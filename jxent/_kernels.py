@@ -474,9 +474,10 @@ def _keeps_exps(logits: jax.Array, soft_cap, shards: ClassShards) -> bool:
     Only for float32 and float64 logits without a soft cap (16-bit logits
     would double their traffic with float32 exponentials), with every class
     on this device, and in a process whose default backend is the CPU: a
-    program lowered from it for another platform takes that platform's
-    recomputation and leaves the placeholder unread (free when compiled with
-    the derivatives; a backward compiled apart would receive it).
+    program lowered from it for another platform keeps the logits in the
+    exponentials' place (a placeholder), from which that platform's
+    derivatives recompute, so that they read no other logits-sized residual
+    (a forward compiled apart outputs one, as on the chip).
     """
     if _ONE_PASS or soft_cap is not None or shards.sharded:
         return False
@@ -657,8 +658,8 @@ def _forward(
             transformed, again, x_target, keep=True,
         )  # fmt: skip
 
-    # Elsewhere the derivatives do not read the placeholder (the logits):
-    # compiled in one program with them, it costs nothing.
+    # Elsewhere the placeholder is the logits, which the derivatives read in
+    # its place (``_tangent_map``): no second logits-sized residual.
     return on_cpu(kept, lambda: (*elsewhere(), logits))
 
 
@@ -834,10 +835,6 @@ def _tangent_map(
     differentiated (an infinite partial derivative there would otherwise give
     ``inf · 0 = NaN``).
     """
-    # A barrier keeps the forward's exp-sum the only direct user of the raw
-    # logits, so that XLA fuses the upcast of 16-bit logits there (see
-    # _forward) instead of sharing a stored float32 copy.
-    logits = _shield(logits, 4)
     dtype = compute_dtype(logits.dtype)
 
     def expand(v):
@@ -846,8 +843,15 @@ def _tangent_map(
     # Ignored rows with non-finite logits are differentiated at zeros: the
     # loss discards them, and their zero cotangents then give exact zeros.
     dead = ~live & ~jnp.isfinite(lse)
-    logits = jnp.where(expand(dead), jnp.zeros((), logits.dtype), logits)
     lse = jnp.where(dead, 0.0, lse)
+
+    def zeroed(source):
+        return jnp.where(expand(dead), jnp.zeros((), source.dtype), source)
+
+    # A barrier keeps the forward's exp-sum the only direct user of the raw
+    # logits, so that XLA fuses the upcast of 16-bit logits there (see
+    # _forward) instead of sharing a stored float32 copy.
+    logits = zeroed(_shield(logits, 4))
     # lse - x_c as (shift - x_c) + log_sum, the forward's own split: a large
     # lse (or nll) is rounded in float32 (to units at 1e8), log_sum keeps its
     # digits, and the difference of two logits is exact when they are close
@@ -891,7 +895,14 @@ def _tangent_map(
             factor = jnp.exp((reference[0] - ref) - rel)
             return jnp.where(expand(dead), 1.0, exps * expand(factor))
 
-        p = recomputed() if exps is None else on_cpu(rescaled, recomputed)
+        def from_placeholder():
+            # Off the CPU ``exps`` is the forward's placeholder, the logits
+            # themselves (float32 or float64, no soft cap): read from it, the
+            # derivatives need no other logits-sized residual, and a forward
+            # compiled apart from them outputs one such array, as on the chip.
+            return jnp.exp((_masked(zeroed(exps), class_mask) - expand(ref)) - expand(rel))
+
+        p = recomputed() if exps is None else on_cpu(rescaled, from_placeholder)
         local_target, here = shards.localise(target, logits.shape[axis])
         one_hot = _one_hot(local_target, x.shape, axis, dtype)
         if shards.sharded:
@@ -947,12 +958,16 @@ def _cross_entropy_stats_jvp(axis, smoothing, shards, keep_exps, primals, tangen
     )  # fmt: skip
     # lse = shift + log_sum: the shift held fixed, log_sum moves with lse (so
     # the derivatives of the tangent map itself, higher orders, are right),
-    # and exps = exp(x - shift) with x (there is no soft cap).
+    # and exps = exp(x - shift) with x (there is no soft cap); off the CPU
+    # exps is the logits (the placeholder) and moves with them.
     t_exps = no_tangents[5]
     if exps is not None and t_logits is not None:
         class_mask = primals[4]
         t_x = t_logits.astype(exps.dtype)
-        if class_mask is not None:
-            t_x = jnp.where(class_mask, t_x, 0.0)
-        t_exps = exps * t_x
+
+        def of_exps():
+            masked = t_x if class_mask is None else jnp.where(class_mask, t_x, 0.0)
+            return exps * masked
+
+        t_exps = on_cpu(of_exps, lambda: t_x)
     return out, (*tangents, no_tangents[3], tangents[0], t_exps)

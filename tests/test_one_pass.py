@@ -190,3 +190,88 @@ def test_kept_exponentials_only_where_they_pay():
     assert not keeps((2, 3), jnp.float32, jnp.float32(5.0))
     assert not keeps((2, 3), jnp.bfloat16)
     assert not keeps((2, 3), jnp.float16)
+
+
+def _chips_branch(cpu, other):
+    """``kernels.on_cpu`` answering "not the CPU", as lowered for a chip."""
+    return other()
+
+
+PLACEHOLDER_CASES = {
+    "plain": (LOGITS, {}),
+    "weight+smoothing": (LOGITS, {"weight": WEIGHT, "label_smoothing": 0.2}),
+    # Excluded classes' logits are not read, even +inf or NaN.
+    "where+smoothing": (
+        LOGITS.at[1, 0].set(jnp.inf).at[4, 3].set(jnp.nan),
+        {"where": WHERE, "label_smoothing": 0.1},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PLACEHOLDER_CASES))
+def test_kept_exponentials_placeholder_off_the_cpu(case, monkeypatch):
+    """Traced on a CPU host and lowered for a chip, the kept exponentials'
+    place holds the logits, from which the chip's derivatives recompute.
+
+    Values, gradients (logits and class weights) and both second-order
+    products against the float64 reference's autodiff.
+    """
+    logits, options = PLACEHOLDER_CASES[case]
+    weight = options.get("weight")
+    rest = {k: v for k, v in options.items() if k != "weight"}
+    tangent = jnp.asarray(np.random.default_rng(5).normal(size=LOGITS.shape))
+
+    def quantities(loss, x, w, v):
+        grads = jax.grad(loss, argnums=(0, 1))(x, w)
+        fwd_rev = jax.jvp(lambda x: jax.grad(loss)(x, w), (x,), (v,))[1]
+        rev_fwd = jax.grad(lambda x: jax.jvp(lambda x: loss(x, w), (x,), (v,))[1])(x)
+        return loss(x, w), grads, fwd_rev, rev_fwd
+
+    def ours(x, w, v):
+        return quantities(
+            lambda x, w: jxent.cross_entropy(x, TARGET, weight=w, **rest), x, w, v
+        )
+
+    w = jnp.ones(5, jnp.float32) if weight is None else weight
+    kernels._KEEP_EXPS = True
+    monkeypatch.setattr(kernels, "on_cpu", _chips_branch)
+    jax.clear_caches()
+    try:
+        got = jax.jit(ours)(logits, w, tangent.astype(jnp.float32))
+    finally:
+        kernels._KEEP_EXPS = None
+        jax.clear_caches()
+
+    with jax.enable_x64(True):
+        from oracles import reference_cross_entropy
+
+        def reference(x, w):
+            return reference_cross_entropy(x, TARGET, w, **rest)[0]
+
+        want = quantities(
+            reference,
+            jnp.asarray(logits, jnp.float64),
+            jnp.asarray(w, jnp.float64),
+            jnp.asarray(tangent, jnp.float64),
+        )
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu", "cuda"])
+def test_a_forward_compiled_apart_keeps_one_logits_sized_residual(platform):
+    """``jax.vjp``'s forward as a program of its own, exported from this
+    process: the CPU keeps its exponentials and a chip the logits, one array
+    of the logits' size either way (the logits were a second one)."""
+    from jax import export
+
+    def forward(x, t):
+        loss, vjp = jax.vjp(lambda x: jxent.cross_entropy(x, t), x)
+        return loss, jax.tree.leaves(vjp)
+
+    x = jax.ShapeDtypeStruct((64, 512), jnp.float32)
+    t = jax.ShapeDtypeStruct((64,), jnp.int32)
+    assert kernels._keeps_exps(x, None, kernels.UNSHARDED)
+    exported = export.export(jax.jit(forward), platforms=(platform,))(x, t)
+    sized = [a for a in exported.out_avals if a.shape == x.shape]
+    assert len(sized) == 1, exported.out_avals

@@ -132,7 +132,11 @@ def softmax_parts(
     # raw logits, a TPU v5e read a matmul's logits twice more).
     top = on_cpu(lambda: row_max(logits), lambda: row_max(kept))
     top = shards.max(top)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)  # a NaN or +inf logit
+    # 0 for a NaN or +inf logit, and for a row without any class (an ignored
+    # position): shifting its zeros by the lowest number made `kept - top`
+    # huge, whose derivative w.r.t. T (times a tangent > T) overflowed, and
+    # the discarded infinity met a zero cotangent as NaN.
+    top = jnp.where(jnp.isfinite(top) & (top > lowest), top, 0.0)
     # Shifted, then divided: the largest class's is exactly 0 at any
     # temperature. (z - max z with z = logits / T rounds z twice, the fused
     # max's copy and the difference's, which XLA may round apart: at T = 1e-10

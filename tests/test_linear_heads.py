@@ -326,6 +326,45 @@ def test_linear_log_probs_check_grads_order_2_both_modes():
                     atol=1e-5, rtol=1e-5)  # fmt: skip
 
 
+def test_second_derivative_in_temperature_with_an_ignored_position():
+    """Reverse over forward mode along a temperature tangent larger than T,
+    a position ignored: finite and equal to the float64 reference's.
+
+    An ignored position's row has no class; its softmax was shifted by the
+    lowest float, whose derivative w.r.t. T times the tangent overflowed,
+    and the discarded infinity met a zero cotangent as NaN (2 and -3 here;
+    tangents of at most T were right).
+    """
+    target = np.array([1, -100, 4])
+    with x64():
+        x, w = X[:3].astype(np.float64), W.astype(np.float64)
+        tx, tw = 0.5 * x, np.flip(W, 1).astype(np.float64)
+        everything = np.ones(V, bool)
+
+        def fused(temperature):
+            lp, ent = jxent.linear_log_probs(
+                x, w, target, temperature=temperature, return_entropy=True
+            )
+            kl = jxent.linear_distillation_loss(
+                x, w, tx, tw, target, beta=0.5, temperature=temperature
+            )
+            return jnp.sum(lp) + jnp.sum(ent) + kl
+
+        def reference(temperature):
+            lp, ent = ref_log_probs(x @ w, target, temperature, everything, -1)
+            kl = ref_distillation(
+                x @ w, tx @ tw, target, temperature, 0.5, -1, "mean"
+            )
+            return jnp.sum(lp) + jnp.sum(ent) + kl
+
+        def second(f, tangent):
+            return jax.grad(lambda t: jax.jvp(f, (t,), (tangent,))[1])(1.2)
+
+        for tangent in (2.0, -3.0):  # constants of the program, as users write
+            got = jax.jit(lambda f=fused, t=tangent: second(f, t))()
+            np.testing.assert_allclose(got, second(reference, tangent), rtol=1e-9)
+
+
 def test_linear_log_probs_16_bit_and_batch_shape():
     x, w = X[:10].reshape(2, 5, D), W
     t = TARGET[:10].reshape(2, 5)

@@ -900,7 +900,8 @@ def _tangent_map(
             # themselves (float32 or float64, no soft cap): read from it, the
             # derivatives need no other logits-sized residual, and a forward
             # compiled apart from them outputs one such array, as on the chip.
-            return jnp.exp((_masked(zeroed(exps), class_mask) - expand(ref)) - expand(rel))
+            x = _masked(zeroed(exps), class_mask)
+            return jnp.exp((x - expand(ref)) - expand(rel))
 
         p = recomputed() if exps is None else on_cpu(rescaled, from_placeholder)
         local_target, here = shards.localise(target, logits.shape[axis])

@@ -352,9 +352,7 @@ def test_second_derivative_in_temperature_with_an_ignored_position():
 
         def reference(temperature):
             lp, ent = ref_log_probs(x @ w, target, temperature, everything, -1)
-            kl = ref_distillation(
-                x @ w, tx @ tw, target, temperature, 0.5, -1, "mean"
-            )
+            kl = ref_distillation(x @ w, tx @ tw, target, temperature, 0.5, -1, "mean")
             return jnp.sum(lp) + jnp.sum(ent) + kl
 
         def second(f, tangent):

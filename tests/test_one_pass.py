@@ -254,7 +254,8 @@ def test_kept_exponentials_placeholder_off_the_cpu(case, monkeypatch):
             jnp.asarray(w, jnp.float64),
             jnp.asarray(tangent, jnp.float64),
         )
-    for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    leaves = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+    for got_leaf, want_leaf in leaves:
         np.testing.assert_allclose(got_leaf, want_leaf, rtol=2e-5, atol=2e-6)
 
 

@@ -76,7 +76,8 @@ CPU = Target("cpu", "cpu", "this host")
 
 
 class Unavailable(Exception):
-    """A compiler package is missing or a target name is unknown."""
+    """A compiler package is missing, a target name is unknown, or there are
+    no results to report."""
 
 
 # ---------------------------------------------------------------- targets
@@ -907,7 +908,10 @@ def run(args) -> None:
         run_heads(args)
         return
     if args.report_only:
-        saved = json.loads((args.out_dir / "compiled_results.json").read_text())
+        path = args.out_dir / "compiled_results.json"
+        if not path.exists():
+            raise Unavailable(f"--report-only: no {path} to report (run without it)")
+        saved = json.loads(path.read_text())
         sharded = saved.get("sharded", [])
         write(saved["records"], saved["max_batch"], args.out_dir, sharded)
         return

@@ -5,7 +5,7 @@ condition or in ``known_trip_count``, conditionals by index or by predicate)
 and a CPU-compiled program: no TPU or GPU compiler needed.
 """
 
-import importlib.util
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -291,14 +291,24 @@ def test_unknown_target_exits_2_naming_the_extra(capsys):
     assert '".[aot]"' in message
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed"
+@pytest.mark.parametrize(
+    ("target", "module"), [("tpu-v5e", "libtpu"), ("h100", "jax_plugins.xla_cuda12")]
 )
-def test_missing_compiler_exits_2_naming_the_extra(capsys):
+def test_missing_compiler_exits_2_naming_the_extra(target, module, capsys, monkeypatch):
+    """As without the ``aot`` extra: importing the compiler fails."""
     bench = load_benchmark("bench_compiled")
-    assert bench.main(["--targets", "tpu-v5e", "--quick"]) == 2
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    assert bench.main(["--targets", target, "--quick"]) == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and '".[aot]"' in message
+    assert module in message
+
+
+def test_report_only_without_results_exits_2(tmp_path, capsys):
+    bench = load_benchmark("bench_compiled")
+    assert bench.main(["--report-only", "--out-dir", str(tmp_path)]) == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "compiled_results.json" in message
 
 
 def test_table_rows_pair_jxent_with_its_baseline():

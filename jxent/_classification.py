@@ -33,6 +33,7 @@ from jxent._sharding import (
     as_axis_names,
     axes_of,
     check_class_split,
+    check_split_like_the_classes,
     explicit_layout,
     refuse_untyped_derivatives,
 )
@@ -682,6 +683,10 @@ def cross_entropy(
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
     target = as_target_array(target)
+    soft = jnp.issubdtype(target.dtype, jnp.floating)
+    check_split_like_the_classes(
+        shards, logits=logits, weight=weight, target=target if soft else None
+    )
     logits, weight, target = refuse_untyped_derivatives(
         "cross_entropy", shards, batch_axes, logits, weight, target
     )

@@ -68,6 +68,7 @@ from jxent._sharding import (
     as_axis_names,
     axes_of,
     check_class_split,
+    check_split_like_the_classes,
     explicit_layout,
     refuse_untyped_derivatives,
     vary_like,
@@ -2486,6 +2487,7 @@ def linear_cross_entropy(
         vocab_chunk = _default_vocab_chunk_size(x.shape[-1], vocab)
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
+    check_split_like_the_classes(shards, w=w, bias=bias, weight=weight, target=probs)
     x, w, bias, weight, probs = refuse_untyped_derivatives(
         "linear_cross_entropy", shards, batch_axes, x, w, bias, weight, probs
     )

@@ -66,6 +66,7 @@ from jxent._sharding import (
     ClassShards,
     as_axis_names,
     batch_sum,
+    check_split_like_the_classes,
     refuse_untyped_derivatives,
 )
 from jxent._types import Reduction
@@ -318,6 +319,7 @@ def linear_argmax(
     )
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     as_axis_names(batch_axis_name, "batch_axis_name")
+    check_split_like_the_classes(shards, w=w, bias=bias)
     _, chip_chunk, chip_block = _block_sizes(
         max(1, num_tokens_of(x)), x.shape[-1], vocab, chunk_size, vocab_chunk_size
     )
@@ -568,6 +570,7 @@ def linear_log_probs(
     chunk, block = head_chunks(x, vocab, chunk_size, vocab_chunk_size, where=True)
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
+    check_split_like_the_classes(shards, w=w, bias=bias)
     x, w, bias = refuse_untyped_derivatives(
         "linear_log_probs", shards, batch_axes, x, w, bias
     )
@@ -790,6 +793,9 @@ def linear_distillation_loss(
             )
     shards = ClassShards(as_axis_names(class_axis_name, "class_axis_name"))
     batch_axes = as_axis_names(batch_axis_name, "batch_axis_name")
+    check_split_like_the_classes(
+        shards, w=w, bias=bias, teacher_w=teacher_w, teacher_bias=teacher_bias
+    )
     x, w, bias, teacher_x, teacher_w, teacher_bias = refuse_untyped_derivatives(
         "linear_distillation_loss", shards, batch_axes,
         x, w, bias, teacher_x, teacher_w, teacher_bias,

@@ -185,6 +185,38 @@ def refuse_untyped_derivatives(
     )
 
 
+def check_split_like_the_classes(shards: ClassShards, **arrays) -> None:
+    """Raises unless each array (``None`` skipped) varies over every class axis.
+
+    Inside ``jax.shard_map`` a class-sharded input is a different slice on
+    each device of the class axes, which JAX records as the axes it varies
+    over. An array replicated over a class axis, or split over another mesh
+    axis into slices of the same length, would pass the shape checks and give
+    a wrong loss. Axes over which JAX does not track this (``pmap``,
+    ``check_vma=False``, a ``vmap`` axis) and axes of one device are not
+    checked.
+    """
+    if not shards.sharded:
+        return
+    manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+    tracked = manual - set(untyped_axes(shards.axis_names))
+    axes = [n for n in shards.axis_names if n in tracked and lax.axis_size(n) > 1]
+    for name, array in arrays.items():
+        if array is None:
+            continue
+        missing = [n for n in axes if n not in varying(array)]
+        if missing:
+            others = sorted(varying(array) - set(shards.axis_names))
+            instead = f" (it is split over {others} instead)" if others else ""
+            raise ValueError(
+                f"`{name}` must be split over the class axes like the classes "
+                f"(class_axis_name={shards.axis_names!r}), but it is the same on "
+                f"every device of mesh axis {missing[0]!r}{instead}. Pass it to "
+                "jax.shard_map with the classes' PartitionSpec entry on its class "
+                f"dimension, e.g. P({missing[0]!r}) for a class-weight vector."
+            )
+
+
 def batch_sum(x, batch_axis_names: AxisNames):
     """Sum over batch shards (identity when the batch is not split)."""
     return lax.psum(x, batch_axis_names) if batch_axis_names else x

@@ -544,18 +544,13 @@ def test_errors():
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"`weight` must be split over the class ax"):
         weight_elsewhere(LOGITS, TARGET, WEIGHT)
-    w_replicated = jax.shard_map(
-        lambda x, w, t: jxent.linear_cross_entropy(x, w, t, class_axis_name="b"),
-        mesh=cube, in_specs=(P(), P(), P()), out_specs=P(),
-    )  # fmt: skip
-    with pytest.raises(ValueError, match=r"`w` must be split over the class axes"):
-        w_replicated(X, W[:, :16], TARGET % 16)
-    heads_w_replicated = jax.shard_map(
-        lambda x, w, t: jxent.linear_log_probs(x, w, t, class_axis_name="b"),
-        mesh=cube, in_specs=(P(), P(), P()), out_specs=P(),
-    )  # fmt: skip
-    with pytest.raises(ValueError, match=r"`w` must be split over the class axes"):
-        heads_w_replicated(X, W[:, :16], TARGET % 16)
+    for loss in (jxent.linear_cross_entropy, jxent.linear_log_probs):
+        w_replicated = jax.shard_map(
+            lambda x, w, t, loss=loss: loss(x, w, t, class_axis_name="b"),
+            mesh=cube, in_specs=(P(), P(), P()), out_specs=P(),
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=r"`w` must be split over the class ax"):
+            w_replicated(X, W[:, :16], TARGET % 16)
     # A vocabulary that the class shards do not divide cannot even be laid out:
     # JAX refuses it with a clear ValueError. The remedy is padding + `where`.
     explicit = _mesh((2, 4), ("data", "model"), kind=AxisType.Explicit)

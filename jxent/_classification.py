@@ -721,7 +721,8 @@ def cross_entropy(
         return _soft_cross_entropy(logits, target, *values, **options)
     target = as_int_target(target)
     check_int_target_shape(target.shape, logits.shape, axis, "logits")
-    check_concrete_target_range(target, num_classes, ignore_index)
+    # Global indices: against every shard's classes.
+    check_concrete_target_range(target, shards.num_classes(num_classes), ignore_index)
     return _hard_cross_entropy(
         logits, target, *values, ignore_index=ignore_index, **options
     )

@@ -2491,8 +2491,8 @@ def linear_cross_entropy(
     x, w, bias, weight, probs = refuse_untyped_derivatives(
         "linear_cross_entropy", shards, batch_axes, x, w, bias, weight, probs
     )
-    if target is not None and not shards.sharded:
-        check_concrete_target_range(target, vocab, ignore_index)
+    if target is not None:
+        check_concrete_target_range(target, shards.num_classes(vocab), ignore_index)
     row_chunk, block_tokens, block_classes = _block_sizes(
         num_tokens, x.shape[-1], vocab, chunk_size, vocab_chunk_size,
         tile_bytes=_LOSS_BLOCK_TILE_BYTES,

@@ -574,8 +574,7 @@ def linear_log_probs(
     x, w, bias = refuse_untyped_derivatives(
         "linear_log_probs", shards, batch_axes, x, w, bias
     )
-    if not shards.sharded:
-        check_concrete_target_range(target, vocab, ignore_index)
+    check_concrete_target_range(target, shards.num_classes(vocab), ignore_index)
     row_chunk, block_tokens, block_classes = _block_sizes(
         max(1, num_tokens_of(x)), x.shape[-1], vocab, chunk_size, vocab_chunk_size,
         per_token=True,
@@ -811,8 +810,7 @@ def linear_distillation_loss(
                 f"`target` must have shape x.shape[:-1] = {x.shape[:-1]} (class "
                 f"indices), got {target.shape} (x.shape={x.shape})."
             )
-        if not shards.sharded:
-            check_concrete_target_range(target, vocab, ignore_index)
+        check_concrete_target_range(target, shards.num_classes(vocab), ignore_index)
     temperature = check_temperature(temperature)
     beta = check_unit_interval(beta, "beta")
     layout = _explicit_layout(x, w, class_axis_name, batch_axis_name)

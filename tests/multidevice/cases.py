@@ -521,6 +521,49 @@ def test_linear_cross_entropy_under_jit_with_named_shardings():
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
+def _nll_float64(logits, target):
+    """The mean over the positions not ignored (-100)."""
+    z = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    valid = target != -100
+    nll = lse - z[np.arange(len(target)), np.where(valid, target, 0)]
+    return float(np.mean(nll[valid]))
+
+
+def test_targets_captured_as_constants_are_global_indices():
+    """A target the function closes over is concrete inside shard_map: its
+    range is checked against every shard's classes (it was against this
+    device's slice, refusing every index of another shard)."""
+    mesh = _mesh((8,), ("model",))
+    target = jnp.asarray(TARGET)  # indices up to C - 1 = 31, 4 per shard
+    losses = {
+        "cross_entropy": (
+            lambda x, w, t: jxent.cross_entropy(x @ w, t, class_axis_name="model")
+        ),
+        "linear_cross_entropy": (
+            lambda x, w, t: jxent.linear_cross_entropy(x, w, t, class_axis_name="model")
+        ),
+        "linear_log_probs": lambda x, w, t: (
+            -jnp.sum(jxent.linear_log_probs(x, w, t, class_axis_name="model"))
+            / jnp.sum(t != -100)
+        ),
+    }
+    for name, loss in losses.items():
+        for t, ok in ((target, True), (target.at[3].set(C), False)):
+            f = jax.jit(jax.shard_map(
+                lambda x, w, loss=loss, t=t: loss(x, w, t),
+                mesh=mesh, in_specs=(P(), P(None, "model")), out_specs=P(),
+            ))  # fmt: skip
+            if ok:
+                got = f(X, W)
+                np.testing.assert_allclose(
+                    got, _nll_float64(X @ W, TARGET), rtol=2e-6, err_msg=name
+                )
+            else:
+                with pytest.raises(ValueError, match=f"class index {C}, outside"):
+                    f(X, W)
+
+
 def test_errors():
     mesh = _mesh((2, 4), ("data", "model"))
     bad_axis = jax.shard_map(
